@@ -1,0 +1,236 @@
+"""Test-set readers: the TTRV reference's JSON, verl's parquet, and JSONL.
+
+Every reader yields `Example(prompt, answer)`. Training only ever receives `Prompt` objects, which have no answer
+field at all: `adaptation_prompts` strips labels by type, so no code path of the trainer can read one. Answers flow
+only to `ttrv.evaluate`.
+
+Reference JSON (a list) and JSONL (one object a line) records:
+    {"id": "0", "prompt": "<image>\\nWhat is shown? Options:\\nA. cat\\nB. dog ...", "image_path": "/x.jpg",
+     "answer": "B", "source": "imagenet-r"}
+verl parquet rows:
+    data_source, prompt=[{"role": "user", "content": "<image>..."}], images=[{"image": path}],
+    reward_model={"style": "rule", "ground_truth": "B"}, extra_info={"split": ..., "index": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_PLACEHOLDER = "<image>"
+MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300: larger is refused, not decoded (decompression-bomb guard)
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[\.\)]\s+(\S.*)$", re.MULTILINE)
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file (and record) and the fix."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What adaptation sees of a test example: no answer, by construction."""
+
+    id: str
+    text: str
+    image_path: str | None
+    source: str = ""
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Option letter -> option text, read from the prompt's "A. ..." lines."""
+        return dict(_OPTION_LINE.findall(self.text))
+
+
+@dataclass(frozen=True)
+class Example:
+    """A test example with its label; labels are for evaluation only."""
+
+    prompt: Prompt
+    answer: str | None
+
+
+@dataclass
+class Dataset:
+    path: Path
+    format: str
+    examples: list[Example]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return [e.prompt for e in self.examples]
+
+
+def parse_path_map(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old:
+            raise DataError(f"path map {item!r} is not OLD=NEW; write e.g. /data/authors=/mnt/data")
+        pairs.append((old, new))
+    return pairs
+
+
+def resolve_image_path(raw: str, base: Path, path_map: list[tuple[str, str]]) -> str:
+    """Apply the first matching OLD=NEW prefix rewrite; resolve a relative path against the data file's folder."""
+    for old, new in path_map:
+        if raw.startswith(old):
+            raw = new + raw[len(old):]
+            break
+    path = Path(raw)
+    return str(path if path.is_absolute() else (base / path))
+
+
+def detect_format(path: Path) -> str:
+    if path.suffix == ".parquet":
+        return "verl_parquet"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    if path.suffix == ".json":
+        with path.open() as handle:
+            head = handle.read(4096).lstrip()
+        return "reference_json" if head.startswith("[") else "jsonl"
+    raise DataError(f"{path}: cannot tell the format from the extension; set data.format to reference_json, "
+                    "verl_parquet or jsonl")
+
+
+def _records(path: Path, fmt: str) -> list[dict[str, Any]]:
+    try:
+        if fmt == "reference_json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, list):
+                raise DataError(f"{path}: reference JSON must be a list of records, got {type(data).__name__}")
+            return data
+        if fmt == "jsonl":
+            records = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise DataError(f"{path}:{number}: not valid JSON ({error.msg}); one object per line") from None
+            return records
+        if fmt == "verl_parquet":
+            import pyarrow.parquet as pq
+
+            return [_from_verl(row) for row in pq.read_table(path).to_pylist()]
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON at line {error.lineno} column {error.colno} ({error.msg})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error}); check data.path") from None
+    raise DataError(f"{path}: unknown format {fmt!r}; use reference_json, verl_parquet or jsonl")
+
+
+def _from_verl(row: dict[str, Any]) -> dict[str, Any]:
+    messages = row.get("prompt") or []
+    text = next((m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    images = row.get("images") or []
+    image = images[0].get("image") if images and isinstance(images[0], dict) else None
+    extra = row.get("extra_info") or {}
+    return {
+        "id": str(extra.get("index", "")) if extra.get("index") is not None else None,
+        "prompt": text,
+        "image_path": image,
+        "answer": (row.get("reward_model") or {}).get("ground_truth"),
+        "source": row.get("data_source", ""),
+    }
+
+
+def read_dataset(path: str | Path, fmt: str = "auto", path_map: list[str] | None = None) -> Dataset:
+    """Read every record; malformed records raise DataError naming the file, record and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file; check data.path")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    records = _records(path, fmt)
+    if not records:
+        raise DataError(f"{path}: contains no records; point data.path at a non-empty test set")
+    pairs = parse_path_map(path_map or [])
+    examples = []
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+        text = record.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: field 'prompt' is missing or empty; every record needs the question text")
+        raw_image = record.get("image_path")
+        if raw_image is not None and not isinstance(raw_image, str):
+            raise DataError(f"{where}: field 'image_path' must be a string path")
+        answer = record.get("answer")
+        prompt = Prompt(
+            id=str(record["id"]) if record.get("id") is not None else str(index),
+            text=text,
+            image_path=resolve_image_path(raw_image, path.parent, pairs) if raw_image else None,
+            source=str(record.get("source") or ""),
+        )
+        examples.append(Example(prompt, None if answer is None else str(answer).strip()))
+    ids = Counter(e.prompt.id for e in examples)
+    duplicates = sorted(i for i, n in ids.items() if n > 1)
+    if duplicates:
+        raise DataError(f"{path}: duplicate record ids {duplicates[:5]}; give every record a unique 'id'")
+    return Dataset(path, fmt, examples)
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB; refuses missing, unreadable and oversized files with a DataError."""
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: image is {image.width}x{image.height}, over {MAX_IMAGE_PIXELS} pixels; "
+                                "downscale it")
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found; fix image_path or add a data.pathMap OLD=NEW rewrite") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: unreadable image ({type(error).__name__}); replace the file") from None
+
+
+def check_dataset(dataset: Dataset, choices: str = "ABCD", open_images: bool = True) -> list[str]:
+    """Every problem of a dataset, one line each (an empty list means it is usable)."""
+    problems = []
+    for index, example in enumerate(dataset.examples):
+        prompt = example.prompt
+        where = f"{dataset.path}: record {index} (id {prompt.id})"
+        if IMAGE_PLACEHOLDER not in prompt.text:
+            problems.append(f"{where}: prompt has no {IMAGE_PLACEHOLDER} placeholder; add it where the image goes")
+        if prompt.image_path is None:
+            problems.append(f"{where}: no image_path")
+        elif open_images:
+            try:
+                load_image(prompt.image_path)
+            except DataError as error:
+                problems.append(f"{where}: {error}")
+        options = prompt.options
+        if example.answer is not None and options and example.answer not in options:
+            problems.append(f"{where}: answer {example.answer!r} is not among the options {sorted(options)}")
+        stray = sorted(set(options) - set(choices))
+        if stray:
+            problems.append(f"{where}: option letters {stray} are outside reward.choices {choices!r}")
+    return problems
+
+
+def select_subset(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+    """A seeded random subset of `size` examples (all of them when size is None or too large), in file order."""
+    if size is None or size >= len(examples):
+        return list(examples)
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), size))
+    return [examples[i] for i in chosen]
+
+
+def adaptation_prompts(
+    examples: list[Example], subset_size: int | None, seed: int, single_example: bool = False, repeats: int = 4
+) -> list[Prompt]:
+    """The unlabeled prompts to adapt on. Single-example mode: one seeded random example, `repeats` times (the
+    reference repeats its one image/prompt 4 times)."""
+    if single_example:
+        chosen = examples[random.Random(seed).randrange(len(examples))].prompt
+        return [Prompt(f"{chosen.id}#{k}", chosen.text, chosen.image_path, chosen.source) for k in range(repeats)]
+    return [e.prompt for e in select_subset(examples, subset_size, seed)]
