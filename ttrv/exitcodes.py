@@ -1,0 +1,20 @@
+"""Exit codes of the trainer, fitted to the PyTorchJob `restartPolicy: ExitCode` contract: the training-operator
+restarts a replica that exits 128-255 (retryable) and fails the job on 1-127 (permanent)."""
+
+from __future__ import annotations
+
+OK = 0
+# permanent: retrying cannot help, a person must fix something
+BAD_SPEC = 2
+BAD_DATA = 3
+BAD_MODEL = 4
+PERMANENT_FAILURE = 1
+# retryable: the same command can succeed later
+PREEMPTED = 143  # 128 + SIGTERM: Kubernetes asks the pod to stop (preemption, eviction, node drain)
+STORE_UNAVAILABLE = 170
+ROLLOUT_UNAVAILABLE = 171
+LOST_PEER = 172
+
+
+def is_retryable(code: int) -> bool:
+    return 128 <= code <= 255

@@ -1,0 +1,242 @@
+"""The learner: the policy under adaptation as a DeepSpeed engine, the frozen reference for the KL term, and the
+GRPO update on one step's batch.
+
+On CPU DeepSpeed runs with its CPU accelerator (DS_ACCELERATOR=cpu), gloo, fp32; on GPU with NCCL and bf16. The
+optimiser is torch's AdamW handed to DeepSpeed as a client optimiser (ZeRO 1/2/3 shard its states), so the same
+code runs on both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ttrv import grpo
+from ttrv.log import get_logger
+from ttrv.modeling import load_model
+from ttrv.policy import TrainBatch, token_log_probs
+from ttrv.spec import RunSpec
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls) -> World:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def device_and_dtype(spec: RunSpec) -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        default = torch.bfloat16
+    else:
+        device = torch.device("cpu")
+        default = torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return device, names.get(spec.model.dtype, default)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+    """Linear warm-up over warmup_ratio * total steps, then cosine to 0 (or constant), as verl's schedule."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def deepspeed_config(spec: RunSpec, micro_batch: int, accumulation: int, dtype: torch.dtype) -> dict:
+    zero: dict = {"stage": spec.resources.zero_stage}
+    if spec.resources.offload_optimizer and spec.resources.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": spec.grpo.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def lora_target_pattern(modules: list[str]) -> str:
+    """LoRA goes on the language model's linear layers only (vision towers use some of the same names)."""
+    return rf".*language_model.*\.({'|'.join(map(str, modules))})$"
+
+
+class Learner:
+    def __init__(self, spec: RunSpec, model_path: str, total_steps: int, world: World, sequences_per_rank: int):
+        import deepspeed
+
+        self.spec = spec
+        self.world = world
+        self.device, self.dtype = device_and_dtype(spec)
+        model = load_model(model_path, self.dtype, self.device, spec.model.attn_implementation)
+        if spec.model.trainable == "language":
+            for name, param in model.named_parameters():
+                if "visual" in name or "vision" in name:
+                    param.requires_grad_(False)
+        self.reference = None
+        if spec.model.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = spec.model.lora
+            for param in model.parameters():
+                param.requires_grad_(False)
+            model = get_peft_model(model, LoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=lora_target_pattern(lora.target_modules),
+            ))
+        elif spec.grpo.kl_coef > 0:
+            self.reference = load_model(model_path, self.dtype, self.device, spec.model.attn_implementation).eval()
+            self.reference.requires_grad_(False)
+        if spec.resources.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model.trainable: no trainable parameters were found in this model")
+        g = spec.grpo
+        optimizer = torch.optim.AdamW(trainable, lr=g.lr, weight_decay=g.weight_decay)
+        optimizer_steps = total_steps * g.ppo_epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optimizer_steps, g.warmup_ratio,
+                                                                              g.schedule))
+        self.micro_batch = min(g.micro_batch_size, max(1, sequences_per_rank))
+        self.accumulation = max(1, math.ceil(sequences_per_rank / self.micro_batch))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(spec, self.micro_batch, self.accumulation, self.dtype),
+        )
+        log.info("learner_ready", trainable_params=sum(p.numel() for p in trainable), zero=spec.resources.zero_stage,
+                 micro_batch=self.micro_batch, accumulation=self.accumulation, world=world.size)
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def _micro_batches(self, batch: TrainBatch) -> list[slice]:
+        return [slice(s, min(s + self.micro_batch, len(batch))) for s in range(0, len(batch), self.micro_batch)]
+
+    @torch.no_grad()
+    def reference_log_probs(self, batch: TrainBatch) -> torch.Tensor | None:
+        """Log-probs under the frozen base model (LoRA: the policy with its adapter switched off)."""
+        if self.spec.grpo.kl_coef == 0:
+            return None
+        temperature = self.spec.rollout.temperature
+        parts = []
+        for rows in self._micro_batches(batch):
+            mb = self._to_device(batch.select(rows))
+            if self.reference is not None:
+                parts.append(token_log_probs(self.reference, mb, temperature))
+            else:
+                with self.module.disable_adapter():
+                    parts.append(token_log_probs(self.module, mb, temperature))
+        return _cat_padded(parts)
+
+    @torch.no_grad()
+    def old_log_probs(self, batch: TrainBatch) -> torch.Tensor | None:
+        """Log-probs before the update. With one gradient pass over the batch (ppoEpochs 1, one optimiser step) the
+        ratio is 1 at the only forward, so the detached current log-probs serve and this pass is skipped."""
+        if self.spec.grpo.ppo_epochs == 1:
+            return None
+        self.engine.eval()
+        parts = [token_log_probs(self.engine, self._to_device(batch.select(r)), self.spec.rollout.temperature)
+                 for r in self._micro_batches(batch)]
+        self.engine.train()
+        return _cat_padded(parts)
+
+    def update(self, batch: TrainBatch, advantages: torch.Tensor, old: torch.Tensor | None,
+               ref: torch.Tensor | None) -> dict[str, float]:
+        """ppoEpochs optimiser steps on this rank's sequences; every rank runs `accumulation` micro-batches per
+        optimiser step (padding with zero-weight passes) so DeepSpeed's gradient reduction stays in lockstep.
+
+        Each micro-batch's token-mean loss is weighted by its share of the rank's response tokens, so the step's
+        gradient is the token-mean over all of them (DeepSpeed divides by the accumulation steps; undone here)."""
+        g = self.spec.grpo
+        self.engine.train()
+        total_tokens = batch.target_mask.sum().clamp(min=1.0)
+        stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}
+        for _ in range(g.ppo_epochs):
+            slices = self._micro_batches(batch)
+            padded = slices + [slices[0]] * (self.accumulation - len(slices))
+            for index, rows in enumerate(padded):
+                mb = self._to_device(batch.select(rows))
+                weight = mb.target_mask.sum() / total_tokens if index < len(slices) else torch.zeros(())
+                log_prob = token_log_probs(self.engine, mb, self.spec.rollout.temperature)
+                old_mb = old[rows, : log_prob.shape[1]].to(log_prob) if old is not None else log_prob.detach()
+                adv = advantages[rows].to(log_prob)
+                pg = grpo.policy_loss(log_prob, old_mb, adv, mb.target_mask, g.clip_low, g.clip_high, g.dual_clip)
+                loss = pg
+                kl = torch.zeros(())
+                if ref is not None:
+                    kl = grpo.masked_mean(grpo.kl_penalty(log_prob, ref[rows, : log_prob.shape[1]].to(log_prob),
+                                                          g.kl_kind), mb.target_mask)
+                    loss = loss + g.kl_coef * kl
+                self.engine.backward(loss * weight.to(loss) * self.accumulation)
+                self.engine.step()
+                w = float(weight)
+                stats["loss"] += w * float(loss) / g.ppo_epochs
+                stats["pg_loss"] += w * float(pg) / g.ppo_epochs
+                stats["kl"] += w * float(kl) / g.ppo_epochs
+                stats["clipfrac"] += w * float(grpo.clip_fraction(log_prob.detach(), old_mb, mb.target_mask,
+                                                                  g.clip_low, g.clip_high)) / g.ppo_epochs
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return stats
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a rollout engine needs to serve the current policy: the LoRA adapter (peft names), or the trainable
+        parameters under the base checkpoint's names (a frozen vision tower is not re-sent)."""
+        module = self.module
+        if self.spec.model.lora is not None:
+            from peft import get_peft_model_state_dict
+
+            return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+        names = {name for name, p in module.named_parameters() if p.requires_grad}
+        if self.spec.resources.zero_stage == 3:
+            import deepspeed
+
+            params = [p for n, p in module.named_parameters() if n in names]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if n in names}
+        return {n: t.detach().cpu().contiguous() for n, t in module.state_dict().items() if n in names}
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore trainable weights (collapse-guard roll-back); optimiser state is kept."""
+        if self.spec.model.lora is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.module, tensors)
+        else:
+            self.module.load_state_dict(tensors, strict=False)
+
+    def _to_device(self, batch: TrainBatch) -> TrainBatch:
+        return batch if self.device.type == "cpu" else batch.to(self.device)
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Micro-batches differ in length; right-pad with 0 to the longest (masked positions are never read)."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]).cpu()

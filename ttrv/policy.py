@@ -1,0 +1,124 @@
+"""From prompts and sampled responses to training tensors, and the log-probabilities the GRPO loss needs.
+
+The trainer re-encodes each prompt with the model's own processor and chat template (exactly what the rollout
+engines render) and appends the sampled response token ids, as verl does; so any engine, in-process or a vLLM
+service, can produce the samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ttrv.data import Prompt, load_image
+from ttrv.modeling import render_prompt
+
+# processor outputs with one entry per token (padded with 0 like the ids); every other output is per image
+PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    input_ids: torch.Tensor  # [L] prompt tokens, image placeholders expanded
+    per_token: dict[str, torch.Tensor]  # [L] each, e.g. mm_token_type_ids (Qwen-VL's mrope needs it)
+    vision: dict[str, torch.Tensor]  # per-image processor outputs (pixel_values, image_grid_thw, ...)
+
+
+class PromptEncoder:
+    """Renders prompts through the processor's chat template; caches by prompt id (a prompt is encoded once per
+    run, however often it is sampled)."""
+
+    def __init__(self, processor, cache: bool = True):
+        self.processor = processor
+        self._cache: dict[str, EncodedPrompt] | None = {} if cache else None
+
+    def encode(self, prompt: Prompt) -> EncodedPrompt:
+        if self._cache is not None and prompt.id in self._cache:
+            return self._cache[prompt.id]
+        image = load_image(prompt.image_path) if prompt.image_path else None
+        out = self.processor(text=[render_prompt(self.processor, prompt)],
+                             images=[image] if image is not None else None, return_tensors="pt")
+        encoded = EncodedPrompt(
+            out["input_ids"][0],
+            {k: v[0] for k, v in out.items() if k in PER_TOKEN_KEYS},
+            {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", *PER_TOKEN_KEYS)},
+        )
+        if self._cache is not None:
+            self._cache[prompt.id] = encoded
+        return encoded
+
+
+@dataclass
+class TrainBatch:
+    """Right-padded prompt+response sequences. Targets are shifted by one: `target_mask[b, t]` is 1 where token
+    t+1 of sequence b is a response token (the tokens the policy is trained on)."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    target_mask: torch.Tensor  # [B, L-1] float
+    per_token: dict[str, torch.Tensor]  # [B, L] each
+    vision: dict[str, torch.Tensor]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.per_token, **self.vision}
+
+    def to(self, device) -> TrainBatch:
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
+                          move(self.per_token), move(self.vision))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice) -> TrainBatch:
+        """A micro-batch. Vision tensors are per-sequence blocks concatenated along dim 0, so they are sliced by
+        each sequence's share (image_grid_thw gives patch counts)."""
+        vision = {}
+        grid = self.vision.get("image_grid_thw")
+        if grid is not None:
+            patches = grid.prod(dim=1)
+            offsets = torch.cat([torch.zeros(1, dtype=patches.dtype), patches.cumsum(0)])
+            start, stop = offsets[rows.start].item(), offsets[rows.stop].item()
+            vision = {
+                "pixel_values": self.vision["pixel_values"][start:stop],
+                "image_grid_thw": grid[rows],
+            }
+        per_token = {k: v[rows] for k, v in self.per_token.items()}
+        return TrainBatch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows], per_token, vision)
+
+
+def collate(encoded: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], pad_id: int) -> TrainBatch:
+    """One sequence per (prompt, response) pair; `encoded[i]` is the prompt of `responses[i]`."""
+    if len(encoded) != len(responses):
+        raise ValueError(f"{len(encoded)} prompts for {len(responses)} responses")
+    rows = [torch.cat([e.input_ids, torch.tensor(r, dtype=e.input_ids.dtype)]) for e, r in zip(encoded, responses)]
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=rows[0].dtype)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    targets = torch.zeros((len(rows), length - 1))
+    per_token = {k: torch.zeros((len(rows), length), dtype=v.dtype) for k, v in encoded[0].per_token.items()}
+    for b, (row, e, r) in enumerate(zip(rows, encoded, responses)):
+        input_ids[b, : len(row)] = row
+        attention[b, : len(row)] = 1
+        prompt_len = len(e.input_ids)
+        targets[b, prompt_len - 1 : prompt_len - 1 + len(r)] = 1.0
+        for key, values in e.per_token.items():
+            per_token[key][b, :prompt_len] = values
+    vision = {key: torch.cat([e.vision[key] for e in encoded], dim=0) for key in encoded[0].vision}
+    return TrainBatch(input_ids, attention, targets, per_token, vision)
+
+
+def token_log_probs(model, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token_{t+1} | tokens_<=t) for every position, [B, L-1]; only `batch.target_mask` positions matter.
+
+    Logits are divided by the sampling temperature (verl does the same) so the ratio compares the distributions
+    the samples were drawn from. logsumexp avoids materialising a second [B, L, V] tensor.
+    """
+    logits = model(**batch.model_inputs()).logits
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = batch.input_ids[:, 1:].unsqueeze(-1)
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,85 @@
+"""The run's report: `report.json` (numbers) and `report.png` (reward, vote entropy, response length and accuracy
+per step), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_report(out: Path, report: dict, events: list[dict]) -> Path:
+    atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(out / "report.png", plot(report, events))
+    return out / "report.json"
+
+
+def plot(report: dict, events: list[dict]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in events]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    series = [
+        (axes[0, 0], "reward", "mean vote reward"),
+        (axes[0, 1], "entropy", "mean normalised vote entropy"),
+        (axes[1, 0], "response_length", "mean response length (tokens)"),
+    ]
+    for ax, key, title in series:
+        ax.plot(steps, [e.get(key) for e in events], marker=".")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax = axes[1, 1]
+    evaluated = [e for e in events if e.get("subset_accuracy") is not None]
+    if evaluated:
+        ax.plot([e["step"] for e in evaluated], [e["subset_accuracy"] for e in evaluated], marker="o",
+                label="greedy, adaptation subset")
+    last = steps[-1] if steps else 1
+    for key, label, style in [("accuracy", "greedy, test set", "-"), ("maj_accuracy", "maj@N, test set", "--"),
+                              ("heldout_accuracy", "greedy, held-out", ":")]:
+        base, final = report.get(f"base_{key}"), report.get(f"final_{key}")
+        if key == "heldout_accuracy":
+            base, final = report.get("heldout_base_accuracy"), report.get("heldout_final_accuracy")
+        if base is not None and final is not None:
+            ax.plot([0, last], [base, final], style, marker="s", label=label)
+    ax.set_ylim(0, 1)
+    ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (4 options)")
+    ax.set_title("accuracy (labels used only here)")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    title = f"{report.get('name', 'ttrv')}: test accuracy {report.get('base_accuracy', 0):.3f} -> " \
+            f"{report.get('final_accuracy', 0):.3f}"
+    if report.get("guard_fired_at"):
+        title += f"  (collapse guard fired at step {report['guard_fired_at']})"
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,303 @@
+"""The adaptation loop and the trainer entrypoint (`python -m ttrv.train --spec run.yaml`).
+
+One step, for a batch of unlabeled prompts (verl's `fit()` story, each phase timed):
+
+    rollout   sample N answers per prompt from weight version k
+    reward    extract answers, vote rewards r_j = count(a_j)/N - w H_norm (ttrv.reward)
+    ref       log-probs of the trained group (first G samples) under the frozen base, for the KL term
+    update    GRPO advantages (ttrv.grpo) and a clipped policy-gradient step (DeepSpeed)
+    publish   rank 0 writes weight version k+1 to the store (manifest last)
+    sync      the rollout engine loads version k+1 before the next step
+
+The same entrypoint runs under `torchrun` in a PyTorchJob pod and as local processes under `ttrv run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ttrv import benchmark, log
+from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset
+from ttrv.evaluate import greedy_accuracy, majority_accuracy
+from ttrv.grpo import ttrv_advantages
+from ttrv.learner import Learner, World
+from ttrv.policy import PromptEncoder, collate
+from ttrv.reward import extract_answer, normalized_entropy, vote_rewards
+from ttrv.rollout.base import RolloutEngine, Sample
+from ttrv.spec import GuardSpec, RunSpec
+
+logger = log.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------- data cursor
+@dataclass
+class Cursor:
+    """Where the run is in its data. Epoch e visits the prompts in a permutation seeded by (seed, e); a step takes
+    the next `prompts_per_step` of it, and the last step of an epoch takes what is left (no prompt is skipped or
+    repeated within an epoch)."""
+
+    epoch: int = 0
+    position: int = 0
+
+    def order(self, count: int, seed: int) -> list[int]:
+        indices = list(range(count))
+        random.Random(f"{seed}:{self.epoch}").shuffle(indices)
+        return indices
+
+    def next_batch(self, prompts: Sequence[Prompt], size: int, seed: int) -> list[Prompt]:
+        order = self.order(len(prompts), seed)
+        return [prompts[i] for i in order[self.position : self.position + size]]
+
+    def advance(self, taken: int, count: int) -> None:
+        self.position += taken
+        if self.position >= count:
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+def steps_per_epoch(count: int, prompts_per_step: int) -> int:
+    return math.ceil(count / prompts_per_step)
+
+
+# --------------------------------------------------------------------------------------------------- timing
+@dataclass
+class StepTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------- reward
+@dataclass(frozen=True)
+class Scored:
+    answers: list[list[str | None]]  # [P][N]
+    rewards: list[list[float]]  # [P][N]
+    entropies: list[float]  # [P]
+
+
+def score(samples: list[list[Sample]], spec: RunSpec) -> Scored:
+    """Label-free: each prompt's N votes reward each other."""
+    r = spec.reward
+    answers = [[extract_answer(s.text, r.extractor, r.choices) for s in prompt_samples] for prompt_samples in samples]
+    rewards = [vote_rewards(a, r.entropy_weight, r.invalid_reward) for a in answers]
+    return Scored(answers, rewards, [normalized_entropy(a) for a in answers])
+
+
+# --------------------------------------------------------------------------------------------------- guard
+@dataclass
+class CollapseGuard:
+    """Reward hacking in TTRV ends in one consistent degenerate answer (the reference's collapsed runs: response
+    length 1-2 tokens, one answer everywhere). Label-free signals: a step is collapsed when its mean vote entropy
+    is ~0 AND either one answer takes most votes across different prompts, or responses shrank far below their
+    first-step length. `patience` collapsed steps in a row fire the guard."""
+
+    spec: GuardSpec
+    first_length: float | None = None
+    streak: int = 0
+    healthy_version: int | None = None  # last version published by a non-collapsed step (None: the base)
+
+    def observe(self, step_version: int, entropy: float, dominant_share: float, length: float,
+                prompts: int) -> bool:
+        if self.first_length is None:
+            self.first_length = length
+        one_answer = prompts > 1 and dominant_share >= self.spec.dominant_answer_share
+        shrunk = length <= self.spec.length_ratio * self.first_length
+        collapsed = entropy <= self.spec.entropy_below and (one_answer or shrunk)
+        if collapsed:
+            self.streak += 1
+        else:
+            self.streak = 0
+            self.healthy_version = step_version
+        return self.spec.enabled and self.streak >= self.spec.patience
+
+
+def dominant_share(answers: list[list[str | None]]) -> float:
+    """Share of all votes of the step taken by its single most common answer."""
+    flat = [a for row in answers for a in row if a is not None]
+    if not flat:
+        return 0.0
+    return max(flat.count(a) for a in set(flat)) / sum(len(row) for row in answers)
+
+
+# --------------------------------------------------------------------------------------------------- run context
+@dataclass
+class RunContext:
+    spec: RunSpec
+    out: Path
+    world: World
+    store: object
+    engine: RolloutEngine
+    learner: Learner
+    encoder: PromptEncoder
+    prompts: list[Prompt]
+    pad_id: int
+    events: Path = field(init=False)
+
+    def __post_init__(self):
+        self.events = self.out / "events.jsonl"
+
+
+def shard(batch: list[Prompt], world: World) -> list[Prompt]:
+    return batch[world.rank :: world.size]
+
+
+def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: StepTimer) -> dict:
+    """One TTRV step on this rank's share of the batch; returns the step's metrics (this rank's)."""
+    spec = ctx.spec
+    mine = shard(batch, ctx.world) or batch[:1]  # a rank without prompts runs zero-weight passes on one
+    idle = not shard(batch, ctx.world)
+    g = spec.rollout.group_size
+    with timer.phase("rollout"):
+        samples = ctx.engine.generate(mine, spec.rollout.votes, spec.rollout.temperature, spec.rollout.top_p,
+                                      spec.rollout.max_new_tokens)
+    with timer.phase("reward"):
+        scored = score(samples, spec)
+        rewards = torch.tensor([row[:g] for row in scored.rewards], dtype=torch.float32)
+        advantages = ttrv_advantages(rewards, torch.tensor(scored.entropies), spec.reward.entropy_mode,
+                                     spec.reward.entropy_weight).flatten()
+        if idle:
+            advantages = torch.zeros_like(advantages)
+        encoded = [ctx.encoder.encode(p) for p in mine for _ in range(g)]
+        responses = [s.token_ids for prompt_samples in samples for s in prompt_samples[:g]]
+        train_batch = collate(encoded, responses, ctx.pad_id)
+        if idle:
+            train_batch.target_mask.zero_()
+    with timer.phase("old_log_prob"):
+        old = ctx.learner.old_log_probs(train_batch)
+    with timer.phase("ref_log_prob"):
+        ref = ctx.learner.reference_log_probs(train_batch)
+    with timer.phase("update"):
+        stats = ctx.learner.update(train_batch, advantages, old, ref)
+    lengths = [len(s.token_ids) for row in samples for s in row]
+    return {
+        **stats,
+        "reward": sum(sum(row) for row in scored.rewards) / sum(len(row) for row in scored.rewards),
+        "entropy": sum(scored.entropies) / len(scored.entropies),
+        "response_length": sum(lengths) / len(lengths),
+        "valid_ratio": sum(a is not None for row in scored.answers for a in row) / len(lengths),
+        "dominant_share": dominant_share(scored.answers),
+        "prompts": len(mine),
+        "idle": idle,
+    }
+
+
+def adapt(ctx: RunContext, start: Cursor | None = None, on_step=None) -> dict:
+    """The adaptation loop. Returns what the report needs (steps, guard outcome)."""
+    spec = ctx.spec
+    cursor = start or Cursor()
+    per_epoch = steps_per_epoch(len(ctx.prompts), spec.grpo.prompts_per_step)
+    total = per_epoch * spec.grpo.epochs
+    guard = CollapseGuard(spec.guard)
+    step = cursor.epoch * per_epoch + math.ceil(cursor.position / spec.grpo.prompts_per_step)
+    guard_fired_at = None
+    progress = _progress_bar(total, step, ctx.world)
+    while cursor.epoch < spec.grpo.epochs:
+        batch = cursor.next_batch(ctx.prompts, spec.grpo.prompts_per_step, spec.seed)
+        timer = StepTimer()
+        metrics = adaptation_step(ctx, step, batch, timer)
+        version = step + 1
+        with timer.phase("publish"):
+            if ctx.world.is_main:
+                ctx.store.publish_weights(version, ctx.learner.trainable_state(), kind=weights_kind(spec),
+                                          base_model=spec.model.path, dtype=str(ctx.learner.dtype).split(".")[-1])
+            _barrier(ctx.world)
+        with timer.phase("sync"):
+            ctx.engine.load_version(version)
+        record = {"step": version, "epoch": cursor.epoch, "prompt_ids": [p.id for p in batch],
+                  "weight_version": version, **_round(metrics), "seconds": _round(timer.seconds)}
+        cursor.advance(len(batch), len(ctx.prompts))
+        step = version
+        if ctx.world.is_main:
+            _append_event(ctx.events, record)
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward']:.3f}", entropy=f"{metrics['entropy']:.3f}",
+                                 len=f"{metrics['response_length']:.1f}", loss=f"{metrics['loss']:.4f}")
+        if on_step is not None:
+            on_step(step, record, cursor)
+        if guard.observe(version, metrics["entropy"], metrics["dominant_share"], metrics["response_length"],
+                         metrics["prompts"]):
+            guard_fired_at = version
+            break
+    progress.close()
+    rollback = None
+    if guard_fired_at is not None:
+        rollback = guard.healthy_version
+        restore_version(ctx, rollback)
+        logger.warning("collapse_guard_fired", step=guard_fired_at, rolled_back_to=rollback or "base")
+    return {"steps": step, "total_steps": total, "guard_fired_at": guard_fired_at, "rolled_back_to": rollback}
+
+
+def restore_version(ctx: RunContext, version: int | None) -> None:
+    """Put the learner and the rollout engine back on a published version (None: the base weights)."""
+    if version is None:
+        tensors = ctx.learner.base_trainable_state
+    else:
+        tensors = ctx.store.load_weights(version)
+    ctx.learner.load_trainable_state(tensors)
+    if ctx.world.is_main:
+        ctx.store.publish_weights(RESTORED_VERSION_OFFSET + (version or 0), tensors, kind=weights_kind(ctx.spec),
+                                  base_model=ctx.spec.model.path, dtype=str(ctx.learner.dtype).split(".")[-1])
+    _barrier(ctx.world)
+    ctx.engine.load_version(RESTORED_VERSION_OFFSET + (version or 0))
+
+
+RESTORED_VERSION_OFFSET = 900_000  # a rolled-back version gets a new path (vLLM caches weights by path)
+
+
+def weights_kind(spec: RunSpec) -> str:
+    return "lora" if spec.model.lora is not None else "full"
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _round(values: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
+
+
+def _append_event(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _barrier(world: World) -> None:
+    if world.size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _progress_bar(total: int, initial: int, world: World):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="adapt", unit="step", disable=not world.is_main,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def load_examples(spec: RunSpec) -> tuple[list[Example], list[Prompt], list[Example]]:
+    """(test examples, adaptation prompts, held-out examples)."""
+    data = spec.data
+    test = read_dataset(benchmark.resolve(data.path), data.format, data.path_map).examples
+    prompts = adaptation_prompts(test, data.subset_size, data.subset_seed, data.single_example,
+                                 data.single_example_repeats)
+    heldout = read_dataset(benchmark.resolve(data.heldout_path), data.format, data.path_map).examples \
+        if data.heldout_path else []
+    return test, prompts, heldout
+
+
+__all__ = ["Cursor", "CollapseGuard", "adapt", "score", "steps_per_epoch", "asdict", "Iterator"]
