@@ -239,6 +239,14 @@ def test_notes_give_the_exact_commands(tmp_path):
     assert "16" in notes.splitlines()[0] and "at most 4 at once" in notes.splitlines()[0]
 
 
+def test_notes_state_the_models_defaults(tmp_path):
+    notes = rendered_notes(tmp_path, "ttrv", "-f", str(ROOT / "examples/values-one-gpu.yaml"), namespace="team-a")
+    default_parallel = ExperimentSpec.model_fields["max_parallel_runs"].default
+    assert f"one adaptation run per dataset (1), at most {default_parallel} at once" in notes
+    assert ("component=rollout" in notes) == (RolloutSpec().backend == "service")
+    assert "Kueue" not in notes
+
+
 def test_notes_selectors_match_the_pods(tmp_path):
     spec_path = ROOT / "examples/experiment-sixteen-kueue.yaml"
     metadata, spec = load_experiment(spec_path)

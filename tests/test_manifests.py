@@ -3,9 +3,11 @@ each feature of the contract (names, owners, Kueue, security, network policy, se
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from types import MappingProxyType
 
 import pytest
 import yaml
@@ -280,6 +282,12 @@ def test_children_share_no_objects():
     assert "&id" not in yaml.safe_dump_all(objs)
 
 
+def test_run_children_takes_any_mapping_as_kopf_hands_it():
+    run = adaptation_run(META, experiment(**SERVICE), "mmmu")
+    frozen = MappingProxyType(run | {"spec": MappingProxyType(run["spec"])})
+    assert run_children(frozen) == run_children(run)
+
+
 def test_run_children_names_a_bad_spec():
     run = adaptation_run(META, experiment(), "mmmu")
     run["spec"]["run"]["rollout"]["groupSize"] = 64
@@ -289,9 +297,16 @@ def test_run_children_names_a_bad_spec():
 
 # --- ttrv render ------------------------------------------------------------------------------------------------
 
+SENTINEL = "AKIASENTINEL-do-not-render"
+
+
 def render(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ttrv.cli", "render", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    # Credentials in render's own environment must never reach its output.
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=SENTINEL, AWS_SECRET_ACCESS_KEY=SENTINEL, MINIO_ROOT_PASSWORD=SENTINEL)
+    result = subprocess.run([sys.executable, "-m", "ttrv.cli", "render", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert SENTINEL not in result.stdout + result.stderr
+    return result
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("experiment-*.yaml")))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -78,10 +79,10 @@ def labels(experiment: str, run: str, dataset: str, component: str | None = None
     return result
 
 
-def _metadata(name: str, namespace: str, labels: dict[str, str], owner: dict) -> dict:
+def _metadata(name: str, namespace: str, object_labels: dict[str, str], owner: Mapping) -> dict:
     """Object metadata, owned by `owner` when that exists in the cluster (the API server assigns the uid):
     `ttrv render` shows the objects of an Experiment that was never applied, so they have no owner yet."""
-    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": object_labels}
     uid = owner["metadata"].get("uid")
     if uid:
         metadata["ownerReferences"] = [{
@@ -128,7 +129,7 @@ def _require_cluster_store(spec: ExperimentSpec) -> None:
         )
 
 
-def adaptation_run(experiment_meta: dict, spec: ExperimentSpec, dataset: str) -> dict:
+def adaptation_run(experiment_meta: Mapping, spec: ExperimentSpec, dataset: str) -> dict:
     """The AdaptationRun of one dataset of an Experiment (`experiment_meta`: its metadata: name, namespace, uid)."""
     experiment = experiment_meta.get("name", "")
     if not re.match(NAME_PATTERN, experiment):
@@ -155,10 +156,15 @@ def adaptation_run(experiment_meta: dict, spec: ExperimentSpec, dataset: str) ->
     }
 
 
-def run_children(run: dict) -> list[dict]:
-    """Every object an AdaptationRun owns; the rollout service only when the run samples from one."""
+def run_children(run: Mapping) -> list[dict]:
+    """Every object an AdaptationRun owns; the rollout service only when the run samples from one.
+
+    `run` is the AdaptationRun as a mapping: a dict, or the body kopf hands to a handler.
+    """
     name = run["metadata"]["name"]
-    spec = parse_spec(run.get("spec"), AdaptationRunSpec, f"AdaptationRun {name}: spec")
+    document = run.get("spec")
+    document = dict(document) if isinstance(document, Mapping) else document
+    spec = parse_spec(document, AdaptationRunSpec, f"AdaptationRun {name}: spec")
     ctx = _Context(run, spec)
     children = [_spec_config_map(ctx)]
     if spec.run.rollout.backend == "service":
@@ -171,7 +177,7 @@ def run_children(run: dict) -> list[dict]:
 class _Context:
     """What every child builder of one run needs, computed once."""
 
-    def __init__(self, run: dict, spec: AdaptationRunSpec):
+    def __init__(self, run: Mapping, spec: AdaptationRunSpec):
         self.spec = spec
         self.name = run["metadata"]["name"]
         self.namespace = run["metadata"].get("namespace") or "default"
@@ -432,7 +438,7 @@ def _trainer_job(ctx: _Context) -> dict:
     }
 
 
-def experiment_objects(experiment_meta: dict, spec: ExperimentSpec) -> list[dict]:
+def experiment_objects(experiment_meta: Mapping, spec: ExperimentSpec) -> list[dict]:
     """Every object the controller creates for an experiment: each dataset's AdaptationRun and its children."""
     objects = []
     for dataset in spec.datasets:
