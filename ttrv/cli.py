@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import yaml
 
 from ttrv import log
 from ttrv.data import DataError, check_dataset, read_dataset
@@ -49,6 +52,41 @@ def cmd_spec_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spec_crds(args: argparse.Namespace) -> int:
+    from ttrv.crds import crds
+
+    if args.out is None:
+        print(yaml.safe_dump_all(list(crds().values()), sort_keys=True), end="")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, crd in crds().items():
+        (out / name).write_text(yaml.safe_dump(crd, sort_keys=True))
+    return 0
+
+
+def cmd_spec_values_schema(args: argparse.Namespace) -> int:
+    from ttrv.crds import values_schema_json
+
+    print(values_schema_json(), end="")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from ttrv.manifests import experiment_objects
+
+    metadata, spec = load_experiment(args.file)
+    metadata = dict(metadata)
+    if args.namespace:
+        metadata["namespace"] = args.namespace
+    try:
+        objects = experiment_objects(metadata, spec)
+    except SpecError as error:
+        raise SpecError(f"{args.file}: {error}") from None
+    print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttrv", description="Test-time reinforcement learning for VLMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.add_argument("--kind", choices=["run", "experiment"], default="run")
     validate.set_defaults(handler=cmd_spec_validate)
+    crds = spec.add_parser("crds", help="print (or write) the CustomResourceDefinitions generated from the specs")
+    crds.add_argument("--out", metavar="DIR", help="write one file per CRD into DIR instead of printing them")
+    crds.set_defaults(handler=cmd_spec_crds)
+    values_schema = spec.add_parser("values-schema", help="print the ttrv chart's values.schema.json")
+    values_schema.set_defaults(handler=cmd_spec_values_schema)
+
+    render = commands.add_parser(
+        "render", help="print every object the controller creates for an Experiment, as a YAML stream")
+    render.add_argument("file", help="an Experiment resource (or a bare experiment spec)")
+    render.add_argument("-n", "--namespace", help="namespace of the experiment (default: its metadata, else default)")
+    render.set_defaults(handler=cmd_render)
     return parser
 
 

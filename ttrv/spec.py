@@ -407,3 +407,115 @@ def load_experiment(path: str | Path) -> tuple[dict, ExperimentSpec]:
             raise SpecError(f"{path}: metadata.name: must be a DNS label (lowercase letters, digits, '-')")
         return metadata, parse_spec(document.get("spec"), ExperimentSpec, f"{path}: spec")
     return {"name": Path(path).stem, "namespace": "default"}, parse_spec(document, ExperimentSpec, str(path))
+
+
+# --- Cluster resources: the AdaptationRun spec and the status of both custom resources. The CRDs' schemas are
+# generated from these models (ttrv/crds.py), so the operator, `ttrv render` and the API server agree.
+
+RunPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+"""Pending: waiting for a slot of `maxParallelRuns`; Queued: created, waiting for Kueue admission or pods;
+Running: trainer running; Succeeded / Failed: finished; Suspended: the experiment is suspended."""
+
+
+class AdaptationRunSpec(StrictModel):
+    """One dataset's adaptation run in a cluster: created by the controller from its Experiment, never by hand."""
+
+    experiment: Annotated[str, Field(pattern=NAME_PATTERN)]
+    """Name of the owning Experiment."""
+    dataset: Annotated[str, Field(pattern=NAME_PATTERN)]
+    """Name of the dataset (an entry of the Experiment's `datasets`)."""
+    run: RunSpec
+    """The resolved RunSpec (`ExperimentSpec.run_spec`), store prefix included; mounted into the pods as run.yaml."""
+    image: ImageSpec = ImageSpec()
+    scheduling: SchedulingSpec = SchedulingSpec()
+    s3_secret: S3SecretRef = S3SecretRef()
+    """Object-store credentials, by reference only."""
+    suspend: bool = False
+    """Trainer suspended and rollout service scaled to zero."""
+
+
+class Condition(StrictModel):
+    """A Kubernetes condition (the shape of metav1.Condition)."""
+
+    type: str
+    """Ready, TrainerRunning, RolloutReady, Collapsed, ..."""
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    """CamelCase reason of the last transition."""
+    message: str = ""
+    """Human-readable detail of the last transition."""
+    last_transition_time: str | None = None
+    """RFC 3339 time of the last status change."""
+    observed_generation: int | None = None
+    """metadata.generation the condition was computed from."""
+
+
+class AdaptationRunStatus(StrictModel):
+    """What the controller reports about one adaptation run."""
+
+    phase: RunPhase = "Pending"
+    observed_generation: int | None = None
+    """metadata.generation the status was computed from."""
+    store_uri: str | None = None
+    """Object-store prefix of the run: weight versions, checkpoints, progress, report."""
+    step: Annotated[int, Field(ge=0)] = 0
+    """Optimiser steps done."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimiser steps of the whole run, once known."""
+    progress: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    """Percent of the optimiser steps done."""
+    weight_version: Annotated[int, Field(ge=0)] | None = None
+    """Latest weight version published to the store."""
+    base_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Greedy accuracy of the base model (eval before adapting)."""
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Latest greedy accuracy of the adapted model."""
+    restarts: Annotated[int, Field(ge=0)] = 0
+    """Trainer restarts after retryable failures."""
+    start_time: str | None = None
+    """RFC 3339 time the trainer started."""
+    completion_time: str | None = None
+    """RFC 3339 time the run finished."""
+    message: str = ""
+    """Why the run is in its phase, for `kubectl describe`."""
+    conditions: list[Condition] = []
+
+
+class DatasetStatus(StrictModel):
+    """One row of an Experiment's per-dataset table."""
+
+    name: str
+    """Dataset name."""
+    run: str | None = None
+    """Name of its AdaptationRun, once created."""
+    phase: RunPhase = "Pending"
+    progress: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    """Percent of the run's optimiser steps done."""
+    base_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Greedy accuracy of the base model."""
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Latest greedy accuracy of the adapted model."""
+
+
+class ExperimentStatus(StrictModel):
+    """What the controller reports about an experiment as a whole."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"] = "Pending"
+    """Succeeded when every run succeeded; Failed when every run finished and one failed."""
+    observed_generation: int | None = None
+    """metadata.generation the status was computed from."""
+    datasets_total: Annotated[int, Field(ge=0)] = 0
+    """Datasets in the experiment."""
+    datasets_done: Annotated[int, Field(ge=0)] = 0
+    """Datasets whose run finished (succeeded or failed)."""
+    progress: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    """Mean progress of all datasets' runs, in percent."""
+    base_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Mean base-model accuracy over the datasets that report one."""
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Mean current accuracy over the same datasets."""
+    datasets: list[DatasetStatus] = []
+    """Per-dataset table, in the order of spec.datasets."""
+    message: str = ""
+    """Why the experiment is in its phase, for `kubectl describe`."""
+    conditions: list[Condition] = []

@@ -1,0 +1,31 @@
+{{- define "ttrv.name" -}}
+{{- .Values.nameOverride | default .Release.Name -}}
+{{- end -}}
+
+{{/*
+Checks JSON Schema cannot express (values.schema.json covers types, ranges and unknown keys). The operator
+validates the whole spec again with pydantic; failing here gives the same message before anything is created.
+The defaults below are ttrv.spec's (RolloutSpec.votes, .group_size); a test fails if they differ.
+*/}}
+{{- define "ttrv.validate" -}}
+{{- $name := include "ttrv.name" . -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$" $name) -}}
+{{- fail (printf "nameOverride: %q (default: the release name) must be a DNS label of at most 63 lowercase letters, digits and '-'; set nameOverride" $name) -}}
+{{- end -}}
+{{- $votes := dig "rollout" "votes" 32 .Values.AsMap | int -}}
+{{- $group := dig "rollout" "groupSize" 16 .Values.AsMap | int -}}
+{{- if gt $group $votes -}}
+{{- fail (printf "rollout.groupSize (%d) > rollout.votes (%d): the trained group is taken from the votes; set groupSize <= votes (reference: votes 32, groupSize 16)" $group $votes) -}}
+{{- end -}}
+{{- $uri := dig "storage" "uri" "" .Values.AsMap -}}
+{{- if not (hasPrefix "s3://" $uri) -}}
+{{- fail (printf "storage.uri: %q: the trainer and rollout pods share no file system; set storage.uri to s3://bucket/prefix (the operator chart's bundled MinIO serves s3://ttrv)" $uri) -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range .Values.datasets -}}
+{{- if hasKey $seen .name -}}
+{{- fail (printf "datasets: the name %q appears twice; dataset names must be unique" .name) -}}
+{{- end -}}
+{{- $_ := set $seen .name true -}}
+{{- end -}}
+{{- end -}}

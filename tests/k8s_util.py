@@ -1,0 +1,150 @@
+"""Offline validation of Kubernetes objects, shared by the manifest, chart and CRD tests.
+
+Core kinds are checked with kubernetes-validate's bundled schemas in strict mode (unknown fields fail, as under
+`kubectl apply`'s strict field validation); custom resources against the openAPIV3Schema of their CRD (ttrv's
+generated ones in k8s/crds/, vendored ones in k8s/vendor/), with unknown fields failing as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HELM = ROOT / ".tools" / "bin" / "helm"
+K8S_VERSION = "1.33"
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+CRD_FILES = {
+    "ttrv.io": [ROOT / "k8s/crds/ttrv.io_experiments.yaml", ROOT / "k8s/crds/ttrv.io_adaptationruns.yaml"],
+    "kubeflow.org": [ROOT / "k8s/vendor/kubeflow.org_pytorchjobs.yaml"],
+    "monitoring.coreos.com": [ROOT / "k8s/vendor/monitoring.coreos.com_servicemonitors.yaml"],
+}
+
+
+def openapi_to_jsonschema(node: dict) -> dict:
+    """A CRD's OpenAPI v3.0 schema as JSON Schema draft 4 (whose boolean exclusiveMinimum matches OpenAPI 3.0):
+    `nullable` becomes a null type, and objects with declared properties reject unknown ones."""
+    out = {k: v for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
+    if "properties" in node:
+        out["properties"] = {name: openapi_to_jsonschema(child) for name, child in node["properties"].items()}
+        if "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = openapi_to_jsonschema(node["additionalProperties"])
+    if "items" in node:
+        out["items"] = openapi_to_jsonschema(node["items"])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in node:
+            out[key] = [openapi_to_jsonschema(option) for option in node[key]]
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@functools.cache
+def crd_validators() -> dict[tuple[str, str], jsonschema.Draft4Validator]:
+    """(apiVersion, kind) → validator, for every CRD the tests know."""
+    validators = {}
+    for group, paths in CRD_FILES.items():
+        for path in paths:
+            for crd in yaml.safe_load_all(path.read_text()):
+                kind = crd["spec"]["names"]["kind"]
+                for version in crd["spec"]["versions"]:
+                    schema = openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+                    # The API server checks metadata as ObjectMeta; a CRD may only restrict name/generateName.
+                    schema["properties"].get("metadata", {}).pop("additionalProperties", None)
+                    validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft4Validator(schema)
+    return validators
+
+
+def validate_object(obj: dict) -> None:
+    """Raises AssertionError naming the object and the first bad field."""
+    where = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+    key = (obj["apiVersion"], obj["kind"])
+    validator = crd_validators().get(key)
+    if validator is not None:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(obj))
+        assert error is None, f"{where}: {'.'.join(map(str, error.absolute_path))}: {error.message}"
+    else:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            raise AssertionError(f"{where}: {'.'.join(map(str, error.path))}: {error.message}") from None
+    metadata = obj["metadata"]
+    assert len(metadata["name"]) <= 253 and re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", metadata["name"]), where
+    for label, value in (metadata.get("labels") or {}).items():
+        assert LABEL_VALUE.match(str(value)), f"{where}: label {label}={value!r} is not a valid label value"
+
+
+def pod_templates(obj: dict) -> list[tuple[str, dict]]:
+    """(where, pod template) of every workload object; pods are made from these."""
+    kind = obj["kind"]
+    name = f"{kind}/{obj['metadata']['name']}"
+    if kind in ("Deployment", "StatefulSet", "Job"):
+        return [(name, obj["spec"]["template"])]
+    if kind == "PyTorchJob":
+        return [(f"{name}/{replica}", spec["template"])
+                for replica, spec in obj["spec"]["pytorchReplicaSpecs"].items()]
+    return []
+
+
+def security_problems(where: str, template: dict) -> list[str]:
+    """What the restricted profile misses in a pod template, pod and container levels combined."""
+    pod = template["spec"]
+    pod_ctx = pod.get("securityContext", {})
+    problems = []
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        ctx = pod_ctx | container.get("securityContext", {})
+        at = f"{where}/{container['name']}"
+        if ctx.get("runAsNonRoot") is not True:
+            problems.append(f"{at}: runAsNonRoot is not true")
+        if ctx.get("runAsUser") != 1000:
+            problems.append(f"{at}: runAsUser is not 1000")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{at}: allowPrivilegeEscalation is not false")
+        if ctx.get("capabilities", {}).get("drop") != ["ALL"]:
+            problems.append(f"{at}: capabilities do not drop ALL")
+        if ctx.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{at}: root filesystem is writable")
+        if ctx.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problems.append(f"{at}: seccompProfile is not RuntimeDefault")
+    return problems
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    if not HELM.exists():
+        pytest.fail(f"{HELM.relative_to(ROOT)} is missing; `make helm` installs it (make test does)")
+    result = subprocess.run([str(HELM), *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+class GoYAMLLoader(yaml.SafeLoader):
+    """Reads numbers as Helm and the API server (Go YAML) do: PyYAML's YAML 1.1 resolver takes `1e-05`, which
+    Helm's toYaml writes, for a string."""
+
+
+GoYAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+def helm_template(chart: str, release: str, *args: str, namespace: str = "team-a") -> list[dict]:
+    out = helm("template", release, f"charts/{chart}", "--namespace", namespace, *args).stdout
+    return [obj for obj in yaml.load_all(out, Loader=GoYAMLLoader) if obj]
+
+
+def is_pod_selected(selector: dict, template: dict) -> bool:
+    labels = template["metadata"].get("labels", {})
+    return all(labels.get(key) == value for key, value in selector.items())

@@ -1,0 +1,264 @@
+"""Both Helm charts, rendered by the real helm binary: lint, every object valid, bad values rejected with a message
+that names the field, least-privilege RBAC, restricted pods."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+from k8s_util import ROOT, helm, helm_template, pod_templates, security_problems, validate_object
+
+from ttrv.manifests import experiment_objects
+from ttrv.spec import ExperimentSpec, RolloutSpec, load_experiment, parse_spec
+
+VALUES = sorted(p.name for p in (ROOT / "examples").glob("values-*.yaml"))
+OPERATOR_VARIANTS = {
+    "defaults": [],
+    "everything": ["--set", "minio.enabled=true", "--set", "kueue.enabled=true",
+                   "--set", "metrics.serviceMonitor.enabled=true"],
+}
+
+
+def test_values_examples_match_experiment_examples():
+    assert [v.removeprefix("values-") for v in VALUES] == [
+        p.name.removeprefix("experiment-") for p in sorted((ROOT / "examples").glob("experiment-*.yaml"))]
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_lint_ttrv_chart(values):
+    helm("lint", "--strict", "charts/ttrv", "-f", f"examples/{values}")
+
+
+@pytest.mark.parametrize("variant", sorted(OPERATOR_VARIANTS))
+def test_lint_operator_chart(variant):
+    helm("lint", "--strict", "charts/ttrv-operator", *OPERATOR_VARIANTS[variant])
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_ttrv_chart_renders_the_example_experiment(values):
+    (experiment,) = helm_template("ttrv", "rel", "-f", f"examples/{values}")
+    validate_object(experiment)
+    metadata, spec = load_experiment(ROOT / "examples" / values.replace("values-", "experiment-"))
+    assert experiment["metadata"]["name"] == metadata["name"]
+    assert experiment["metadata"]["namespace"] == "team-a"
+    assert parse_spec(experiment["spec"], ExperimentSpec) == spec
+    # What the operator makes of the installed Experiment is valid too.
+    for obj in experiment_objects(experiment["metadata"], spec):
+        validate_object(obj)
+
+
+def test_release_name_names_the_experiment_by_default():
+    values = yaml.safe_load((ROOT / "examples/values-one-gpu.yaml").read_text())
+    assert values.pop("nameOverride") == "one-gpu"
+    (experiment,) = helm_template("ttrv", "my-exp", "-f", "examples/values-one-gpu.yaml", "--set", "nameOverride=",
+                                  "--set", "experimentLabels.team=a")
+    assert experiment["metadata"]["name"] == "my-exp"
+    assert experiment["metadata"]["labels"]["team"] == "a"
+    assert experiment["spec"] == values
+
+
+@pytest.mark.parametrize("variant", sorted(OPERATOR_VARIANTS))
+def test_operator_chart_objects_are_valid_and_restricted(variant):
+    objects = helm_template("ttrv-operator", "ttrv-operator", "--include-crds", *OPERATOR_VARIANTS[variant],
+                            namespace="ttrv-system")
+    for obj in objects:
+        validate_object(obj)
+        for where, template in pod_templates(obj):
+            assert security_problems(where, template) == []
+    crds = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "CustomResourceDefinition"}
+    committed = {crd["metadata"]["name"]: crd for crd in (yaml.safe_load((ROOT / "k8s/crds" / f).read_text())
+                                                          for f in ("ttrv.io_experiments.yaml",
+                                                                    "ttrv.io_adaptationruns.yaml"))}
+    assert crds == committed
+
+
+def test_operator_runs_the_agreed_module():
+    objects = helm_template("ttrv-operator", "ttrv-operator", namespace="ttrv-system")
+    (deployment,) = [obj for obj in objects if obj["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "ghcr.io/ttrv/ttrv-operator:0.1.0"
+    assert container["command"][:2] == ["kopf", "run"]
+    assert "--all-namespaces" in container["command"]
+    assert container["command"][-2:] == ["-m", "operators.ttrv_operator"]
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ttrv-operator"
+    service = next(obj for obj in objects if obj["kind"] == "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+# --- RBAC -------------------------------------------------------------------------------------------------------
+
+# Where each kind the builders create lives in the API.
+RESOURCES = {
+    "AdaptationRun": ("ttrv.io", "adaptationruns"),
+    "ConfigMap": ("", "configmaps"),
+    "Deployment": ("apps", "deployments"),
+    "Service": ("", "services"),
+    "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+    "PyTorchJob": ("kubeflow.org", "pytorchjobs"),
+}
+MANAGE = {"get", "list", "watch", "create", "patch", "delete"}
+READ = {"get", "list", "watch"}
+FIXED = {  # what the operator needs besides the objects it creates
+    ("ttrv.io", "experiments"): READ | {"patch"},
+    ("ttrv.io", "experiments/status"): {"get", "patch"},
+    ("ttrv.io", "adaptationruns/status"): {"get", "patch"},
+    ("ttrv.io", "experiments/finalizers"): {"update"},
+    ("ttrv.io", "adaptationruns/finalizers"): {"update"},
+    ("", "pods"): READ,
+    ("", "events"): {"create"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+}
+KUEUE = {("kueue.x-k8s.io", "workloads"): READ, ("kueue.x-k8s.io", "localqueues"): READ}
+
+
+def granted(kueue: bool) -> dict[tuple[str, str], set[str]]:
+    args = ["--set", "kueue.enabled=true"] if kueue else []
+    objects = helm_template("ttrv-operator", "ttrv-operator", *args, namespace="ttrv-system")
+    roles = [obj for obj in objects if obj["kind"] in ("ClusterRole", "Role")]
+    assert len(roles) == 1
+    grants: dict[tuple[str, str], set[str]] = {}
+    for rule in roles[0]["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, f"unexpected rule fields: {rule}"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                grants.setdefault((group, resource), set()).update(rule["verbs"])
+    return grants
+
+
+@pytest.mark.parametrize("kueue", [False, True])
+def test_rbac_grants_exactly_what_the_operator_creates_and_reads(kueue):
+    spec = ExperimentSpec.model_validate({
+        "storage": {"uri": "s3://b"}, "rollout": {"backend": "service"}, "datasets": [{"name": "d", "path": "x"}]})
+    created = {obj["kind"] for obj in experiment_objects({"name": "e", "namespace": "n"}, spec)}
+    assert created == set(RESOURCES), "a builder makes a new kind: give it a rule in the ClusterRole and here"
+    expected = {RESOURCES[kind]: MANAGE for kind in created} | FIXED | (KUEUE if kueue else {})
+    grants = granted(kueue)
+    assert all("*" not in (group + resource + "".join(verbs)) for (group, resource), verbs in grants.items())
+    assert grants == expected
+
+
+def test_rbac_binds_the_operator_service_account():
+    objects = helm_template("ttrv-operator", "ops", namespace="ttrv-system")
+    (binding,) = [obj for obj in objects if obj["kind"] == "ClusterRoleBinding"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ops"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ops", "namespace": "ttrv-system"}]
+
+
+# --- MinIO ------------------------------------------------------------------------------------------------------
+
+def test_minio_credentials_are_generated_kept_and_only_referenced():
+    first, second = (helm_template("ttrv-operator", "ttrv-operator", "--set", "minio.enabled=true",
+                                   namespace="ttrv-system") for _ in range(2))
+    secrets = [next(obj for obj in objs if obj["kind"] == "Secret") for objs in (first, second)]
+    assert secrets[0]["data"] != secrets[1]["data"]  # random per install (lookup keeps them across upgrades)
+    assert secrets[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert set(secrets[0]["data"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    text = yaml.safe_dump_all(obj for obj in first if obj["kind"] != "Secret")
+    for value in secrets[0]["data"].values():
+        assert value not in text
+    for obj in first:
+        for _, template in pod_templates(obj):
+            for container in template["spec"]["containers"]:
+                for item in container.get("env", []):
+                    if item["name"] in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "ACCESS_KEY", "SECRET_KEY"):
+                        assert "secretKeyRef" in item["valueFrom"]
+
+
+# --- bad values -------------------------------------------------------------------------------------------------
+
+def template_error(*args: str) -> str:
+    result = helm("template", "rel", "charts/ttrv", *args, check=False)
+    assert result.returncode != 0, f"helm accepted {args}"
+    return result.stderr
+
+
+GOOD = ("-f", "examples/values-one-gpu.yaml")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--set", "storage.uri=s3://b"), "(root): datasets is required"),
+    (GOOD + ("--set-json", "datasets=[]"), "datasets: Array must have at least 1 items"),
+    (GOOD + ("--set", "rollout.votes=many"), "rollout.votes: Invalid type. Expected: integer, given: string"),
+    (GOOD + ("--set", "rollout.vote=3"), "rollout: Additional property vote is not allowed"),
+    (GOOD + ("--set", "datasets[0].name=Shapes"), "datasets.0.name: Does not match pattern"),
+    (GOOD + ("--set", "grpo.lr=2"), "grpo.lr: Must be less than 1"),
+    (GOOD + ("--set", "s3Secret.secretAccessKey=hunter2"), "s3Secret: Additional property secretAccessKey"),
+    (GOOD + ("--set", "rollout.groupSize=17"), "rollout.groupSize (17) > rollout.votes (16)"),
+    (GOOD + ("--set", "storage.uri=file:///data/runs"), 'storage.uri: "file:///data/runs"'),
+    (GOOD + ("--set", "datasets[1].name=shapes", "--set", "datasets[1].path=x"),
+     'datasets: the name "shapes" appears twice'),
+    (GOOD + ("--set", "nameOverride=One_GPU"), "nameOverride: Does not match pattern"),
+])
+def test_bad_values_are_rejected_naming_the_field(args, message):
+    assert message in template_error(*args)
+
+
+def test_group_size_check_uses_the_models_defaults():
+    """The template states RolloutSpec's defaults for unset keys; this fails when they drift apart."""
+    defaults = RolloutSpec()
+    base = ("--set", "storage.uri=s3://b", "--set", "datasets[0].name=d", "--set", "datasets[0].path=x")
+    assert f"({defaults.votes + 1}) > rollout.votes ({defaults.votes})" in template_error(
+        *base, "--set", f"rollout.groupSize={defaults.votes + 1}")
+    helm("template", "rel", "charts/ttrv", *base, "--set", f"rollout.groupSize={defaults.votes}")
+    assert f"({defaults.group_size}) > rollout.votes ({defaults.group_size - 1})" in template_error(
+        *base, "--set", f"rollout.votes={defaults.group_size - 1}")
+    helm("template", "rel", "charts/ttrv", *base, "--set", f"rollout.votes={defaults.group_size}")
+
+
+# --- NOTES.txt --------------------------------------------------------------------------------------------------
+
+def rendered_notes(tmp_path, chart: str, *args: str, namespace: str) -> str:
+    """NOTES.txt as `helm install` prints it: helm template skips NOTES, so render it as an ordinary file."""
+    copy = tmp_path / chart
+    shutil.copytree(ROOT / "charts" / chart, copy)
+    notes = copy / "templates/NOTES.txt"
+    (copy / "templates/_notes.tpl").write_text('{{- define "notes" -}}\n' + notes.read_text() + "{{- end -}}\n")
+    notes.unlink()
+    (copy / "templates/notes.yaml").write_text('notes: |\n{{ include "notes" . | indent 2 }}\n')
+    out = helm("template", "rel", str(copy), "--namespace", namespace, "--show-only", "templates/notes.yaml",
+               *args).stdout
+    return yaml.safe_load(out)["notes"]
+
+
+def test_notes_give_the_exact_commands(tmp_path):
+    notes = rendered_notes(tmp_path, "ttrv", "-f", str(ROOT / "examples/values-sixteen-kueue.yaml"),
+                           namespace="team-a")
+    for command in [
+        "kubectl -n team-a get experiments.ttrv.io sixteen -w",
+        "kubectl -n team-a get adaptationruns -l ttrv.io/experiment=sixteen -o wide",
+        "kubectl -n team-a describe experiments.ttrv.io sixteen",
+        "kubectl -n team-a get pytorchjobs,deployments,pods -l ttrv.io/experiment=sixteen,ttrv.io/dataset=imagenet-a",
+        "kubectl -n team-a logs -f -l ttrv.io/experiment=sixteen,ttrv.io/dataset=imagenet-a,"
+        "app.kubernetes.io/component=trainer --max-log-requests=32",
+        "app.kubernetes.io/component=rollout",
+        "kubectl -n team-a get localqueue gpu-a",
+        "helm -n team-a uninstall rel",
+    ]:
+        assert command in notes, f"{command!r} missing from:\n{notes}"
+    assert "16" in notes.splitlines()[0] and "at most 4 at once" in notes.splitlines()[0]
+
+
+def test_notes_state_the_models_defaults(tmp_path):
+    notes = rendered_notes(tmp_path, "ttrv", "-f", str(ROOT / "examples/values-one-gpu.yaml"), namespace="team-a")
+    default_parallel = ExperimentSpec.model_fields["max_parallel_runs"].default
+    assert f"one adaptation run per dataset (1), at most {default_parallel} at once" in notes
+    assert ("component=rollout" in notes) == (RolloutSpec().backend == "service")
+    assert "Kueue" not in notes
+
+
+def test_notes_selectors_match_the_pods(tmp_path):
+    spec_path = ROOT / "examples/experiment-sixteen-kueue.yaml"
+    metadata, spec = load_experiment(spec_path)
+    pods = [template for obj in experiment_objects(metadata, spec) for _, template in pod_templates(obj)
+            if obj["metadata"]["labels"]["ttrv.io/dataset"] == "imagenet-a"]
+    labels = pods[0]["metadata"]["labels"]
+    assert labels["ttrv.io/experiment"] == "sixteen" and labels["ttrv.io/dataset"] == "imagenet-a"
+    assert {p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods} == {"trainer", "rollout"}
+
+
+def test_operator_notes_show_how_to_share_minio_credentials(tmp_path):
+    notes = rendered_notes(tmp_path, "ttrv-operator", "--set", "minio.enabled=true", namespace="ttrv-system")
+    assert "http://rel-minio.ttrv-system.svc:9000" in notes
+    assert "kubectl -n team-a create secret generic ttrv-s3" in notes
+    assert "$(kubectl -n ttrv-system get secret rel-minio -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)" in notes

@@ -1,0 +1,112 @@
+"""The Dockerfile, parsed by BuildKit's own parser (no Docker engine here to build it): its targets, non-root users,
+no secrets, versions from pyproject; and the operator image's dependency list covers what the operator imports."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import subprocess
+import sys
+
+import dockerfile
+import tomllib
+from k8s_util import ROOT
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def stages() -> dict[str, list]:
+    result: dict[str, list] = {}
+    current = None
+    for command in dockerfile.parse_file(str(ROOT / "Dockerfile")):
+        if command.cmd == "FROM":
+            current = command.value[-1] if len(command.value) == 3 else command.value[0]
+            result[current] = []
+        if current:
+            result[current].append(command)
+    return result
+
+
+def test_targets_run_as_the_pods_user():
+    targets = stages()
+    for target in ("trainer", "operator"):
+        users = [c.value[0] for c in targets[target] if c.cmd == "USER"]
+        assert users and users[-1] == "1000:1000", f"{target} does not end as uid 1000"
+
+
+def test_no_secrets_at_build_time():
+    for target, commands in stages().items():
+        for command in commands:
+            if command.cmd in ("ARG", "ENV"):
+                names = [part.split("=")[0] for part in command.value]
+                assert not [n for n in names if re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY", n)], (target, names)
+            assert "--mount=type=secret" not in command.original
+
+
+def test_pins_come_from_pyproject():
+    """A `name==version` in the Dockerfile must agree with pyproject (only flash-attn lives in the Dockerfile)."""
+    pins = {}
+    for requirement in PYPROJECT["project"]["dependencies"] + sum(
+            PYPROJECT["project"]["optional-dependencies"].values(), []):
+        name, sep, version = requirement.partition("==")
+        if sep:
+            pins[name.lower()] = version
+    text = (ROOT / "Dockerfile").read_text()
+    for name, version in re.findall(r'"?([A-Za-z0-9_.-]+)==([0-9][^"\s]*)"?', text):
+        if name.lower() in pins:
+            assert pins[name.lower()] == version, f"Dockerfile pins {name}=={version}, pyproject {pins[name.lower()]}"
+    assert "torch==" not in text and "vllm==" not in text  # these come from pyproject only
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """Distributions pip installs for `requirements`, from the installed metadata (extras left out)."""
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if name in seen or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        todo += [Requirement(r) for r in importlib.metadata.requires(requirement.name) or []]
+    return seen
+
+
+# Imports the operator-side modules with every distribution outside `allowed` made unimportable, as in the
+# operator image; optional imports (structlog's rich, say) then take their fallback, as they would there.
+IMAGE_IMPORT = """
+import importlib.metadata, json, sys
+from packaging.utils import canonicalize_name
+allowed = set(json.loads(sys.argv[1]))
+owners = importlib.metadata.packages_distributions()
+
+class NotInImage:
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        dists = {canonicalize_name(d) for d in owners.get(top, [])}
+        if dists and not dists & allowed and top != "ttrv":
+            raise ModuleNotFoundError(f"{name} is not in the operator image", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInImage())
+import ttrv.spec, ttrv.crds, ttrv.manifests, ttrv.log
+"""
+
+
+def test_operator_extra_covers_what_the_operator_imports():
+    """The operator image installs ttrv --no-deps plus the `operator` extra: that must be enough to import the
+    modules the operator uses."""
+    allowed = _closure(PYPROJECT["project"]["optional-dependencies"]["operator"])
+    assert "torch" not in allowed
+    result = subprocess.run([sys.executable, "-c", IMAGE_IMPORT, json.dumps(sorted(allowed))], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_image_import_check_can_fail():
+    result = subprocess.run([sys.executable, "-c", IMAGE_IMPORT, json.dumps(["pyyaml"])], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert "pydantic is not in the operator image" in result.stderr

@@ -1,0 +1,447 @@
+"""Pure builders of an experiment's Kubernetes objects: spec and metadata in, plain dicts out.
+
+The operator and `ttrv render` call the same functions (KubeRay style): `adaptation_run` makes one dataset's
+AdaptationRun from its Experiment, `run_children` the objects that run owns (ConfigMap, PyTorchJob and, for a
+service rollout, the rollout Deployment, Service and NetworkPolicy).
+
+Plain dicts, not the typed models of the kubernetes / kubeflow-training clients: those models check little beyond
+required fields, and would make `ttrv render` need the cluster extras. The tests instead validate every object
+built here against the real schemas (kubernetes-validate in strict mode, the vendored PyTorchJob CRD, the
+generated ttrv CRDs), which rejects a misspelt field as a typed constructor would, and a wrong value as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from ttrv.crds import API_VERSION
+from ttrv.spec import (
+    NAME_PATTERN,
+    AdaptationRunSpec,
+    ExperimentSpec,
+    RunSpec,
+    SpecError,
+    parse_spec,
+)
+
+SPEC_DIR = "/etc/ttrv"
+SPEC_KEY = "run.yaml"
+SPEC_PATH = f"{SPEC_DIR}/{SPEC_KEY}"
+ROLLOUT_PORT = 8000
+METRICS_PORT = 9400
+# The training operator's default master port and its required port name (pytorch_types.go), stated explicitly
+# so the pod template says what the pods listen on.
+MASTER_PORT = 23456
+MASTER_PORT_NAME = "pytorchjob-port"
+TRAINER_CONTAINER = "pytorch"  # the training operator finds the container to configure by this name
+USER_ID = 1000
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+GPU = "nvidia.com/gpu"
+# The training operator names pods and their Services `<job>-worker-<index>`, DNS labels of at most 63 characters:
+# `<run>-trainer-worker-` plus three digits leaves 44 for the run name.
+RUN_NAME_MAX = 44
+
+
+def run_store_uri(storage_uri: str, namespace: str, experiment: str, dataset: str) -> str:
+    """Object-store prefix of one run in a cluster: `<storage.uri>/<namespace>/<experiment>/<dataset>`, so teams
+    (namespaces) sharing a bucket never write into each other's runs."""
+    return f"{storage_uri.rstrip('/')}/{namespace}/{experiment}/{dataset}"
+
+
+def run_name(experiment: str, dataset: str) -> str:
+    """Name of a dataset's AdaptationRun; long names are cut and made unique again by a hash of the full name."""
+    name = f"{experiment}-{dataset}"
+    if len(name) <= RUN_NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{name[: RUN_NAME_MAX - 7].rstrip('-')}-{digest}"
+
+
+def labels(experiment: str, run: str, dataset: str, component: str | None = None) -> dict[str, str]:
+    result = {
+        "app.kubernetes.io/name": "ttrv",
+        "app.kubernetes.io/instance": experiment,
+        "app.kubernetes.io/managed-by": "ttrv-operator",
+        "ttrv.io/experiment": experiment,
+        "ttrv.io/run": run,
+        "ttrv.io/dataset": dataset,
+    }
+    if component:
+        result["app.kubernetes.io/component"] = component
+    return result
+
+
+def _metadata(name: str, namespace: str, object_labels: dict[str, str], owner: Mapping) -> dict:
+    """Object metadata, owned by `owner` when that exists in the cluster (the API server assigns the uid):
+    `ttrv render` shows the objects of an Experiment that was never applied, so they have no owner yet."""
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": object_labels}
+    uid = owner["metadata"].get("uid")
+    if uid:
+        metadata["ownerReferences"] = [{
+            "apiVersion": owner["apiVersion"],
+            "kind": owner["kind"],
+            "name": owner["metadata"]["name"],
+            "uid": uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }]
+    return metadata
+
+
+def resource_dump(model: BaseModel) -> dict:
+    """A model as a custom resource's field: camelCase JSON, with the fields left at a None default omitted.
+
+    Omitting them keeps the meaning (pydantic restores the default) and is needed: the API server cannot accept
+    null for an enum field. An explicit null that differs from the default (e.g. `subsetSize: null` = all) stays.
+    """
+    dumped = model.model_dump(mode="json")
+    _drop_none_defaults(model, dumped)
+    return dumped
+
+
+def _drop_none_defaults(model: BaseModel, dumped: dict) -> None:
+    for name, field in type(model).model_fields.items():
+        key = field.alias or name
+        value = getattr(model, name)
+        if value is None and field.default is None:
+            del dumped[key]
+        elif isinstance(value, BaseModel):
+            _drop_none_defaults(value, dumped[key])
+        elif isinstance(value, list):
+            for item, item_dumped in zip(value, dumped[key], strict=True):
+                if isinstance(item, BaseModel):
+                    _drop_none_defaults(item, item_dumped)
+
+
+def _require_cluster_store(spec: ExperimentSpec) -> None:
+    if not spec.storage.uri.startswith("s3://"):
+        raise SpecError(
+            f"storage.uri: {spec.storage.uri!r} is a local path, which the trainer and rollout pods do not share; "
+            "set storage.uri to s3://bucket/prefix (the operator chart's bundled MinIO serves s3://ttrv)"
+        )
+
+
+def adaptation_run(experiment_meta: Mapping, spec: ExperimentSpec, dataset: str) -> dict:
+    """The AdaptationRun of one dataset of an Experiment (`experiment_meta`: its metadata: name, namespace, uid)."""
+    experiment = experiment_meta.get("name", "")
+    if not re.match(NAME_PATTERN, experiment):
+        raise SpecError(f"metadata.name: {experiment!r} must be a DNS label (lowercase letters, digits, '-')")
+    namespace = experiment_meta.get("namespace") or "default"
+    _require_cluster_store(spec)
+    store = run_store_uri(spec.storage.uri, namespace, experiment, dataset)
+    body = AdaptationRunSpec(
+        experiment=experiment,
+        dataset=dataset,
+        run=spec.run_spec(dataset, storage_uri=store),
+        image=spec.image,
+        scheduling=spec.scheduling,
+        s3_secret=spec.s3_secret,
+        suspend=spec.suspend,
+    )
+    name = run_name(experiment, dataset)
+    owner = {"apiVersion": API_VERSION, "kind": "Experiment", "metadata": experiment_meta}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "AdaptationRun",
+        "metadata": _metadata(name, namespace, labels(experiment, name, dataset), owner),
+        "spec": resource_dump(body),
+    }
+
+
+def run_children(run: Mapping) -> list[dict]:
+    """Every object an AdaptationRun owns; the rollout service only when the run samples from one.
+
+    `run` is the AdaptationRun as a mapping: a dict, or the body kopf hands to a handler.
+    """
+    name = run["metadata"]["name"]
+    document = run.get("spec")
+    document = dict(document) if isinstance(document, Mapping) else document
+    spec = parse_spec(document, AdaptationRunSpec, f"AdaptationRun {name}: spec")
+    ctx = _Context(run, spec)
+    children = [_spec_config_map(ctx)]
+    if spec.run.rollout.backend == "service":
+        children += [_rollout_deployment(ctx), _rollout_service(ctx), _rollout_network_policy(ctx)]
+    children.append(_trainer_job(ctx))
+    # Builders reuse pieces (mounts, probes, the trainer container); the caller gets objects sharing nothing.
+    return json.loads(json.dumps(children))
+
+
+class _Context:
+    """What every child builder of one run needs, computed once."""
+
+    def __init__(self, run: Mapping, spec: AdaptationRunSpec):
+        self.spec = spec
+        self.name = run["metadata"]["name"]
+        self.namespace = run["metadata"].get("namespace") or "default"
+        self.run = run
+
+    def labels(self, component: str | None = None) -> dict[str, str]:
+        return labels(self.spec.experiment, self.name, self.spec.dataset, component)
+
+    def selector(self, component: str) -> dict[str, str]:
+        return {"app.kubernetes.io/name": "ttrv", "ttrv.io/run": self.name, "app.kubernetes.io/component": component}
+
+    def metadata(self, name: str, component: str | None = None, extra_labels: dict | None = None) -> dict:
+        return _metadata(name, self.namespace, self.labels(component) | (extra_labels or {}), self.run)
+
+    @property
+    def rollout_name(self) -> str:
+        return f"{self.name}-rollout"
+
+    @property
+    def queue_labels(self) -> dict[str, str]:
+        queue = self.spec.scheduling.queue_name
+        return {QUEUE_LABEL: queue} if queue else {}
+
+
+def _spec_config_map(ctx: _Context) -> dict:
+    run_yaml = yaml.safe_dump(ctx.spec.run.model_dump(mode="json"), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": ctx.metadata(f"{ctx.name}-spec"),
+        "data": {SPEC_KEY: run_yaml},
+    }
+
+
+def _store_env(ctx: _Context) -> list[dict]:
+    secret = ctx.spec.s3_secret
+    env = [
+        {"name": "AWS_ACCESS_KEY_ID",
+         "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.access_key_key}}},
+        {"name": "AWS_SECRET_ACCESS_KEY",
+         "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.secret_key_key}}},
+    ]
+    if ctx.spec.run.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": ctx.spec.run.storage.endpoint})
+    return env
+
+
+# The root filesystem is read-only: HOME and the caches (Hugging Face, torch extensions, Triton) go to emptyDirs.
+_WRITABLE_ENV = [
+    {"name": "HOME", "value": "/tmp"},
+    {"name": "XDG_CACHE_HOME", "value": "/cache"},
+    {"name": "HF_HOME", "value": "/cache/huggingface"},
+]
+
+
+def _volumes(ctx: _Context) -> list[dict]:
+    return [
+        {"name": "spec", "configMap": {"name": f"{ctx.name}-spec"}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        # NCCL and vLLM's tensor-parallel workers exchange data through /dev/shm, which is 64 MiB by default.
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+_MOUNTS = [
+    {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+    {"name": "tmp", "mountPath": "/tmp"},
+    {"name": "cache", "mountPath": "/cache"},
+    {"name": "shm", "mountPath": "/dev/shm"},
+]
+
+
+def pod_security_context() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": USER_ID,
+        "runAsGroup": USER_ID,
+        "fsGroup": USER_ID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _resources(ctx: _Context, gpus: int) -> dict:
+    res = ctx.spec.run.resources
+    gpu = {GPU: str(gpus)} if gpus else {}
+    # No CPU limit: throttling a data loader or NCCL proxy thread stalls every rank.
+    return {"requests": {"cpu": res.cpu, "memory": res.memory} | gpu, "limits": {"memory": res.memory} | gpu}
+
+
+def _pod_spec(ctx: _Context, container: dict, gpus: int) -> dict:
+    scheduling = ctx.spec.scheduling
+    pod: dict[str, Any] = {
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": _volumes(ctx),
+        # The pods call nothing of the Kubernetes API: no token in them.
+        "automountServiceAccountToken": False,
+    }
+    if scheduling.priority_class_name:
+        pod["priorityClassName"] = scheduling.priority_class_name
+    if gpus:
+        if scheduling.node_selector:
+            pod["nodeSelector"] = dict(scheduling.node_selector)
+        if scheduling.tolerations:
+            pod["tolerations"] = [resource_dump(t) for t in scheduling.tolerations]
+    return pod
+
+
+def vllm_args(run: RunSpec) -> str:
+    """The vLLM engine flags that follow from the pod's resources (TTRV_VLLM_ARGS); `ttrv serve` passes them on
+    and reads everything else (model, dtype, sampling) from the spec file."""
+    args = [
+        f"--tensor-parallel-size={max(1, run.resources.rollout_gpus)}",
+        f"--gpu-memory-utilization={run.resources.rollout_gpu_memory_utilization}",
+    ]
+    if run.model.lora is not None:
+        args += ["--enable-lora", f"--max-lora-rank={run.model.lora.rank}"]
+    return shlex.join(args)
+
+
+def _rollout_deployment(ctx: _Context) -> dict:
+    run = ctx.spec.run
+    gpus = run.resources.rollout_gpus
+    image = ctx.spec.image
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
+    container = {
+        "name": "rollout",
+        "image": image.rollout,
+        "imagePullPolicy": image.pull_policy,
+        "command": ["ttrv", "serve", "--spec", SPEC_PATH, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)],
+        "env": _WRITABLE_ENV + _store_env(ctx) + [{"name": "TTRV_VLLM_ARGS", "value": vllm_args(run)}],
+        "ports": [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
+        # Loading a checkpoint and compiling CUDA graphs takes minutes: up to 30 before liveness applies.
+        "startupProbe": probe | {"failureThreshold": 180},
+        "readinessProbe": probe | {"failureThreshold": 3},
+        "livenessProbe": probe | {"failureThreshold": 6},
+        "resources": _resources(ctx, gpus),
+        "volumeMounts": _MOUNTS,
+        "securityContext": container_security_context(),
+    }
+    selector = ctx.selector("rollout")
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        # Kueue (deployment integration) reads the queue label on the Deployment and copies it to the pods.
+        "metadata": ctx.metadata(ctx.rollout_name, "rollout", ctx.queue_labels),
+        "spec": {
+            "replicas": 0 if ctx.spec.suspend else 1,
+            "selector": {"matchLabels": selector},
+            # A rolling update would hold a second set of GPUs; the trainer waits out the restart instead.
+            "strategy": {"type": "Recreate"},
+            "template": {
+                "metadata": {"labels": ctx.labels("rollout")},
+                "spec": _pod_spec(ctx, container, gpus),
+            },
+        },
+    }
+
+
+def _rollout_service(ctx: _Context) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": ctx.metadata(ctx.rollout_name, "rollout"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": ctx.selector("rollout"),
+            "ports": [{"name": "http", "port": ROLLOUT_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _rollout_network_policy(ctx: _Context) -> dict:
+    """Only this run's trainer pods reach the rollout pods, on the HTTP port; nothing else gets in."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": ctx.metadata(ctx.rollout_name, "rollout"),
+        "spec": {
+            "podSelector": {"matchLabels": ctx.selector("rollout")},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": ctx.selector("trainer")}}],
+                "ports": [{"protocol": "TCP", "port": ROLLOUT_PORT}],
+            }],
+        },
+    }
+
+
+def _trainer_job(ctx: _Context) -> dict:
+    run = ctx.spec.run
+    res = run.resources
+    scheduling = ctx.spec.scheduling
+    env = _WRITABLE_ENV + _store_env(ctx)
+    if run.rollout.backend == "service":
+        env.append({"name": "TTRV_ROLLOUT_URL",
+                    "value": f"http://{ctx.rollout_name}.{ctx.namespace}.svc:{ROLLOUT_PORT}"})
+    if not res.gpus_per_node:
+        # DeepSpeed picks its accelerator by probing; on GPU nodes it must find CUDA, so it is only pinned here.
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    container = {
+        "name": TRAINER_CONTAINER,
+        "image": ctx.spec.image.trainer,
+        "imagePullPolicy": ctx.spec.image.pull_policy,
+        # torchrun takes nnodes, nproc-per-node, node rank and master address from the PET_* variables that the
+        # training operator sets in every replica.
+        "command": ["torchrun", "-m", "ttrv.train", "--spec", SPEC_PATH],
+        "env": env,
+        "ports": [
+            {"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(ctx, res.gpus_per_node),
+        "volumeMounts": _MOUNTS,
+        "securityContext": container_security_context(),
+    }
+
+    def replica(count: int) -> dict:
+        return {
+            "replicas": count,
+            # Exit codes 128-255 (signals, the trainer's retryable failures) restart the pod, up to backoffLimit;
+            # 1-127 fail the job at once.
+            "restartPolicy": "ExitCode",
+            "template": {
+                "metadata": {"labels": ctx.labels("trainer")},
+                "spec": _pod_spec(ctx, container, res.gpus_per_node),
+            },
+        }
+
+    replicas = {"Master": replica(1)}
+    if res.nodes > 1:
+        replicas["Worker"] = replica(res.nodes - 1)
+    run_policy: dict[str, Any] = {
+        "backoffLimit": scheduling.backoff_limit,
+        "ttlSecondsAfterFinished": scheduling.ttl_seconds_after_finished,
+        # Once the master is done, workers still holding GPUs are deleted.
+        "cleanPodPolicy": "Running",
+        # Kueue admits a job by unsuspending it; created running, it would start before admission.
+        "suspend": ctx.spec.suspend or bool(scheduling.queue_name),
+    }
+    if scheduling.priority_class_name:
+        # Read by gang schedulers (Volcano, scheduler-plugins) for the PodGroup; the pods carry it as well.
+        run_policy["schedulingPolicy"] = {"priorityClass": scheduling.priority_class_name}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": ctx.metadata(f"{ctx.name}-trainer", "trainer", ctx.queue_labels),
+        "spec": {
+            "nprocPerNode": str(res.nproc_per_node),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def experiment_objects(experiment_meta: Mapping, spec: ExperimentSpec) -> list[dict]:
+    """Every object the controller creates for an experiment: each dataset's AdaptationRun and its children."""
+    objects = []
+    for dataset in spec.datasets:
+        run = adaptation_run(experiment_meta, spec, dataset.name)
+        objects += [run, *run_children(run)]
+    return objects
