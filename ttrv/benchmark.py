@@ -93,16 +93,16 @@ def draw_shape(shape: str, colour: tuple[int, int, int], background, centre, siz
 
 def make_item(rng: random.Random, shifted: bool, canonical_order: bool = False) -> Item:
     """One example. Source domain: a solid shape, size 26-36, on a light plain background. Shifted domain: size
-    18-28, off-centre, colour jitter, on a noisy random tinted background."""
+    20-30, off-centre, colour jitter, on a noisy random tinted background."""
     shape = rng.choice(SHAPES)
     colour_name = rng.choice(list(COLOURS))
     colour = COLOURS[colour_name]
     if shifted:
-        size = rng.randint(18, 28)
-        jitter = 30
+        size = rng.randint(20, 30)
+        jitter = 20
         colour = tuple(int(min(255, max(0, c + rng.randint(-jitter, jitter)))) for c in colour)
-        background = tuple(rng.randint(90, 230) for _ in range(3))
-        noise = 18.0
+        background = tuple(rng.randint(140, 240) for _ in range(3))
+        noise = 10.0
         margin = size // 2 + 2
         centre = (rng.randint(margin, IMAGE_SIZE - margin), rng.randint(margin, IMAGE_SIZE - margin))
     else:

@@ -87,6 +87,23 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from ttrv.local import run_local
+
+    code = run_local(load_run_spec(args.spec), Path(args.out), args.nproc)
+    report = Path(args.out) / "report.json"
+    if code == 0 and report.exists():
+        print(f"report: {report} and {report.with_suffix('.png')}")
+    return code
+
+
+def cmd_spec_docs(args: argparse.Namespace) -> int:
+    from ttrv.docs import fields_table
+
+    print(fields_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttrv", description="Test-time reinforcement learning for VLMs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("file", help="an Experiment resource (or a bare experiment spec)")
     render.add_argument("-n", "--namespace", help="namespace of the experiment (default: its metadata, else default)")
     render.set_defaults(handler=cmd_render)
+    run = commands.add_parser("run", help="adapt on one dataset on this machine (the embedded default)")
+    run.add_argument("spec", help="run spec (YAML), e.g. examples/tiny.yaml")
+    run.add_argument("--out", default="runs/latest", help="folder for events.jsonl, report.json and report.png")
+    run.add_argument("--nproc", type=int, default=None,
+                     help="trainer processes (default: resources.processesPerNode, else one)")
+    run.set_defaults(handler=cmd_run)
+
+    docs = spec.add_parser("docs", help="print the README's table of spec fields")
+    docs.set_defaults(handler=cmd_spec_docs)
     return parser
 
 

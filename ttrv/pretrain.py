@@ -41,12 +41,18 @@ class PretrainConfig:
     """Sequences per step."""
     lr: float = 3e-3
     """Peak AdamW learning rate (linear warm-up over 5 %, then cosine)."""
-    letter_share: float = 0.5
-    """Share of training answers given as the option letter; the others name the option."""
+    letter_share_colour: float = 0.85
+    """Share of colour questions answered with the option letter in training; the others name the colour."""
+    letter_share_shape: float = 0.25
+    """Share of shape questions answered with the option letter; the others name the shape."""
     seed: int = 0
     """Seed of initialisation and data order."""
     layers: int = 2
     """Language-model layers."""
+
+
+def letter_share(example, config: PretrainConfig) -> float:
+    return config.letter_share_colour if example.prompt.source.endswith("colour") else config.letter_share_shape
 
 
 def response_text(answer: str, options: dict[str, str], as_letter: bool) -> str:
@@ -72,7 +78,7 @@ def pretrain(out: Path, config: PretrainConfig) -> dict:
     for step in range(config.steps):
         batch = rng.sample(source, config.batch)
         responses = [
-            tokenizer(response_text(e.answer, e.prompt.options, rng.random() < config.letter_share),
+            tokenizer(response_text(e.answer, e.prompt.options, rng.random() < letter_share(e, config)),
                       add_special_tokens=False)["input_ids"] + [eos]
             for e in batch
         ]

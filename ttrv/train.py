@@ -300,4 +300,150 @@ def load_examples(spec: RunSpec) -> tuple[list[Example], list[Prompt], list[Exam
     return test, prompts, heldout
 
 
-__all__ = ["Cursor", "CollapseGuard", "adapt", "score", "steps_per_epoch", "asdict", "Iterator"]
+# --------------------------------------------------------------------------------------------------- entrypoint
+def init_distributed(world: World) -> None:
+    """torchrun (and the training-operator) set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; a lone process gets
+    a world of one on loopback."""
+    import deepspeed
+
+    if world.size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_threads(world: World) -> None:
+    """One process per core slice: intra-op threads beyond the cores a process owns only spin against each other."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def make_engine(spec: RunSpec, model_path: str, processor, store, device) -> RolloutEngine:
+    from ttrv.modeling import load_model
+    from ttrv.rollout.hf import HFEngine
+    from ttrv.weights import merge_lora
+
+    model = load_model(model_path, spec.model.dtype, device)
+    if spec.model.lora is None:
+        return HFEngine(model, processor, store.load_weights)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    scale = spec.model.lora.alpha / spec.model.lora.rank
+    return HFEngine(model, processor, lambda step: merge_lora(base, store.load_weights(step), scale))
+
+
+def evaluate_all(engine: RolloutEngine, spec: RunSpec, test: list[Example], prompts: list[Prompt],
+                 heldout: list[Example]) -> dict:
+    """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set."""
+    limit = spec.eval.limit
+    by_id = {e.prompt.id: e for e in test}
+    subset = [by_id[p.id] for p in prompts if p.id in by_id]
+    results = {"subset_accuracy": greedy_accuracy(engine, subset, spec)["accuracy"] if subset else None}
+    if spec.eval.full_test_set:
+        greedy = greedy_accuracy(engine, test[:limit], spec)
+        results |= {"accuracy": greedy["accuracy"], "valid_ratio": greedy["valid_ratio"],
+                    "response_length": greedy["response_length"]}
+        results |= majority_accuracy(engine, test[:limit], spec)
+    if heldout:
+        results["heldout_accuracy"] = greedy_accuracy(engine, heldout[:limit], spec)["accuracy"]
+    return results
+
+
+def run(spec: RunSpec, out: Path) -> dict:
+    from ttrv.modeling import load_processor
+    from ttrv.report import read_events, write_report
+    from ttrv.store import open_store
+    from ttrv.weights import resolve_model
+
+    started = time.perf_counter()
+    world = World.from_env()
+    cpu_threads(world)
+    init_distributed(world)
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    test, prompts, heldout = load_examples(spec)
+    model_path = resolve_model(spec.model.path)
+    processor = load_processor(model_path)
+    store = open_store(spec.storage.uri, spec.storage.endpoint)
+    per_epoch = steps_per_epoch(len(prompts), spec.grpo.prompts_per_step)
+    prompts_per_rank = math.ceil(spec.grpo.prompts_per_step / world.size)
+    learner = Learner(spec, model_path, per_epoch * spec.grpo.epochs, world,
+                      prompts_per_rank * spec.rollout.group_size)
+    engine = make_engine(spec, model_path, processor, store, learner.device)
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ctx = RunContext(spec, out, world, store, engine, learner, PromptEncoder(processor), prompts, pad_id)
+    ctx.events.unlink(missing_ok=True)
+
+    before = evaluate_all(engine, spec, test, prompts, heldout) if world.is_main and spec.eval.before else {}
+    _barrier(world)
+    logger.info("eval_before", **{k: v for k, v in before.items() if v is not None})
+    outcome = adapt(ctx)
+    after = evaluate_all(engine, spec, test, prompts, heldout) if world.is_main and spec.eval.after else {}
+    _barrier(world)
+    report = {}
+    if world.is_main:
+        report = {
+            "name": spec.name,
+            "base_accuracy": before.get("accuracy"), "final_accuracy": after.get("accuracy"),
+            "base_maj_accuracy": before.get("maj_accuracy"), "final_maj_accuracy": after.get("maj_accuracy"),
+            "subset_base_accuracy": before.get("subset_accuracy"),
+            "subset_final_accuracy": after.get("subset_accuracy"),
+            "heldout_base_accuracy": before.get("heldout_accuracy"),
+            "heldout_final_accuracy": after.get("heldout_accuracy"),
+            "base_valid_ratio": before.get("valid_ratio"), "final_valid_ratio": after.get("valid_ratio"),
+            "base_pass_at_n": before.get("pass_at_n"), "final_pass_at_n": after.get("pass_at_n"),
+            "maj_votes": before.get("votes") or after.get("votes"),
+            "test_prompts": len(test), "adaptation_prompts": len(prompts), "heldout_prompts": len(heldout),
+            **outcome,
+            "world_size": world.size,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "spec": spec.model_dump(mode="json"),
+        }
+        write_report(out, report, read_events(ctx.events))
+        store.put_json("report.json", report)
+        logger.info("run_finished", report=str(out / "report.json"), base=report["base_accuracy"],
+                    final=report["final_accuracy"])
+    _barrier(world)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ttrv import exitcodes
+    from ttrv.data import DataError
+    from ttrv.spec import SpecError, load_run_spec
+
+    parser = argparse.ArgumentParser(prog="python -m ttrv.train", description="The ttrv trainer entrypoint.")
+    parser.add_argument("--spec", required=True, help="run spec (YAML)")
+    parser.add_argument("--out", default=os.environ.get("TTRV_OUT", "/tmp/ttrv-out"),
+                        help="folder for events.jsonl and the report (default $TTRV_OUT)")
+    args = parser.parse_args(argv)
+    log.configure()
+    try:
+        spec = load_run_spec(args.spec)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exitcodes.BAD_SPEC
+    try:
+        run(spec, Path(args.out))
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exitcodes.BAD_DATA
+    return exitcodes.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

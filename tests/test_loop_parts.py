@@ -1,0 +1,95 @@
+"""Pure parts of the adaptation loop: the data cursor, label-free scoring, the collapse guard, LoRA merging."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ttrv.data import Prompt
+from ttrv.rollout.base import Sample
+from ttrv.spec import GuardSpec, RunSpec
+from ttrv.train import CollapseGuard, Cursor, dominant_share, score, steps_per_epoch
+from ttrv.weights import merge_lora
+
+
+def prompts(n):
+    return [Prompt(f"p{i}", "<image>\nQ? Options:\nA. x\nB. y", None) for i in range(n)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 8), st.integers(1, 3), st.integers(0, 5))
+def test_every_prompt_once_per_epoch(count, per_step, epochs, seed):
+    data = prompts(count)
+    cursor = Cursor()
+    seen: dict[int, list[str]] = {}
+    steps = 0
+    while cursor.epoch < epochs:
+        batch = cursor.next_batch(data, per_step, seed)
+        seen.setdefault(cursor.epoch, []).extend(p.id for p in batch)
+        cursor.advance(len(batch), count)
+        steps += 1
+    assert steps == epochs * steps_per_epoch(count, per_step)
+    for ids in seen.values():
+        assert sorted(ids) == sorted(p.id for p in data)
+
+
+def test_epochs_are_shuffled_differently_and_reproducibly():
+    data = prompts(20)
+    first = Cursor(0, 0).next_batch(data, 20, seed=1)
+    assert first == Cursor(0, 0).next_batch(data, 20, seed=1)
+    assert first != Cursor(1, 0).next_batch(data, 20, seed=1)
+
+
+def test_cursor_resumes_mid_epoch():
+    data = prompts(10)
+    whole = Cursor(0, 0).next_batch(data, 10, seed=3)
+    assert Cursor(0, 4).next_batch(data, 4, seed=3) == whole[4:8]
+
+
+def test_score_is_label_free():
+    spec = RunSpec.model_validate({"data": {"path": "x"}, "reward": {"entropyWeight": 0.0}})
+    texts = [["A", "A", "blue", "B"]]
+    scored = score([[Sample(t, (1,)) for t in row] for row in texts], spec)
+    assert scored.answers == [["A", "A", None, "B"]]
+    assert scored.rewards == [[0.5, 0.5, -1.0, 0.25]]
+
+
+def test_dominant_share_counts_all_votes():
+    assert dominant_share([["A", "A"], ["A", None]]) == 0.75
+    assert dominant_share([[None]]) == 0.0
+
+
+def test_guard_fires_on_entropy_collapse_with_one_answer_everywhere():
+    guard = CollapseGuard(GuardSpec(patience=2))
+    assert not guard.observe(1, entropy=0.5, dominant_share=0.3, length=4.0, prompts=4)
+    assert not guard.observe(2, entropy=0.0, dominant_share=0.4, length=4.0, prompts=4)  # confident, diverse
+    assert not guard.observe(3, entropy=0.0, dominant_share=0.95, length=4.0, prompts=4)
+    assert guard.observe(4, entropy=0.0, dominant_share=0.97, length=4.0, prompts=4)
+    assert guard.healthy_version == 2
+
+
+def test_guard_fires_on_length_collapse():
+    guard = CollapseGuard(GuardSpec(patience=1, length_ratio=0.5))
+    assert not guard.observe(1, entropy=0.3, dominant_share=0.3, length=10.0, prompts=4)
+    assert guard.observe(2, entropy=0.0, dominant_share=0.3, length=1.0, prompts=4)
+    assert guard.healthy_version == 1
+
+
+def test_guard_disabled_never_fires_and_single_prompt_steps_are_not_one_answer_collapses():
+    guard = CollapseGuard(GuardSpec(enabled=False, patience=1))
+    assert not guard.observe(1, entropy=0.0, dominant_share=1.0, length=1.0, prompts=4)
+    single = CollapseGuard(GuardSpec(patience=1))
+    assert not single.observe(1, entropy=0.0, dominant_share=1.0, length=3.0, prompts=1)
+
+
+def test_merge_lora_by_hand():
+    base = {"model.layers.0.q_proj.weight": torch.eye(2), "model.other.weight": torch.ones(1)}
+    adapter = {
+        "base_model.model.model.layers.0.q_proj.lora_A.weight": torch.tensor([[1.0, 0.0]]),  # [r=1, in=2]
+        "base_model.model.model.layers.0.q_proj.lora_B.weight": torch.tensor([[2.0], [0.0]]),  # [out=2, r=1]
+    }
+    merged = merge_lora(base, adapter, scale=0.5)
+    assert list(merged) == ["model.layers.0.q_proj.weight"]
+    assert torch.equal(merged["model.layers.0.q_proj.weight"], torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="no lora_B"):
+        merge_lora(base, {"base_model.model.model.x.lora_A.weight": torch.ones(1, 2)}, 1.0)
