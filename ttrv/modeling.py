@@ -1,0 +1,151 @@
+"""Loading a vision-language checkpoint and turning data prompts into its inputs.
+
+The trainer, evaluation and the Hugging Face rollout engine all load through here, with the Auto classes that load
+Qwen2.5-VL-7B on a GPU; the tiny model of `ttrv.tinymodel` takes the same path. Prompts become chat messages (the
+image where the prompt's `<image>` placeholder stood) rendered by the checkpoint's own chat template, so the
+trainer and the vLLM rollout service see the same token sequence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2_5_VLProcessor,
+    Qwen2VLProcessor,
+)
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.utils import is_torchvision_available
+
+from ttrv import log
+from ttrv.data import IMAGE_PLACEHOLDER, DataError, Prompt, load_image
+
+logger = log.get_logger(__name__)
+
+
+class _ImageOnly:
+    """Writes itself as the checkpoint's standard processor (class name, video entry and image processor type as
+    they were), so that a checkpoint saved from it loads in vLLM exactly as the original did."""
+
+    standard_name: str
+    checkpoint_config: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["processor_class"] = self.standard_name
+        original = self.checkpoint_config or {}
+        if "video_processor" in original:
+            data["video_processor"] = original["video_processor"]
+        image_type = (original.get("image_processor") or {}).get("image_processor_type")
+        if image_type and isinstance(data.get("image_processor"), dict):
+            data["image_processor"]["image_processor_type"] = image_type
+        return data
+
+
+class Qwen2VLImageOnlyProcessor(_ImageOnly, Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video slot, for environments without torchvision (see `load_processor`)."""
+
+    standard_name = "Qwen2VLProcessor"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without its video slot, for environments without torchvision (see `load_processor`)."""
+
+    standard_name = "Qwen2_5_VLProcessor"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+_IMAGE_ONLY = {Qwen2VLProcessor: Qwen2VLImageOnlyProcessor, Qwen2_5_VLProcessor: Qwen2_5_VLImageOnlyProcessor}
+
+
+def torch_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
+    """The parameter dtype for a `model.dtype` setting: auto is bfloat16 on GPU and float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"model.dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+    return names[dtype]
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
+               attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """The checkpoint's image-text-to-text model (Qwen2.5-VL, Qwen2-VL, ...) on `device`, in eval mode."""
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(path), dtype=torch_dtype(dtype, device), attn_implementation=attn_implementation
+    )
+    logger.info("model.loaded", path=str(path), architecture=type(model).__name__, dtype=str(model.dtype),
+                device=str(device), parameters=sum(p.numel() for p in model.parameters()))
+    return model.to(device).eval()
+
+
+def load_processor(path: str | Path) -> ProcessorMixin:
+    """The checkpoint's processor (tokenizer, image processor, chat template) through AutoProcessor.
+
+    Qwen-VL processors insist on a video processor, and transformers' video processors need torchvision. Where
+    torchvision is absent (CPU machines: PyPI's torchvision is a CUDA build that cannot load beside the CPU torch),
+    the checkpoint's processor class is swapped for its image-only twin; the files are the same, ttrv never sends
+    videos, and tokenisation and image preprocessing are unchanged."""
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path))
+    standard = PROCESSOR_MAPPING.get(type(config), None)
+    image_only = _IMAGE_ONLY.get(standard)
+    if image_only is None:
+        raise ImportError(
+            f"{path}: its processor ({getattr(standard, '__name__', None) or type(config).__name__}) needs "
+            "torchvision, which is not installed here; install the torchvision build matching torch, or use a "
+            "Qwen2-VL / Qwen2.5-VL checkpoint"
+        )
+    processor = image_only.from_pretrained(str(path))
+    processor.checkpoint_config = ProcessorMixin.get_processor_dict(str(path))[0]
+    return processor
+
+
+def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """One user turn whose content is the prompt's text with an image part where `<image>` stood."""
+    count = prompt.text.count(IMAGE_PLACEHOLDER)
+    if count > 1:
+        raise DataError(f"prompt {prompt.id}: {count} {IMAGE_PLACEHOLDER} placeholders but one image; keep one")
+    if count == 1 and prompt.image_path is None:
+        raise DataError(f"prompt {prompt.id}: has {IMAGE_PLACEHOLDER} but no image_path; add the image or drop "
+                        "the placeholder")
+    if count == 0 and prompt.image_path is not None:
+        raise DataError(f"prompt {prompt.id}: has an image but no {IMAGE_PLACEHOLDER} placeholder; add it where "
+                        "the image goes")
+    before, _, after = prompt.text.partition(IMAGE_PLACEHOLDER)
+    parts: list[dict[str, Any]] = [{"type": "text", "text": before}] if before else []
+    if count:
+        parts.append({"type": "image"})
+    if after:
+        parts.append({"type": "text", "text": after})
+    return [{"role": "user", "content": parts}]
+
+
+def render_prompt(processor: ProcessorMixin, prompt: Prompt) -> str:
+    """The prompt as the chat template renders it, ending with the assistant turn's opening."""
+    return processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+
+
+def model_inputs(processor: ProcessorMixin, prompts: list[Prompt], padding_side: str = "left") -> BatchFeature:
+    """A padded batch (input_ids, attention_mask, pixel_values, image_grid_thw, ...) for `prompts`; left padding
+    by default so that generation continues every row at the same position."""
+    texts = [render_prompt(processor, p) for p in prompts]
+    images = [load_image(p.image_path) for p in prompts if p.image_path is not None]
+    if images and len(images) != len(prompts):
+        raise DataError("a batch mixes prompts with and without images; batch them separately")
+    return processor(text=texts, images=images or None, padding=True, padding_side=padding_side,
+                     return_tensors="pt")
