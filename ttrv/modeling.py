@@ -97,22 +97,16 @@ def load_processor(path: str | Path) -> ProcessorMixin:
 
     Qwen-VL processors insist on a video processor, and transformers' video processors need torchvision. Where
     torchvision is absent (CPU machines: PyPI's torchvision is a CUDA build that cannot load beside the CPU torch),
-    the checkpoint's processor class is swapped for its image-only twin; the files are the same, ttrv never sends
-    videos, and tokenisation and image preprocessing are unchanged."""
-    if is_torchvision_available():
-        return AutoProcessor.from_pretrained(str(path))
-    config = AutoConfig.from_pretrained(str(path))
-    standard = PROCESSOR_MAPPING.get(type(config), None)
-    image_only = _IMAGE_ONLY.get(standard)
-    if image_only is None:
-        raise ImportError(
-            f"{path}: its processor ({getattr(standard, '__name__', None) or type(config).__name__}) needs "
-            "torchvision, which is not installed here; install the torchvision build matching torch, or use a "
-            "Qwen2-VL / Qwen2.5-VL checkpoint"
-        )
-    processor = image_only.from_pretrained(str(path))
-    processor.checkpoint_config = ProcessorMixin.get_processor_dict(str(path))[0]
-    return processor
+    a Qwen2-VL / Qwen2.5-VL processor is swapped for its image-only twin; the files are the same, ttrv never sends
+    videos, and tokenisation and image preprocessing are unchanged. Other processors load through AutoProcessor."""
+    if not is_torchvision_available():
+        config = AutoConfig.from_pretrained(str(path))
+        image_only = _IMAGE_ONLY.get(PROCESSOR_MAPPING.get(type(config), None))
+        if image_only is not None:
+            processor = image_only.from_pretrained(str(path))
+            processor.checkpoint_config = ProcessorMixin.get_processor_dict(str(path))[0]
+            return processor
+    return AutoProcessor.from_pretrained(str(path))
 
 
 def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:

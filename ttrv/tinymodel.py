@@ -32,7 +32,8 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-# Qwen2-VL-7B-Instruct's template, verbatim: the tiny model must see prompts laid out exactly as the real one does.
+# The chat template of Qwen2-VL-Instruct (Qwen2.5-VL-Instruct ships the same), verbatim: the tiny model must see
+# prompts laid out exactly as the real one does.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
