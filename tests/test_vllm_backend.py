@@ -90,7 +90,7 @@ def fresh_copy(source, destination):
     return destination
 
 
-def hf_logprobs(model, batch, response_ids, placeholders):
+def hf_logprobs(model, batch, response_ids, placeholders, temperature=1.0):
     """The response tokens transformers can score and its log-softmax row for each (row i predicts token i).
 
     Scoring stops after the first image/video placeholder token: a random model samples one now and then, and the
@@ -107,14 +107,15 @@ def hf_logprobs(model, batch, response_ids, placeholders):
     start = batch["input_ids"].shape[1] - 1
     with torch.no_grad():
         logits = model(**inputs).logits[0, start:start + len(scored)]
-    return scored, logits.float().log_softmax(-1)
+    return scored, (logits.float() / temperature).log_softmax(-1)
 
 
-def assert_logprobs_match(model, hf, batch, samples):
-    """Each sample's log-probs are transformers' log-probs of its tokens; returns how many tokens were compared."""
+def assert_logprobs_match(model, hf, batch, samples, temperature=1.0):
+    """Each sample's log-probs are transformers' log-probs of its tokens at `temperature`; returns how many tokens
+    were compared."""
     compared = 0
     for sample in samples:
-        scored, rows = hf_logprobs(model, batch, sample.token_ids, hf["placeholders"])
+        scored, rows = hf_logprobs(model, batch, sample.token_ids, hf["placeholders"], temperature)
         expected = rows[torch.arange(len(scored)), torch.tensor(scored)]
         assert torch.allclose(torch.tensor(sample.logprobs[:len(scored)]), expected, atol=TOLERANCE)
         compared += len(scored)
@@ -144,13 +145,18 @@ def test_image_chat_returns_n_samples_with_token_ids_and_logprobs(server, weight
         assert all(lp <= 0.0 for lp in sample.logprobs)
         assert sample.finish_reason in ("stop", "length")
         # The server's chat template and tokenizer produced exactly what the trainer's processor produces.
-        assert sample.prompt_token_ids == hf["batch"]["input_ids"][0].tolist()
+        assert list(sample.prompt_token_ids) == hf["batch"]["input_ids"][0].tolist()
 
 
 def test_sample_logprobs_are_what_transformers_computes(server, weights, prompt, hf, work):
     server.reload_full(fresh_copy(weights["A"], work / "logprobs-A"), "logprobs-A")
     samples = server.chat(prompt, n=8, temperature=1.0, max_tokens=8, seed=1)
     assert assert_logprobs_match(hf["A"], hf, hf["batch"], samples) >= 24
+    # The sampler's log-probs: after temperature, as the in-process engine reports them too.
+    cooler = server.chat(prompt, n=8, temperature=0.7, max_tokens=8, seed=1)
+    assert assert_logprobs_match(hf["A"], hf, hf["batch"], cooler, temperature=0.7) >= 24
+    with pytest.raises(AssertionError):
+        assert_logprobs_match(hf["A"], hf, hf["batch"], cooler)
 
 
 def test_lora_adapter_changes_outputs_as_transformers_with_peft_does(server, weights, prompt, hf, adapter, work):

