@@ -77,7 +77,8 @@ def adapter(work, weights):
 
 @pytest.fixture(scope="module")
 def server(weights):
-    server = VLLMServer(weights["A"], lora=True, max_lora_rank=8, extra_args=CPU_ARGS).start()
+    server = VLLMServer(weights["A"], lora=True, max_lora_rank=8, extra_args=CPU_ARGS,
+                        log_path=weights["A"].parent / "vllm.log").start()
     group = server._process.pid
     yield server
     server.stop()
@@ -253,7 +254,7 @@ def test_reused_path_with_new_bytes(server, weights, long_prompt, hf, work):
 
 def test_failed_start_reports_the_server_log_and_leaves_no_process(tmp_path):
     server = VLLMServer(tmp_path / "no-such-model", extra_args=CPU_ARGS, env={"HF_HUB_OFFLINE": "1"},
-                        startup_timeout=120)
+                        log_path=tmp_path / "vllm.log", startup_timeout=120)
     with pytest.raises(VLLMError, match="exited with code") as error:
         server.start()
     assert "no-such-model" in str(error.value)
