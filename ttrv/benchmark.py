@@ -17,7 +17,7 @@ smaller, jittered shapes on noisy tinted backgrounds. Splits of the shifted doma
     test     400 prompts: the adaptation subset is drawn from it (data.subsetSize), accuracy is measured on it
     heldout  400 prompts from disjoint seeds: never adapted on, measures generalisation
 
-and the source domain's `source` split (6000 labelled prompts) is what `ttrv.pretrain` trains the base on; half
+and the source domain's `source` split (6000 labelled prompts) is what `ttrv.pretrain` trains the base on; 30 %
 of its prompts list the options in a fixed order, which lets a tiny model learn to bind letters to options.
 
 `ttrv://tiny-shapes/<split>` resolves to `<cache>/tiny-shapes-v1/<split>.json` (reference JSON with relative
@@ -45,7 +45,7 @@ QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is show
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCD"
 # split: (size, seed offset, shifted domain, share of prompts with the options in canonical order); disjoint seeds
-SPLITS = {"source": (6000, 10_000, False, 0.5), "test": (400, 1_000, True, 0.0), "heldout": (400, 2_000, True, 0.0)}
+SPLITS = {"source": (6000, 10_000, False, 0.3), "test": (400, 1_000, True, 0.0), "heldout": (400, 2_000, True, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -92,21 +92,20 @@ def draw_shape(shape: str, colour: tuple[int, int, int], background, centre, siz
 
 
 def make_item(rng: random.Random, shifted: bool, canonical_order: bool = False) -> Item:
-    """One example. Source domain: a solid shape, size 26-36, on a light plain background. Shifted domain: size
-    20-30, off-centre, colour jitter, on a noisy random tinted background."""
+    """One example. Source domain: a solid shape, size 22-36, on a light plain background. Shifted domain: size
+    22-32, colour jitter, on a noisy random tinted background."""
     shape = rng.choice(SHAPES)
     colour_name = rng.choice(list(COLOURS))
     colour = COLOURS[colour_name]
     if shifted:
-        size = rng.randint(20, 30)
+        size = rng.randint(22, 32)
         jitter = 20
         colour = tuple(int(min(255, max(0, c + rng.randint(-jitter, jitter)))) for c in colour)
         background = tuple(rng.randint(140, 240) for _ in range(3))
         noise = 10.0
-        margin = size // 2 + 2
-        centre = (rng.randint(margin, IMAGE_SIZE - margin), rng.randint(margin, IMAGE_SIZE - margin))
+        centre = (IMAGE_SIZE // 2 + rng.randint(-5, 5), IMAGE_SIZE // 2 + rng.randint(-5, 5))
     else:
-        size = rng.randint(26, 36)
+        size = rng.randint(22, 36)
         background = tuple(rng.randint(225, 255) for _ in range(3))
         noise = 0.0
         centre = (IMAGE_SIZE // 2 + rng.randint(-4, 4), IMAGE_SIZE // 2 + rng.randint(-4, 4))

@@ -64,7 +64,7 @@ def pretrain(out: Path, config: PretrainConfig) -> dict:
     rng = random.Random(config.seed)
     source = read_dataset(benchmark.resolve("ttrv://tiny-shapes/source")).examples
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
-    build_tiny_qwen2vl(staging, benchmark.vocabulary(), seed=config.seed, layers=config.layers)
+    build_tiny_qwen2vl(staging, benchmark.vocabulary(), seed=config.seed, layers=config.layers, init_std=0.02)
     model = load_model(staging).train()
     processor = load_processor(staging)
     tokenizer = processor.tokenizer
