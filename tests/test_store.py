@@ -376,6 +376,27 @@ def test_large_objects_move_in_parallel_parts(s3_uri):
     assert peak["_upload_part"] > 1 and peak["get_object"] > 1
 
 
+def test_an_upload_the_server_forgot_is_started_again(s3_uri):
+    """The multipart upload is aborted behind the store's back after its first part: the store uploads the object
+    again under a new upload instead of failing or completing a broken one."""
+    store = open_store(s3_uri, part_size=5 * MiB, workers=2)
+    client = store._backend.client
+    upload_part, uploads = client._upload_part, []
+
+    def upload_part_then_abort(bucket, key, data, headers, upload_id, number):
+        etag = upload_part(bucket, key, data, headers, upload_id, number)
+        if not uploads:
+            client._abort_multipart_upload(bucket, key, upload_id)
+        uploads.append(upload_id)
+        return etag
+
+    client._upload_part = upload_part_then_abort
+    data = os.urandom(12 * MiB)
+    store.publish_set("blob", {"data": data})
+    assert len(set(uploads)) == 2, "a second upload replaced the aborted one"
+    assert bytes(store.read_set("blob")[1]["data"]) == data
+
+
 def test_publish_survives_a_server_outage_and_readers_never_see_partial_versions(s3_env, s3_uri):
     """The server dies after the first part of version 2 lands and comes back 2 s later: the publish retries and
     completes, and a reader polling meanwhile only ever loads complete, bit-exact versions."""
@@ -439,7 +460,8 @@ def test_file_write_error_leaves_the_previous_version_intact(tmp_path):
         signal.signal(signal.SIGXFSZ, handler)
     assert store.weight_versions() == [1]
     assert_bit_exact(store.load_weights(1), previous)
-    assert [p for p in Path(tmp_path / "store").rglob("*") if p.name.endswith(".tmp")] == []
+    assert sorted(p.name for p in Path(tmp_path / "store").rglob("*") if p.is_file()) == ["manifest.json",
+                                                                                       "model.safetensors"]
 
 
 def _listening(pid: int) -> set[str]:
@@ -458,13 +480,23 @@ def _listening(pid: int) -> set[str]:
     return addresses
 
 
-def test_embedded_server_binds_localhost_and_leaves_no_process(tmp_path):
+def test_embedded_server_binds_localhost_restarts_in_place_and_leaves_no_process(tmp_path, monkeypatch):
     with EmbeddedS3(tmp_path / "s3") as server:
-        pid = server._process.pid
         assert server.endpoint == f"http://127.0.0.1:{server.port}"
         assert set(server.env()) == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-        assert _listening(pid) == {"0100007F"}, "every listening socket is on 127.0.0.1"
+        assert _listening(server._process.pid) == {"0100007F"}, "every listening socket is on 127.0.0.1"
         assert oct((tmp_path / "s3" / "s3.json").stat().st_mode & 0o777) == "0o600"
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        with open_store("s3://ttrv-restart/run") as store:
+            store.put_json("progress.json", {"step": 3})
+            endpoint, first_pid = server.endpoint, server._process.pid
+            server.restart()
+            assert server.endpoint == endpoint and server._process.pid != first_pid
+            assert store.get_json("progress.json") == {"step": 3}
+        pid = server._process.pid
+    with pytest.raises(ProcessLookupError):
+        os.killpg(first_pid, 0)
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
     with socket.socket() as again:  # nothing listens on the S3 port any more

@@ -194,7 +194,7 @@ class EmbeddedS3:
             try:
                 self._process.wait(timeout)
             except subprocess.TimeoutExpired:
-                logger.warning("s3 server ignored SIGTERM; killing it", pid=self._process.pid, timeout_s=timeout)
+                logger.info("s3 server still stopping; killing it", pid=self._process.pid, timeout_s=timeout)
         self._kill()
 
     def _kill(self) -> None:

@@ -52,6 +52,8 @@ logger = log.get_logger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ttrv.set/v1"
+_TEMPORARY = ".ttrv-tmp"
+"""Suffix of a file:// object or a fetched directory being written; listings skip it."""
 WEIGHTS = "weights"
 LEASES = f"{WEIGHTS}/leases"
 MiB = 1 << 20
@@ -67,8 +69,8 @@ _AUTH_CODES = frozenset({
     "InvalidSecurity", "AuthorizationHeaderMalformed", "MissingSecurityHeader",
 })
 _TRANSIENT_CODES = frozenset({
-    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
-    "OperationAborted", "XMinioServerNotInitialized", "XMinioStorageFull",
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted",
+    "XMinioServerNotInitialized",
 })
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
                                errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
@@ -257,15 +259,15 @@ def _source(name: str, value: Any) -> _Source:
 
 
 class _SizeMismatch(Exception):
+    """An object's size is not the manifest's; `actual` is None where the server only said "out of range"."""
+
     def __init__(self, key: str, actual: int | None):
         super().__init__(key)
-        self.key, self.actual = key, actual
+        self.actual = actual
 
 
 class _Missing(Exception):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
+    """An object the manifest lists does not exist."""
 
 
 class _UploadLost(Exception):
@@ -340,12 +342,23 @@ class _FileBackend(_Backend):
         }.get(error.errno, "check the directory")
         return StoreError(f"{self.url}: cannot {action} {key!r}: {error.strerror}; {hint}")
 
+    @staticmethod
+    def _create(path: Path) -> int:
+        # `delete` removes directories it empties; one may vanish between mkdir and open (a lease written while
+        # gc drops the last expired one), so create it again.
+        for _attempt in range(3):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                continue
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
     def _write(self, key: str, source: _Source) -> None:
         target = self._path(key)
-        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}{_TEMPORARY}")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            descriptor = self._create(temporary)
             try:
                 for offset in range(0, source.size, 64 * MiB):
                     chunk = memoryview(source.chunk(offset, min(64 * MiB, source.size - offset)))
@@ -426,7 +439,7 @@ class _FileBackend(_Backend):
         keys = []
         for directory, _, names in os.walk(base):
             for name in names:
-                if not name.endswith(".tmp"):
+                if not name.endswith(_TEMPORARY):
                     keys.append(Path(directory, name).relative_to(self.root).as_posix())
         return keys
 
@@ -574,13 +587,20 @@ class _S3Backend(_Backend):
                 for number, offset in enumerate(range(0, source.size, part_size), start=1)
             ]
 
+        def complete(parts: list[Part]) -> None:
+            try:
+                self.client._complete_multipart_upload(self.bucket, self._key(key), state["id"], parts)
+            except S3Error as error:
+                if error.code == "NoSuchUpload":
+                    raise _UploadLost(key) from None
+                raise
+
         def finish() -> None:
             for _attempt in range(3):
                 try:
                     _wait(state["futures"])
                     parts = [Part(number, future.result()) for number, future in enumerate(state["futures"], 1)]
-                    self._retry("finish upload of", key, lambda parts=parts: self.client._complete_multipart_upload(
-                        self.bucket, self._key(key), state["id"], parts))
+                    self._retry("finish upload of", key, lambda parts=parts: complete(parts))
                     return
                 except _UploadLost:
                     # The server forgot the upload (e.g. it restarted without it): start over with a new one.
@@ -799,9 +819,11 @@ def _sha256_file(path: Path) -> str:
 class Store:
     """Sets, weight versions, leases and small JSON documents over one backend (see `open_store`)."""
 
-    def __init__(self, backend: _Backend, workers: int, lease_seconds: float = DEFAULT_LEASE_SECONDS):
+    lease_seconds = DEFAULT_LEASE_SECONDS
+    """How long a reader's lease protects its version from gc when the reader dies without releasing it."""
+
+    def __init__(self, backend: _Backend, workers: int):
         self.url = backend.url
-        self.lease_seconds = lease_seconds
         self._backend = backend
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ttrv-store")
 
@@ -993,7 +1015,7 @@ class Store:
                 return
             raise StoreConfigError(f"dest_dir: {dest} exists and does not hold {manifest.prefix!r} as published "
                                    "now; fetch into a new directory")
-        temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+        temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}{_TEMPORARY}")
         transfers: dict[str, list[_Range]] = {}
 
         def digest(name: str, ranges: list[_Range]) -> str:
@@ -1059,6 +1081,8 @@ class Store:
         if not tensors:
             raise StoreConfigError(f"tensors: version {step} has no tensors")
         for name, tensor in tensors.items():
+            if not isinstance(name, str) or not name or name == "__metadata__":
+                raise StoreConfigError(f"tensors: {name!r} is not a usable tensor name")
             if not isinstance(tensor, torch.Tensor):
                 raise StoreConfigError(f"tensors[{name!r}]: expected a torch.Tensor, got {type(tensor).__name__}")
         if max_shard_bytes < 1:
