@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import resource
 import secrets
 import signal
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 
 from ttrv import log
 from ttrv.objectserver import EmbeddedS3
@@ -28,7 +32,9 @@ from ttrv.store import (
     StoreConfigError,
     StoreError,
     StoreUnavailableError,
+    check_key,
     open_store,
+    parse_safetensors,
     serialize_safetensors,
 )
 
@@ -502,3 +508,29 @@ def test_embedded_server_binds_localhost_restarts_in_place_and_leaves_no_process
     with socket.socket() as again:  # nothing listens on the S3 port any more
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", server.port))
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
+           torch.uint8, torch.bool]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 5), max_size=3)), min_size=1,
+                max_size=8))
+def test_safetensors_writer_matches_the_reference_reader(specs):
+    """Any mix of dtypes and odd shapes: our reader returns the same bits as the safetensors library does."""
+    tensors = {f"t{i}": (torch.randint(0, 2, shape) if dtype is torch.bool else torch.randn(shape) * 100).to(dtype)
+               for i, (dtype, shape) in enumerate(specs)}
+    buffer = serialize_safetensors(list(tensors.items()))
+    assert_bit_exact(parse_safetensors(buffer, "test"), tensors)
+    assert_bit_exact(safetensors_load(buffer.tobytes()), tensors)
+
+
+@given(st.lists(st.sampled_from(["a", "b1", ".", "..", "", "...", ".x", "x."]), min_size=1, max_size=5))
+def test_an_accepted_key_never_leaves_its_root(parts):
+    key = "/".join(parts)
+    try:
+        check_key(key)
+    except StoreConfigError:
+        return
+    assert posixpath.normpath(key) == key and not key.startswith(("/", "../")) and key != ".."

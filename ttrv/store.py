@@ -752,32 +752,74 @@ def _plan_shards(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> l
     return shards
 
 
-def serialize_safetensors(entries: list[tuple[str, torch.Tensor]]) -> np.ndarray:
-    """One safetensors file in one buffer: each tensor copied once (from any device), nothing else copied.
+class _SafetensorsSource(_Source):
+    """A safetensors file built in one buffer while it is uploaded: `sha256()` copies the tensors in (each once,
+    from any device) and hashes each stretch right after writing it, and `chunk()` hands out a range as soon as
+    it is filled, so the first parts are on the wire while the last tensors are still being copied.
+
     Tensors go in order of decreasing element size, so every tensor starts aligned to its element size."""
-    ordered = sorted(entries, key=lambda item: -item[1].element_size())
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, tensor in ordered:
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise StoreConfigError(f"tensors[{name!r}]: dtype {tensor.dtype} cannot be stored in safetensors; "
-                                   f"cast it to one of {sorted(str(d) for d in _SAFETENSORS_DTYPES)}")
-        size = _tensor_bytes(tensor)
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    start = 8 + len(encoded)
-    buffer = np.empty(start + offset, dtype=np.uint8)
-    buffer[:8] = np.frombuffer(len(encoded).to_bytes(8, "little"), dtype=np.uint8)
-    buffer[8:start] = np.frombuffer(encoded, dtype=np.uint8)
-    target = torch.from_numpy(buffer)
-    for name, tensor in ordered:
-        begin, end = header[name]["data_offsets"]
-        if end > begin:
-            target[start + begin:start + end].copy_(tensor.detach().reshape(-1).view(torch.uint8))
-    return buffer
+
+    def __init__(self, entries: list[tuple[str, torch.Tensor]]):
+        self._ordered = sorted(entries, key=lambda item: -item[1].element_size())
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, tensor in self._ordered:
+            if tensor.dtype not in _SAFETENSORS_DTYPES:
+                raise StoreConfigError(f"tensors[{name!r}]: dtype {tensor.dtype} cannot be stored in safetensors; "
+                                       f"cast it to one of {sorted(str(d) for d in _SAFETENSORS_DTYPES)}")
+            size = _tensor_bytes(tensor)
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self._start = 8 + len(encoded)
+        self.buffer = np.empty(self._start + offset, dtype=np.uint8)
+        self.buffer[:8] = np.frombuffer(len(encoded).to_bytes(8, "little"), dtype=np.uint8)
+        self.buffer[8:self._start] = np.frombuffer(encoded, dtype=np.uint8)
+        self.size = len(self.buffer)
+        self._filled = 0
+        self._failure: BaseException | None = None
+        self._ready = threading.Condition()
+
+    def chunk(self, offset: int, length: int) -> memoryview:
+        with self._ready:
+            self._ready.wait_for(lambda: self._filled >= offset + length or self._failure is not None)
+            if self._failure is not None:
+                raise StoreError(f"serialising the weights failed: {self._failure}")
+        return memoryview(self.buffer)[offset:offset + length]
+
+    def _advance(self, filled: int) -> None:
+        with self._ready:
+            self._filled = filled
+            self._ready.notify_all()
+
+    def sha256(self) -> str:
+        hasher = hashlib.sha256(self.buffer[:self._start])
+        self._advance(self._start)
+        target = torch.from_numpy(self.buffer)
+        position = self._start
+        try:
+            for _, tensor in self._ordered:
+                end = position + _tensor_bytes(tensor)
+                if end > position:
+                    target[position:end].copy_(tensor.detach().reshape(-1).view(torch.uint8))
+                    hasher.update(self.buffer[position:end])
+                    self._advance(end)
+                position = end
+        except BaseException as error:
+            with self._ready:
+                self._failure = error
+                self._ready.notify_all()
+            raise
+        return hasher.hexdigest()
+
+
+def serialize_safetensors(entries: list[tuple[str, torch.Tensor]]) -> np.ndarray:
+    """One safetensors file in one buffer, as `publish_weights` writes it."""
+    source = _SafetensorsSource(entries)
+    source.sha256()
+    return source.buffer
 
 
 def parse_safetensors(buffer: np.ndarray, where: str) -> dict[str, torch.Tensor]:
@@ -913,8 +955,8 @@ class Store:
         entries: dict[str, FileEntry] = {}
         failure: BaseException | None = None
         try:
-            # Serialising the next file (weights are produced lazily by `items`) and hashing this one overlap
-            # with the uploads already running on the pool.
+            # Each upload starts before its source is hashed: a weight shard is copied in and hashed by `sha256()`
+            # while its first parts are already on the wire, and the next shard is only built after that.
             for name, source in items:
                 finishes.append(self._backend.upload(_join(prefix, name), source, self._pool))
                 entries[name] = FileEntry(source.size, source.sha256())
@@ -1070,7 +1112,7 @@ class Store:
         full: safetensors shards of at most `max_shard_bytes` (model.safetensors, or model-0000i-of-0000n with
         Hugging Face's model.safetensors.index.json). lora: one adapter_model.safetensors next to
         `extra_files["adapter_config.json"]` (peft's layout, which vLLM's /v1/load_lora_adapter reads).
-        Shards are serialised one after the other while earlier ones upload."""
+        Each shard is built once in memory and uploaded while it is being built."""
         prefix = weights_prefix(step)
         if kind not in ("full", "lora"):
             raise StoreConfigError(f"kind: {kind!r} is neither 'full' nor 'lora'")
@@ -1112,7 +1154,7 @@ class Store:
 
         def items() -> Iterator[tuple[str, _Source]]:
             for name, group in zip(names, groups, strict=True):
-                yield name, _BufferSource(serialize_safetensors(group))
+                yield name, _SafetensorsSource(group)
             if index is not None:
                 yield "model.safetensors.index.json", _BufferSource(json.dumps(index, indent=1).encode())
             yield from extra_sources
@@ -1269,7 +1311,7 @@ def open_store(uri: str, endpoint: str | None = None, *, retry_seconds: float = 
     AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, and the bucket is created when missing."""
     if not isinstance(uri, str):
         raise StoreConfigError(f"storage.uri: expected a string, got {type(uri).__name__}")
-    workers = workers or min(8, 2 * (os.cpu_count() or 2))
+    workers = workers or min(16, 2 * (os.cpu_count() or 2))
     if part_size < _S3_MIN_PART:
         raise StoreConfigError(f"part_size: {part_size} is below S3's minimum part of {_S3_MIN_PART} bytes")
     scheme, sep, rest = uri.partition("://")
