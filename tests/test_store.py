@@ -487,7 +487,14 @@ def _listening(pid: int) -> set[str]:
 
 
 def test_embedded_server_binds_localhost_restarts_in_place_and_leaves_no_process(tmp_path, monkeypatch):
-    with EmbeddedS3(tmp_path / "s3") as server:
+    server = EmbeddedS3(tmp_path / "s3")
+    taken = server._ports["filer"][0]
+    with socket.socket() as squatter:  # another process grabs a drawn port before weed binds it
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        server.start()
+    assert server._ports["filer"][0] != taken
+    with server:
         assert server.endpoint == f"http://127.0.0.1:{server.port}"
         assert set(server.env()) == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         assert _listening(server._process.pid) == {"0100007F"}, "every listening socket is on 127.0.0.1"

@@ -8,6 +8,7 @@ free ports, and kills its whole process group on stop, on context exit and at in
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import secrets
@@ -18,8 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from ttrv import log
@@ -36,6 +35,10 @@ _GRPC_OFFSET = 10000
 
 class ObjectServerError(RuntimeError):
     """The embedded S3 server could not be started; the message says why and where its log is."""
+
+
+class _PortTaken(Exception):
+    pass
 
 
 def weed_binary() -> str:
@@ -84,8 +87,8 @@ class EmbeddedS3:
     """One SeaweedFS server (`weed mini`: master, volume, filer and S3 gateway in one process) with its own
     credentials.
 
-    `data_dir` keeps the objects (a temporary directory, removed on stop, when not given); `restart()` brings the
-    server back on the same ports over the same data, as a pod restart would.
+    `data_dir` keeps the objects (a temporary directory, removed by `close()`, when not given); `restart()` brings
+    the server back on the same ports over the same data, as a pod restart would.
     """
 
     def __init__(self, data_dir: str | Path | None = None, start_timeout: float = 30.0):
@@ -94,13 +97,19 @@ class EmbeddedS3:
         self.start_timeout = start_timeout
         self.access_key = "ttrv" + secrets.token_hex(8)
         self.secret_key = secrets.token_urlsafe(30)
-        ports = _free_ports(2 * len(_PORT_NAMES) - 2)
-        self._ports = {name: (ports[2 * i], ports[2 * i + 1]) for i, name in enumerate(_PORT_NAMES[:-1])}
-        admin = _free_port_pair(ports)
-        self._ports["admin"] = (admin, admin + _GRPC_OFFSET)
+        self._ports = self._draw_ports()
+        self._started = False
         self._process: subprocess.Popen | None = None
         self._log_file = None
         atexit.register(self._kill)
+
+    @staticmethod
+    def _draw_ports() -> dict[str, tuple[int, int]]:
+        ports = _free_ports(2 * len(_PORT_NAMES) - 2)
+        drawn = {name: (ports[2 * i], ports[2 * i + 1]) for i, name in enumerate(_PORT_NAMES[:-1])}
+        admin = _free_port_pair(ports)
+        drawn["admin"] = (admin, admin + _GRPC_OFFSET)
+        return drawn
 
     @property
     def port(self) -> int:
@@ -151,9 +160,25 @@ class EmbeddedS3:
             return self
         (self.data_dir / "objects").mkdir(parents=True, exist_ok=True)
         self._write_identities()
+        for attempt in range(3):
+            try:
+                self._launch()
+                break
+            except _PortTaken:
+                # Another process took a drawn port before weed bound it. A restart must keep its ports (clients
+                # hold the endpoint), so only a first start draws new ones.
+                if self._started or attempt == 2:
+                    raise ObjectServerError(f"a port of {self.endpoint} was taken; see {self.log_path}") from None
+                self._ports = self._draw_ports()
+        self._started = True
+        logger.info("s3 server started", endpoint=self.endpoint, data_dir=str(self.data_dir), pid=self._process.pid)
+        return self
+
+    def _launch(self) -> None:
         # A clean environment: weed falls back to AWS_* variables as admin credentials, and ours must not leak in.
         env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
         self._log_file = open(self.log_path, "ab")
+        start = self._log_file.tell()
         self._process = subprocess.Popen(
             self._command(), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
             env=env, start_new_session=True,
@@ -162,26 +187,32 @@ class EmbeddedS3:
             self._wait_ready()
         except BaseException:
             self._kill()
+            with open(self.log_path, "rb") as handle:
+                handle.seek(start)
+                text = handle.read()
+                if b"is not available" in text or b"address already in use" in text:
+                    raise _PortTaken() from None
             raise
-        logger.info("s3 server started", endpoint=self.endpoint, data_dir=str(self.data_dir), pid=self._process.pid)
-        return self
 
     def _wait_ready(self) -> None:
-        """Ready once the S3 gateway answers a signed-request-free probe with an S3 error document; the filer
-        behind it is up by then (the gateway starts after it)."""
+        """Ready once the S3 gateway refuses an anonymous request (403: credentials are enforced); the filer and
+        volume server behind it start before it."""
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise ObjectServerError(
                     f"weed exited with code {self._process.returncode} while starting; see {self.log_path}"
                 )
+            # http.client, not urllib: no proxy from the environment may stand between us and 127.0.0.1.
+            connection = http.client.HTTPConnection(HOST, self.port, timeout=1)
             try:
-                urllib.request.urlopen(f"{self.endpoint}/", timeout=1)
-            except urllib.error.HTTPError as error:
-                if error.code == 403:
+                connection.request("GET", "/")
+                if connection.getresponse().status == 403:
                     return
             except OSError:
                 pass
+            finally:
+                connection.close()
             time.sleep(0.05)
         raise ObjectServerError(f"weed did not answer on {self.endpoint} within {self.start_timeout:.0f} s; "
                                 f"see {self.log_path}")
