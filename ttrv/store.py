@@ -461,7 +461,7 @@ class _S3Backend(_Backend):
     """An S3 bucket through the minio client. Multipart uploads use the client's part-level calls so that each
     part is a zero-copy slice of the source buffer and is retried on its own."""
 
-    def __init__(self, client, endpoint: str, bucket: str, root: str, url: str, part_size: int,
+    def __init__(self, client: Minio, endpoint: str, bucket: str, root: str, url: str, part_size: int,
                  retry_seconds: float, credential_source: str):
         self.client, self.endpoint, self.bucket, self.root, self.url = client, endpoint, bucket, root, url
         self.part_size, self.retry_seconds = part_size, retry_seconds
@@ -1174,7 +1174,8 @@ class Store:
     @contextmanager
     def lease(self, step: int, seconds: float | None = None) -> Iterator[None]:
         """Marks version `step` as being read, so that `gc_weights` keeps it, until the block ends or `seconds`
-        pass (the lease carries its expiry time, so a crashed reader blocks nothing for long)."""
+        pass (the lease carries its expiry time by the reader's clock, so a crashed reader blocks nothing for long;
+        pod clocks must agree to well within `seconds`)."""
         reader = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         key = f"{LEASES}/{reader}.json"
         self.put_json(key, {"reader": reader, "step": step,
@@ -1289,7 +1290,8 @@ def _credentials(uri: str) -> tuple[str, str, str | None, str]:
             f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a cluster they come "
             "from the Secret named by s3Secret), or TTRV_S3_SECRET_DIR to a directory holding them as files"
         )
-    return access, secret, os.environ.get("AWS_SESSION_TOKEN") or None, "the environment"
+    source = "the environment (in a cluster: the Secret named by the experiment's s3Secret)"
+    return access, secret, os.environ.get("AWS_SESSION_TOKEN") or None, source
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, bool]:
