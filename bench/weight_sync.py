@@ -10,9 +10,9 @@ One run, one real S3 server (EmbeddedS3: SeaweedFS on this machine), one model o
   naive  torch.save into one blob, single-stream put, single-stream get, torch.load, load_state_dict.
   lora   the same trip for a rank-16 adapter on q/k/v/o/gate/up/down of the same shapes.
 
-Each row is the median of `--rounds` interleaved rounds. The last line is `sync_vs_raw_ratio=raw/ttrv`, the median
-of the per-round ratios (raw and ttrv of one round run back to back, under the same load of a shared machine):
-1.0 means the store adds nothing to the raw transfer.
+Each row is the median of `--rounds` rounds; every round runs each case once, in a rotated order, and each case
+starts on an idle server (deleting the previous case's objects keeps SeaweedFS busy for a while). The last line is
+`sync_vs_raw_ratio=raw/ttrv` of those medians: 1.0 means the store adds nothing to the raw transfer.
 
     python bench/weight_sync.py [--mb 300] [--rounds 3]
 """
@@ -26,6 +26,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -137,10 +138,27 @@ def naive_round_trip(client: Minio, bucket: str, model: Model, target: Model) ->
     return time.perf_counter() - started
 
 
+def settle(pid: int, timeout: float = 10.0) -> None:
+    """Waits until the S3 server is idle (under 5% of a CPU for 0.3 s): deleting or overwriting 300 MB leaves it
+    busy in the background, and that work must not land in whichever case is timed next."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds()
+        time.sleep(0.3)
+        if cpu_seconds() - before < 0.015:
+            return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=300, help="model size in MB (fp32)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; rows are medians")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each running every case once; rows are medians")
     parser.add_argument("--workers", type=int, default=None, help="transfer threads (default: the store's)")
     parser.add_argument("--part-mb", type=int, default=DEFAULT_PART_SIZE >> 20, help="multipart/range size in MiB")
     args = parser.parse_args()
@@ -153,23 +171,25 @@ def main() -> None:
     lora = lora_tensors(model)
     lora_bytes = sum(t.numel() * t.element_size() for t in lora.values())
     part_size = args.part_mb << 20
-    times: dict[str, list[float]] = {k: [] for k in ("raw put", "raw get", "raw", "ttrv publish", "ttrv load",
-                                                      "ttrv", "disk", "naive", "lora")}
+    blob = os.urandom(nbytes)
+    times: dict[str, list[float]] = defaultdict(list)
+
     with EmbeddedS3() as server, tempfile.TemporaryDirectory() as scratch:
         os.environ.update(server.env())
         store = open_store("s3://bench/run", workers=args.workers, part_size=part_size)
         workers = store._pool._max_workers
         client = Minio(server.endpoint.split("://")[1], server.access_key, server.secret_key, secure=False,
                        region="us-east-1")
-        blob = os.urandom(nbytes)
-        step = 0
-        for _ in range(args.rounds):
+        steps = iter(range(1, 1_000_000))
+
+        def raw() -> None:
             put, get = raw_round_trip(client, "bench", blob, workers, part_size)
             times["raw put"].append(put)
             times["raw get"].append(get)
             times["raw"].append(put + get)
 
-            step += 1
+        def ttrv() -> None:
+            step = next(steps)
             started = time.perf_counter()
             store.publish_weights(step, state, kind="full", base_model="bench", dtype="float32")
             published = time.perf_counter()
@@ -180,7 +200,8 @@ def main() -> None:
             times["ttrv"].append(finished - started)
             assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), state.values(), strict=True))
 
-            step += 1
+        def disk() -> None:
+            step = next(steps)
             started = time.perf_counter()
             store.publish_weights(step, state, kind="full", base_model="bench", dtype="float32")
             path = store.fetch_weights(step, Path(scratch))
@@ -189,18 +210,28 @@ def main() -> None:
                 loaded.update(load_file(shard))
             target.load_state_dict(loaded)
             times["disk"].append(time.perf_counter() - started)
-            del loaded
 
+        def naive() -> None:
             times["naive"].append(naive_round_trip(client, "bench", model, target))
 
-            step += 1
+        def adapter() -> None:
+            step = next(steps)
             started = time.perf_counter()
             store.publish_weights(step, lora, kind="lora", base_model="bench", dtype="float32",
                                   extra_files={"adapter_config.json": adapter_config()})
-            adapter = store.fetch_weights(step, Path(scratch))
-            load_file(adapter / "adapter_model.safetensors")
+            fetched = store.fetch_weights(step, Path(scratch))
+            load_file(fetched / "adapter_model.safetensors")
             times["lora"].append(time.perf_counter() - started)
-            store.gc_weights(keep=1)
+
+        cases = [raw, ttrv, disk, naive, adapter]
+        for round_ in range(args.rounds):
+            # Each round starts with a different case, so no case always follows the same one.
+            for case in cases[round_ % len(cases):] + cases[:round_ % len(cases)]:
+                store.gc_weights(keep=1)
+                client.remove_object("bench", "raw/blob")
+                client.remove_object("bench", "naive/model.pt")
+                settle(server._process.pid)
+                case()
         store.close()
 
     median = {name: statistics.median(values) for name, values in times.items()}
@@ -218,8 +249,7 @@ def main() -> None:
     print(f"{'lora publish + fetch_weights':<34}{median['lora']:>9.3f}{lora_bytes / 1e6 / median['lora']:>9.0f}")
     print(f"naive_vs_ttrv_speedup={median['naive'] / median['ttrv']:.2f}")
     print(f"lora_sync_seconds={median['lora']:.3f}")
-    ratios = [raw / ttrv for raw, ttrv in zip(times["raw"], times["ttrv"], strict=True)]
-    print(f"sync_vs_raw_ratio={statistics.median(ratios):.3f}")
+    print(f"sync_vs_raw_ratio={median['raw'] / median['ttrv']:.3f}")
 
 
 if __name__ == "__main__":

@@ -804,8 +804,8 @@ class _SafetensorsSource(_Source):
                 end = position + _tensor_bytes(tensor)
                 if end > position:
                     target[position:end].copy_(tensor.detach().reshape(-1).view(torch.uint8))
-                    hasher.update(self.buffer[position:end])
                     self._advance(end)
+                    hasher.update(self.buffer[position:end])
                 position = end
         except BaseException as error:
             with self._ready:
