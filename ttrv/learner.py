@@ -16,7 +16,7 @@ import torch
 
 from ttrv import grpo
 from ttrv.log import get_logger
-from ttrv.modeling import load_model
+from ttrv.modeling import load_model, torch_dtype
 from ttrv.policy import TrainBatch, token_log_probs
 from ttrv.spec import RunSpec
 
@@ -39,15 +39,10 @@ class World:
         return self.rank == 0
 
 
-def device_and_dtype(spec: RunSpec) -> tuple[torch.device, torch.dtype]:
+def training_device() -> torch.device:
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        default = torch.bfloat16
-    else:
-        device = torch.device("cpu")
-        default = torch.float32
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    return device, names.get(spec.model.dtype, default)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
@@ -92,8 +87,9 @@ class Learner:
 
         self.spec = spec
         self.world = world
-        self.device, self.dtype = device_and_dtype(spec)
-        model = load_model(model_path, self.dtype, self.device, spec.model.attn_implementation)
+        self.device = training_device()
+        self.dtype = torch_dtype(spec.model.dtype, self.device)
+        model = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation)
         if spec.model.trainable == "language":
             for name, param in model.named_parameters():
                 if "visual" in name or "vision" in name:
@@ -110,7 +106,7 @@ class Learner:
                 target_modules=lora_target_pattern(lora.target_modules),
             ))
         elif spec.grpo.kl_coef > 0:
-            self.reference = load_model(model_path, self.dtype, self.device, spec.model.attn_implementation).eval()
+            self.reference = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation)
             self.reference.requires_grad_(False)
         if spec.resources.gradient_checkpointing:
             model.gradient_checkpointing_enable()

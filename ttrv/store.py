@@ -973,7 +973,7 @@ class Store:
         self._backend.put(_join(prefix, MANIFEST), data)
         manifest = Manifest.decode(prefix, data, f"{self.url}/{prefix}")
         seconds = time.monotonic() - started
-        logger.info("set published", store=self.url, prefix=prefix, files=len(entries),
+        logger.debug("set_published", store=self.url, prefix=prefix, files=len(entries),
                     mb=round(manifest.total_bytes / 1e6, 1), seconds=round(seconds, 3),
                     mb_per_s=round(manifest.total_bytes / 1e6 / max(seconds, 1e-9), 1))
         return manifest
@@ -1083,7 +1083,7 @@ class Store:
 
     def _log_read(self, manifest: Manifest, started: float, into: str) -> None:
         seconds = time.monotonic() - started
-        logger.info("set read", store=self.url, prefix=manifest.prefix, into=into, files=len(manifest.files),
+        logger.debug("set_read", store=self.url, prefix=manifest.prefix, into=into, files=len(manifest.files),
                     mb=round(manifest.total_bytes / 1e6, 1), seconds=round(seconds, 3),
                     mb_per_s=round(manifest.total_bytes / 1e6 / max(seconds, 1e-9), 1))
 

@@ -12,6 +12,9 @@ from ttrv.modeling import model_inputs
 from ttrv.rollout.base import Sample
 
 
+VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
 class HFEngine:
     """Samples from its own copy of the model. `load_version` replaces its weights with a version from the weight
     store (`load_weights(step) -> (kind, tensors)`), exactly as a separate service would."""
@@ -26,6 +29,9 @@ class HFEngine:
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(_as_list(model.generation_config.eos_token_id)) or {tokenizer.eos_token_id}
+        # a sampled image/video placeholder would make the response unscorable (the model then expects pixels)
+        self.suppress = [i for i in (getattr(model.config, name, None) for name in VISION_TOKEN_FIELDS)
+                         if i is not None]
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
@@ -48,6 +54,7 @@ class HFEngine:
         out = self.model.generate(
             **inputs, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
             return_dict_in_generate=True, output_scores=True, pad_token_id=self.pad_id,
+            suppress_tokens=self.suppress or None,
         )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         # the sampler's log-prob of each chosen token under its processed (temperature, top-p) distribution
