@@ -118,6 +118,9 @@ class Learner:
         optimizer_steps = total_steps * g.ppo_epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optimizer_steps, g.warmup_ratio,
                                                                               g.schedule))
+        self._model_path = model_path
+        self._initial_adapter = {k: v.clone() for k, v in self.trainable_state_of(model).items()} \
+            if spec.model.lora is not None else None
         self.micro_batch = min(g.micro_batch_size, max(1, sequences_per_rank))
         self.accumulation = max(1, math.ceil(sequences_per_rank / self.micro_batch))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -192,9 +195,9 @@ class Learner:
                 self.engine.backward(loss * weight.to(loss) * self.accumulation)
                 self.engine.step()
                 w = float(weight)
-                stats["loss"] += w * float(loss) / g.ppo_epochs
-                stats["pg_loss"] += w * float(pg) / g.ppo_epochs
-                stats["kl"] += w * float(kl) / g.ppo_epochs
+                stats["loss"] += w * loss.item() / g.ppo_epochs
+                stats["pg_loss"] += w * pg.item() / g.ppo_epochs
+                stats["kl"] += w * kl.item() / g.ppo_epochs
                 stats["clipfrac"] += w * float(grpo.clip_fraction(log_prob.detach(), old_mb, mb.target_mask,
                                                                   g.clip_low, g.clip_high)) / g.ppo_epochs
         stats["lr"] = self.scheduler.get_last_lr()[0]
@@ -205,7 +208,16 @@ class Learner:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What a rollout engine needs to serve the current policy: the LoRA adapter (peft names), or the trainable
         parameters under the base checkpoint's names (a frozen vision tower is not re-sent)."""
-        module = self.module
+        return self.trainable_state_of(self.module)
+
+    def base_trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights as they were before adaptation: the initial adapter, or the base checkpoint's."""
+        if self._initial_adapter is not None:
+            return self._initial_adapter
+        base = load_model(self._model_path, self.spec.model.dtype, "cpu").state_dict()
+        return {name: base[name] for name in self.trainable_state()}
+
+    def trainable_state_of(self, module) -> dict[str, torch.Tensor]:
         if self.spec.model.lora is not None:
             from peft import get_peft_model_state_dict
 

@@ -74,8 +74,9 @@ def plot(report: dict, events: list[dict]) -> bytes:
     ax.set_xlabel("step")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    title = f"{report.get('name', 'ttrv')}: test accuracy {report.get('base_accuracy', 0):.3f} -> " \
-            f"{report.get('final_accuracy', 0):.3f}"
+    title = str(report.get("name", "ttrv"))
+    if report.get("base_accuracy") is not None and report.get("final_accuracy") is not None:
+        title += f": test accuracy {report['base_accuracy']:.3f} -> {report['final_accuracy']:.3f}"
     if report.get("guard_fired_at"):
         title += f"  (collapse guard fired at step {report['guard_fired_at']})"
     fig.suptitle(title)

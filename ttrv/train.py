@@ -136,6 +136,55 @@ def dominant_share(answers: list[list[str | None]]) -> float:
     return max(flat.count(a) for a in set(flat)) / sum(len(row) for row in answers)
 
 
+# --------------------------------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    """Everything a resumed trainer needs besides the DeepSpeed state: it goes into each checkpoint's commit."""
+
+    cursor: Cursor = field(default_factory=Cursor)
+    step: int = 0
+    guard: dict = field(default_factory=dict)
+    before: dict = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    checkpoint_step: int | None = None
+    elapsed_seconds: float = 0.0
+    attempts: int = 1
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, document: dict) -> RunState:
+        return cls(**(document | {"cursor": Cursor(**document["cursor"])}))
+
+
+class Preempted(Exception):
+    """SIGTERM arrived (preemption, eviction, drain); a checkpoint was written and the trainer should exit 143."""
+
+
+class PreemptionSignal:
+    """SIGTERM sets a flag that the loop reads between steps; every rank must agree before they checkpoint
+    together, so the flag is max-reduced across ranks."""
+
+    def __init__(self):
+        self.received = False
+
+    def install(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        logger.warning("sigterm_received", action="checkpoint after this step, then exit 143")
+
+    def any_rank(self, world: World) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if world.size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 # --------------------------------------------------------------------------------------------------- run context
 @dataclass
 class RunContext:
@@ -148,17 +197,22 @@ class RunContext:
     encoder: PromptEncoder
     prompts: list[Prompt]
     pad_id: int
+    preemption: PreemptionSignal = field(default_factory=PreemptionSignal)
     events: Path = field(init=False)
 
     def __post_init__(self):
         self.events = self.out / "events.jsonl"
+
+    @property
+    def total_steps(self) -> int:
+        return steps_per_epoch(len(self.prompts), self.spec.grpo.prompts_per_step) * self.spec.grpo.epochs
 
 
 def shard(batch: list[Prompt], world: World) -> list[Prompt]:
     return batch[world.rank :: world.size]
 
 
-def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: StepTimer) -> dict:
+def adaptation_step(ctx: RunContext, batch: list[Prompt], timer: StepTimer) -> dict:
     """One TTRV step on this rank's share of the batch; returns the step's metrics (this rank's)."""
     spec = ctx.spec
     mine = shard(batch, ctx.world) or batch[:1]  # a rank without prompts runs zero-weight passes on one
@@ -172,12 +226,12 @@ def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: Step
         rewards = torch.tensor([row[:g] for row in scored.rewards], dtype=torch.float32)
         advantages = ttrv_advantages(rewards, torch.tensor(scored.entropies), spec.reward.entropy_mode,
                                      spec.reward.entropy_weight).flatten()
-        if idle:
-            advantages = torch.zeros_like(advantages)
+    with timer.phase("collate"):
         encoded = [ctx.encoder.encode(p) for p in mine for _ in range(g)]
         responses = [s.token_ids for prompt_samples in samples for s in prompt_samples[:g]]
         train_batch = collate(encoded, responses, ctx.pad_id)
         if idle:
+            advantages = torch.zeros_like(advantages)
             train_batch.target_mask.zero_()
     with timer.phase("old_log_prob"):
         old = ctx.learner.old_log_probs(train_batch)
@@ -193,46 +247,62 @@ def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: Step
         "response_length": sum(lengths) / len(lengths),
         "valid_ratio": sum(a is not None for row in scored.answers for a in row) / len(lengths),
         "dominant_share": dominant_share(scored.answers),
+        "sampled_tokens": sum(lengths),
         "prompts": len(mine),
         "idle": idle,
     }
 
 
-def adapt(ctx: RunContext, start: Cursor | None = None, on_step=None) -> dict:
-    """The adaptation loop. Returns what the report needs (steps, guard outcome)."""
+def adapt(ctx: RunContext, state: RunState, metrics=None) -> dict:
+    """The adaptation loop, from `state` on. Returns what the report needs (steps, guard outcome)."""
     spec = ctx.spec
-    cursor = start or Cursor()
-    per_epoch = steps_per_epoch(len(ctx.prompts), spec.grpo.prompts_per_step)
-    total = per_epoch * spec.grpo.epochs
-    guard = CollapseGuard(spec.guard)
-    step = cursor.epoch * per_epoch + math.ceil(cursor.position / spec.grpo.prompts_per_step)
+    guard = CollapseGuard(spec.guard, **state.guard)
     guard_fired_at = None
-    progress = _progress_bar(total, step, ctx.world)
-    while cursor.epoch < spec.grpo.epochs:
-        batch = cursor.next_batch(ctx.prompts, spec.grpo.prompts_per_step, spec.seed)
+    progress = _progress_bar(ctx.total_steps, state.step, ctx.world)
+    step_seconds: list[float] = []
+    while state.cursor.epoch < spec.grpo.epochs:
+        started = time.perf_counter()
+        batch = state.cursor.next_batch(ctx.prompts, spec.grpo.prompts_per_step, spec.seed)
         timer = StepTimer()
-        metrics = adaptation_step(ctx, step, batch, timer)
-        version = step + 1
+        step_metrics = adaptation_step(ctx, batch, timer)
+        version = state.step + 1
         with timer.phase("publish"):
             if ctx.world.is_main:
                 ctx.store.publish_weights(version, ctx.learner.trainable_state(), kind=weights_kind(spec),
-                                          base_model=spec.model.path, dtype=str(ctx.learner.dtype).split(".")[-1])
+                                          base_model=spec.model.path, dtype=dtype_name(ctx.learner.dtype))
+                protected = {v for v in (state.checkpoint_step, guard.healthy_version) if v}
+                ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
             _barrier(ctx.world)
         with timer.phase("sync"):
             ctx.engine.load_version(version)
-        record = {"step": version, "epoch": cursor.epoch, "prompt_ids": [p.id for p in batch],
-                  "weight_version": version, **_round(metrics), "seconds": _round(timer.seconds)}
-        cursor.advance(len(batch), len(ctx.prompts))
-        step = version
+        state.cursor.advance(len(batch), len(ctx.prompts))
+        state.step = version
+        step_seconds.append(time.perf_counter() - started)
+        state.elapsed_seconds += step_seconds[-1]
+        record = {"step": version, "epoch": state.cursor.epoch if state.cursor.position else state.cursor.epoch - 1,
+                  "prompt_ids": [p.id for p in batch], "weight_version": version, **_round(step_metrics),
+                  "seconds": _round(timer.seconds | {"step": step_seconds[-1]})}
+        fired = guard.observe(version, step_metrics["entropy"], step_metrics["dominant_share"],
+                              step_metrics["response_length"], step_metrics["prompts"])
+        state.guard = {"first_length": guard.first_length, "streak": guard.streak,
+                       "healthy_version": guard.healthy_version}
         if ctx.world.is_main:
+            state.events.append(record)
             _append_event(ctx.events, record)
+            write_progress(ctx, state, step_seconds, record)
+            if metrics is not None:
+                metrics.observe(record)
             progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward']:.3f}", entropy=f"{metrics['entropy']:.3f}",
-                                 len=f"{metrics['response_length']:.1f}", loss=f"{metrics['loss']:.4f}")
-        if on_step is not None:
-            on_step(step, record, cursor)
-        if guard.observe(version, metrics["entropy"], metrics["dominant_share"], metrics["response_length"],
-                         metrics["prompts"]):
+            progress.set_postfix(reward=f"{step_metrics['reward']:.3f}", entropy=f"{step_metrics['entropy']:.3f}",
+                                 len=f"{step_metrics['response_length']:.1f}", loss=f"{step_metrics['loss']:.4f}")
+        preempted = ctx.preemption.any_rank(ctx.world)
+        every = spec.storage.checkpoint_every
+        if preempted or (every and version % every == 0 and state.cursor.epoch < spec.grpo.epochs):
+            save_checkpoint(ctx, state)
+        if preempted:
+            progress.close()
+            raise Preempted(f"preempted after step {version}; checkpoint written")
+        if fired:
             guard_fired_at = version
             break
     progress.close()
@@ -241,28 +311,83 @@ def adapt(ctx: RunContext, start: Cursor | None = None, on_step=None) -> dict:
         rollback = guard.healthy_version
         restore_version(ctx, rollback)
         logger.warning("collapse_guard_fired", step=guard_fired_at, rolled_back_to=rollback or "base")
-    return {"steps": step, "total_steps": total, "guard_fired_at": guard_fired_at, "rolled_back_to": rollback}
+    return {"steps": state.step, "total_steps": ctx.total_steps, "guard_fired_at": guard_fired_at,
+            "rolled_back_to": rollback}
+
+
+def save_checkpoint(ctx: RunContext, state: RunState) -> None:
+    from ttrv import checkpoint
+
+    state.checkpoint_step = state.step
+    checkpoint.save(ctx.store, ctx.learner.engine, state.step, state.to_json(), ctx.world.rank, ctx.world.size,
+                    lambda: _barrier(ctx.world))
+    if ctx.world.is_main:
+        checkpoint.prune(ctx.store, keep=2, world_size=ctx.world.size)
+
+
+def resume(ctx: RunContext) -> RunState | None:
+    """Continue from the newest complete checkpoint, if any: learner state, RNG, cursor, events; versions
+    published after the checkpoint (by the attempt that died) are deleted so `latest` cannot point past it."""
+    from ttrv import checkpoint
+
+    restored = checkpoint.load_latest(ctx.store, ctx.learner.engine, ctx.world.rank, ctx.world.size)
+    if restored is None:
+        return None
+    state = RunState.from_json(restored.state)
+    state.attempts += 1
+    if ctx.world.is_main:
+        for stale in [v for v in ctx.store.weight_versions() if v > state.step]:
+            ctx.store.delete_set(weights_prefix(stale))
+        _rewrite_events(ctx.events, state.events)
+    _barrier(ctx.world)
+    if state.step:
+        ctx.engine.load_version(state.step)
+    logger.info("resumed", step=state.step, epoch=state.cursor.epoch, position=state.cursor.position,
+                attempt=state.attempts)
+    return state
+
+
+def write_progress(ctx: RunContext, state: RunState, step_seconds: list[float], record: dict) -> None:
+    """progress.json in the run's store prefix, in the shape of Kubeflow's trainer status (KEP-2779): the
+    controller polls it for `kubectl get` columns."""
+    total = ctx.total_steps
+    recent = step_seconds[-10:]
+    ctx.store.put_json("progress.json", {
+        "progressPercentage": round(100.0 * state.step / total, 1) if total else 100.0,
+        "estimatedRemainingSeconds": round(sum(recent) / len(recent) * (total - state.step)),
+        "step": state.step, "totalSteps": total, "epoch": record["epoch"],
+        "weightVersion": record["weight_version"], "checkpointStep": state.checkpoint_step,
+        "baseAccuracy": state.before.get("accuracy"), "accuracy": None,
+        "metrics": {k: record[k] for k in ("reward", "entropy", "response_length", "loss", "valid_ratio")},
+        "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
 
 
 def restore_version(ctx: RunContext, version: int | None) -> None:
-    """Put the learner and the rollout engine back on a published version (None: the base weights)."""
-    if version is None:
-        tensors = ctx.learner.base_trainable_state
-    else:
-        tensors = ctx.store.load_weights(version)
+    """Put the learner and the rollout engine back on a published version (None: the base weights), published
+    again under a fresh version number (rollout engines key loaded weights by path)."""
+    tensors = ctx.store.load_weights(version) if version else ctx.learner.base_trainable_state()
     ctx.learner.load_trainable_state(tensors)
+    restored = ctx.total_steps + 1
     if ctx.world.is_main:
-        ctx.store.publish_weights(RESTORED_VERSION_OFFSET + (version or 0), tensors, kind=weights_kind(ctx.spec),
-                                  base_model=ctx.spec.model.path, dtype=str(ctx.learner.dtype).split(".")[-1])
+        ctx.store.publish_weights(restored, tensors, kind=weights_kind(ctx.spec), base_model=ctx.spec.model.path,
+                                  dtype=dtype_name(ctx.learner.dtype))
     _barrier(ctx.world)
-    ctx.engine.load_version(RESTORED_VERSION_OFFSET + (version or 0))
-
-
-RESTORED_VERSION_OFFSET = 900_000  # a rolled-back version gets a new path (vLLM caches weights by path)
+    ctx.engine.load_version(restored)
 
 
 def weights_kind(spec: RunSpec) -> str:
     return "lora" if spec.model.lora is not None else "full"
+
+
+def weights_prefix(step: int) -> str:
+    from ttrv.store import weights_prefix as prefix
+
+    return prefix(step)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -275,6 +400,12 @@ def _append_event(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _rewrite_events(path: Path, events: list[dict]) -> None:
+    from ttrv.report import atomic_write
+
+    atomic_write(path, "".join(json.dumps(e) + "\n" for e in events).encode())
 
 
 def _barrier(world: World) -> None:
@@ -332,6 +463,16 @@ def cpu_threads(world: World) -> None:
 
 
 def make_engine(spec: RunSpec, model_path: str, processor, store, device) -> RolloutEngine:
+    """The rollout engine the spec asks for: the separate rollout service (its URL from TTRV_ROLLOUT_URL, as the
+    operator and `ttrv run` set it) or an in-process Hugging Face engine loading versions from the store."""
+    if spec.rollout.backend == "service":
+        from ttrv.rollout.client import ServiceEngine
+
+        url = os.environ.get("TTRV_ROLLOUT_URL")
+        if not url:
+            raise ValueError("rollout.backend is service but TTRV_ROLLOUT_URL is not set; start `ttrv serve` and "
+                             "point TTRV_ROLLOUT_URL at it (the operator and `ttrv run` do this)")
+        return ServiceEngine(url, spec)
     from ttrv.modeling import load_model
     from ttrv.rollout.hf import HFEngine
     from ttrv.weights import merge_lora
@@ -361,9 +502,28 @@ def evaluate_all(engine: RolloutEngine, spec: RunSpec, test: list[Example], prom
     return results
 
 
-def run(spec: RunSpec, out: Path) -> dict:
+class ModelError(ValueError):
+    """The model folder cannot be loaded (missing files, unknown architecture)."""
+
+
+def load_learner_and_engine(spec: RunSpec, model_path: str, store, world: World, prompts: list[Prompt]):
     from ttrv.modeling import load_processor
-    from ttrv.report import read_events, write_report
+
+    try:
+        processor = load_processor(model_path)
+        per_epoch = steps_per_epoch(len(prompts), spec.grpo.prompts_per_step)
+        sequences = math.ceil(spec.grpo.prompts_per_step / world.size) * spec.rollout.group_size
+        learner = Learner(spec, model_path, per_epoch * spec.grpo.epochs, world, sequences)
+        engine = make_engine(spec, model_path, processor, store, learner.device)
+    except (OSError, KeyError, ImportError) as error:
+        raise ModelError(f"model.path {spec.model.path!r}: cannot load the checkpoint ({error}); point it at a "
+                         "Hugging Face folder with config.json, weights, tokenizer and processor files") from None
+    return processor, learner, engine
+
+
+def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) -> dict:
+    from ttrv.metrics import TrainerMetrics
+    from ttrv.report import write_report
     from ttrv.store import open_store
     from ttrv.weights import resolve_model
 
@@ -376,26 +536,29 @@ def run(spec: RunSpec, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     test, prompts, heldout = load_examples(spec)
     model_path = resolve_model(spec.model.path)
-    processor = load_processor(model_path)
     store = open_store(spec.storage.uri, spec.storage.endpoint)
-    per_epoch = steps_per_epoch(len(prompts), spec.grpo.prompts_per_step)
-    prompts_per_rank = math.ceil(spec.grpo.prompts_per_step / world.size)
-    learner = Learner(spec, model_path, per_epoch * spec.grpo.epochs, world,
-                      prompts_per_rank * spec.rollout.group_size)
-    engine = make_engine(spec, model_path, processor, store, learner.device)
+    processor, learner, engine = load_learner_and_engine(spec, model_path, store, world, prompts)
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ctx = RunContext(spec, out, world, store, engine, learner, PromptEncoder(processor), prompts, pad_id)
-    ctx.events.unlink(missing_ok=True)
+    ctx = RunContext(spec, out, world, store, engine, learner, PromptEncoder(processor), prompts, pad_id,
+                     preemption or PreemptionSignal())
+    metrics = TrainerMetrics.serve_from_env() if world.is_main else None
 
-    before = evaluate_all(engine, spec, test, prompts, heldout) if world.is_main and spec.eval.before else {}
-    _barrier(world)
-    logger.info("eval_before", **{k: v for k, v in before.items() if v is not None})
-    outcome = adapt(ctx)
+    state = resume(ctx)
+    if state is None:
+        state = RunState()
+        if world.is_main:
+            _rewrite_events(ctx.events, [])
+            if spec.eval.before:
+                state.before = evaluate_all(engine, spec, test, prompts, heldout)
+                logger.info("eval_before", **{k: v for k, v in state.before.items() if v is not None})
+        _barrier(world)
+    outcome = adapt(ctx, state, metrics)
     after = evaluate_all(engine, spec, test, prompts, heldout) if world.is_main and spec.eval.after else {}
     _barrier(world)
     report = {}
     if world.is_main:
+        before = state.before
         report = {
             "name": spec.name,
             "base_accuracy": before.get("accuracy"), "final_accuracy": after.get("accuracy"),
@@ -409,21 +572,49 @@ def run(spec: RunSpec, out: Path) -> dict:
             "maj_votes": before.get("votes") or after.get("votes"),
             "test_prompts": len(test), "adaptation_prompts": len(prompts), "heldout_prompts": len(heldout),
             **outcome,
+            "attempts": state.attempts,
             "world_size": world.size,
+            "adapt_seconds": round(state.elapsed_seconds, 1),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "spec": spec.model_dump(mode="json"),
         }
-        write_report(out, report, read_events(ctx.events))
+        write_report(out, report, state.events)
         store.put_json("report.json", report)
+        progress = store.get_json("progress.json") or {}
+        store.put_json("progress.json", progress | {"progressPercentage": 100.0, "estimatedRemainingSeconds": 0,
+                                                    "accuracy": report["final_accuracy"]})
         logger.info("run_finished", report=str(out / "report.json"), base=report["base_accuracy"],
                     final=report["final_accuracy"])
     _barrier(world)
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def exit_code_for(error: BaseException) -> int:
+    """Map a failure to the PyTorchJob ExitCode contract (ttrv.exitcodes)."""
     from ttrv import exitcodes
     from ttrv.data import DataError
+    from ttrv.store import StoreAuthError, StoreConfigError, StoreUnavailableError
+
+    if isinstance(error, Preempted):
+        return exitcodes.PREEMPTED
+    if isinstance(error, StoreUnavailableError):
+        return exitcodes.STORE_UNAVAILABLE
+    if type(error).__name__ == "RolloutUnavailableError":
+        return exitcodes.ROLLOUT_UNAVAILABLE
+    if isinstance(error, DataError):
+        return exitcodes.BAD_DATA
+    if isinstance(error, ModelError):
+        return exitcodes.BAD_MODEL
+    if isinstance(error, (StoreAuthError, StoreConfigError, ValueError)):
+        return exitcodes.BAD_SPEC
+    distributed = getattr(torch.distributed, "DistError", ())
+    if isinstance(error, distributed) or "Connection closed by peer" in str(error):
+        return exitcodes.LOST_PEER
+    return exitcodes.PERMANENT_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ttrv import exitcodes
     from ttrv.spec import SpecError, load_run_spec
 
     parser = argparse.ArgumentParser(prog="python -m ttrv.train", description="The ttrv trainer entrypoint.")
@@ -432,16 +623,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for events.jsonl and the report (default $TTRV_OUT)")
     args = parser.parse_args(argv)
     log.configure()
+    preemption = PreemptionSignal()
+    preemption.install()
     try:
         spec = load_run_spec(args.spec)
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return exitcodes.BAD_SPEC
     try:
-        run(spec, Path(args.out))
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return exitcodes.BAD_DATA
+        run(spec, Path(args.out), preemption)
+    except Exception as error:  # noqa: BLE001 - every failure leaves through the exit-code contract
+        code = exit_code_for(error)
+        retry = "retryable" if exitcodes.is_retryable(code) else "permanent"
+        logger.error("trainer_failed", exit_code=code, kind=retry, error=f"{type(error).__name__}: {error}")
+        print(f"error ({retry}, exit {code}): {error}", file=sys.stderr)
+        return code
     return exitcodes.OK
 
 
