@@ -1,7 +1,8 @@
 """Evaluation with labels (never seen by adaptation): greedy pass@1 and maj@N.
 
 pass@1: the greedy answer equals the label. maj@N: the majority of N sampled answers (unreadable ones are no
-votes) equals the label. Both read answers with the same extractor the reward uses.
+votes) equals the label; the votes are seeded by the run's seed, so before and after are compared on the same
+random numbers. Both read answers with the same extractor the reward uses.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def majority_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: 
     votes = spec.eval.maj_votes or spec.rollout.votes
     max_tokens = spec.eval.max_new_tokens or spec.rollout.max_new_tokens
     outputs = engine.generate([e.prompt for e in examples], n=votes, temperature=spec.rollout.temperature,
-                              top_p=spec.rollout.top_p, max_new_tokens=max_tokens)
+                              top_p=spec.rollout.top_p, max_new_tokens=max_tokens, seed=spec.seed)
     stats = [
         vote_stats([extract_answer(s.text, spec.reward.extractor, spec.reward.choices) for s in samples], e.answer)
         for samples, e in zip(outputs, examples)

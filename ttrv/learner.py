@@ -170,11 +170,16 @@ class Learner:
         """ppoEpochs optimiser steps on this rank's sequences; every rank runs `accumulation` micro-batches per
         optimiser step (padding with zero-weight passes) so DeepSpeed's gradient reduction stays in lockstep.
 
-        Each micro-batch's token-mean loss is weighted by its share of the rank's response tokens, so the step's
-        gradient is the token-mean over all of them (DeepSpeed divides by the accumulation steps; undone here)."""
+        Each micro-batch's token-mean loss is weighted by its share of all ranks' response tokens of the step,
+        times the world size, so the gradient DeepSpeed averages over ranks is exactly the token-mean over every
+        response token of the step, however the tokens fall on ranks and micro-batches (DeepSpeed's division by
+        the accumulation steps is undone here)."""
         g = self.spec.grpo
         self.engine.train()
-        total_tokens = batch.target_mask.sum().clamp(min=1.0)
+        tokens = batch.target_mask.sum().reshape(1)
+        if self.world.size > 1:
+            torch.distributed.all_reduce(tokens)
+        total_tokens = tokens[0].clamp(min=1.0) / self.world.size
         stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}
         for _ in range(g.ppo_epochs):
             slices = self._micro_batches(batch)
@@ -194,12 +199,16 @@ class Learner:
                     loss = loss + g.kl_coef * kl
                 self.engine.backward(loss * weight.to(loss) * self.accumulation)
                 self.engine.step()
-                w = float(weight)
+                w = float(weight) / self.world.size
                 stats["loss"] += w * loss.item() / g.ppo_epochs
                 stats["pg_loss"] += w * pg.item() / g.ppo_epochs
                 stats["kl"] += w * kl.item() / g.ppo_epochs
                 stats["clipfrac"] += w * float(grpo.clip_fraction(log_prob.detach(), old_mb, mb.target_mask,
                                                                   g.clip_low, g.clip_high)) / g.ppo_epochs
+        if self.world.size > 1:  # token-weighted shares of the step's loss: their sum over ranks is the loss
+            summed = torch.tensor([stats[k] for k in ("loss", "pg_loss", "kl", "clipfrac")], dtype=torch.float64)
+            torch.distributed.all_reduce(summed)
+            stats |= dict(zip(("loss", "pg_loss", "kl", "clipfrac"), summed.tolist()))
         stats["lr"] = self.scheduler.get_last_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -131,10 +131,10 @@ class RewardSpec(StrictModel):
     """Option letters for the choice extractor."""
     entropy_weight: Annotated[float, Field(ge=0.0)] = 0.75
     """w in r_j = count(a_j)/N - w * H_norm (reference 0.75)."""
-    entropy_mode: Literal["reference", "batch", "scale"] = "batch"
-    """How the entropy term acts: reference (per-group normalisation, which cancels it), batch (normalise
-    advantages across the whole batch, so the per-prompt entropy penalty survives), scale (multiply each group's
-    advantages by 1 - H_norm)."""
+    entropy_mode: Literal["reference", "batch", "scale"] = "scale"
+    """How the entropy term acts: reference (per-group normalisation, which cancels it: the reference's behaviour),
+    scale (each prompt's group advantages times 1 - w * H_norm: updates from prompts whose votes disagree are
+    damped), batch (advantages normalised over the whole step's batch, so low-entropy prompts are favoured)."""
     invalid_reward: float = -1.0
     """Reward of a response with no readable answer (not counted as a vote class)."""
 

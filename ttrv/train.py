@@ -212,20 +212,19 @@ def shard(batch: list[Prompt], world: World) -> list[Prompt]:
     return batch[world.rank :: world.size]
 
 
-def adaptation_step(ctx: RunContext, batch: list[Prompt], timer: StepTimer) -> dict:
-    """One TTRV step on this rank's share of the batch; returns the step's metrics (this rank's)."""
+def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: StepTimer) -> dict:
+    """One TTRV step on this rank's share of the batch; returns the step's metrics (this rank's). Votes are
+    seeded by (run seed, step, prompt), so they do not depend on the number of ranks or on restarts."""
     spec = ctx.spec
     mine = shard(batch, ctx.world) or batch[:1]  # a rank without prompts runs zero-weight passes on one
     idle = not shard(batch, ctx.world)
     g = spec.rollout.group_size
     with timer.phase("rollout"):
         samples = ctx.engine.generate(mine, spec.rollout.votes, spec.rollout.temperature, spec.rollout.top_p,
-                                      spec.rollout.max_new_tokens)
+                                      spec.rollout.max_new_tokens, seed=spec.seed * 1_000_003 + step)
     with timer.phase("reward"):
         scored = score(samples, spec)
-        rewards = torch.tensor([row[:g] for row in scored.rewards], dtype=torch.float32)
-        advantages = ttrv_advantages(rewards, torch.tensor(scored.entropies), spec.reward.entropy_mode,
-                                     spec.reward.entropy_weight).flatten()
+        advantages = step_advantages(ctx.world, [row[:g] for row in scored.rewards], scored.entropies, spec)
     with timer.phase("collate"):
         encoded = [ctx.encoder.encode(p) for p in mine for _ in range(g)]
         responses = [s.token_ids for prompt_samples in samples for s in prompt_samples[:g]]
@@ -239,18 +238,44 @@ def adaptation_step(ctx: RunContext, batch: list[Prompt], timer: StepTimer) -> d
         ref = ctx.learner.reference_log_probs(train_batch)
     with timer.phase("update"):
         stats = ctx.learner.update(train_batch, advantages, old, ref)
-    lengths = [len(s.token_ids) for row in samples for s in row]
+    answers, rewards, entropies, lengths = gather_votes(ctx.world, scored, samples, idle)
     return {
         **stats,
-        "reward": sum(sum(row) for row in scored.rewards) / sum(len(row) for row in scored.rewards),
-        "entropy": sum(scored.entropies) / len(scored.entropies),
+        "reward": sum(sum(row) for row in rewards) / sum(len(row) for row in rewards),
+        "entropy": sum(entropies) / len(entropies),
         "response_length": sum(lengths) / len(lengths),
-        "valid_ratio": sum(a is not None for row in scored.answers for a in row) / len(lengths),
-        "dominant_share": dominant_share(scored.answers),
+        "valid_ratio": sum(a is not None for row in answers for a in row) / len(lengths),
+        "dominant_share": dominant_share(answers),
         "sampled_tokens": sum(lengths),
-        "prompts": len(mine),
-        "idle": idle,
+        "prompts": len(answers),
     }
+
+
+def step_advantages(world: World, rewards: list[list[float]], entropies: list[float], spec: RunSpec):
+    """This rank's advantages, computed over the whole step's batch (all ranks' groups, in rank order), so that
+    a batch-wide normalisation sees the same batch however many ranks share it."""
+    mine = (rewards, entropies)
+    parts = [mine]
+    if world.size > 1:
+        parts = [None] * world.size
+        torch.distributed.all_gather_object(parts, mine)
+    start = sum(len(part[0]) for part in parts[: world.rank if world.size > 1 else 0])
+    all_rewards = torch.tensor([row for part in parts for row in part[0]], dtype=torch.float32)
+    all_entropies = torch.tensor([h for part in parts for h in part[1]], dtype=torch.float32)
+    advantages = ttrv_advantages(all_rewards, all_entropies, spec.reward.entropy_mode, spec.reward.entropy_weight)
+    return advantages[start : start + len(rewards)].flatten()
+
+
+def gather_votes(world: World, scored: Scored, samples: list[list[Sample]], idle: bool):
+    """Every rank's answers, rewards, entropies and response lengths, so the step's metrics (and the collapse
+    guard) see the whole batch, not rank 0's share; an idle rank's stand-in prompt is left out."""
+    mine = ([], [], [], []) if idle else (scored.answers, scored.rewards, scored.entropies,
+                                           [len(s.token_ids) for row in samples for s in row])
+    if world.size == 1:
+        return mine
+    parts: list = [None] * world.size
+    torch.distributed.all_gather_object(parts, mine)
+    return tuple([item for part in parts for item in part[i]] for i in range(4))
 
 
 def adapt(ctx: RunContext, state: RunState, metrics=None) -> dict:
@@ -264,7 +289,7 @@ def adapt(ctx: RunContext, state: RunState, metrics=None) -> dict:
         started = time.perf_counter()
         batch = state.cursor.next_batch(ctx.prompts, spec.grpo.prompts_per_step, spec.seed)
         timer = StepTimer()
-        step_metrics = adaptation_step(ctx, batch, timer)
+        step_metrics = adaptation_step(ctx, state.step + 1, batch, timer)
         version = state.step + 1
         with timer.phase("publish"):
             if ctx.world.is_main:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ttrv.data import Prompt
 from ttrv.modeling import model_inputs
-from ttrv.rollout.base import Sample
+from ttrv.rollout.base import Sample, sample_seed
 
 
 VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
@@ -35,7 +36,7 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int) -> list[list[Sample]]:
+                 max_new_tokens: int, seed: int | None = None) -> list[list[Sample]]:
         greedy = temperature == 0
         if greedy and n != 1:
             raise ValueError("greedy decoding (temperature 0) gives one answer per prompt; set n=1")
@@ -43,23 +44,29 @@ class HFEngine:
         results: list[list[Sample]] = []
         for start in range(0, len(prompts), per_call):
             results.extend(self._generate_chunk(prompts[start : start + per_call], n, temperature, top_p,
-                                                max_new_tokens))
+                                                max_new_tokens, seed))
         return results
 
-    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens) -> list[list[Sample]]:
+    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, seed) -> list[list[Sample]]:
         tokenizer = self.processor.tokenizer
-        inputs = model_inputs(self.processor, list(prompts)).to(self.model.device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        # each prompt repeated n times: greedy decoding (which takes RowSampler's draw) has no num_return_sequences
+        inputs = model_inputs(self.processor, [p for p in prompts for _ in range(n)]).to(self.model.device)
+        sampler = None
+        if temperature > 0:
+            seeds = [sample_seed(seed, p.id, k) if seed is not None else None for p in prompts for k in range(n)]
+            sampler = RowSampler(seeds, temperature, top_p)
         out = self.model.generate(
-            **inputs, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=n,
-            return_dict_in_generate=True, output_scores=True, pad_token_id=self.pad_id,
-            suppress_tokens=self.suppress or None,
+            **inputs, do_sample=False, temperature=None, top_p=None, top_k=None,
+            logits_processor=LogitsProcessorList([sampler]) if sampler else None,
+            max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+            output_scores=sampler is None, pad_token_id=self.pad_id, suppress_tokens=self.suppress or None,
         )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-        # the sampler's log-prob of each chosen token under its processed (temperature, top-p) distribution
-        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)
-        chosen = scores.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        if sampler is not None:
+            chosen = torch.stack(sampler.logprobs, dim=1)
+        else:
+            chosen = torch.stack(out.scores, dim=1).float().log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1))
+            chosen = chosen.squeeze(-1)
         samples = []
         for row, logprob_row in zip(new_tokens.tolist(), chosen.tolist()):
             length = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row))
@@ -80,6 +87,31 @@ class HFEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+class RowSampler(LogitsProcessor):
+    """Temperature and nucleus sampling with one generator per row (seeded per prompt and vote), so a prompt's
+    votes do not depend on what else shares the batch. The drawn token becomes the only finite logit and greedy
+    decoding takes it; the sampling distribution's log-prob of each drawn token is kept."""
+
+    def __init__(self, seeds: list[int | None], temperature: float, top_p: float):
+        self.generators = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            outside = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) >= self.top_p
+            logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+        log_probs = logits.log_softmax(-1)
+        probs = log_probs.exp().cpu()
+        tokens = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)])
+        tokens = tokens.to(scores.device)
+        self.logprobs.append(log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).cpu())
+        return torch.full_like(scores, float("-inf")).scatter(-1, tokens.unsqueeze(-1), 0.0)
 
 
 def _as_list(value) -> list[int]:
