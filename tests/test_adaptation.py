@@ -1,0 +1,81 @@
+"""`ttrv run` end to end on the bundled tiny benchmark and tiny model: the CLI a user types, the trainer
+entrypoint as a local process, DeepSpeed on CPU, the weight store on disk, the in-process rollout engine."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from ttrv.modeling import load_model
+from ttrv.store import open_store
+from ttrv.weights import resolve_model
+
+
+def ttrv_run(folder: Path, spec: dict) -> subprocess.CompletedProcess:
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return subprocess.run([sys.executable, "-m", "ttrv.cli", "run", str(folder / "spec.yaml"), "--out",
+                           str(folder / "out")], capture_output=True, text=True, timeout=900,
+                          env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"})
+
+
+def events(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "out" / "events.jsonl").read_text().splitlines()]
+
+
+def test_short_adaptation_raises_the_reward_and_changes_the_weights(tmp_path):
+    spec = {
+        "name": "short",
+        "data": {"path": "ttrv://tiny-shapes/test", "heldoutPath": "ttrv://tiny-shapes/heldout", "subsetSize": 16},
+        "rollout": {"votes": 16, "groupSize": 8, "maxNewTokens": 3},
+        "grpo": {"lr": 2e-3, "epochs": 4, "promptsPerStep": 8, "microBatchSize": 64},
+        "eval": {"limit": 48, "majVotes": 8},
+        "resources": {"gpusPerNode": 0},
+    }
+    result = ttrv_run(tmp_path, spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "report:" in result.stdout
+    records = events(tmp_path)
+    assert len(records) == 8
+    first, last = records[:2], records[-2:]
+    assert sum(e["reward"] for e in last) / 2 > sum(e["reward"] for e in first) / 2 + 0.2
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for key in ("base_accuracy", "final_accuracy", "base_maj_accuracy", "heldout_base_accuracy",
+                "heldout_final_accuracy", "steps", "wall_seconds"):
+        assert report[key] is not None, key
+    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
+    store = open_store(f"file://{tmp_path / 'out' / 'store'}")
+    adapted = store.load_weights(store.latest_weights())
+    base = load_model(resolve_model("ttrv://tiny-qwen2vl")).state_dict()
+    assert any(not torch.equal(adapted[k], base[k]) for k in adapted)
+    assert not any("visual" in k for k in adapted)  # the frozen vision tower is never re-sent
+
+
+def test_collapse_guard_fires_and_rolls_back_to_the_healthy_weights(tmp_path):
+    """A learning rate far too high drives the policy to one degenerate answer for every prompt (the reference's
+    collapsed runs); the guard must see it from label-free signals, stop, and leave the healthy weights in place."""
+    spec = {
+        "name": "collapse",
+        "data": {"path": "ttrv://tiny-shapes/test", "subsetSize": 16},
+        "rollout": {"votes": 8, "groupSize": 8, "maxNewTokens": 3},
+        "grpo": {"lr": 0.05, "epochs": 6, "promptsPerStep": 4, "microBatchSize": 32, "warmupRatio": 0.0,
+                 "schedule": "constant"},
+        "eval": {"before": False, "after": False},
+        "resources": {"gpusPerNode": 0},
+    }
+    result = ttrv_run(tmp_path, spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    fired, healthy = report["guard_fired_at"], report["rolled_back_to"]
+    assert fired is not None and fired < 24, "the guard did not fire"
+    records = {e["step"]: e for e in events(tmp_path)}
+    assert records[fired]["entropy"] <= 0.02 and records[fired]["dominant_share"] >= 0.9
+    assert healthy is not None
+    assert not (records[healthy]["entropy"] <= 0.02 and records[healthy]["dominant_share"] >= 0.9)
+    store = open_store(f"file://{tmp_path / 'out' / 'store'}")
+    final, kept = store.load_weights(store.latest_weights()), store.load_weights(healthy)
+    assert all(torch.equal(final[k], kept[k]) for k in kept)
+    collapsed = store.load_weights(fired)
+    assert any(not torch.equal(collapsed[k], kept[k]) for k in kept)
