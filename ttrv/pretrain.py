@@ -35,7 +35,7 @@ ASSET = Path(__file__).parent / "assets" / "tiny-qwen2vl"
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 1500
+    steps: int = 3000
     """Optimiser steps."""
     batch: int = 32
     """Sequences per step."""
@@ -47,7 +47,7 @@ class PretrainConfig:
     """Share of shape questions answered with the option letter; the others name the shape."""
     seed: int = 0
     """Seed of initialisation and data order."""
-    layers: int = 2
+    layers: int = 4
     """Language-model layers."""
 
 
@@ -64,7 +64,7 @@ def pretrain(out: Path, config: PretrainConfig) -> dict:
     rng = random.Random(config.seed)
     source = read_dataset(benchmark.resolve("ttrv://tiny-shapes/source")).examples
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
-    build_tiny_qwen2vl(staging, benchmark.vocabulary(), seed=config.seed, layers=config.layers, init_std=0.02)
+    build_tiny_qwen2vl(staging, benchmark.vocabulary(), seed=config.seed, layers=config.layers)
     model = load_model(staging).train()
     processor = load_processor(staging)
     tokenizer = processor.tokenizer
