@@ -202,8 +202,13 @@ class _Context:
         return {QUEUE_LABEL: queue} if queue else {}
 
 
+# libyaml's emitter where PyYAML has it: the same text as the pure-Python one, five times faster, and the operator
+# builds a run's children on every reconcile.
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def _spec_config_map(ctx: _Context) -> dict:
-    run_yaml = yaml.safe_dump(ctx.spec.run.model_dump(mode="json"), sort_keys=False)
+    run_yaml = yaml.dump(ctx.spec.run.model_dump(mode="json"), Dumper=_YAML_DUMPER, sort_keys=False)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
