@@ -174,9 +174,10 @@ def _row(dataset: str, run: Mapping | None, spec: ExperimentSpec, active: int) -
         "progress": status.get("progress") or 0.0,
         "step": status.get("step") or 0,
         "restarts": status.get("restarts") or 0,
-        # Why a run waits or failed; a plainly running or finished run needs no words in the table.
-        "message": "" if status.get("reason") in ("TrainerRunning", "TrainerSucceeded") else status.get("message", ""),
     }
+    # Why a run waits or failed; a plainly running or finished run needs no words in the table.
+    if status.get("message") and status.get("reason") not in ("TrainerRunning", "TrainerSucceeded"):
+        row["message"] = status["message"]
     for key in ("totalSteps", "eta", "weightVersion", "baseAccuracy", "accuracy"):
         if status.get(key) is not None:
             row[key] = status[key]
@@ -202,15 +203,15 @@ def _status(previous: Mapping, rows: list[dict], spec: ExperimentSpec, rejection
                         ("Running", "Queued", "Preempted", "Suspended", "Pending", "Succeeded", "Failed") if counts.get(p))
     message = f"{summary} (at most {spec.max_parallel_runs} at once)"
     scored = [row for row in rows if row.get("baseAccuracy") is not None and row.get("accuracy") is not None]
-    failures = [f"{row['name']}: {row['message']}" for row in rows if row["phase"] == "Failed"]
+    failures = [f"{row['name']}: {row.get('message', '')}" for row in rows if row["phase"] == "Failed"]
     wanted = [
         Want("Ready", not spec.suspend, "Suspended" if spec.suspend else "RunsScheduled", message),
         Want("Running", running > 0, "RunsRunning" if running else "NoRunRunning", message),
-        Want("Succeeded", phase == "Succeeded", phase if done == total else "InProgress", message),
-        Want("Failed", failed > 0, "DatasetsFailed" if failed else "NoFailure",
-             "; ".join(failures) if failures else "no dataset failed"),
+        Want("Succeeded", phase == "Succeeded", phase if done == total else "InProgress",
+             message if phase == "Succeeded" else ""),
+        Want("Failed", failed > 0, "DatasetsFailed" if failed else "NoFailure", "; ".join(failures)),
         Want("SpecChangeRejected", rejection is not None, "SpecChangeRejected" if rejection else "SpecAccepted",
-             rejection or "the spec in force is the current spec"),
+             rejection or ""),
     ]
     status = {
         "phase": phase,
@@ -254,7 +255,7 @@ def _events(previous: Mapping, status: Mapping, rejection: str | None, annotatio
                 if row.get("baseAccuracy") is not None and row.get("accuracy") is not None else ""
             events.append(Event("Normal", "DatasetSucceeded", f"dataset {row['name']} succeeded{scores}"))
         elif row["phase"] == "Failed":
-            events.append(Event("Warning", "DatasetFailed", f"dataset {row['name']} failed: {row['message']}"))
+            events.append(Event("Warning", "DatasetFailed", f"dataset {row['name']} failed: {row.get('message', '')}"))
     if status["phase"] != previous.get("phase") and status["phase"] in ("Succeeded", "PartiallySucceeded", "Failed"):
         events.append(Event("Normal" if status["phase"] == "Succeeded" else "Warning", f"Experiment{status['phase']}",
                             f"{status['datasetsDone'] - status['datasetsFailed']} of {status['datasetsTotal']} "

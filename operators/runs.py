@@ -85,6 +85,8 @@ class Observed:
     progress: Progress | None = None
     """The trainer's progress.json, while it runs and when it ends."""
     kueue_enabled: bool = False
+    desired: Sequence[Mapping] | None = None
+    """`desired_children(run, kueue_enabled)`, when the handler has built them already (None: built here)."""
 
 
 @dataclass(frozen=True)
@@ -157,10 +159,10 @@ def decide_run(observed: Observed) -> Plan:
     except SpecError as error:
         # Only a hand edit gets here (the Experiment's schema and models vet what the operator creates).
         outcome = _Outcome("Failed", "SpecInvalid", str(error))
-        return Plan([], _status(observed, None, previous, outcome), _events(previous, outcome, name))
+        return Plan([], _status(observed, None, previous, outcome), _events(previous, outcome))
     outcome = _decide(observed, spec, previous)
     return Plan(outcome.actions, _status(observed, spec, previous, outcome),
-                outcome.events + _events(previous, outcome, name))
+                outcome.events + _events(previous, outcome))
 
 
 @dataclass
@@ -174,7 +176,8 @@ class _Outcome:
 
 
 def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome:
-    desired = {obj["kind"]: obj for obj in desired_children(o.run, o.kueue_enabled)}
+    built = o.desired if o.desired is not None else desired_children(o.run, o.kueue_enabled)
+    desired = {obj["kind"]: obj for obj in built}
     job = o.children.get(TRAINER)
     deployment = o.children.get(ROLLOUT)
     job_name = desired[TRAINER]["metadata"]["name"]
@@ -434,19 +437,20 @@ def _status(o: Observed, spec: AdaptationRunSpec | None, previous: Mapping, outc
             status["eta"] = human_duration(o.progress.remaining_seconds)
     status.update(outcome.updates)
     if outcome.phase == "Succeeded":
-        status.update(progress=100.0, estimatedRemainingSeconds=None, eta=None)
-    elif outcome.phase in TERMINAL:
+        status["progress"] = 100.0
+    if outcome.phase != "Running":  # a time left is only meaningful while the trainer runs
         status.update(estimatedRemainingSeconds=None, eta=None)
     generation = o.run["metadata"].get("generation")
     running = outcome.phase == "Running"
     ready = (running and outcome.reason == "TrainerRunning") or outcome.phase == "Succeeded"
+    finished = outcome.phase in TERMINAL
     wanted = [
         Want("Ready", ready, outcome.reason, outcome.message),
         Want("Running", running, outcome.reason, outcome.message),
-        Want("Succeeded", outcome.phase == "Succeeded",
-             outcome.reason if outcome.phase in TERMINAL else "InProgress", outcome.message),
-        Want("Failed", outcome.phase == "Failed",
-             outcome.reason if outcome.phase in TERMINAL else "InProgress", outcome.message),
+        Want("Succeeded", outcome.phase == "Succeeded", outcome.reason if finished else "InProgress",
+             outcome.message if outcome.phase == "Succeeded" else ""),
+        Want("Failed", outcome.phase == "Failed", outcome.reason if finished else "InProgress",
+             outcome.message if outcome.phase == "Failed" else ""),
     ]
     status.update(
         phase=outcome.phase,
@@ -458,9 +462,9 @@ def _status(o: Observed, spec: AdaptationRunSpec | None, previous: Mapping, outc
     return status
 
 
-def _events(previous: Mapping, outcome: _Outcome, name: str) -> list[Event]:
+def _events(previous: Mapping, outcome: _Outcome) -> list[Event]:
     """One Event per change of phase (or of the reason for waiting), so `kubectl describe` tells the story."""
     if (previous.get("phase"), previous.get("reason")) == (outcome.phase, outcome.reason):
         return []
     kind = "Warning" if outcome.phase in ("Failed", "Preempted") else "Normal"
-    return [Event(kind, outcome.reason or outcome.phase, f"{name}: {outcome.phase}: {outcome.message}")]
+    return [Event(kind, outcome.reason or outcome.phase, outcome.message)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -69,15 +70,34 @@ class Runtime:
 
 
 RUNTIME: Runtime | None = None
+class _Lock:
+    """A threading.Lock that a WeakValueDictionary can hold (the builtin lock takes no weak references)."""
+
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *_):
+        self.lock.release()
+
+
 # Timers, changes and child events of one object may run at once in kopf's thread pool: one lock per object
-# keeps two reconciles of the same object from interleaving their writes.
-_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
+# keeps two reconciles of the same object from interleaving their writes. Weak values: a lock lives only while
+# someone holds or waits for it, so the table does not grow with every object the operator has ever seen.
+_LOCKS: weakref.WeakValueDictionary[tuple[str, str, str], _Lock] = weakref.WeakValueDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
-def _lock(kind: str, namespace: str, name: str) -> threading.Lock:
+def _lock(kind: str, namespace: str, name: str) -> _Lock:
     with _LOCKS_GUARD:
-        return _LOCKS.setdefault((kind, namespace, name), threading.Lock())
+        lock = _LOCKS.get((kind, namespace, name))
+        if lock is None:
+            lock = _LOCKS[(kind, namespace, name)] = _Lock()
+        return lock
 
 
 def _now() -> datetime:
@@ -228,7 +248,8 @@ def reconcile_run(namespace: str, name: str) -> None:
         workload = _workload(kube, namespace, job) if wants_workload(job, runtime.kueue_enabled) else None
         progress = _progress(runtime, run) if wants_progress(run, job) else None
         before = (run.get("status") or {}).get("phase")
-        plan = decide_run(RunObserved(run, _now(), children, workload, pods, progress, runtime.kueue_enabled))
+        plan = decide_run(RunObserved(run, _now(), children, workload, pods, progress, runtime.kueue_enabled,
+                                      wanted))
         for action in plan.actions:
             if action.verb == "create":
                 kube.create(action.body)

@@ -15,7 +15,9 @@ over HTTP as to a cluster. `KubeStandIn` adds what the operator's logic depends 
 - label selectors (equality-based) on list and watch, field selectors on list (kubectl describe's events);
   `generateName`; list kinds; `kubectl get` tables built from the CRDs' additionalPrinterColumns;
 - the garbage collector's cascade: deleting an object deletes (background propagation) whatever names it in
-  ownerReferences, finalizers respected.
+  ownerReferences, finalizers respected;
+- no request log: kmock's grows without bound and its reactions scan it on every request (quadratic), which
+  made a long run crawl.
 
 What a real API server does differently, and the tests cannot see:
 - strategic merge patch merges lists by key; here every patch on a dict is a JSON merge patch (the operator
@@ -153,6 +155,11 @@ class KubeStandIn(kmock.KubernetesEmulator):
                 await self._publish(res, kind, obj)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        # kmock logs every request and its reactions scan that log on each new one, so each request costs more
+        # than the last; the tests assert on objects, not on requests: keep only the current one.
+        del self._requests[:-1]
+        for payload in self._payloads:
+            payload._requests.clear()
         if request.resource is None or request.action not in (Action.CREATE, Action.UPDATE, Action.DELETE):
             return await super()._handle(request)
         if request.resource not in self.kinds:
