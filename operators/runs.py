@@ -244,7 +244,8 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
     # 4a. A PyTorchJob that failed for a retryable reason: a new one after a backoff, within the budget.
     if failure is not None:
         uid = job["metadata"].get("uid")
-        if previous.get("lastRestart") == uid:
+        if previous.get("lastRestart") == uid:  # counted already; its deletion is under way
+            delete_job()
             return done("Queued", "Retrying", f"deleting the failed PyTorchJob {job_name} to start a new one")
         if restarts >= limit:
             scale_rollout(0)

@@ -337,7 +337,7 @@ def test_retryable_failure_waits_out_the_backoff_then_starts_a_new_trainer():
     assert "TrainerRetry" in [e.reason for e in due.events]
     # while the deletion is under way the same failure is not counted again
     pending = decide(run | {"status": due.status}, failing, pods=pods, now=NOW + timedelta(seconds=32))
-    assert verbs(pending) == [] and pending.status["restarts"] == 2
+    assert verbs(pending) == [("delete", "PyTorchJob")] and pending.status["restarts"] == 2
     # once the old job is gone, a new one
     fresh = decide(run | {"status": due.status}, now=NOW + timedelta(seconds=33))
     assert verbs(fresh) == [("create", "PyTorchJob")]
