@@ -153,6 +153,7 @@ def test_trainer_job_shape():
     container = trainer_container(job)
     assert container["name"] == "pytorch"
     assert container["command"] == ["torchrun", "-m", "ttrv.train", "--spec", "/etc/ttrv/run.yaml"]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"  # the operator reports it
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]

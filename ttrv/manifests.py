@@ -403,6 +403,9 @@ def _trainer_job(ctx: _Context) -> dict:
         "resources": _resources(ctx, res.gpus_per_node),
         "volumeMounts": _MOUNTS,
         "securityContext": container_security_context(),
+        # A trainer that fails leaves the tail of its log as the pod's termination message, which the operator
+        # copies into the run's status: why a run failed, without `kubectl logs` of a pod that may be gone.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
     def replica(count: int) -> dict:
