@@ -35,17 +35,8 @@ from operators.experiments import ACCEPTED_ANNOTATION, decide_experiment
 from operators.experiments import Observed as ExperimentObserved
 from operators.kube import Kube, KubeError
 from operators.progress import parse_progress, read_progress
-from operators.runs import (
-    TERMINAL,
-    decide_run,
-    desired_children,
-    wants_pods,
-    wants_progress,
-    wants_workload,
-)
-from operators.runs import (
-    Observed as RunObserved,
-)
+from operators.runs import TERMINAL, decide_run, desired_children, wants_pods, wants_progress, wants_workload
+from operators.runs import Observed as RunObserved
 from ttrv import log
 from ttrv.crds import GROUP, VERSION
 from ttrv.spec import SpecError
@@ -70,6 +61,8 @@ class Runtime:
 
 
 RUNTIME: Runtime | None = None
+
+
 class _Lock:
     """A threading.Lock that a WeakValueDictionary can hold (the builtin lock takes no weak references)."""
 
