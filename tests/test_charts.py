@@ -262,3 +262,34 @@ def test_operator_notes_show_how_to_share_minio_credentials(tmp_path):
     assert "http://rel-minio.ttrv-system.svc:9000" in notes
     assert "kubectl -n team-a create secret generic ttrv-s3" in notes
     assert "$(kubectl -n ttrv-system get secret rel-minio -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)" in notes
+
+
+@pytest.mark.parametrize("args, secret, endpoint", [
+    ([], None, None),
+    (["--set", "minio.enabled=true"], "ttrv-operator-minio", "http://ttrv-operator-minio.ttrv-system.svc:9000"),
+    (["--set", "objectStore.secretName=s3-read", "--set", "objectStore.endpoint=https://s3.example.internal"],
+     "s3-read", "https://s3.example.internal"),
+])
+def test_operator_reads_the_store_with_credentials_by_reference(args, secret, endpoint):
+    objects = helm_template("ttrv-operator", "ttrv-operator", *args, namespace="ttrv-system")
+    (deployment,) = [obj for obj in objects if obj["kind"] == "Deployment"]
+    env = {item["name"]: item for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        if secret is None:
+            assert key not in env
+        else:
+            assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key,
+                                                                             "optional": True}}}
+    assert env.get("AWS_ENDPOINT_URL", {}).get("value") == endpoint
+
+
+def test_operator_reads_every_setting_the_chart_gives_it():
+    import operators.ttrv_operator
+
+    objects = helm_template("ttrv-operator", "ttrv-operator", namespace="ttrv-system")
+    (deployment,) = [obj for obj in objects if obj["kind"] == "Deployment"]
+    names = {item["name"] for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = {name for name in names if name.startswith("TTRV_")}
+    assert settings == {"TTRV_LOG_LEVEL", "TTRV_METRICS_PORT", "TTRV_KUEUE_ENABLED", "TTRV_POLL_SECONDS"}
+    for name in settings:
+        assert name in operators.ttrv_operator.__doc__, f"{name} is set by the chart but not documented as read"

@@ -126,9 +126,9 @@ def test_names_short_names_and_columns():
     assert experiment["spec"]["names"]["shortNames"] == ["ttrvx"]
     assert run["spec"]["names"]["shortNames"] == ["arun"]
     assert [c["name"] for c in _version("ttrv.io_experiments.yaml")["additionalPrinterColumns"]] == [
-        "Phase", "Done", "Total", "Progress", "Base", "Accuracy", "Age"]
+        "Phase", "Running", "Done", "Failed", "Total", "Progress", "Base", "Accuracy", "Age"]
     assert [c["name"] for c in _version("ttrv.io_adaptationruns.yaml")["additionalPrinterColumns"]] == [
-        "Dataset", "Phase", "Progress", "Step", "Accuracy", "Restarts", "Age"]
+        "Dataset", "Phase", "Reason", "Progress", "Step", "ETA", "Base", "Accuracy", "Weights", "Restarts", "Age"]
     for crd in (experiment, run):
         assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
 

@@ -87,12 +87,12 @@ class NotInImage:
     def find_spec(self, name, path=None, target=None):
         top = name.split(".")[0]
         dists = {canonicalize_name(d) for d in owners.get(top, [])}
-        if dists and not dists & allowed and top != "ttrv":
+        if dists and not dists & allowed and top not in ("ttrv", "operators"):
             raise ModuleNotFoundError(f"{name} is not in the operator image", name=name)
         return None
 
 sys.meta_path.insert(0, NotInImage())
-import ttrv.spec, ttrv.crds, ttrv.manifests, ttrv.log
+import ttrv.spec, ttrv.crds, ttrv.manifests, ttrv.log, operators.ttrv_operator
 """
 
 

@@ -137,6 +137,8 @@ def test_config_map_holds_the_run_spec_that_the_pods_load(tmp_path):
     path.write_text(config_map["data"]["run.yaml"])
     assert load_run_spec(path) == spec.run_spec("mmmu", storage_uri="s3://bucket/prefix/team-a/exp/mmmu")
     assert config_map["metadata"]["name"] == "exp-mmmu-spec"
+    # libyaml's emitter writes what the pure-Python one would
+    assert config_map["data"]["run.yaml"] == yaml.safe_dump(yaml.safe_load(path.read_text()), sort_keys=False)
 
 
 def test_trainer_job_shape():
@@ -151,6 +153,7 @@ def test_trainer_job_shape():
     container = trainer_container(job)
     assert container["name"] == "pytorch"
     assert container["command"] == ["torchrun", "-m", "ttrv.train", "--spec", "/etc/ttrv/run.yaml"]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"  # the operator reports it
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]

@@ -179,10 +179,13 @@ def _crd(kind: str, plural: str, short_names: list[str], schema: dict, columns: 
 
 def experiment_crd() -> dict:
     return _crd("Experiment", "experiments", ["ttrvx"], _resource_schema(ExperimentSpec, ExperimentStatus, True), [
-        _column("Phase", ".status.phase", "string", "Pending, Running, Succeeded, Failed or Suspended"),
+        _column("Phase", ".status.phase", "string",
+                "Pending, Running, Succeeded, PartiallySucceeded, Failed or Suspended"),
+        _column("Running", ".status.datasetsRunning", "integer", "Datasets whose trainer is running"),
         _column("Done", ".status.datasetsDone", "integer", "Datasets whose run finished"),
+        _column("Failed", ".status.datasetsFailed", "integer", "Datasets whose run failed"),
         _column("Total", ".status.datasetsTotal", "integer", "Datasets in the experiment"),
-        _column("Progress", ".status.progress", "number", "Mean progress of the runs, percent"),
+        _column("Progress", ".status.progress", "number", "Mean progress of the datasets, percent"),
         _column("Base", ".status.baseAccuracy", "number", "Mean accuracy of the base model"),
         _column("Accuracy", ".status.accuracy", "number", "Mean accuracy of the adapted models"),
     ])
@@ -192,10 +195,15 @@ def adaptation_run_crd() -> dict:
     return _crd(
         "AdaptationRun", "adaptationruns", ["arun"], _resource_schema(AdaptationRunSpec, AdaptationRunStatus, False), [
             _column("Dataset", ".spec.dataset", "string", "Dataset of the run", priority=1),
-            _column("Phase", ".status.phase", "string", "Pending, Queued, Running, Succeeded, Failed or Suspended"),
+            _column("Phase", ".status.phase", "string",
+                    "Pending, Queued, Running, Preempted, Succeeded, Failed or Suspended"),
+            _column("Reason", ".status.reason", "string", "Why the run is in its phase", priority=1),
             _column("Progress", ".status.progress", "number", "Optimiser steps done, percent"),
             _column("Step", ".status.step", "integer", "Optimiser steps done"),
+            _column("ETA", ".status.eta", "string", "Estimated time left"),
+            _column("Base", ".status.baseAccuracy", "number", "Accuracy of the base model", priority=1),
             _column("Accuracy", ".status.accuracy", "number", "Latest accuracy of the adapted model"),
+            _column("Weights", ".status.weightVersion", "integer", "Latest weight version published", priority=1),
             _column("Restarts", ".status.restarts", "integer", "Trainer restarts after retryable failures"),
         ],
     )

@@ -202,8 +202,13 @@ class _Context:
         return {QUEUE_LABEL: queue} if queue else {}
 
 
+# libyaml's emitter where PyYAML has it: the same text as the pure-Python one, five times faster, and the operator
+# builds a run's children on every reconcile.
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def _spec_config_map(ctx: _Context) -> dict:
-    run_yaml = yaml.safe_dump(ctx.spec.run.model_dump(mode="json"), sort_keys=False)
+    run_yaml = yaml.dump(ctx.spec.run.model_dump(mode="json"), Dumper=_YAML_DUMPER, sort_keys=False)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -398,6 +403,9 @@ def _trainer_job(ctx: _Context) -> dict:
         "resources": _resources(ctx, res.gpus_per_node),
         "volumeMounts": _MOUNTS,
         "securityContext": container_security_context(),
+        # A trainer that fails leaves the tail of its log as the pod's termination message, which the operator
+        # copies into the run's status: why a run failed, without `kubectl logs` of a pod that may be gone.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
     def replica(count: int) -> dict:

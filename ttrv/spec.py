@@ -315,7 +315,8 @@ class SchedulingSpec(StrictModel):
     tolerations: list[Toleration] = [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
     """Tolerations of the GPU pods."""
     backoff_limit: Annotated[int, Field(ge=0)] = 3
-    """Retries of a trainer after a retryable exit code."""
+    """Restarts of a trainer after retryable exit codes (128-255) before its run fails; the operator counts them
+    (the training operator alone does not cap restarts under restartPolicy ExitCode)."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 3600
     """How long a finished PyTorchJob is kept."""
 
@@ -412,9 +413,16 @@ def load_experiment(path: str | Path) -> tuple[dict, ExperimentSpec]:
 # --- Cluster resources: the AdaptationRun spec and the status of both custom resources. The CRDs' schemas are
 # generated from these models (ttrv/crds.py), so the operator, `ttrv render` and the API server agree.
 
-RunPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
-"""Pending: waiting for a slot of `maxParallelRuns`; Queued: created, waiting for Kueue admission or pods;
-Running: trainer running; Succeeded / Failed: finished; Suspended: the experiment is suspended."""
+RunPhase = Literal["Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed", "Suspended"]
+"""Pending: waiting for a slot of `maxParallelRuns` (no AdaptationRun yet); Queued: created, waiting for the
+rollout service, Kueue admission, its pods or a retry; Running: trainer running; Preempted: Kueue took the quota
+back after the trainer had started (it resumes from its newest checkpoint once re-admitted); Succeeded / Failed:
+finished; Suspended: the experiment is suspended."""
+
+ExperimentPhase = Literal["Pending", "Running", "Succeeded", "PartiallySucceeded", "Failed", "Suspended"]
+"""Pending: no run has started training yet; Running: at least one has; Succeeded: every dataset succeeded;
+PartiallySucceeded: every dataset finished and some failed; Failed: every dataset failed, or the spec cannot run;
+Suspended: `suspend: true`."""
 
 
 class AdaptationRunSpec(StrictModel):
@@ -438,7 +446,7 @@ class Condition(StrictModel):
     """A Kubernetes condition (the shape of metav1.Condition)."""
 
     type: str
-    """Ready, TrainerRunning, RolloutReady, Collapsed, ..."""
+    """Ready, Running, Succeeded, Failed; SpecChangeRejected on an Experiment."""
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
     """CamelCase reason of the last transition."""
@@ -454,6 +462,8 @@ class AdaptationRunStatus(StrictModel):
     """What the controller reports about one adaptation run."""
 
     phase: RunPhase = "Pending"
+    reason: str = ""
+    """CamelCase reason of the phase (e.g. WaitingForRollout, QuotaPending, TrainerFailed)."""
     observed_generation: int | None = None
     """metadata.generation the status was computed from."""
     store_uri: str | None = None
@@ -464,14 +474,25 @@ class AdaptationRunStatus(StrictModel):
     """Optimiser steps of the whole run, once known."""
     progress: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     """Percent of the optimiser steps done."""
+    estimated_remaining_seconds: Annotated[int, Field(ge=0)] | None = None
+    """The trainer's estimate of the time left, in seconds."""
+    eta: str | None = None
+    """The same estimate for people, e.g. 1h20m."""
     weight_version: Annotated[int, Field(ge=0)] | None = None
     """Latest weight version published to the store."""
+    checkpoint_step: Annotated[int, Field(ge=0)] | None = None
+    """Step of the newest full checkpoint: where a restarted or preempted trainer resumes."""
     base_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Greedy accuracy of the base model (eval before adapting)."""
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Latest greedy accuracy of the adapted model."""
     restarts: Annotated[int, Field(ge=0)] = 0
-    """Trainer restarts after retryable failures."""
+    """Trainer restarts after retryable failures (in place by the training operator, or a new PyTorchJob)."""
+    last_restart: str | None = None
+    """Marker of the last restart counted (a Restarting condition's time, or a failed PyTorchJob's uid), so that
+    each restart is counted once."""
+    exit_code: int | None = None
+    """Exit code of the trainer's last failed container, when seen."""
     start_time: str | None = None
     """RFC 3339 time the trainer started."""
     completion_time: str | None = None
@@ -491,27 +512,42 @@ class DatasetStatus(StrictModel):
     phase: RunPhase = "Pending"
     progress: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     """Percent of the run's optimiser steps done."""
+    step: Annotated[int, Field(ge=0)] = 0
+    """Optimiser steps done."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimiser steps of the whole run, once known."""
+    eta: str | None = None
+    """Estimated time left, e.g. 1h20m."""
+    weight_version: Annotated[int, Field(ge=0)] | None = None
+    """Latest weight version published to the store."""
+    restarts: Annotated[int, Field(ge=0)] = 0
+    """Trainer restarts after retryable failures."""
     base_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Greedy accuracy of the base model."""
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Latest greedy accuracy of the adapted model."""
+    message: str = ""
+    """Why the run is in its phase (set while it is not plainly running or done)."""
 
 
 class ExperimentStatus(StrictModel):
     """What the controller reports about an experiment as a whole."""
 
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"] = "Pending"
-    """Succeeded when every run succeeded; Failed when every run finished and one failed."""
+    phase: ExperimentPhase = "Pending"
     observed_generation: int | None = None
     """metadata.generation the status was computed from."""
     datasets_total: Annotated[int, Field(ge=0)] = 0
     """Datasets in the experiment."""
+    datasets_running: Annotated[int, Field(ge=0)] = 0
+    """Datasets whose trainer is running."""
     datasets_done: Annotated[int, Field(ge=0)] = 0
     """Datasets whose run finished (succeeded or failed)."""
+    datasets_failed: Annotated[int, Field(ge=0)] = 0
+    """Datasets whose run failed."""
     progress: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
-    """Mean progress of all datasets' runs, in percent."""
+    """Mean progress over all datasets, in percent (a finished run counts 100)."""
     base_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    """Mean base-model accuracy over the datasets that report one."""
+    """Mean base-model accuracy over the datasets that report both accuracies."""
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Mean current accuracy over the same datasets."""
     datasets: list[DatasetStatus] = []

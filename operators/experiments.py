@@ -1,0 +1,271 @@
+"""What to do about one Experiment, decided from what the API shows; no I/O here.
+
+`decide_experiment(Observed) -> Plan`: which AdaptationRuns to create or patch, the spec to keep applying, the
+Experiment's whole status and the Events to post.
+
+- Scheduling: one AdaptationRun per dataset, created in the order of `spec.datasets` while fewer than
+  `maxParallelRuns` runs are active (not Succeeded or Failed); the others wait Pending, with no object yet. A
+  failed dataset frees its slot like a finished one, so one failure never stops the others.
+- Spec changes: the spec the operator applies is the last one it accepted, kept in the annotation
+  `ttrv.io/accepted-spec` (so a restart of the operator knows it). A change of `maxParallelRuns` or `suspend`
+  only is accepted; any other change is rejected as a whole (condition SpecChangeRejected names the fields) and
+  the accepted spec stays in force until the spec matches it again: never half-applied.
+- `suspend` reaches the runs through their `spec.suspend` (runs.py suspends their children).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from operators.conditions import Event, Want, set_conditions
+from ttrv.crds import API_VERSION
+from ttrv.manifests import adaptation_run, resource_dump
+from ttrv.spec import ExperimentSpec, SpecError, format_validation_error
+
+ACCEPTED_ANNOTATION = "ttrv.io/accepted-spec"
+MUTABLE_FIELDS = ("maxParallelRuns", "suspend")
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Observed:
+    experiment: Mapping
+    runs: Sequence[Mapping]
+    """AdaptationRuns labelled with the experiment's name; only those it owns (by uid) are used."""
+    now: datetime
+
+
+@dataclass
+class Plan:
+    accepted_annotation: str | None
+    """The accepted spec to store in the annotation, when it changes."""
+    create: list[dict] = field(default_factory=list)
+    patch: list[tuple[str, dict]] = field(default_factory=list)
+    """(AdaptationRun name, merge patch)."""
+    status: dict = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+
+
+def decide_experiment(observed: Observed) -> Plan:
+    experiment = observed.experiment
+    meta = experiment["metadata"]
+    previous = dict(experiment.get("status") or {})
+    generation = meta.get("generation")
+    accepted, annotation, rejection, invalid = resolve_spec(experiment)
+    events: list[Event] = []
+    if invalid is not None:
+        status = _status_of_invalid(previous, invalid, observed.now, generation)
+        if previous.get("message") != status["message"]:
+            events.append(Event("Warning", "SpecInvalid", invalid))
+        return Plan(None, status=status, events=events)
+    assert accepted is not None
+
+    runs = {run["spec"]["dataset"]: run for run in observed.runs
+            if _owned_by(run, meta.get("uid")) and "dataset" in (run.get("spec") or {})}
+    active = [d.name for d in accepted.datasets if d.name in runs and _phase(runs[d.name]) not in TERMINAL]
+    slots = 0 if accepted.suspend else max(0, accepted.max_parallel_runs - len(active))
+
+    create, patch = [], []
+    for index, dataset in enumerate(accepted.datasets, start=1):
+        run = runs.get(dataset.name)
+        if run is None and slots > 0:
+            runs[dataset.name] = run = adaptation_run(meta, accepted, dataset.name)
+            create.append(run)
+            slots -= 1
+            events.append(Event("Normal", "RunCreated", f"dataset {dataset.name} ({index} of "
+                                f"{len(accepted.datasets)}): created AdaptationRun {run['metadata']['name']}"))
+        elif run is not None and _phase(run) not in TERMINAL and \
+                bool(run["spec"].get("suspend")) != accepted.suspend:
+            patch.append((run["metadata"]["name"], {"spec": {"suspend": accepted.suspend}}))
+    rows = [_row(d.name, runs.get(d.name), accepted, len(active) + len(create)) for d in accepted.datasets]
+
+    status = _status(previous, rows, accepted, rejection, observed.now, generation)
+    events += _events(previous, status, rejection, annotation, experiment)
+    return Plan(annotation, create, patch, status, events)
+
+
+# --- the spec in force ---------------------------------------------------------------------------------------
+
+def resolve_spec(experiment: Mapping) -> tuple[ExperimentSpec | None, str | None, str | None, str | None]:
+    """(spec in force, annotation to write or None, why the current spec was rejected, why no spec can run)."""
+    meta = experiment["metadata"]
+    stored = (meta.get("annotations") or {}).get(ACCEPTED_ANNOTATION)
+    current, error = _validate(meta, experiment.get("spec"))
+    if stored is None:
+        if current is None:
+            return None, None, None, error
+        return current, canonical_json(current), None, None
+    accepted, stored_error = _validate(meta, json.loads(stored))
+    if accepted is None:  # written by this operator from a valid spec, so only a hand edit gets here
+        return None, None, None, f"annotation {ACCEPTED_ANNOTATION} is not a valid spec: {stored_error}"
+    if current is None:
+        return accepted, None, f"the new spec is invalid ({error}); still applying the last accepted spec", None
+    changed = spec_changes(resource_dump(accepted), resource_dump(current))
+    if not changed:
+        return accepted, None, None, None
+    frozen = [path for path in changed if path.split(".")[0].split("[")[0] not in MUTABLE_FIELDS]
+    if frozen:
+        return accepted, None, (
+            f"{', '.join(frozen)} cannot change while the experiment exists (only {', '.join(MUTABLE_FIELDS)} "
+            "can); revert them, or delete and recreate the experiment. Still applying the last accepted spec"
+        ), None
+    return current, canonical_json(current), None, None
+
+
+def _validate(meta: Mapping, document: Any) -> tuple[ExperimentSpec | None, str]:
+    """The spec if it can run in the cluster: the models' rules and the builders' (an s3:// store, DNS names)."""
+    try:
+        spec = ExperimentSpec.model_validate(dict(document or {}))
+        adaptation_run(meta, spec, spec.datasets[0].name)
+    except ValidationError as error:
+        return None, format_validation_error(error, "spec").replace("\n", "; ")
+    except SpecError as error:
+        return None, str(error)
+    return spec, ""
+
+
+def canonical_json(spec: ExperimentSpec) -> str:
+    return json.dumps(resource_dump(spec), sort_keys=True, separators=(",", ":"))
+
+
+def spec_changes(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths where two spec documents differ, e.g. ['datasets[1].path', 'grpo.lr']."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes = []
+        for key in sorted(set(old) | set(new)):
+            changes += spec_changes(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return changes
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        changes = []
+        for index, (a, b) in enumerate(zip(old, new, strict=True)):
+            changes += spec_changes(a, b, f"{path}[{index}]")
+        return changes
+    return [] if old == new else [path or "(spec)"]
+
+
+# --- status --------------------------------------------------------------------------------------------------
+
+def _owned_by(run: Mapping, uid: str | None) -> bool:
+    return any(ref.get("uid") == uid and ref.get("kind") == "Experiment" and ref.get("apiVersion") == API_VERSION
+               for ref in run["metadata"].get("ownerReferences") or [])
+
+
+def _phase(run: Mapping) -> str:
+    return (run.get("status") or {}).get("phase") or "Queued"
+
+
+def _row(dataset: str, run: Mapping | None, spec: ExperimentSpec, active: int) -> dict:
+    if run is None:
+        why = "the experiment is suspended" if spec.suspend else \
+            f"waiting for a slot: {active} of {spec.max_parallel_runs} runs active (maxParallelRuns)"
+        return {"name": dataset, "phase": "Pending", "progress": 0.0, "step": 0, "restarts": 0, "message": why}
+    status = run.get("status") or {}
+    phase = _phase(run)
+    row = {
+        "name": dataset,
+        "run": run["metadata"]["name"],
+        "phase": phase,
+        "progress": status.get("progress") or 0.0,
+        "step": status.get("step") or 0,
+        "restarts": status.get("restarts") or 0,
+    }
+    # Why a run waits or failed; a plainly running or finished run needs no words in the table.
+    if status.get("message") and status.get("reason") not in ("TrainerRunning", "TrainerSucceeded"):
+        row["message"] = status["message"]
+    for key in ("totalSteps", "eta", "weightVersion", "baseAccuracy", "accuracy"):
+        if status.get(key) is not None:
+            row[key] = status[key]
+    return row
+
+
+def _status(previous: Mapping, rows: list[dict], spec: ExperimentSpec, rejection: str | None, now: datetime,
+            generation: int | None) -> dict:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["phase"]] = counts.get(row["phase"], 0) + 1
+    total, done, failed = len(rows), counts.get("Succeeded", 0) + counts.get("Failed", 0), counts.get("Failed", 0)
+    running = counts.get("Running", 0)
+    if done == total:
+        phase = "Succeeded" if not failed else "Failed" if failed == total else "PartiallySucceeded"
+    elif spec.suspend:
+        phase = "Suspended"
+    elif running or done or counts.get("Preempted"):
+        phase = "Running"
+    else:
+        phase = "Pending"
+    summary = ", ".join(f"{counts[p]} {p.lower()}" for p in
+                        ("Running", "Queued", "Preempted", "Suspended", "Pending", "Succeeded", "Failed") if counts.get(p))
+    message = f"{summary} (at most {spec.max_parallel_runs} at once)"
+    scored = [row for row in rows if row.get("baseAccuracy") is not None and row.get("accuracy") is not None]
+    failures = [f"{row['name']}: {row.get('message', '')}" for row in rows if row["phase"] == "Failed"]
+    wanted = [
+        Want("Ready", not spec.suspend, "Suspended" if spec.suspend else "RunsScheduled", message),
+        Want("Running", running > 0, "RunsRunning" if running else "NoRunRunning", message),
+        Want("Succeeded", phase == "Succeeded", phase if done == total else "InProgress",
+             message if phase == "Succeeded" else ""),
+        Want("Failed", failed > 0, "DatasetsFailed" if failed else "NoFailure", "; ".join(failures)),
+        Want("SpecChangeRejected", rejection is not None, "SpecChangeRejected" if rejection else "SpecAccepted",
+             rejection or ""),
+    ]
+    status = {
+        "phase": phase,
+        "observedGeneration": generation,
+        "datasetsTotal": total,
+        "datasetsRunning": running,
+        "datasetsDone": done,
+        "datasetsFailed": failed,
+        "progress": round(sum(100.0 if r["phase"] in TERMINAL else r["progress"] for r in rows) / total, 2),
+        "baseAccuracy": _mean([r["baseAccuracy"] for r in scored]),
+        "accuracy": _mean([r["accuracy"] for r in scored]),
+        "datasets": rows,
+        "message": message,
+        "conditions": set_conditions(previous.get("conditions") or [], wanted, now, generation),
+    }
+    return status
+
+
+def _status_of_invalid(previous: Mapping, error: str, now: datetime, generation: int | None) -> dict:
+    message = f"the spec cannot run: {error}"
+    wanted = [Want("Ready", False, "SpecInvalid", message), Want("Running", False, "SpecInvalid", message),
+              Want("Succeeded", False, "SpecInvalid", message), Want("Failed", True, "SpecInvalid", message)]
+    return {"phase": "Failed", "observedGeneration": generation, "message": message,
+            "conditions": set_conditions(previous.get("conditions") or [], wanted, now, generation)}
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _events(previous: Mapping, status: Mapping, rejection: str | None, annotation: str | None,
+            experiment: Mapping) -> list[Event]:
+    events = []
+    before = {row.get("name"): row for row in previous.get("datasets") or []}
+    for row in status["datasets"]:
+        old = before.get(row["name"], {}).get("phase")
+        if row["phase"] == old:
+            continue
+        if row["phase"] == "Succeeded":
+            scores = f": accuracy {row['baseAccuracy']:.3f} -> {row['accuracy']:.3f}" \
+                if row.get("baseAccuracy") is not None and row.get("accuracy") is not None else ""
+            events.append(Event("Normal", "DatasetSucceeded", f"dataset {row['name']} succeeded{scores}"))
+        elif row["phase"] == "Failed":
+            events.append(Event("Warning", "DatasetFailed", f"dataset {row['name']} failed: {row.get('message', '')}"))
+    if status["phase"] != previous.get("phase") and status["phase"] in ("Succeeded", "PartiallySucceeded", "Failed"):
+        events.append(Event("Normal" if status["phase"] == "Succeeded" else "Warning", f"Experiment{status['phase']}",
+                            f"{status['datasetsDone'] - status['datasetsFailed']} of {status['datasetsTotal']} "
+                            f"datasets succeeded"))
+    was_rejected = any(c.get("type") == "SpecChangeRejected" and c.get("status") == "True"
+                       for c in previous.get("conditions") or [])
+    if rejection is not None and not was_rejected:
+        events.append(Event("Warning", "SpecChangeRejected", rejection))
+    stored = (experiment["metadata"].get("annotations") or {}).get(ACCEPTED_ANNOTATION)
+    if annotation is not None and stored is not None:
+        changed = spec_changes(json.loads(stored), json.loads(annotation))
+        events.append(Event("Normal", "SpecChangeAccepted", f"applying the changed {', '.join(changed)}"))
+    return events

@@ -1,0 +1,95 @@
+"""A run's progress as its trainer reports it: the `progress.json` contract, and the one function that reads it.
+
+The trainer's rank 0 writes `<store prefix>/progress.json` after every optimiser step (the store prefix is the
+AdaptationRun's `spec.run.storage.uri`). Its shape follows the trainer status of Kubeflow KEP-2779; these keys
+are the contract between trainer and operator:
+
+    progressPercentage         number 0-100   optimiser steps done, percent
+    estimatedRemainingSeconds  integer >= 0   the trainer's estimate of the time left
+    step                       integer >= 0   optimiser steps done
+    totalSteps                 integer >= 0   optimiser steps of the whole run
+    weightVersion              integer >= 0   newest weight version published to the store
+    checkpointStep             integer >= 0   step of the newest full checkpoint (where a restart resumes)
+    baseAccuracy               number 0-1     greedy accuracy of the base model (eval before adapting)
+    accuracy                   number 0-1     newest greedy accuracy of the adapted model
+    metrics                    {name: number} the step's metrics; the operator does not copy them into status
+
+Every key is optional. Unknown keys are ignored; a key with the wrong type or out of range is dropped (and named
+in `Progress.problems`) while the others are used, because the AdaptationRun's schema would reject the whole
+status write over one bad value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+PROGRESS_KEY = "progress.json"
+# How long one read may keep retrying an unreachable store: the poll comes back every interval anyway.
+STORE_RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    percentage: float | None = None
+    remaining_seconds: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    weight_version: int | None = None
+    checkpoint_step: int | None = None
+    base_accuracy: float | None = None
+    accuracy: float | None = None
+    problems: tuple[str, ...] = ()
+
+
+# key in progress.json → (field of Progress, integer?, lowest, highest)
+_FIELDS = {
+    "progressPercentage": ("percentage", False, 0.0, 100.0),
+    "estimatedRemainingSeconds": ("remaining_seconds", True, 0, None),
+    "step": ("step", True, 0, None),
+    "totalSteps": ("total_steps", True, 0, None),
+    "weightVersion": ("weight_version", True, 0, None),
+    "checkpointStep": ("checkpoint_step", True, 0, None),
+    "baseAccuracy": ("base_accuracy", False, 0.0, 1.0),
+    "accuracy": ("accuracy", False, 0.0, 1.0),
+}
+
+
+def parse_progress(document: Any) -> Progress:
+    """The contract's keys of a decoded progress.json, each checked on its own (see the module docstring)."""
+    if not isinstance(document, Mapping):
+        return Progress(problems=(f"progress.json is a {type(document).__name__}, not an object",))
+    values: dict[str, Any] = {}
+    problems = []
+    for key, (name, integer, low, high) in _FIELDS.items():
+        value = document.get(key)
+        if value is None:
+            continue
+        # bool is an int in Python, and a float with a fraction is no step count.
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if integer and numeric and float(value).is_integer():
+            value = int(value)
+        elif integer or not numeric:
+            problems.append(f"{key}: {value!r} is not {'an integer' if integer else 'a number'}")
+            continue
+        if value < low or (high is not None and value > high):
+            problems.append(f"{key}: {value!r} is outside [{low}, {high if high is not None else 'inf'}]")
+            continue
+        values[name] = value if integer else float(value)
+    return Progress(**values, problems=tuple(problems))
+
+
+def read_progress(store_uri: str, endpoint: str | None = None) -> dict | None:
+    """The decoded progress.json of the run stored at `store_uri`, or None while its trainer has written none.
+
+    This is the operator's only seam to the object store (ttrv.store, which brings credentials from
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the endpoint from `endpoint` or AWS_ENDPOINT_URL). The kopf tests
+    replace this function with a fake; the store's own tests cover what is behind it.
+    """
+    # Imported on use: the operator schedules and reports runs without the store, and only this read needs it.
+    from ttrv.store import open_store
+
+    with open_store(store_uri, endpoint, retry_seconds=STORE_RETRY_SECONDS) as store:
+        return store.get_json(PROGRESS_KEY)

@@ -1,0 +1,471 @@
+"""What to do about one AdaptationRun, decided from what the API shows; no I/O here.
+
+`decide_run(Observed) -> Plan`: the children to create, patch or delete, the run's whole status, and the Events
+to post. The handlers in ttrv_operator.py read the world, call this, and apply the plan; everything the next
+decision needs is in the API (the run's status included), so an operator restart loses nothing.
+
+The rules, in the order they apply:
+
+1. A finished run stays finished: its PyTorchJob may be garbage-collected (ttlSecondsAfterFinished) and must not
+   come back. Its rollout service stays at zero replicas, and a trainer the operator gave up on is deleted.
+2. The trainer's end decides: PyTorchJob Succeeded → Succeeded; Failed with a permanent exit code (1-127, see
+   ttrv/exitcodes.py) → Failed, with the trainer's exit code and termination message.
+3. `spec.suspend` (set by the Experiment): rollout scaled to zero; the PyTorchJob suspended
+   (runPolicy.suspend) or, when Kueue manages it, deleted, because Kueue unsuspends any suspended job whose
+   Workload is admitted. Either way the pods get SIGTERM, the trainer checkpoints, and it resumes from its newest
+   checkpoint later.
+4. Retryable failures. With `restartPolicy: ExitCode` the training operator restarts a replica that exits
+   128-255 in place, but (v1.9) it never counts those restarts against runPolicy.backoffLimit
+   (kubeflow/trainer#2045), so the operator keeps the budget: each restart it sees (a new Restarting condition)
+   counts, and past `scheduling.backoffLimit` the run fails and its PyTorchJob is deleted. A PyTorchJob that
+   failed for a retryable reason (a retryable exit code, or the training operator's own backoff or deadline)
+   is deleted and created again after 30 s x 2^restarts (at most 10 min), within the same budget.
+5. The trainer waits for the rollout service: the PyTorchJob is created only once the rollout Deployment reports
+   a ready replica. (Creating it suspended and unsuspending it later would make the operator a third writer of
+   runPolicy.suspend, next to Kueue and the user's `suspend`; creating it late leaves suspend to them.)
+6. A suspended PyTorchJob under Kueue is Queued (never ran: waiting for quota) or Preempted (ran, then Kueue took
+   the quota back); the reason comes from the Kueue Workload's conditions when the operator may read them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from operators.conditions import (
+    Event,
+    Want,
+    condition,
+    human_duration,
+    is_true,
+    parse_time,
+    rfc3339,
+    set_conditions,
+)
+from operators.progress import Progress
+from ttrv import exitcodes
+from ttrv.manifests import TRAINER_CONTAINER, run_children
+from ttrv.spec import AdaptationRunSpec, SpecError, parse_spec
+
+TERMINAL = ("Succeeded", "Failed")
+RETRY_BASE_SECONDS = 30
+RETRY_MAX_SECONDS = 600
+TRAINER = "PyTorchJob"
+ROLLOUT = "Deployment"
+# What the training operator writes into a Failed condition when it gave up for a reason other than an exit code
+# (pkg/controller.v1/common/job.go): those failures are worth another PyTorchJob.
+_RETRYABLE_FAILURE_MARKERS = ("backoff limit", "deadline")
+_EXIT_MEANINGS = {
+    exitcodes.PERMANENT_FAILURE: "permanent failure",
+    exitcodes.BAD_SPEC: "bad spec",
+    exitcodes.BAD_DATA: "bad data",
+    exitcodes.BAD_MODEL: "bad model",
+    exitcodes.PREEMPTED: "terminated (SIGTERM)",
+    exitcodes.STORE_UNAVAILABLE: "object store unavailable",
+    exitcodes.ROLLOUT_UNAVAILABLE: "rollout service unavailable",
+    exitcodes.LOST_PEER: "lost a peer rank",
+    137: "killed (SIGKILL, often out of memory)",
+}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the handler read for one decision."""
+
+    run: Mapping
+    now: datetime
+    children: Mapping[str, Mapping] = field(default_factory=dict)
+    """The run's children that exist, by kind (ConfigMap, Deployment, Service, NetworkPolicy, PyTorchJob)."""
+    workload: Mapping | None = None
+    """The Kueue Workload of the PyTorchJob, when Kueue is enabled and the job is suspended."""
+    pods: Sequence[Mapping] = ()
+    """The trainer's pods, when the PyTorchJob failed or is restarting (for exit codes and messages)."""
+    progress: Progress | None = None
+    """The trainer's progress.json, while it runs and when it ends."""
+    kueue_enabled: bool = False
+    desired: Sequence[Mapping] | None = None
+    """`desired_children(run, kueue_enabled)`, when the handler has built them already (None: built here)."""
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: str  # create, patch or delete
+    kind: str
+    name: str
+    body: Mapping | None = None  # the object to create, or the merge patch
+
+
+@dataclass
+class Plan:
+    actions: list[Action]
+    status: dict
+    events: list[Event]
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int
+    message: str
+
+    def describe(self) -> str:
+        meaning = _EXIT_MEANINGS.get(self.code) or (f"signal {self.code - 128}" if self.code > 128 else "")
+        text = f"exit code {self.code}" + (f" ({meaning})" if meaning else "")
+        return text + (f": {self.message.strip()}" if self.message.strip() else "")
+
+
+# --- what the handler needs to read ------------------------------------------------------------------------------
+
+def effective_run(run: Mapping, kueue_enabled: bool) -> dict:
+    """The run as its children are built: with Kueue off in the operator, `scheduling.queueName` is ignored
+    (no queue label, nothing created suspended for an admission that would never come)."""
+    result = copy.deepcopy(dict(run))
+    if not kueue_enabled:
+        result.get("spec", {}).get("scheduling", {}).pop("queueName", None)
+    return result
+
+
+def desired_children(run: Mapping, kueue_enabled: bool) -> list[dict]:
+    """The run's children as the builders make them (names and kinds are what the handler reads)."""
+    return run_children(effective_run(run, kueue_enabled))
+
+
+def wants_pods(job: Mapping | None) -> bool:
+    conditions = (job or {}).get("status", {}).get("conditions")
+    return is_true(conditions, "Failed") or is_true(conditions, "Restarting")
+
+
+def wants_workload(job: Mapping | None, kueue_enabled: bool) -> bool:
+    return kueue_enabled and job is not None and _suspended(job)
+
+
+def wants_progress(run: Mapping, job: Mapping | None) -> bool:
+    """Progress is read while the trainer runs and once more as it ends (for the final accuracy)."""
+    if (run.get("status") or {}).get("phase") in TERMINAL or job is None:
+        return False
+    conditions = job.get("status", {}).get("conditions")
+    return any(is_true(conditions, kind) for kind in ("Running", "Restarting", "Succeeded", "Failed"))
+
+
+# --- the decision ------------------------------------------------------------------------------------------------
+
+def decide_run(observed: Observed) -> Plan:
+    run = observed.run
+    previous = dict(run.get("status") or {})
+    name = run["metadata"]["name"]
+    try:
+        spec = parse_spec(dict(run.get("spec") or {}), AdaptationRunSpec, f"AdaptationRun {name}: spec")
+    except SpecError as error:
+        # Only a hand edit gets here (the Experiment's schema and models vet what the operator creates).
+        outcome = _Outcome("Failed", "SpecInvalid", str(error))
+        return Plan([], _status(observed, None, previous, outcome), _events(previous, outcome))
+    outcome = _decide(observed, spec, previous)
+    return Plan(outcome.actions, _status(observed, spec, previous, outcome),
+                outcome.events + _events(previous, outcome))
+
+
+@dataclass
+class _Outcome:
+    phase: str
+    reason: str
+    message: str
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    updates: dict = field(default_factory=dict)  # status fields besides phase, reason and message
+
+
+def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome:
+    built = o.desired if o.desired is not None else desired_children(o.run, o.kueue_enabled)
+    desired = {obj["kind"]: obj for obj in built}
+    job = o.children.get(TRAINER)
+    deployment = o.children.get(ROLLOUT)
+    job_name = desired[TRAINER]["metadata"]["name"]
+    actions: list[Action] = []
+    events: list[Event] = []
+
+    def scale_rollout(replicas: int) -> None:
+        if deployment is not None and deployment.get("spec", {}).get("replicas") != replicas:
+            actions.append(Action("patch", ROLLOUT, deployment["metadata"]["name"], {"spec": {"replicas": replicas}}))
+
+    def delete_job() -> None:
+        actions.append(Action("delete", TRAINER, job_name))
+
+    def done(phase: str, reason: str, message: str, **updates) -> _Outcome:
+        return _Outcome(phase, reason, message, actions, events, updates)
+
+    # 1. Finished runs stay finished.
+    if previous.get("phase") in TERMINAL:
+        scale_rollout(0)
+        if job is not None and not _finished(job):
+            delete_job()
+        return done(previous["phase"], previous.get("reason", ""), previous.get("message", ""))
+
+    # Children other than the trainer exist whatever happens next (the rollout Deployment starts at zero
+    # replicas when the run is suspended: the builder reads spec.suspend).
+    missing = [obj for kind, obj in desired.items() if kind != TRAINER and kind not in o.children]
+    if missing:
+        actions += [Action("create", obj["kind"], obj["metadata"]["name"], obj) for obj in missing]
+        events.append(Event("Normal", "Created", "created " + ", ".join(
+            f"{obj['kind']} {obj['metadata']['name']}" for obj in missing)))
+
+    conditions = (job or {}).get("status", {}).get("conditions") or []
+    resume_from = _resume_note(o, previous)
+
+    # 2. The trainer's end decides.
+    if job is not None and is_true(conditions, "Succeeded"):
+        scale_rollout(0)
+        finished_at = condition(conditions, "Succeeded").get("lastTransitionTime") or rfc3339(o.now)
+        return done("Succeeded", "TrainerSucceeded", f"PyTorchJob {job_name} succeeded",
+                    completionTime=finished_at)
+    failure = _failure(job, o.pods) if job is not None and is_true(conditions, "Failed") else None
+    if failure is not None and failure.permanent:
+        scale_rollout(0)
+        return done("Failed", "TrainerFailed", f"trainer failed with {failure.describe()}",
+                    completionTime=failure.at or rfc3339(o.now), exitCode=failure.exit_code)
+
+    managed = o.kueue_enabled and bool(spec.scheduling.queue_name)
+
+    # 3. Suspended by the experiment.
+    if spec.suspend:
+        scale_rollout(0)
+        if job is not None:
+            if managed or failure is not None:
+                delete_job()
+            elif not _suspended(job):
+                actions.append(Action("patch", TRAINER, job_name, {"spec": {"runPolicy": {"suspend": True}}}))
+        return done("Suspended", "Suspended", f"the experiment is suspended; {resume_from} when it resumes")
+
+    if "Deployment" in desired:
+        scale_rollout(1)
+    restarts = int(previous.get("restarts") or 0)
+    limit = spec.scheduling.backoff_limit
+
+    # 4a. A PyTorchJob that failed for a retryable reason: a new one after a backoff, within the budget.
+    if failure is not None:
+        uid = job["metadata"].get("uid")
+        if previous.get("lastRestart") == uid:  # counted already; its deletion is under way
+            delete_job()
+            return done("Queued", "Retrying", f"deleting the failed PyTorchJob {job_name} to start a new one")
+        if restarts >= limit:
+            scale_rollout(0)
+            delete_job()
+            return done("Failed", "RetriesExhausted",
+                        f"trainer failed with {failure.describe()} after {restarts} restarts "
+                        f"(scheduling.backoffLimit {limit})", completionTime=rfc3339(o.now),
+                        exitCode=failure.exit_code)
+        failed_at = parse_time(failure.at) or o.now
+        due = failed_at + timedelta(seconds=retry_delay(restarts))
+        if o.now < due:
+            return done("Queued", "RetryBackoff",
+                        f"trainer failed with {failure.describe()}; a new trainer starts in "
+                        f"{human_duration((due - o.now).total_seconds())} (restart {restarts + 1} of {limit}) "
+                        f"and {resume_from}", exitCode=failure.exit_code)
+        delete_job()
+        events.append(Event("Warning", "TrainerRetry",
+                            f"trainer failed with {failure.describe()}; starting a new PyTorchJob "
+                            f"(restart {restarts + 1} of {limit})"))
+        return done("Queued", "Retrying", f"starting a new trainer (restart {restarts + 1} of {limit}); "
+                    f"{resume_from}", restarts=restarts + 1, lastRestart=uid, exitCode=failure.exit_code)
+
+    # 4b. In-place restarts by the training operator: counted here, since it does not count them itself.
+    restarting = condition(conditions, "Restarting") if is_true(conditions, "Restarting") else None
+    if restarting is not None:
+        stamp = restarting.get("lastTransitionTime") or restarting.get("lastUpdateTime") or ""
+        updates: dict = {}
+        if stamp != previous.get("lastRestart"):
+            restarts += 1
+            exit_ = _trainer_exit(o.pods)
+            updates = {"restarts": restarts, "lastRestart": stamp}
+            if exit_ is not None:
+                updates["exitCode"] = exit_.code
+            events.append(Event("Warning", "TrainerRestarted",
+                                f"the training operator restarted the trainer"
+                                f"{' after ' + exit_.describe() if exit_ else ''} (restart {restarts} of {limit})"))
+        if restarts > limit:
+            scale_rollout(0)
+            delete_job()
+            return done("Failed", "RetriesExhausted",
+                        f"trainer restarted {restarts} times, more than scheduling.backoffLimit {limit}: "
+                        f"{restarting.get('message', '')}".rstrip(": "), completionTime=rfc3339(o.now), **updates)
+        return done("Running", "TrainerRestarting",
+                    f"the training operator is restarting the trainer (restart {restarts} of {limit}); "
+                    f"{resume_from}", **updates)
+
+    # 5. No trainer yet: it waits for the rollout service.
+    if job is None:
+        if "Deployment" in desired and not _ready(deployment):
+            ready = (deployment or {}).get("status", {}).get("readyReplicas", 0) or 0
+            return done("Queued", "WaitingForRollout",
+                        f"rollout service {desired['Deployment']['metadata']['name']} has {ready} of 1 replicas "
+                        "ready; the trainer starts once it is ready")
+        actions.append(Action("create", TRAINER, job_name, desired[TRAINER]))
+        queued = f"; waiting for Kueue to admit it from LocalQueue {spec.scheduling.queue_name}" if managed else ""
+        return done("Queued", "TrainerCreated", f"created PyTorchJob {job_name}{queued}")
+
+    # 6. A suspended trainer: resumed by the operator, or held by Kueue.
+    if _suspended(job):
+        if not managed:
+            actions.append(Action("patch", TRAINER, job_name, {"spec": {"runPolicy": {"suspend": False}}}))
+            return done("Queued", "Resuming", f"unsuspending PyTorchJob {job_name}; {resume_from}")
+        if condition(conditions, "Running") is not None:  # it ran, and Kueue suspended it again
+            reason, message = _kueue_preemption(o.workload)
+            return done("Preempted", reason, f"{message}; {resume_from} when Kueue admits it again")
+        reason, message = _kueue_pending(o.workload, spec.scheduling.queue_name)
+        return done("Queued", reason, message)
+
+    if is_true(conditions, "Running"):
+        started = previous.get("startTime") or job.get("status", {}).get("startTime") or rfc3339(o.now)
+        return done("Running", "TrainerRunning", f"PyTorchJob {job_name} is running", startTime=started)
+    return done("Queued", "WaitingForPods", f"PyTorchJob {job_name} is admitted; waiting for its pods to start")
+
+
+def retry_delay(restarts: int) -> int:
+    """Seconds between a retryable failure and the next trainer: 30, 60, 120, ... at most 600."""
+    return min(RETRY_BASE_SECONDS * 2 ** restarts, RETRY_MAX_SECONDS)
+
+
+# --- reading the children ----------------------------------------------------------------------------------------
+
+def _finished(job: Mapping) -> bool:
+    conditions = job.get("status", {}).get("conditions")
+    return is_true(conditions, "Succeeded") or is_true(conditions, "Failed")
+
+
+def _suspended(job: Mapping) -> bool:
+    return bool(job.get("spec", {}).get("runPolicy", {}).get("suspend"))
+
+
+def _ready(deployment: Mapping | None) -> bool:
+    return deployment is not None and (deployment.get("status", {}).get("readyReplicas") or 0) >= 1
+
+
+@dataclass(frozen=True)
+class _Failure:
+    permanent: bool
+    exit_code: int | None
+    detail: str
+    at: str | None
+
+    def describe(self) -> str:
+        return self.detail
+
+
+def _failure(job: Mapping, pods: Sequence[Mapping]) -> _Failure:
+    """Why a PyTorchJob failed: by the trainer's exit code when a pod still shows it; otherwise by the training
+    operator's message (under ExitCode, a replica failure fails the job only for a permanent exit code)."""
+    failed = condition(job.get("status", {}).get("conditions"), "Failed") or {}
+    message = failed.get("message", "")
+    exit_ = _trainer_exit(pods)
+    if exit_ is not None:
+        return _Failure(not exitcodes.is_retryable(exit_.code), exit_.code, exit_.describe(),
+                        failed.get("lastTransitionTime"))
+    retryable = any(marker in message for marker in _RETRYABLE_FAILURE_MARKERS)
+    return _Failure(not retryable, None, f"an unknown exit code ({message})" if message else "an unknown exit code",
+                    failed.get("lastTransitionTime"))
+
+
+def _trainer_exit(pods: Sequence[Mapping]) -> Exit | None:
+    """The trainer container's non-zero exit, master first: its code and termination message (the trainer writes
+    /dev/termination-log; Kubernetes falls back to the log's tail)."""
+    def master_first(pod: Mapping) -> int:
+        return 0 if pod.get("metadata", {}).get("labels", {}).get("training.kubeflow.org/replica-type") == "master" else 1
+
+    for pod in sorted(pods, key=master_first):
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            if status.get("name") != TRAINER_CONTAINER:
+                continue
+            for state in (status.get("state"), status.get("lastState")):
+                terminated = (state or {}).get("terminated")
+                if terminated and terminated.get("exitCode"):
+                    return Exit(int(terminated["exitCode"]), terminated.get("message") or "")
+    return None
+
+
+def _kueue_pending(workload: Mapping | None, queue: str | None) -> tuple[str, str]:
+    """Kueue says why a Workload waits in its QuotaReserved condition (reason Pending, or Inadmissible when the
+    queue is missing or stopped), e.g. "couldn't assign flavors to pod set master: insufficient quota ..."."""
+    reserved = condition((workload or {}).get("status", {}).get("conditions"), "QuotaReserved")
+    if reserved is not None and reserved.get("status") == "False" and reserved.get("message"):
+        reason = "Inadmissible" if reserved.get("reason") == "Inadmissible" else "QuotaPending"
+        return reason, f"waiting for Kueue (LocalQueue {queue}): {reserved['message']}"
+    return "QuotaPending", f"the PyTorchJob is suspended until Kueue admits it from LocalQueue {queue}"
+
+
+def _kueue_preemption(workload: Mapping | None) -> tuple[str, str]:
+    """An evicted Workload carries Evicted (reason Preempted) and, with details, Preempted (reason InClusterQueue,
+    InCohortReclamation, ...)."""
+    conditions = (workload or {}).get("status", {}).get("conditions")
+    for kind in ("Preempted", "Evicted"):
+        found = condition(conditions, kind)
+        if found is not None and found.get("status") == "True" and found.get("message"):
+            return "Preempted", f"Kueue preempted the trainer: {found['message']}"
+    return "Preempted", "Kueue suspended the trainer after it had started"
+
+
+def _resume_note(o: Observed, previous: Mapping) -> str:
+    step = o.progress.checkpoint_step if o.progress and o.progress.checkpoint_step is not None else \
+        previous.get("checkpointStep")
+    return f"the trainer resumes from its checkpoint at step {step}" if step else \
+        "the trainer resumes from its newest checkpoint"
+
+
+# --- status and events -------------------------------------------------------------------------------------------
+
+_PROGRESS_FIELDS = {
+    "percentage": "progress", "remaining_seconds": "estimatedRemainingSeconds", "step": "step",
+    "total_steps": "totalSteps", "weight_version": "weightVersion", "checkpoint_step": "checkpointStep",
+    "base_accuracy": "baseAccuracy", "accuracy": "accuracy",
+}
+_KEPT = ("storeUri", "step", "totalSteps", "progress", "estimatedRemainingSeconds", "eta", "weightVersion",
+         "checkpointStep", "baseAccuracy", "accuracy", "restarts", "lastRestart", "exitCode", "startTime",
+         "completionTime")
+
+
+def _status(o: Observed, spec: AdaptationRunSpec | None, previous: Mapping, outcome: _Outcome) -> dict:
+    """The whole status: what the outcome decided, the trainer's progress, and the rest carried over. Keys set
+    to None are removed by the merge patch, so stale values never linger."""
+    status: dict = {key: previous.get(key) for key in _KEPT}
+    status.update(step=status["step"] or 0, progress=status["progress"] or 0.0, restarts=status["restarts"] or 0)
+    if spec is not None:
+        status["storeUri"] = spec.run.storage.uri
+    if o.progress is not None:
+        for attribute, key in _PROGRESS_FIELDS.items():
+            value = getattr(o.progress, attribute)
+            if value is not None:
+                status[key] = value
+        if o.progress.remaining_seconds is not None:
+            status["eta"] = human_duration(o.progress.remaining_seconds)
+    status.update(outcome.updates)
+    if outcome.phase == "Succeeded":
+        status["progress"] = 100.0
+    if outcome.phase != "Running":  # a time left is only meaningful while the trainer runs
+        status.update(estimatedRemainingSeconds=None, eta=None)
+    generation = o.run["metadata"].get("generation")
+    running = outcome.phase == "Running"
+    ready = (running and outcome.reason == "TrainerRunning") or outcome.phase == "Succeeded"
+    finished = outcome.phase in TERMINAL
+    wanted = [
+        Want("Ready", ready, outcome.reason, outcome.message),
+        Want("Running", running, outcome.reason, outcome.message),
+        Want("Succeeded", outcome.phase == "Succeeded", outcome.reason if finished else "InProgress",
+             outcome.message if outcome.phase == "Succeeded" else ""),
+        Want("Failed", outcome.phase == "Failed", outcome.reason if finished else "InProgress",
+             outcome.message if outcome.phase == "Failed" else ""),
+    ]
+    status.update(
+        phase=outcome.phase,
+        reason=outcome.reason,
+        message=outcome.message,
+        observedGeneration=generation,
+        conditions=set_conditions(previous.get("conditions") or [], wanted, o.now, generation),
+    )
+    return status
+
+
+def _events(previous: Mapping, outcome: _Outcome) -> list[Event]:
+    """One Event per change of phase (or of the reason for waiting), so `kubectl describe` tells the story."""
+    if (previous.get("phase"), previous.get("reason")) == (outcome.phase, outcome.reason):
+        return []
+    kind = "Warning" if outcome.phase in ("Failed", "Preempted") else "Normal"
+    return [Event(kind, outcome.reason or outcome.phase, outcome.message)]

@@ -1,0 +1,421 @@
+"""The operator's kopf handlers end to end, against an API stand-in (kube_standin.py: kmock plus uids, generations,
+the status subresource, CRD schema validation with 422s, label selectors and cascading deletion).
+
+kopf runs in the test's event loop with the real operator module: discovery, watches, handlers, status patches,
+events, finalizers. Nothing else runs in this "cluster": the tests play the training operator (PyTorchJob
+conditions, trainer pods with exit codes), the kubelet (a rollout Deployment's readyReplicas) and Kueue (Workloads
+and the PyTorchJob's runPolicy.suspend) by writing those objects as those controllers would. The object store is
+replaced at the operator's one seam to it, `read_progress(store_uri, endpoint)`, by a dict of progress.json
+documents; the store's own tests cover what is behind that seam.
+
+What a real cluster would do differently is listed in kube_standin.py's docstring; the one that matters most
+here: Kueue's webhook would suspend a labelled job on create (the operator creates it suspended itself, so the
+tests cannot tell the difference), and the garbage collector and the training operator run asynchronously,
+seconds apart, not within one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+os.environ["TTRV_POLL_SECONDS"] = "0.5"  # read once, when the operator module registers its timers
+
+import kmock  # noqa: E402
+import kopf  # noqa: E402
+import pytest  # noqa: E402
+from kube_standin import KubeStandIn, kubeconfig  # noqa: E402
+from operator_fixtures import NS, PREEMPT_MESSAGE, QUOTA_MESSAGE  # noqa: E402
+
+import operators.ttrv_operator as operator_module  # noqa: E402
+from operators.experiments import ACCEPTED_ANNOTATION  # noqa: E402
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+EXPERIMENTS = "ttrv.io/v1alpha1/experiments"
+RUNS = "ttrv.io/v1alpha1/adaptationruns"
+JOBS = "kubeflow.org/v1/pytorchjobs"
+DEPLOYMENTS = "apps/v1/deployments"
+PODS = "v1/pods"
+WORKLOADS = "kueue.x-k8s.io/v1beta1/workloads"
+EVENTS = "v1/events"
+CHILDREN = ("v1/configmaps", DEPLOYMENTS, "v1/services", "networking.k8s.io/v1/networkpolicies", JOBS)
+
+
+@kopf.on.login()
+def login_to_the_standin(**kwargs):
+    """In a cluster kopf logs in with the pod's service account; here, with the stand-in's kubeconfig."""
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(kind: str, status: bool = True, reason: str = "", message: str = "", at: str | None = None) -> dict:
+    stamp = at or now()
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message,
+            "lastTransitionTime": stamp, "lastUpdateTime": stamp}
+
+
+class Cluster:
+    """The stand-in, the fake store, and the controllers the tests play."""
+
+    def __init__(self, api: KubeStandIn):
+        self.api = api
+        self.progress: dict[str, dict] = {}
+        self.store_reads: list[str] = []
+
+    def read_progress(self, store_uri: str, endpoint: str | None = None) -> dict | None:
+        self.store_reads.append(store_uri)
+        return copy.deepcopy(self.progress.get(store_uri))
+
+    # reading
+    def get(self, resource: str, name: str) -> dict | None:
+        return self.api.get(resource, NS, name)
+
+    def status(self, resource: str, name: str) -> dict:
+        return (self.get(resource, name) or {}).get("status") or {}
+
+    def phase(self, name: str, resource: str = RUNS) -> str | None:
+        return self.status(resource, name).get("phase")
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        return [(e["type"], e["reason"], e["message"]) for e in self.api.items(EVENTS, NS)
+                if e["involvedObject"]["name"] == name]
+
+    def children(self) -> dict[str, str]:
+        """Every child object by kind/name → uid."""
+        return {f"{resource}/{obj['metadata']['name']}": obj["metadata"]["uid"]
+                for resource in CHILDREN + (RUNS,) for obj in self.api.items(resource, NS)}
+
+    async def wait_event(self, name: str, kind: str, reason: str) -> str:
+        """kopf posts Events in the background: wait for one, return its message."""
+        found = await self.wait(lambda: [m for t, r, m in self.events(name) if (t, r) == (kind, reason)],
+                                f"a {kind} {reason} Event on {name}")
+        return found[0]
+
+    async def wait(self, check, what: str, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def wait_phase(self, name: str, phase: str, resource: str = RUNS):
+        await self.wait(lambda: self.phase(name, resource) == phase,
+                        f"{name} to be {phase} (is {self.phase(name, resource)}: "
+                        f"{self.status(resource, name).get('message')})")
+
+    # writing, as users and controllers do
+    async def create_experiment(self, **spec) -> dict:
+        body = {"apiVersion": "ttrv.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "exp", "namespace": NS},
+                "spec": {"storage": {"uri": "s3://ttrv/experiments"},
+                         "datasets": [{"name": "mmmu", "path": "/data/mmmu.json"},
+                                      {"name": "shapes", "path": "/data/shapes.json"}]} | spec}
+        return await self.api.put_object(EXPERIMENTS, body)
+
+    async def edit_experiment(self, patch: dict) -> None:
+        await self.api.patch_object(EXPERIMENTS, NS, "exp", {"spec": patch})
+
+    async def job_conditions(self, job: str, *conditions: dict) -> None:
+        """The training operator's view of its job (conditions as it sets them)."""
+        await self.api.patch_object(JOBS, NS, job, {"status": {"conditions": [
+            condition("Created", reason="PyTorchJobCreated"), *conditions]}}, subresource="status")
+
+    async def trainer_pod(self, run: str, exit_code: int, message: str = "") -> None:
+        """A trainer pod whose container exited (the kubelet's report)."""
+        name = f"{run}-trainer-master-0"
+        await self.api.put_object(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": NS, "labels": {
+                "ttrv.io/run": run, "app.kubernetes.io/component": "trainer",
+                "training.kubeflow.org/replica-type": "master"}}, "spec": {"containers": []}})
+        await self.api.patch_object(PODS, NS, name, {"status": {"phase": "Failed", "containerStatuses": [{
+            "name": "pytorch", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}},
+            subresource="status")
+
+    async def rollout_ready(self, run: str, ready: int = 1) -> None:
+        await self.api.patch_object(DEPLOYMENTS, NS, f"{run}-rollout", {"status": {"readyReplicas": ready}},
+                                    subresource="status")
+
+
+@contextlib.asynccontextmanager
+async def cluster(monkeypatch, tmp_path, kueue: bool = False):
+    monkeypatch.setenv("TTRV_KUEUE_ENABLED", "true" if kueue else "false")
+    monkeypatch.setenv("TTRV_METRICS_PORT", "0")
+    async with KubeStandIn() as api, kmock.Server(api) as server:
+        api.declare_cluster()
+        path = tmp_path / "kubeconfig.json"
+        path.write_text(kubeconfig(str(server.url).rstrip("/")))
+        monkeypatch.setenv("KUBECONFIG", str(path))
+        world = Cluster(api)
+        monkeypatch.setattr(operator_module, "read_progress", world.read_progress)
+        yield world
+
+
+@contextlib.asynccontextmanager
+async def operator():
+    """The real operator module under kopf, in this event loop, until the block ends."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkeypatch, tmp_path):
+    async with cluster(monkeypatch, tmp_path) as c, operator():
+        await c.create_experiment(maxParallelRuns=1)
+        await c.wait_phase("exp-mmmu", "Queued")
+        assert c.get(JOBS, "exp-mmmu-trainer") is not None
+        assert c.get(RUNS, "exp-shapes") is None  # waits for the slot
+        store = "s3://ttrv/experiments/team-a/exp/mmmu"
+        c.progress[store] = {"progressPercentage": 40.0, "estimatedRemainingSeconds": 4800, "step": 4,
+                             "totalSteps": 10, "weightVersion": 4, "checkpointStep": 4, "baseAccuracy": 0.25,
+                             "accuracy": 0.4, "metrics": {"reward/mean": 0.3}}
+        await c.job_conditions("exp-mmmu-trainer", condition("Running", reason="PyTorchJobRunning"))
+        await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("step") == 4, "progress of exp-mmmu")
+        run = c.status(RUNS, "exp-mmmu")
+        assert (run["phase"], run["progress"], run["eta"], run["weightVersion"], run["accuracy"]) == \
+            ("Running", 40.0, "1h20m", 4, 0.4)
+        await c.wait(lambda: c.status(EXPERIMENTS, "exp").get("datasets", [{}])[0].get("step") == 4,
+                     "the experiment's table to show the progress")
+        assert c.phase("exp", EXPERIMENTS) == "Running"
+
+        c.progress[store] |= {"progressPercentage": 100.0, "step": 10, "accuracy": 0.55}
+        await c.job_conditions("exp-mmmu-trainer", condition("Succeeded", reason="PyTorchJobSucceeded"))
+        await c.wait_phase("exp-mmmu", "Succeeded")
+        await c.wait(lambda: c.get(JOBS, "exp-shapes-trainer"), "the second dataset's trainer")
+        await c.job_conditions("exp-shapes-trainer", condition("Running"), condition("Succeeded"))
+        await c.wait_phase("exp", "Succeeded", EXPERIMENTS)
+
+        status = c.status(EXPERIMENTS, "exp")
+        assert [(d["name"], d["phase"], d.get("accuracy")) for d in status["datasets"]] == \
+            [("mmmu", "Succeeded", 0.55), ("shapes", "Succeeded", None)]
+        assert (status["datasetsDone"], status["datasetsTotal"], status["progress"]) == (2, 2, 100.0)
+        assert {c_["type"]: c_["status"] for c_ in status["conditions"]} == {
+            "Ready": "True", "Running": "False", "Succeeded": "True", "Failed": "False", "SpecChangeRejected": "False"}
+        reasons = await c.wait(lambda: (found := [r for _, r, _ in c.events("exp")]) and
+                               "ExperimentSucceeded" in found and found, "the experiment's events")
+        assert reasons.count("RunCreated") == 2 and reasons.count("DatasetSucceeded") == 2
+        run_events = [r for _, r, _ in c.events("exp-mmmu")]  # WaitingForPods may come between, or not
+        assert [r for r in run_events if r != "WaitingForPods"] == \
+            ["Created", "TrainerCreated", "TrainerRunning", "TrainerSucceeded"]
+        # kopf's bookkeeping lives in annotations: status holds only what the CRD's schema allows
+        assert "kopf" not in c.status(EXPERIMENTS, "exp")
+        assert ACCEPTED_ANNOTATION in c.get(EXPERIMENTS, "exp")["metadata"]["annotations"]
+
+        port = operator_module.RUNTIME.metrics_server.server_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'ttrv_operator_reconciles_total{kind="AdaptationRun",result="ok"}' in text
+        assert 'ttrv_operator_reconcile_duration_seconds_count{kind="Experiment"}' in text
+        await c.wait(lambda: 'ttrv_operator_resources{kind="AdaptationRun",phase="Succeeded"} 2.0' in
+                     urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode(),
+                     "the runs-by-phase gauge")
+
+
+async def test_failures_fail_only_their_dataset(monkeypatch, tmp_path):
+    async with cluster(monkeypatch, tmp_path) as c, operator():
+        await c.create_experiment(maxParallelRuns=3, datasets=[
+            {"name": name, "path": f"/data/{name}.json"} for name in ("bad", "flaky", "store")])
+        for run in ("exp-bad", "exp-flaky", "exp-store"):
+            await c.wait(lambda run=run: c.get(JOBS, f"{run}-trainer"), f"{run}'s trainer")
+            await c.job_conditions(f"{run}-trainer", condition("Running"))
+
+        # permanent: exit code 3, with the trainer's termination message
+        await c.trainer_pod("exp-bad", 3, "data: /data/bad.json: no such file")
+        await c.job_conditions("exp-bad-trainer", condition("Running", False), condition(
+            "Failed", reason="PyTorchJobFailed", message='job "exp-bad-trainer" is failing because "Master" replica(s) failed.'))
+        await c.wait_phase("exp-bad", "Failed")
+        assert c.status(RUNS, "exp-bad")["message"] == \
+            "trainer failed with exit code 3 (bad data): data: /data/bad.json: no such file"
+        assert "exit code 3 (bad data)" in await c.wait_event("exp-bad", "Warning", "TrainerFailed")
+
+        # retryable, restarted in place by the training operator: counted
+        await c.job_conditions("exp-flaky-trainer", condition("Restarting", reason="PyTorchJobRestarting"))
+        await c.wait(lambda: c.status(RUNS, "exp-flaky").get("restarts") == 1, "the restart to be counted")
+        await c.job_conditions("exp-flaky-trainer", condition("Running"), condition("Succeeded"))
+
+        # retryable, the job itself failed a while ago: the operator starts a new one
+        old_uid = c.get(JOBS, "exp-store-trainer")["metadata"]["uid"]
+        await c.trainer_pod("exp-store", 170, "s3 endpoint unreachable")
+        long_ago = (datetime.now(timezone.utc) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await c.job_conditions("exp-store-trainer", condition(
+            "Failed", reason="PyTorchJobFailed", message="Job exp-store-trainer has failed because it has reached "
+            "the specified backoff limit", at=long_ago))
+        await c.wait(lambda: (c.get(JOBS, "exp-store-trainer") or {}).get("metadata", {}).get("uid", old_uid) != old_uid,
+                     "a new trainer for exp-store")
+        assert (c.status(RUNS, "exp-store")["restarts"], c.status(RUNS, "exp-store")["exitCode"]) == (1, 170)
+        await c.job_conditions("exp-store-trainer", condition("Running"), condition("Succeeded"))
+
+        await c.wait_phase("exp", "PartiallySucceeded", EXPERIMENTS)
+        status = c.status(EXPERIMENTS, "exp")
+        assert [(d["name"], d["phase"], d["restarts"]) for d in status["datasets"]] == \
+            [("bad", "Failed", 0), ("flaky", "Succeeded", 1), ("store", "Succeeded", 1)]
+        assert (status["datasetsFailed"], status["datasetsDone"]) == (1, 3)
+        failed = next(x for x in status["conditions"] if x["type"] == "Failed")
+        assert failed["status"] == "True" and "bad: trainer failed with exit code 3" in failed["message"]
+        assert "dataset bad failed" in await c.wait_event("exp", "Warning", "DatasetFailed")
+        assert await c.wait_event("exp", "Warning", "ExperimentPartiallySucceeded") == "2 of 3 datasets succeeded"
+
+
+async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path):
+    async with cluster(monkeypatch, tmp_path, kueue=True) as c, operator():
+        await c.create_experiment(scheduling={"queueName": "gpu-a"},
+                                  datasets=[{"name": "mmmu", "path": "/data/mmmu.json"}])
+        job = await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the trainer")
+        assert job["spec"]["runPolicy"]["suspend"] is True  # Kueue admits it by unsuspending it
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-a"
+
+        # Kueue: a Workload owned by the job, not admitted for lack of quota
+        uid = job["metadata"]["uid"]
+        await c.api.put_object(WORKLOADS, {
+            "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload", "metadata": {
+                "name": "pytorchjob-exp-mmmu-trainer-1a2b3", "namespace": NS, "labels": {"kueue.x-k8s.io/job-uid": uid},
+                "ownerReferences": [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "exp-mmmu-trainer",
+                                     "uid": uid, "controller": True}]},
+            "spec": {"queueName": "gpu-a"}})
+        await c.api.patch_object(WORKLOADS, NS, "pytorchjob-exp-mmmu-trainer-1a2b3", {"status": {"conditions": [
+            condition("QuotaReserved", False, "Pending", QUOTA_MESSAGE)]}}, subresource="status")
+        await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("message") ==
+                     f"waiting for Kueue (LocalQueue gpu-a): {QUOTA_MESSAGE}", "Kueue's reason, read at the next poll")
+        assert (c.phase("exp-mmmu"), c.status(RUNS, "exp-mmmu")["reason"]) == ("Queued", "QuotaPending")
+
+        # admitted and running
+        c.progress["s3://ttrv/experiments/team-a/exp/mmmu"] = {"step": 7, "checkpointStep": 6, "progressPercentage": 35.0}
+        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": False}}})
+        await c.job_conditions("exp-mmmu-trainer", condition("Running"))
+        await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("step") == 7, "the run to report step 7")
+
+        # preempted: Kueue evicts the Workload and suspends the job; the training operator stops the pods
+        await c.api.patch_object(WORKLOADS, NS, "pytorchjob-exp-mmmu-trainer-1a2b3", {"status": {"conditions": [
+            condition("QuotaReserved", False, "Pending", PREEMPT_MESSAGE),
+            condition("Evicted", True, "Preempted", PREEMPT_MESSAGE),
+            condition("Preempted", True, "InClusterQueue", PREEMPT_MESSAGE)]}}, subresource="status")
+        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": True}}})
+        await c.job_conditions("exp-mmmu-trainer", condition("Running", False, "PyTorchJobSuspended"),
+                               condition("Suspended", True, "PyTorchJobSuspended"))
+        await c.wait_phase("exp-mmmu", "Preempted")
+        assert c.status(RUNS, "exp-mmmu")["message"] == (
+            f"Kueue preempted the trainer: {PREEMPT_MESSAGE}; the trainer resumes from its checkpoint at step 6 "
+            "when Kueue admits it again")
+        # nothing reset: same job, same spec, the checkpoint left to the trainer
+        assert c.get(JOBS, "exp-mmmu-trainer")["metadata"]["uid"] == uid
+        assert c.get(JOBS, "exp-mmmu-trainer")["spec"]["runPolicy"]["suspend"] is True
+        assert c.status(RUNS, "exp-mmmu")["step"] == 7
+        assert PREEMPT_MESSAGE in await c.wait_event("exp-mmmu", "Warning", "Preempted")
+
+        # re-admitted
+        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": False}}})
+        await c.job_conditions("exp-mmmu-trainer", condition("Suspended", False, "PyTorchJobResumed"), condition("Running"))
+        await c.wait_phase("exp-mmmu", "Running")
+
+
+async def test_suspend_stops_every_child_and_resume_restarts_them(monkeypatch, tmp_path):
+    async with cluster(monkeypatch, tmp_path) as c, operator():
+        await c.create_experiment(rollout={"backend": "service"}, datasets=[{"name": "mmmu", "path": "/data/m.json"}])
+        await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("reason") == "WaitingForRollout", "the rollout wait")
+        assert c.get(JOBS, "exp-mmmu-trainer") is None  # the trainer waits for the rollout service
+        await c.rollout_ready("exp-mmmu")
+        await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the trainer once the rollout is ready")
+        await c.job_conditions("exp-mmmu-trainer", condition("Running"))
+        await c.wait_phase("exp-mmmu", "Running")
+
+        await c.edit_experiment({"suspend": True})
+        await c.wait_phase("exp", "Suspended", EXPERIMENTS)
+        await c.wait_phase("exp-mmmu", "Suspended")
+        await c.wait(lambda: c.get(DEPLOYMENTS, "exp-mmmu-rollout")["spec"]["replicas"] == 0, "the rollout at zero")
+        assert c.get(JOBS, "exp-mmmu-trainer")["spec"]["runPolicy"]["suspend"] is True
+        assert c.get(RUNS, "exp-mmmu")["spec"]["suspend"] is True
+
+        await c.edit_experiment({"suspend": False})
+        await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer")["spec"]["runPolicy"]["suspend"] is False, "the resume")
+        assert c.get(DEPLOYMENTS, "exp-mmmu-rollout")["spec"]["replicas"] == 1
+        await c.job_conditions("exp-mmmu-trainer", condition("Suspended", False), condition("Running"))
+        await c.wait_phase("exp-mmmu", "Running")
+        await c.wait_phase("exp", "Running", EXPERIMENTS)
+
+
+async def test_a_disallowed_spec_change_is_rejected_and_nothing_half_applied(monkeypatch, tmp_path):
+    async with cluster(monkeypatch, tmp_path) as c, operator():
+        await c.create_experiment(maxParallelRuns=1)
+        await c.wait_phase("exp-mmmu", "Queued")
+        accepted = c.get(EXPERIMENTS, "exp")["metadata"]["annotations"][ACCEPTED_ANNOTATION]
+
+        datasets = [{"name": "mmmu", "path": "/data/mmmu.json"}, {"name": "shapes", "path": "/data/elsewhere.json"}]
+        await c.edit_experiment({"maxParallelRuns": 2, "datasets": datasets})
+
+        def rejected():
+            status = c.status(EXPERIMENTS, "exp")
+            found = [x for x in status.get("conditions", []) if x["type"] == "SpecChangeRejected"]
+            return found and found[0]["status"] == "True" and status.get("observedGeneration") == 2 and found[0]
+
+        condition_ = await c.wait(rejected, "SpecChangeRejected")
+        assert condition_["message"].startswith("datasets[1].path cannot change while the experiment exists")
+        assert c.get(EXPERIMENTS, "exp")["metadata"]["annotations"][ACCEPTED_ANNOTATION] == accepted
+        await asyncio.sleep(0.6)  # a poll later: still no second run, though maxParallelRuns says 2
+        assert c.get(RUNS, "exp-shapes") is None
+        assert "datasets[1].path" in await c.wait_event("exp", "Warning", "SpecChangeRejected")
+
+        datasets[1]["path"] = "/data/shapes.json"  # back to the accepted datasets, keeping maxParallelRuns 2
+        await c.edit_experiment({"datasets": datasets})
+        await c.wait(lambda: c.get(RUNS, "exp-shapes"), "the second run, now that the change is allowed")
+        status = c.status(EXPERIMENTS, "exp")
+        assert next(x for x in status["conditions"] if x["type"] == "SpecChangeRejected")["status"] == "False"
+
+
+async def test_an_operator_restart_loses_nothing_and_duplicates_nothing(monkeypatch, tmp_path):
+    async with cluster(monkeypatch, tmp_path) as c:
+        async with operator():
+            await c.create_experiment(rollout={"backend": "service"}, maxParallelRuns=2)
+            for run in ("exp-mmmu", "exp-shapes"):
+                await c.wait(lambda run=run: c.status(RUNS, run).get("reason") == "WaitingForRollout", run)
+            await c.rollout_ready("exp-mmmu")
+            await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the first trainer")
+            await c.job_conditions("exp-mmmu-trainer", condition("Restarting", reason="PyTorchJobRestarting"))
+            await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("restarts") == 1, "a counted restart")
+        before = c.children()
+
+        # While the operator is away: the second rollout becomes ready, the first trainer runs again.
+        await c.rollout_ready("exp-shapes")
+        await c.job_conditions("exp-mmmu-trainer", condition("Running"))
+
+        async with operator():
+            await c.wait(lambda: c.get(JOBS, "exp-shapes-trainer"), "the second trainer")
+            await c.wait_phase("exp-mmmu", "Running")
+            await c.job_conditions("exp-shapes-trainer", condition("Running"))
+            await c.wait_phase("exp-shapes", "Running")
+            await c.wait(lambda: c.status(EXPERIMENTS, "exp").get("datasetsRunning") == 2, "the table")
+        after = c.children()
+        # everything that existed is the same object; the only new one is what was missing
+        assert {k: v for k, v in after.items() if k in before} == before
+        assert set(after) - set(before) == {f"{JOBS}/exp-shapes-trainer"}
+        assert c.status(RUNS, "exp-mmmu")["restarts"] == 1  # counted once, across the restart
+
+
+async def test_deleting_the_experiment_deletes_everything_it_made(monkeypatch, tmp_path):
+    async with cluster(monkeypatch, tmp_path) as c, operator():
+        await c.create_experiment(rollout={"backend": "service"}, maxParallelRuns=2)
+        await c.wait(lambda: len(c.children()) == 2 + 2 * 4, "two runs and their children")
+        assert c.get(EXPERIMENTS, "exp")["metadata"]["finalizers"] == ["ttrv.io/operator"]
+        await c.api.delete_object(EXPERIMENTS, NS, "exp")
+        await c.wait(lambda: c.get(EXPERIMENTS, "exp") is None and not c.children(), "the cascade")
+
+
+async def test_a_spec_that_cannot_run_fails_the_experiment(monkeypatch, tmp_path):
+    async with cluster(monkeypatch, tmp_path) as c, operator():
+        await c.create_experiment(rollout={"votes": 4, "groupSize": 8})
+        await c.wait_phase("exp", "Failed", EXPERIMENTS)
+        assert "groupSize (8) > votes (4)" in c.status(EXPERIMENTS, "exp")["message"]
+        assert c.api.items(RUNS, NS) == []
