@@ -92,7 +92,7 @@ class NotInImage:
         return None
 
 sys.meta_path.insert(0, NotInImage())
-import ttrv.spec, ttrv.crds, ttrv.manifests, ttrv.log, operators.ttrv_operator
+import ttrv.spec, ttrv.crds, ttrv.manifests, ttrv.log, ttrv.store, operators.ttrv_operator
 """
 
 

@@ -34,11 +34,11 @@ from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 import urllib3
 from minio import Minio
 from minio.datatypes import Part
@@ -47,6 +47,9 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import check_bucket_name
 
 from ttrv import log
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the operator reads progress without it
+    import torch
 
 logger = log.get_logger(__name__)
 
@@ -74,12 +77,20 @@ _TRANSIENT_CODES = frozenset({
 })
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
                                errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+@cache
+def _safetensors_dtypes() -> dict[torch.dtype, str]:
+    import torch
+
+    return {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+        torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    }
+
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    return {name: dtype for dtype, name in _safetensors_dtypes().items()}
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -764,11 +775,11 @@ class _SafetensorsSource(_Source):
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, tensor in self._ordered:
-            if tensor.dtype not in _SAFETENSORS_DTYPES:
+            if tensor.dtype not in _safetensors_dtypes():
                 raise StoreConfigError(f"tensors[{name!r}]: dtype {tensor.dtype} cannot be stored in safetensors; "
-                                       f"cast it to one of {sorted(str(d) for d in _SAFETENSORS_DTYPES)}")
+                                       f"cast it to one of {sorted(str(d) for d in _safetensors_dtypes())}")
             size = _tensor_bytes(tensor)
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+            header[name] = {"dtype": _safetensors_dtypes()[tensor.dtype], "shape": list(tensor.shape),
                             "data_offsets": [offset, offset + size]}
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -795,6 +806,8 @@ class _SafetensorsSource(_Source):
             self._ready.notify_all()
 
     def sha256(self) -> str:
+        import torch
+
         hasher = hashlib.sha256(self.buffer[:self._start])
         self._advance(self._start)
         target = torch.from_numpy(self.buffer)
@@ -824,6 +837,8 @@ def serialize_safetensors(entries: list[tuple[str, torch.Tensor]]) -> np.ndarray
 
 def parse_safetensors(buffer: np.ndarray, where: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in `buffer`, as views of it (no copy where aligned)."""
+    import torch
+
     try:
         length = int.from_bytes(buffer[:8].tobytes(), "little")
         header = json.loads(buffer[8:8 + length].tobytes())
@@ -833,7 +848,7 @@ def parse_safetensors(buffer: np.ndarray, where: str) -> dict[str, torch.Tensor]
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            dtype = _TORCH_DTYPES[info["dtype"]]
+            dtype = _torch_dtypes()[info["dtype"]]
             begin, end = (start + int(position) for position in info["data_offsets"])
             if not start <= begin <= end <= len(buffer):
                 raise ValueError(f"tensor {name!r} lies outside the file")
@@ -1113,6 +1128,8 @@ class Store:
         Hugging Face's model.safetensors.index.json). lora: one adapter_model.safetensors next to
         `extra_files["adapter_config.json"]` (peft's layout, which vLLM's /v1/load_lora_adapter reads).
         Each shard is built once in memory and uploaded while it is being built."""
+        import torch
+
         prefix = weights_prefix(step)
         if kind not in ("full", "lora"):
             raise StoreConfigError(f"kind: {kind!r} is neither 'full' nor 'lora'")
