@@ -466,10 +466,8 @@ def choose_backend(spec: RunSpec, model_path: str, work: Path) -> Backend:
         engine = "vllm" if vllm_available() else "hf"
     if engine == "vllm":
         vllm_python()  # raises, naming the fix, where there is none
-        # vLLM's own log outlives the service's work folder: it is where a failed start or reload is explained.
-        handle, log_path = tempfile.mkstemp(prefix="ttrv-serve-vllm-", suffix=".log")
-        os.close(handle)
-        return VLLMBackend(spec, model_path, Path(log_path), torch.cuda.is_available())
+        # vLLM's log goes with the work folder; the errors that need it (failed start, dead server) quote its tail.
+        return VLLMBackend(spec, model_path, work / "vllm.log", torch.cuda.is_available())
     (work / "images").mkdir()
     return HFBackend(spec, model_path, work / "images")
 
