@@ -26,7 +26,8 @@ from rollout_util import (
 from ttrv.data import Prompt
 from ttrv.modeling import load_model, load_processor, model_inputs
 from ttrv.rollout.client import RolloutUnavailableError, ServiceEngine
-from ttrv.rollout.server import ServeProcess
+from ttrv.rollout.server import ServeProcess, VLLMBackend, choose_backend, vllm_available
+from ttrv.rollout.vllm_server import VLLMError
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
 from ttrv.tinymodel import build_tiny_qwen2vl
@@ -157,3 +158,12 @@ def test_corrupt_version_is_refused_and_vllm_keeps_serving_the_previous(client, 
     assert service.request("GET", "/weight_version")[1]["weight_version"] == good
     assert service.request("GET", "/health")[0] == 200
     assert_greedy_under(hf["mixed"], hf, hf["batches"]["long"], greedy(client, prompts["long"]))
+
+
+def test_engine_auto_takes_vllm_where_it_is_installed(spec, weights, work, monkeypatch):
+    assert vllm_available()
+    auto = RunSpec.model_validate({**spec.model_dump(), "rollout": {**spec.rollout.model_dump(), "engine": "auto"}})
+    assert isinstance(choose_backend(auto, str(weights["A"]), work), VLLMBackend)
+    monkeypatch.setenv("TTRV_VLLM_PYTHON", str(work / "no-python"))
+    with pytest.raises(VLLMError, match="TTRV_VLLM_PYTHON=.*no-python is not an executable"):
+        choose_backend(auto, str(weights["A"]), work)

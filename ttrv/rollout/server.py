@@ -88,13 +88,22 @@ class Backend(Protocol):
 
 # ------------------------------------------------------------------------------------------------------ vLLM
 def vllm_available() -> bool:
-    """Whether a Python with vLLM is configured (TTRV_VLLM_PYTHON, the repository's .venv-vllm, or this one)."""
+    """Whether vLLM is installed: in $TTRV_VLLM_PYTHON (which must then have it), the repository's .venv-vllm, or
+    this Python."""
+    configured = os.environ.get("TTRV_VLLM_PYTHON")
     try:
         python = vllm_python()
     except VLLMError:
+        if configured:
+            raise
         return False
     check = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    return subprocess.run([python, "-c", check], capture_output=True, timeout=60).returncode == 0
+    if subprocess.run([python, "-c", check], capture_output=True, timeout=60).returncode == 0:
+        return True
+    if configured:
+        raise VLLMError(f"TTRV_VLLM_PYTHON={configured} has no vllm package; point it at a Python with vLLM, or unset "
+                        "it to use the Hugging Face engine")
+    return False
 
 
 def vllm_engine_args(spec: RunSpec, gpu: bool) -> list[str]:
