@@ -48,3 +48,16 @@ def store(request, tmp_path):
         uri = request.getfixturevalue("s3_uri")
     with open_store(uri, retry_seconds=30, part_size=5 * MiB) as opened:
         yield opened
+
+
+@pytest.fixture(scope="module")
+def module_s3_uri(request, s3_server):
+    """A prefix of the real S3 server for a whole module (whose service process outlives single tests), with the
+    server's endpoint and credentials in the environment for as long."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TTRV_S3_SECRET_DIR", raising=False)
+        for name, value in s3_server.env().items():
+            patch.setenv(name, value)
+        if not s3_server.running:
+            s3_server.start()
+        yield f"s3://{TEST_BUCKET}/{unique_prefix(request)}"

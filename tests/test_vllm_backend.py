@@ -15,6 +15,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
+from rollout_util import QUESTION, WORDS, assert_greedy_under, assert_logprobs_match
 from safetensors.torch import load_file, save_file
 
 from ttrv.data import Prompt
@@ -24,13 +25,10 @@ from ttrv.tinymodel import build_tiny_qwen2vl
 
 pytestmark = pytest.mark.vllm
 
-WORDS = "What is shown ? Options A B C D cat dog bird fish The answer is".split()
-QUESTION = "<image>\nWhat is shown? Options:\nA. cat\nB. dog"
 # vLLM's prefix cache keeps only full KV blocks (128 tokens on CPU): a prompt of two blocks is needed to see
 # whether a weight reload leaves KV computed with the old weights in use.
 LONG_QUESTION = QUESTION + " The answer is" * 80
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-TOLERANCE = 1e-4  # float32 on both sides; measured differences are ~5e-6
 
 
 @pytest.fixture(scope="module")
@@ -89,44 +87,6 @@ def fresh_copy(source, destination):
     """A weight version published to its own path, as the store does."""
     shutil.copytree(source, destination)
     return destination
-
-
-def hf_logprobs(model, batch, response_ids, placeholders, temperature=1.0):
-    """The response tokens transformers can score and its log-softmax row for each (row i predicts token i).
-
-    Scoring stops after the first image/video placeholder token: a random model samples one now and then, and the
-    Qwen model refuses to read one without image features (it can still score it, from the tokens before it)."""
-    scored = list(response_ids)
-    for index, token in enumerate(scored):
-        if token in placeholders:
-            scored = scored[:index + 1]
-            break
-    ids = torch.cat([batch["input_ids"], torch.tensor([scored[:-1]], dtype=batch["input_ids"].dtype)], 1)
-    inputs = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if "mm_token_type_ids" in batch:
-        inputs["mm_token_type_ids"] = torch.nn.functional.pad(batch["mm_token_type_ids"], (0, len(scored) - 1))
-    start = batch["input_ids"].shape[1] - 1
-    with torch.no_grad():
-        logits = model(**inputs).logits[0, start:start + len(scored)]
-    return scored, (logits.float() / temperature).log_softmax(-1)
-
-
-def assert_logprobs_match(model, hf, batch, samples, temperature=1.0):
-    """Each sample's log-probs are transformers' log-probs of its tokens at `temperature`; returns how many tokens
-    were compared."""
-    compared = 0
-    for sample in samples:
-        scored, rows = hf_logprobs(model, batch, sample.token_ids, hf["placeholders"], temperature)
-        expected = rows[torch.arange(len(scored)), torch.tensor(scored)]
-        assert torch.allclose(torch.tensor(sample.logprobs[:len(scored)]), expected, atol=TOLERANCE)
-        compared += len(scored)
-    return compared
-
-
-def assert_greedy_under(model, hf, batch, response_ids):
-    scored, rows = hf_logprobs(model, batch, response_ids, hf["placeholders"])
-    for step, token in enumerate(scored):
-        assert rows[step, token] >= rows[step].max() - TOLERANCE, f"token {step} ({token}) is not greedy"
 
 
 def greedy(server, prompt, model=None):

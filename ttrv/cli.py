@@ -97,6 +97,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ttrv.rollout.server import serve
+    from ttrv.rollout.vllm_server import VLLMError
+    from ttrv.store import StoreError
+
+    try:
+        return serve(load_run_spec(args.spec), args.host, args.port)
+    except (StoreError, VLLMError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
 def cmd_spec_docs(args: argparse.Namespace) -> int:
     from ttrv.docs import fields_table
 
@@ -143,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=int, default=None,
                      help="trainer processes (default: resources.processesPerNode, else one)")
     run.set_defaults(handler=cmd_run)
+
+    serve = commands.add_parser(
+        "serve", help="the rollout service: sample over HTTP from the newest weight version in the store")
+    serve.add_argument("--spec", required=True, help="run spec (YAML): model, rollout.engine, storage")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=cmd_serve)
 
     docs = spec.add_parser("docs", help="print the README's table of spec fields")
     docs.set_defaults(handler=cmd_spec_docs)

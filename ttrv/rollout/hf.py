@@ -12,7 +12,6 @@ from ttrv.data import Prompt
 from ttrv.modeling import model_inputs
 from ttrv.rollout.base import Sample, sample_seed
 
-
 VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
@@ -78,10 +77,20 @@ class HFEngine:
     def load_version(self, step: int) -> None:
         if self.load_weights is None:
             raise RuntimeError("this engine has no weight store to load versions from")
-        tensors = self.load_weights(step)
-        missing = set(tensors) - set(self.model.state_dict())
+        self.load_tensors(step, self.load_weights(step))
+
+    def load_tensors(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Serve `tensors` (a subset of the model's state, under its names) as weight version `step`. Checked
+        before anything is copied, so a version that does not fit leaves the served weights as they were."""
+        state = self.model.state_dict()
+        missing = set(tensors) - set(state)
         if missing:
             raise ValueError(f"weight version {step} has tensors the model lacks: {sorted(missing)[:3]}")
+        misshapen = sorted(name for name, tensor in tensors.items() if tensor.shape != state[name].shape)
+        if misshapen:
+            name = misshapen[0]
+            raise ValueError(f"weight version {step}: {len(misshapen)} tensors do not fit the model, e.g. {name} "
+                             f"{tuple(tensors[name].shape)} vs {tuple(state[name].shape)}")
         self.model.load_state_dict(tensors, strict=False)
         self.weight_version = step
 

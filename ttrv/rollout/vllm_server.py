@@ -20,10 +20,8 @@ served before.
 from __future__ import annotations
 
 import atexit
-import base64
 import importlib.util
 import json
-import mimetypes
 import os
 import signal
 import socket
@@ -40,8 +38,8 @@ from typing import Any
 
 from ttrv import log
 from ttrv.data import Prompt
-from ttrv.modeling import chat_messages
 from ttrv.rollout.base import Sample
+from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_completion
 
 logger = log.get_logger(__name__)
 
@@ -53,7 +51,12 @@ REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / 
 
 
 class VLLMError(RuntimeError):
-    """The vLLM server failed to start, answered with an error, or returned something unusable."""
+    """The vLLM server failed to start, answered with an error (`status`: its HTTP status), or returned something
+    unusable."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -86,24 +89,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def image_data_url(path: str) -> str:
-    """The image file as a data: URL, the form vLLM accepts without fetching anything."""
-    mime = mimetypes.guess_type(path)[0] or "image/png"
-    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
-
-
-def openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
-    """`ttrv.modeling.chat_messages` with the image inlined as an OpenAI image_url part."""
-    messages = chat_messages(prompt)
-    for message in messages:
-        message["content"] = [
-            {"type": "image_url", "image_url": {"url": image_data_url(prompt.image_path)}}
-            if part["type"] == "image" else part
-            for part in message["content"]
-        ]
-    return messages
 
 
 class VLLMServer:
@@ -248,7 +233,7 @@ class VLLMServer:
                 payload = response.read()
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")[:2000]
-            raise VLLMError(f"{method} {endpoint} -> HTTP {error.code}: {detail}") from None
+            raise VLLMError(f"{method} {endpoint} -> HTTP {error.code}: {detail}", error.code) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
             alive = "running" if self.running() else "not running"
             raise VLLMError(f"{method} {endpoint} failed ({error}); the server is {alive}; its log "
@@ -274,9 +259,7 @@ class VLLMServer:
             "n": n,
             "temperature": temperature,
             "top_p": top_p,
-            "top_k": 0,
-            "min_p": 0.0,
-            "repetition_penalty": 1.0,
+            **NEUTRAL_SAMPLING,
             "max_tokens": max_tokens,
             "logprobs": logprobs,
             "return_token_ids": True,
@@ -284,23 +267,13 @@ class VLLMServer:
         if seed is not None:
             body["seed"] = seed
         answer = self.post("/v1/chat/completions", body)
-        choices = sorted(answer.get("choices") or [], key=lambda c: c["index"])
-        if len(choices) != n:
-            raise VLLMError(f"asked vLLM for {n} samples, got {len(choices)}")
+        try:
+            samples = samples_from_completion(answer, n, logprobs)
+        except ValueError as error:
+            raise VLLMError(f"vLLM: {error}") from None
         prompt_ids = tuple(answer.get("prompt_token_ids") or ())
-        samples = []
-        for choice in choices:
-            token_ids = choice.get("token_ids")
-            if token_ids is None:
-                raise VLLMError("vLLM returned no token_ids; it must support return_token_ids (vLLM >= 0.10)")
-            token_logprobs = None
-            if logprobs:
-                token_logprobs = tuple(entry["logprob"] for entry in (choice.get("logprobs") or {}).get("content") or [])
-                if len(token_logprobs) != len(token_ids):
-                    raise VLLMError(f"vLLM returned {len(token_ids)} token ids but {len(token_logprobs)} log-probs")
-            samples.append(ServedSample(choice["message"].get("content") or "", tuple(token_ids), token_logprobs,
-                                        choice.get("finish_reason") or "", prompt_ids))
-        return samples
+        return [ServedSample(sample.text, sample.token_ids, sample.logprobs, choice.get("finish_reason") or "",
+                             prompt_ids) for sample, choice in samples]
 
     def _check_fresh(self, path: str, version: str) -> str:
         resolved = str(Path(path).resolve())

@@ -1,0 +1,84 @@
+"""What the rollout tests share: transformers' view of the tiny model (the reference every engine's samples are
+checked against) and the weight versions they publish."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+from ttrv.modeling import load_model
+
+WORDS = "What is shown ? Options A B C D cat dog bird fish The answer is".split()
+QUESTION = "<image>\nWhat is shown? Options:\nA. cat\nB. dog"
+TOLERANCE = 1e-4  # float32 on both sides; measured differences are ~5e-6
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def hf_logprobs(model, batch, response_ids, placeholders, temperature=1.0, suppressed=()):
+    """The response tokens transformers can score and its log-softmax row for each (row i predicts token i), with
+    the `suppressed` tokens' logits at -inf (an engine that never samples them reports log-probs without them).
+
+    Scoring stops after the first image/video placeholder token: a random model samples one now and then, and the
+    Qwen model refuses to read one without image features (it can still score it, from the tokens before it)."""
+    scored = list(response_ids)
+    for index, token in enumerate(scored):
+        if token in placeholders:
+            scored = scored[:index + 1]
+            break
+    ids = torch.cat([batch["input_ids"], torch.tensor([scored[:-1]], dtype=batch["input_ids"].dtype)], 1)
+    inputs = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "mm_token_type_ids" in batch:
+        inputs["mm_token_type_ids"] = torch.nn.functional.pad(batch["mm_token_type_ids"], (0, len(scored) - 1))
+    start = batch["input_ids"].shape[1] - 1
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, start:start + len(scored)].float()
+    logits[:, list(suppressed)] = float("-inf")
+    return scored, (logits / temperature).log_softmax(-1)
+
+
+def assert_logprobs_match(model, hf, batch, samples, temperature=1.0):
+    """Each sample's log-probs are transformers' log-probs of its tokens at `temperature` (without the tokens in
+    hf["suppressed"], when there is that entry); returns how many tokens were compared."""
+    compared = 0
+    for sample in samples:
+        scored, rows = hf_logprobs(model, batch, sample.token_ids, hf["placeholders"], temperature,
+                                   hf.get("suppressed", ()))
+        expected = rows[torch.arange(len(scored)), torch.tensor(scored)]
+        assert torch.allclose(torch.tensor(sample.logprobs[:len(scored)]), expected, atol=TOLERANCE)
+        compared += len(scored)
+    return compared
+
+
+def assert_greedy_under(model, hf, batch, response_ids):
+    scored, rows = hf_logprobs(model, batch, response_ids, hf["placeholders"], suppressed=hf.get("suppressed", ()))
+    for step, token in enumerate(scored):
+        assert rows[step, token] >= rows[step].max() - TOLERANCE, f"token {step} ({token}) is not greedy"
+
+
+def language_tensors(model) -> dict[str, torch.Tensor]:
+    """What the trainer publishes with the vision tower frozen: every tensor outside it, under the model's names."""
+    return {name: tensor.clone() for name, tensor in model.state_dict().items() if ".visual." not in name}
+
+
+def synced(client, store) -> int | None:
+    """Puts the client on the newest version in the store (none: the base model) and returns it."""
+    latest = store.latest_weights()
+    if latest is not None:
+        client.load_version(latest)
+    return latest
+
+
+def publish(store, step, tensors):
+    store.publish_weights(step, tensors, kind="full", base_model="A", dtype="float32")
+
+
+def publish_adapter(store, step, base_path, directory):
+    """A random (non-zero) peft adapter on the language model, published as LoRA version `step` in peft's layout;
+    returns the peft model it makes."""
+    torch.manual_seed(step)
+    model = get_peft_model(load_model(base_path), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
+                                                             init_lora_weights=False)).eval()
+    model.save_pretrained(directory)
+    store.publish_weights(step, get_peft_model_state_dict(model), kind="lora", base_model=str(base_path),
+                          dtype="float32", extra_files={"adapter_config.json": directory / "adapter_config.json"})
+    return model

@@ -1,0 +1,275 @@
+"""`ttrv serve` with the Hugging Face engine as a real separate process, following a real S3 store (SeaweedFS), and
+the trainer's client (`ServiceEngine`) talking to it over HTTP.
+
+What the service answers is checked against transformers computing the same thing in this process: the log-probs
+of its samples and the greedy answers under the weights it should serve. The vLLM engine behind the same service
+is tested in test_rollout_service_vllm.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import yaml
+from PIL import Image
+from rollout_util import (
+    QUESTION,
+    WORDS,
+    assert_greedy_under,
+    assert_logprobs_match,
+    language_tensors,
+    publish,
+    publish_adapter,
+    synced,
+)
+
+from ttrv.data import Prompt
+from ttrv.modeling import load_model, load_processor, model_inputs
+from ttrv.rollout.chat import samples_from_completion
+from ttrv.rollout.client import RolloutError, RolloutUnavailableError, ServiceEngine
+from ttrv.rollout.hf import VISION_TOKEN_FIELDS
+from ttrv.rollout.server import HFBackend, ServeProcess
+from ttrv.rollout.sync import RWLock, SyncAgent
+from ttrv.spec import RunSpec
+from ttrv.store import open_store, weights_prefix
+from ttrv.tinymodel import build_tiny_qwen2vl
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("rollout-service")
+
+
+@pytest.fixture(scope="module")
+def weights(work):
+    return {"A": build_tiny_qwen2vl(work / "A", WORDS, seed=0), "B": build_tiny_qwen2vl(work / "B", WORDS, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def prompts(work):
+    for name, colour in [("red", (200, 30, 30)), ("blue", (30, 30, 200))]:
+        Image.new("RGB", (56, 56), colour).save(work / f"{name}.png")
+    return [Prompt("red", QUESTION, str(work / "red.png")), Prompt("blue", QUESTION, str(work / "blue.png"))]
+
+
+@pytest.fixture(scope="module")
+def hf(weights, prompts):
+    """transformers' view: the processor's batch of each prompt, base A, and A's vision tower under B's language
+    model (what a published full version of B's language weights makes of A). The Hugging Face engine never samples
+    the vision tokens, so its log-probs are those of the distribution without them."""
+    processor = load_processor(weights["A"])
+    base = load_model(weights["A"])
+    mixed = load_model(weights["A"])
+    mixed.load_state_dict(language_tensors(load_model(weights["B"])), strict=False)
+    return {"batches": {p.id: model_inputs(processor, [p]) for p in prompts}, "A": base, "mixed": mixed,
+            "placeholders": set(processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])),
+            "suppressed": [getattr(base.config, name) for name in VISION_TOKEN_FIELDS]}
+
+
+@pytest.fixture(scope="module")
+def spec(work, weights, module_s3_uri):
+    document = {"name": "served", "data": {"path": "ttrv://tiny-shapes/test"}, "model": {"path": str(weights["A"])},
+                "rollout": {"engine": "hf", "maxNewTokens": 8}, "storage": {"uri": module_s3_uri}}
+    (work / "run.yaml").write_text(yaml.safe_dump(document))
+    return RunSpec.model_validate(document)
+
+
+@pytest.fixture(scope="module")
+def store(spec):
+    with open_store(spec.storage.uri, retry_seconds=30) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def service(work, spec):
+    service = ServeProcess(work / "run.yaml", work / "serve.log").start()
+    yield service
+    assert service.stop() == 0, service.log_tail()
+
+
+@pytest.fixture(scope="module")
+def client(service, spec):
+    return ServiceEngine(service.url, spec, retry_seconds=120, sync_timeout=60)
+
+
+def test_client_gets_n_samples_per_prompt_with_transformers_log_probs(client, service, hf, prompts):
+    assert service.request("GET", "/health") == (200, {"status": "ok", "engine": "hf", "weight_version": None, "in_flight": 0})
+    samples = client.generate(prompts, 6, 1.0, 1.0, 8)
+    assert [len(row) for row in samples] == [6, 6]
+    for prompt, row in zip(prompts, samples, strict=True):
+        assert all(1 <= len(s.token_ids) <= 8 and len(s.logprobs) == len(s.token_ids) for s in row)
+        assert assert_logprobs_match(hf["A"], hf, hf["batches"][prompt.id], row) >= 12
+    assert len({s.token_ids for row in samples for s in row}) > 2, "twelve samples at temperature 1 were all equal"
+    (greedy,) = client.generate(prompts[:1], 1, 0.0, 1.0, 8)
+    assert_greedy_under(hf["A"], hf, hf["batches"]["red"], greedy[0].token_ids)
+    assert client.weight_version is None
+
+
+def test_a_published_version_is_served_next(client, service, store, hf, weights, prompts):
+    step = (store.latest_weights() or 0) + 1
+    publish(store, step, language_tensors(hf["mixed"]))
+    client.load_version(step)
+    assert client.weight_version == step
+    assert service.request("GET", "/weight_version")[1]["weight_version"] == step
+    samples = client.generate(prompts, 6, 1.0, 1.0, 8)
+    for prompt, row in zip(prompts, samples, strict=True):
+        assert assert_logprobs_match(hf["mixed"], hf, hf["batches"][prompt.id], row) >= 12
+        with pytest.raises(AssertionError):
+            assert_logprobs_match(hf["A"], hf, hf["batches"][prompt.id], row)
+    (greedy,) = client.generate(prompts[:1], 1, 0.0, 1.0, 8)
+    assert_greedy_under(hf["mixed"], hf, hf["batches"]["red"], greedy[0].token_ids)
+
+
+def test_pinned_request_for_another_version_gets_409(service, store, client, prompts):
+    served = synced(client, store)
+    body = client._body(prompts[0], 2, 1.0, 1.0, 4)
+    status, answer = service.request("POST", "/v1/chat/completions", body)
+    assert (status, answer["ttrv_weight_version"], len(answer["choices"])) == (200, served, 2)
+    for wanted in ((served or 0) + 100, None if served is not None else 0):
+        status, answer = service.request("POST", "/v1/chat/completions", {**body, "ttrv_weight_version": wanted})
+        assert status == 409
+        assert answer["ttrv_weight_version"] == served
+        assert answer["error"]["message"].startswith("ttrv_weight_version: this service serves")
+    unpinned = {key: value for key, value in body.items() if key != "ttrv_weight_version"}
+    assert service.request("POST", "/v1/chat/completions", unpinned)[1]["ttrv_weight_version"] == served
+    status, answer = service.request("POST", "/v1/chat/completions", {**body, "model": "other"})
+    assert status == 404 and "serves 'served'" in answer["error"]["message"]
+    status, answer = service.request("POST", "/v1/chat/completions", {**body, "seed": 3})
+    assert status == 400 and answer["error"]["message"].startswith("seed: not supported")
+    with pytest.raises(RolloutError, match="HTTP 400: n: greedy decoding"):
+        client._complete({**body, "temperature": 0.0}, 2, threading.Event())
+
+
+def test_max_staleness_and_a_service_ahead_of_the_trainer(service, store, spec, hf, prompts):
+    step = (store.latest_weights() or 0) + 1
+    publish(store, step, language_tensors(hf["A"]))
+    ServiceEngine(service.url, spec).load_version(step)
+    one_off = RunSpec.model_validate({**spec.model_dump(), "rollout": {**spec.rollout.model_dump(), "maxStaleness": 1}})
+    asynchronous = ServiceEngine(service.url, one_off, sync_timeout=5)
+    asynchronous.load_version(step + 1)  # published by the trainer, not loaded yet: one step behind is enough
+    assert asynchronous.weight_version == step
+    assert "ttrv_weight_version" not in asynchronous._body(prompts[0], 2, 1.0, 1.0, 4)
+    assert [len(row) for row in asynchronous.generate(prompts, 2, 1.0, 1.0, 4)] == [2, 2]
+    with pytest.raises(RolloutError, match=f"serves weight version {step}, newer than {step - 1}"):
+        ServiceEngine(service.url, spec, sync_timeout=5).load_version(step - 1)
+
+
+def test_corrupt_version_is_refused_and_the_previous_keeps_serving(client, service, store, hf, prompts, spec):
+    good = (store.latest_weights() or 0) + 1
+    publish(store, good, language_tensors(hf["mixed"]))
+    client.load_version(good)
+    corrupt = good + 1
+    # Built aside and copied in shard first, manifest last: the service never sees the version intact.
+    with open_store(f"{spec.storage.uri}-aside", retry_seconds=30) as aside:
+        publish(aside, corrupt, language_tensors(hf["A"]))
+        prefix = weights_prefix(corrupt)
+        shard = bytearray(aside._backend.get(f"{prefix}/model.safetensors"))
+        shard[len(shard) // 2] ^= 0x01
+        store._backend.put(f"{prefix}/model.safetensors", bytes(shard))
+        store._backend.put(f"{prefix}/manifest.json", aside._backend.get(f"{prefix}/manifest.json"))
+    with pytest.raises(RolloutUnavailableError, match=f"it refused {corrupt}: .*sha256"):
+        ServiceEngine(service.url, spec, sync_timeout=5).load_version(corrupt)
+    state = service.request("GET", "/weight_version")[1]
+    assert state["weight_version"] == good and str(corrupt) in state["refused"]
+    assert service.request("GET", "/health")[0] == 200
+    samples = client.generate(prompts[:1], 4, 1.0, 1.0, 8)[0]
+    assert assert_logprobs_match(hf["mixed"], hf, hf["batches"]["red"], samples) >= 4
+
+    # Republished intact, the same step is tried again and served.
+    publish(store, corrupt, language_tensors(hf["A"]))
+    client.load_version(corrupt)
+    samples = client.generate(prompts[:1], 4, 1.0, 1.0, 8)[0]
+    assert assert_logprobs_match(hf["A"], hf, hf["batches"]["red"], samples) >= 4
+
+
+def test_service_killed_mid_request_the_batch_still_completes(client, service, store, prompts):
+    synced(client, store)
+    batch = prompts * 2
+    result: dict = {}
+
+    def sample():
+        try:
+            result["samples"] = client.generate(batch, 32, 1.0, 1.0, 64)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = error
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while service.request("GET", "/health")[1]["in_flight"] == 0:
+        assert time.monotonic() < deadline and thread.is_alive(), "no request was ever in flight"
+        time.sleep(0.01)
+    service.kill()
+    assert thread.is_alive(), "the batch finished before the service was killed"
+    service.start()
+    thread.join(timeout=120)
+    assert "error" not in result, result.get("error")
+    assert [len(row) for row in result["samples"]] == [32] * len(batch)
+    assert all(s.token_ids and len(s.logprobs) == len(s.token_ids) for row in result["samples"] for s in row)
+    assert service.request("GET", "/weight_version")[1]["weight_version"] == client.weight_version
+
+
+def test_sync_agent_loads_the_newest_lora_version_merged(tmp_path, weights, prompts, hf, spec):
+    """In this process: the agent skips intermediate versions and keeps only the served version's local copy, and the
+    Hugging Face engine serves a LoRA version as peft computes it."""
+    lora_spec = RunSpec.model_validate({**spec.model_dump(), "model": {"path": str(weights["A"]),
+                                                                      "lora": {"rank": 8, "alpha": 16}}})
+    (tmp_path / "images").mkdir()
+    backend = HFBackend(lora_spec, str(weights["A"]), tmp_path / "images")
+    backend.start()
+    adapters = {}
+    try:
+        with open_store(f"{spec.storage.uri}-lora", retry_seconds=30) as lora_store:
+            for step in (1, 2, 3):
+                adapters[step] = publish_adapter(lora_store, step, weights["A"], tmp_path / f"adapter-{step}")
+            agent = SyncAgent(lora_store, backend.load, tmp_path / "weights")
+            agent.cache_dir.mkdir()
+            assert agent.sync_once() is True
+            assert agent.version == 3
+            assert [p.name for p in agent.cache_dir.iterdir()] == [agent.path.name]
+            assert agent.path.name.startswith("v000003-")
+            assert agent.sync_once() is False
+        body = ServiceEngine("http://unused", spec)._body(prompts[0], 8, 1.0, 1.0, 8)
+        del body["ttrv_weight_version"], body["model"]
+        samples = [sample for sample, _ in samples_from_completion(backend.complete(body), 8, logprobs=True)]
+    finally:
+        backend.close()
+    assert assert_logprobs_match(adapters[3], hf, hf["batches"]["red"], samples) >= 8
+    with pytest.raises(AssertionError):
+        assert_logprobs_match(adapters[2], hf, hf["batches"]["red"], samples)
+
+
+def test_a_reload_waits_for_requests_in_flight_and_holds_back_new_ones():
+    lock, events = RWLock(), []
+    reader_in, release_reader, writer_waiting = threading.Event(), threading.Event(), threading.Event()
+
+    def reader(name, hold):
+        with lock.read():
+            events.append(f"{name} in")
+            if hold:
+                reader_in.set()
+                release_reader.wait()
+        events.append(f"{name} out")
+
+    def writer():
+        writer_waiting.set()
+        with lock.write():
+            events.append("reload")
+
+    first = threading.Thread(target=reader, args=("request 1", True))
+    first.start()
+    reader_in.wait()
+    reload = threading.Thread(target=writer)
+    reload.start()
+    writer_waiting.wait()
+    time.sleep(0.1)
+    second = threading.Thread(target=reader, args=("request 2", False))
+    second.start()
+    time.sleep(0.1)
+    assert events == ["request 1 in"], "the reload or a new request overlapped the request in flight"
+    release_reader.set()
+    for thread in (first, reload, second):
+        thread.join(timeout=5)
+    assert events == ["request 1 in", "request 1 out", "reload", "request 2 in", "request 2 out"]

@@ -1,0 +1,169 @@
+"""`ttrv serve` with the vLLM engine (the CPU build, from .venv-vllm) as a real separate process, following a real
+S3 store: LoRA versions reach vLLM through /v1/load_lora_adapter, full versions through reload_weights.
+
+Which weights vLLM serves is judged by its outputs, never by its word: greedy answers and sample log-probs are
+checked against transformers (and peft) computing the same thing in this process. One service for the module
+(about 30 s to start); the tests publish versions on top of each other, as a trainer does.
+Without .venv-vllm (or TTRV_VLLM_PYTHON) these tests fail; `make test` builds it first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from PIL import Image
+from rollout_util import (
+    QUESTION,
+    WORDS,
+    assert_greedy_under,
+    assert_logprobs_match,
+    language_tensors,
+    publish,
+    publish_adapter,
+    synced,
+)
+
+from ttrv.data import Prompt
+from ttrv.modeling import load_model, load_processor, model_inputs
+from ttrv.rollout.client import RolloutUnavailableError, ServiceEngine
+from ttrv.rollout.server import ServeProcess, VLLMBackend, choose_backend, vllm_available
+from ttrv.rollout.vllm_server import VLLMError
+from ttrv.spec import RunSpec
+from ttrv.store import open_store, weights_prefix
+from ttrv.tinymodel import build_tiny_qwen2vl
+
+pytestmark = pytest.mark.vllm
+
+# vLLM's prefix cache keeps only full KV blocks (128 tokens on CPU): a prompt of two blocks shows whether a reload
+# leaves KV computed with the old weights in use.
+LONG_QUESTION = QUESTION + " The answer is" * 80
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("rollout-service-vllm")
+
+
+@pytest.fixture(scope="module")
+def weights(work):
+    return {"A": build_tiny_qwen2vl(work / "A", WORDS, seed=0), "B": build_tiny_qwen2vl(work / "B", WORDS, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def prompts(work):
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(work / "red.png")
+    return {"short": Prompt("short", QUESTION, str(work / "red.png")),
+            "long": Prompt("long", LONG_QUESTION, str(work / "red.png"))}
+
+
+@pytest.fixture(scope="module")
+def hf(weights, prompts):
+    """transformers' view: each prompt's batch, base A, and A's vision tower under B's language model."""
+    processor = load_processor(weights["A"])
+    mixed = load_model(weights["A"])
+    mixed.load_state_dict(language_tensors(load_model(weights["B"])), strict=False)
+    return {"batches": {name: model_inputs(processor, [p]) for name, p in prompts.items()},
+            "A": load_model(weights["A"]), "mixed": mixed,
+            "placeholders": set(processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"]))}
+
+
+@pytest.fixture(scope="module")
+def spec(work, weights, module_s3_uri):
+    document = {"name": "served-vllm", "data": {"path": "ttrv://tiny-shapes/test"},
+                "model": {"path": str(weights["A"]), "lora": {"rank": 8, "alpha": 16}},
+                "rollout": {"engine": "vllm", "maxNewTokens": 8}, "storage": {"uri": module_s3_uri}}
+    (work / "run.yaml").write_text(yaml.safe_dump(document))
+    return RunSpec.model_validate(document)
+
+
+@pytest.fixture(scope="module")
+def store(spec):
+    with open_store(spec.storage.uri, retry_seconds=30) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def service(work, spec):
+    service = ServeProcess(work / "run.yaml", work / "serve.log").start()
+    yield service
+    assert service.stop() == 0, service.log_tail()
+
+
+@pytest.fixture(scope="module")
+def client(service, spec):
+    return ServiceEngine(service.url, spec, retry_seconds=60, sync_timeout=120)
+
+
+def greedy(client, prompt):
+    return client.generate([prompt], 1, 0.0, 1.0, 8)[0][0].token_ids
+
+
+def test_client_gets_n_samples_from_vllm_with_transformers_log_probs(client, service, hf, prompts):
+    assert service.request("GET", "/health")[1]["engine"] == "vllm"
+    samples = client.generate([prompts["short"], prompts["long"]], 8, 1.0, 1.0, 8)
+    assert [len(row) for row in samples] == [8, 8]
+    for name, row in zip(["short", "long"], samples, strict=True):
+        assert assert_logprobs_match(hf["A"], hf, hf["batches"][name], row) >= 16
+    assert len({s.token_ids for s in samples[0]}) > 1, "eight samples at temperature 1 were all equal"
+    assert_greedy_under(hf["A"], hf, hf["batches"]["short"], greedy(client, prompts["short"]))
+
+
+def test_lora_version_is_served_as_peft_computes_it(client, store, hf, weights, prompts, work):
+    step = (synced(client, store) or 0) + 1
+    adapter = publish_adapter(store, step, weights["A"], work / f"adapter-{step}")
+    client.load_version(step)
+    tokens = greedy(client, prompts["short"])
+    assert_greedy_under(adapter, hf, hf["batches"]["short"], tokens)
+    samples = client.generate([prompts["short"]], 8, 1.0, 1.0, 8)[0]
+    assert assert_logprobs_match(adapter, hf, hf["batches"]["short"], samples) >= 8
+    with pytest.raises(AssertionError):
+        assert_logprobs_match(hf["A"], hf, hf["batches"]["short"], samples)
+
+
+def test_full_versions_are_served_from_their_own_paths_never_stale(client, service, store, hf, prompts):
+    """B's language model, A's, then B's again, each a new version: on the same long, prefix-cached prompt the
+    outputs follow the weights every time, and the third version answers exactly as the first did."""
+    step = synced(client, store) or 0
+    seen = []
+    for source in ("mixed", "A", "mixed"):
+        step += 1
+        publish(store, step, language_tensors(hf[source]))
+        client.load_version(step)
+        assert service.request("GET", "/weight_version")[1]["weight_version"] == step
+        tokens = greedy(client, prompts["long"])
+        assert_greedy_under(hf[source], hf, hf["batches"]["long"], tokens)
+        samples = client.generate([prompts["long"]], 4, 1.0, 1.0, 8)[0]
+        assert assert_logprobs_match(hf[source], hf, hf["batches"]["long"], samples) >= 4
+        seen.append(tokens)
+    assert seen[0] != seen[1]
+    assert seen[2] == seen[0]
+
+
+def test_corrupt_version_is_refused_and_vllm_keeps_serving_the_previous(client, service, store, hf, weights,
+                                                                         prompts, spec):
+    good = (synced(client, store) or 0) + 1
+    publish(store, good, language_tensors(hf["mixed"]))
+    client.load_version(good)
+    corrupt = good + 1
+    # Built aside and copied in shard first, manifest last: the service never sees the version intact.
+    with open_store(f"{spec.storage.uri}-aside", retry_seconds=30) as aside:
+        publish(aside, corrupt, language_tensors(hf["A"]))
+        prefix = weights_prefix(corrupt)
+        shard = bytearray(aside._backend.get(f"{prefix}/model.safetensors"))
+        shard[len(shard) // 2] ^= 0x01
+        store._backend.put(f"{prefix}/model.safetensors", bytes(shard))
+        store._backend.put(f"{prefix}/manifest.json", aside._backend.get(f"{prefix}/manifest.json"))
+    with pytest.raises(RolloutUnavailableError, match=f"it refused {corrupt}: .*sha256"):
+        ServiceEngine(service.url, spec, sync_timeout=5).load_version(corrupt)
+    assert service.request("GET", "/weight_version")[1]["weight_version"] == good
+    assert service.request("GET", "/health")[0] == 200
+    assert_greedy_under(hf["mixed"], hf, hf["batches"]["long"], greedy(client, prompts["long"]))
+
+
+def test_engine_auto_takes_vllm_where_it_is_installed(spec, weights, work, monkeypatch):
+    assert vllm_available()
+    auto = RunSpec.model_validate({**spec.model_dump(), "rollout": {**spec.rollout.model_dump(), "engine": "auto"}})
+    assert isinstance(choose_backend(auto, str(weights["A"]), work), VLLMBackend)
+    monkeypatch.setenv("TTRV_VLLM_PYTHON", str(work / "no-python"))
+    with pytest.raises(VLLMError, match="TTRV_VLLM_PYTHON=.*no-python is not an executable"):
+        choose_backend(auto, str(weights["A"]), work)

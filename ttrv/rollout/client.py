@@ -1,0 +1,203 @@
+"""The trainer's side of the rollout service: `ServiceEngine`, a `RolloutEngine` that samples over HTTP from
+`ttrv serve` (in a cluster: the run's rollout Service, $TTRV_ROLLOUT_URL).
+
+Versions: after publishing version k the trainer calls `load_version(k)`, which nudges the service and waits until it
+serves a version within `rollout.maxStaleness` of k. On-policy (maxStaleness 0) every request then pins that exact
+version (`ttrv_weight_version`; the service answers 409 to a pinned request it cannot serve), so no sample ever
+comes from another version, even when the service restarts and reloads in between.
+
+Failures: connection errors, 5xx and 409 are retried with exponential backoff and jitter for up to `retry_seconds`
+per request (long enough for the service to restart and reload); then `RolloutUnavailableError`, which the trainer
+turns into its retryable exit code 171. A `generate` call returns every sample of every prompt or raises: never part
+of a batch. Other 4xx answers are bugs or misconfiguration and raise `RolloutError` at once.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+from ttrv import log
+from ttrv.data import Prompt
+from ttrv.rollout.base import Sample
+from ttrv.rollout.chat import openai_messages, samples_from_completion
+from ttrv.spec import RunSpec
+
+logger = log.get_logger(__name__)
+
+_RETRYABLE = (OSError, http.client.HTTPException, ValueError)
+"""Refused, reset or timed-out connections, a connection closed mid-answer, and an answer cut short (bad JSON)."""
+
+
+class RolloutError(RuntimeError):
+    """The rollout service refused a request for a reason retrying cannot fix; the message names the fix."""
+
+
+class RolloutUnavailableError(RolloutError):
+    """The rollout service could not be reached, or did not serve the wanted weight version, within the retry
+    budget. Retryable: the trainer exits with code 171 (exitcodes.ROLLOUT_UNAVAILABLE) and is restarted."""
+
+
+class ServiceEngine:
+    """Samples from the rollout service at `url` (http://host:port). `spec` gives the served model's id (the run's
+    name) and `rollout.maxStaleness`.
+
+    retry_seconds: how long one request keeps retrying after its first failure. sync_timeout: how long
+    `load_version` waits for the service to serve the version. request_timeout: the socket timeout of one request
+    (a whole batch of long answers on a busy GPU). max_concurrency: prompts in flight at once."""
+
+    def __init__(self, url: str, spec: RunSpec, *, retry_seconds: float = 600.0, sync_timeout: float = 600.0,
+                 request_timeout: float = 1800.0, max_concurrency: int = 16):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"rollout service URL {url!r} is not http(s)://host:port; in a cluster it comes from "
+                             "TTRV_ROLLOUT_URL")
+        self.url = url.rstrip("/")
+        self._parts = parts
+        self.model = spec.name
+        self.max_staleness = spec.rollout.max_staleness
+        self.retry_seconds = retry_seconds
+        self.sync_timeout = sync_timeout
+        self.request_timeout = request_timeout
+        self.max_concurrency = max_concurrency
+        self.weight_version: int | None = None
+        self._target: int | None = None
+
+    # ------------------------------------------------------------------------------------------------- RolloutEngine
+    def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int) -> list[list[Sample]]:
+        if temperature == 0 and n != 1:
+            raise ValueError("greedy decoding (temperature 0) gives one answer per prompt; set n=1")
+        if not prompts:
+            return []
+        bodies = [self._body(prompt, n, temperature, top_p, max_new_tokens) for prompt in prompts]
+        cancelled = threading.Event()
+        pool = ThreadPoolExecutor(min(self.max_concurrency, len(bodies)), thread_name_prefix="ttrv-rollout")
+        try:
+            futures = [pool.submit(self._complete, body, n, cancelled) for body in bodies]
+            return [future.result() for future in futures]
+        except BaseException:
+            cancelled.set()  # the other prompts stop retrying; requests on the wire end in the background
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def load_version(self, step: int) -> None:
+        """Wait until the service serves version `step` (or, with maxStaleness s, one of step-s..step)."""
+        self._target = step
+        oldest = step - self.max_staleness
+        try:
+            self._request("POST", "/sync", {"step": step}, timeout=10)
+        except _RETRYABLE:
+            pass  # only a nudge: the wait below finds out whether the service is there
+        started = time.monotonic()
+        delay, problem = 0.05, "no answer yet"
+        while True:
+            try:
+                status, state = self._request("GET", "/weight_version", None, timeout=10)
+            except _RETRYABLE as error:
+                problem = f"unreachable ({type(error).__name__}: {error})"
+            else:
+                served = state.get("weight_version") if status == 200 else None
+                if status != 200:
+                    problem = f"HTTP {status}: {_message(state)}"
+                elif served is not None and served > step and self.max_staleness == 0:
+                    raise RolloutError(
+                        f"the rollout service serves weight version {served}, newer than {step}, which this trainer "
+                        "published last: the store holds versions from an earlier attempt of this run; publish the "
+                        "trainer's current weights as a new version (or delete the newer ones) before sampling")
+                elif served is not None and served >= oldest:
+                    self.weight_version = served
+                    logger.info("rollout_version_ready", step=step, served=served,
+                                seconds=round(time.monotonic() - started, 2))
+                    return
+                else:
+                    refused = (state.get("refused") or {}).get(str(step))
+                    problem = f"it serves version {served}" + (f"; it refused {step}: {refused}" if refused else "")
+            if time.monotonic() - started >= self.sync_timeout:
+                raise RolloutUnavailableError(
+                    f"the rollout service at {self.url} did not serve weight version {step} within "
+                    f"{self.sync_timeout:.0f} s: {problem}. Check that it reads the same storage.uri as the trainer "
+                    "and read its log (weights_refused, weights_sync_failed events)")
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+    def close(self) -> None:
+        """Nothing to release: every request opens its own connection."""
+
+    # -------------------------------------------------------------------------------------------------- requests
+    def _body(self, prompt: Prompt, n: int, temperature: float, top_p: float, max_tokens: int) -> dict[str, Any]:
+        body = {"model": self.model, "messages": openai_messages(prompt), "n": n, "temperature": temperature,
+                "top_p": top_p, "max_tokens": max_tokens, "logprobs": True, "return_token_ids": True}
+        if self.max_staleness == 0:
+            body["ttrv_weight_version"] = self.weight_version
+        return body
+
+    def _acceptable(self, version: Any) -> bool:
+        if self.max_staleness == 0:
+            return version == self.weight_version
+        return self._target is None or (version is not None and version >= self._target - self.max_staleness)
+
+    def _complete(self, body: dict[str, Any], n: int, cancelled: threading.Event) -> list[Sample]:
+        """One prompt's samples, retrying what a restart of the service explains."""
+        first_failure, delay, attempt = None, 0.5, 0
+        while True:
+            attempt += 1
+            try:
+                status, answer = self._request("POST", "/v1/chat/completions", body, timeout=self.request_timeout)
+            except _RETRYABLE as error:
+                problem = f"{type(error).__name__}: {error}"
+            else:
+                if status == 200:
+                    version = answer.get("ttrv_weight_version")
+                    if self._acceptable(version):
+                        try:
+                            return [sample for sample, _ in samples_from_completion(answer, n, logprobs=True)]
+                        except ValueError as error:
+                            raise RolloutError(f"the rollout service at {self.url} answered without what the "
+                                               f"trainer needs: {error}") from None
+                    problem = f"answered from weight version {version}, outside what was asked"
+                elif status == 409 or status >= 500:
+                    problem = f"HTTP {status}: {_message(answer)}"
+                else:
+                    raise RolloutError(f"the rollout service at {self.url} refused the request: HTTP {status}: "
+                                       f"{_message(answer)}")
+            now = time.monotonic()
+            first_failure = first_failure or now
+            if now - first_failure >= self.retry_seconds:
+                raise RolloutUnavailableError(
+                    f"the rollout service at {self.url} gave no usable answer for {self.retry_seconds:.0f} s "
+                    f"({attempt} attempts); last: {problem}. Check that its pod is running and read its log")
+            wait = delay * random.uniform(0.5, 1.5)
+            logger.warning("rollout_request_retry", attempt=attempt, problem=problem, retry_in=round(wait, 2))
+            if cancelled.wait(wait):
+                raise RolloutUnavailableError("cancelled: another prompt of the batch failed")
+            delay = min(2 * delay, 5.0)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
+        """(status, decoded JSON) of one request on a connection of its own."""
+        connection_class = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(self._parts.hostname, self._parts.port, timeout=timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            connection.request(method, self._parts.path.rstrip("/") + path, body=data, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
+            return response.status, json.loads(payload) if payload else {}
+        finally:
+            connection.close()
+
+
+def _message(answer: Any) -> str:
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message"))
+    return str(answer)[:500]
