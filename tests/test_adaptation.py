@@ -79,3 +79,25 @@ def test_collapse_guard_fires_and_rolls_back_to_the_healthy_weights(tmp_path):
     assert all(torch.equal(final[k], kept[k]) for k in kept)
     collapsed = store.load_weights(fired)
     assert any(not torch.equal(collapsed[k], kept[k]) for k in kept)
+
+
+def test_ttrv_run_with_the_rollout_service_and_the_embedded_s3_store(tmp_path):
+    """The cluster's path on one machine: `ttrv serve` as a process of its own, the trainer sampling over HTTP,
+    every weight version travelling through a real S3 server (SeaweedFS) that `ttrv run` starts and stops."""
+    spec = {
+        "name": "svc",
+        "data": {"path": "ttrv://tiny-shapes/test", "subsetSize": 12},
+        "rollout": {"votes": 8, "groupSize": 4, "maxNewTokens": 3, "backend": "service", "engine": "hf"},
+        "grpo": {"lr": 1e-3, "epochs": 1, "promptsPerStep": 4, "microBatchSize": 32},
+        "eval": {"limit": 16, "majVotes": 4},
+        "resources": {"gpusPerNode": 0},
+    }
+    result = ttrv_run(tmp_path, spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert yaml.safe_load((out / "run.yaml").read_text())["storage"]["uri"] == "s3://ttrv/svc"
+    loaded = [json.loads(line) for line in (out / "rollout.log").read_text().splitlines()
+              if '"weights_loaded"' in line]
+    assert [e["step"] for e in loaded] == [1, 2, 3]  # the service loaded every version the trainer published
+    assert [e["weight_version"] for e in events(tmp_path)] == [1, 2, 3]
+    assert '"serve_stopping"' in (out / "rollout.log").read_text()  # and was stopped with the run

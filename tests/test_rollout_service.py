@@ -124,7 +124,7 @@ def test_a_published_version_is_served_next(client, service, store, hf, weights,
 
 def test_pinned_request_for_another_version_gets_409(service, store, client, prompts):
     served = synced(client, store)
-    body = client._body(prompts[0], 2, 1.0, 1.0, 4)
+    body = client._body(prompts[0], 2, 1.0, 1.0, 4, None)
     status, answer = service.request("POST", "/v1/chat/completions", body)
     assert (status, answer["ttrv_weight_version"], len(answer["choices"])) == (200, served, 2)
     for wanted in ((served or 0) + 100, None if served is not None else 0):
@@ -136,8 +136,11 @@ def test_pinned_request_for_another_version_gets_409(service, store, client, pro
     assert service.request("POST", "/v1/chat/completions", unpinned)[1]["ttrv_weight_version"] == served
     status, answer = service.request("POST", "/v1/chat/completions", {**body, "model": "other"})
     assert status == 404 and "serves 'served'" in answer["error"]["message"]
-    status, answer = service.request("POST", "/v1/chat/completions", {**body, "seed": 3})
-    assert status == 400 and answer["error"]["message"].startswith("seed: not supported")
+    status, answer = service.request("POST", "/v1/chat/completions", {**body, "presence_penalty": 0.5})
+    assert status == 400 and answer["error"]["message"].startswith("presence_penalty: not supported")
+    seeded = [service.request("POST", "/v1/chat/completions", {**body, "n": 6, "seed": 3})[1] for _ in range(2)]
+    assert seeded[0]["choices"] and [c["token_ids"] for c in seeded[0]["choices"]] == \
+        [c["token_ids"] for c in seeded[1]["choices"]]  # a seed fixes the votes, whatever else is batched
     with pytest.raises(RolloutError, match="HTTP 400: n: greedy decoding"):
         client._complete({**body, "temperature": 0.0}, 2, threading.Event())
 
@@ -150,10 +153,28 @@ def test_max_staleness_and_a_service_ahead_of_the_trainer(service, store, spec, 
     asynchronous = ServiceEngine(service.url, one_off, sync_timeout=5)
     asynchronous.load_version(step + 1)  # published by the trainer, not loaded yet: one step behind is enough
     assert asynchronous.weight_version == step
-    assert "ttrv_weight_version" not in asynchronous._body(prompts[0], 2, 1.0, 1.0, 4)
+    assert "ttrv_weight_version" not in asynchronous._body(prompts[0], 2, 1.0, 1.0, 4, None)
     assert [len(row) for row in asynchronous.generate(prompts, 2, 1.0, 1.0, 4)] == [2, 2]
-    with pytest.raises(RolloutError, match=f"serves weight version {step}, newer than {step - 1}"):
-        ServiceEngine(service.url, spec, sync_timeout=5).load_version(step - 1)
+    with pytest.raises(RolloutUnavailableError, match=f"serves version {step}, newer than {step - 1}"):
+        ServiceEngine(service.url, spec, sync_timeout=2).load_version(step - 1)
+
+
+def test_versions_withdrawn_by_a_resumed_trainer_are_dropped(client, service, store, hf, prompts):
+    """A trainer resumed from its checkpoint at step s deletes the versions published after s by the attempt that
+    died, waits for s, and publishes s+1 again with other weights: the service must follow, never keep serving
+    the withdrawn s+1."""
+    step = (store.latest_weights() or 0) + 1
+    publish(store, step, language_tensors(hf["A"]))
+    client.load_version(step)
+    publish(store, step + 1, language_tensors(hf["mixed"]))
+    client.load_version(step + 1)
+    store.delete_set(weights_prefix(step + 1))
+    client.load_version(step)
+    assert service.request("GET", "/weight_version")[1]["weight_version"] == step
+    publish(store, step + 1, language_tensors(hf["A"]))
+    client.load_version(step + 1)
+    for prompt, row in zip(prompts, client.generate(prompts, 6, 1.0, 1.0, 8), strict=True):
+        assert assert_logprobs_match(hf["A"], hf, hf["batches"][prompt.id], row) >= 12
 
 
 def test_corrupt_version_is_refused_and_the_previous_keeps_serving(client, service, store, hf, prompts, spec):
@@ -231,7 +252,7 @@ def test_sync_agent_loads_the_newest_lora_version_merged(tmp_path, weights, prom
             assert [p.name for p in agent.cache_dir.iterdir()] == [agent.path.name]
             assert agent.path.name.startswith("v000003-")
             assert agent.sync_once() is False
-        body = ServiceEngine("http://unused", spec)._body(prompts[0], 8, 1.0, 1.0, 8)
+        body = ServiceEngine("http://unused", spec)._body(prompts[0], 8, 1.0, 1.0, 8, None)
         del body["ttrv_weight_version"], body["model"]
         samples = [sample for sample, _ in samples_from_completion(backend.complete(body), 8, logprobs=True)]
     finally:

@@ -90,7 +90,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ttrv.local import run_local
 
-    code = run_local(load_run_spec(args.spec), Path(args.out), args.nproc)
+    code = run_local(load_run_spec(args.spec), Path(args.out), args.nproc, args.embedded_s3)
     report = Path(args.out) / "report.json"
     if code == 0 and report.exists():
         print(f"report: {report} and {report.with_suffix('.png')}")
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/latest", help="folder for events.jsonl, report.json and report.png")
     run.add_argument("--nproc", type=int, default=None,
                      help="trainer processes (default: resources.processesPerNode, else one)")
+    run.add_argument("--embedded-s3", action=argparse.BooleanOptionalAction, default=None,
+                     help="keep the weight store on an embedded S3 server (default: with rollout.backend service)")
     run.set_defaults(handler=cmd_run)
 
     serve = commands.add_parser(

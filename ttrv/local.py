@@ -1,5 +1,8 @@
 """`ttrv run`: the embedded default. The same trainer entrypoint a PyTorchJob pod runs (`python -m ttrv.train`),
-started as local processes with the environment torchrun and the training-operator would give it."""
+started as local processes with the environment torchrun and the training-operator would give it; with
+`rollout.backend: service`, the rollout service (`ttrv serve`) beside it as a process of its own and the weight
+store on an embedded S3 server (SeaweedFS), so the local run takes the cluster's path: weights travel through
+object storage between two processes that share no memory."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
@@ -16,14 +20,16 @@ from ttrv.report import atomic_write
 from ttrv.spec import RunSpec, StorageSpec
 
 logger = get_logger(__name__)
+EMBEDDED_BUCKET = "ttrv"
 
 
-def localize(spec: RunSpec, out: Path) -> RunSpec:
-    """A spec that left the store at its default keeps its weights and checkpoints inside the run folder."""
-    if spec.storage.uri == StorageSpec().uri:
-        return spec.model_copy(update={"storage": spec.storage.model_copy(
-            update={"uri": f"file://{(out / 'store').resolve()}"})})
-    return spec
+def localize(spec: RunSpec, out: Path, embedded_s3: bool) -> RunSpec:
+    """A spec that left the store at its default keeps its weights and checkpoints inside the run folder: on disk,
+    or in the embedded S3 server's bucket."""
+    if spec.storage.uri != StorageSpec().uri:
+        return spec
+    uri = f"s3://{EMBEDDED_BUCKET}/{spec.name}" if embedded_s3 else f"file://{(out / 'store').resolve()}"
+    return spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": uri})})
 
 
 def trainer_command(spec_file: Path, out: Path, nproc: int) -> list[str]:
@@ -33,20 +39,36 @@ def trainer_command(spec_file: Path, out: Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *entry]
 
 
-def run_local(spec: RunSpec, out: Path, nproc: int | None = None) -> int:
+def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: bool | None = None) -> int:
+    """Run one adaptation on this machine; the trainer's exit code (ttrv.exitcodes)."""
+    from ttrv.objectserver import EmbeddedS3
+    from ttrv.rollout.server import ServeProcess
+
+    service = spec.rollout.backend == "service"
+    embedded_s3 = service if embedded_s3 is None else embedded_s3
     out.mkdir(parents=True, exist_ok=True)
-    spec = localize(spec, out)
+    spec = localize(spec, out, embedded_s3)
     spec_file = out / "run.yaml"
     atomic_write(spec_file, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode())
-    nproc = nproc or spec.resources.nproc_per_node
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    command = trainer_command(spec_file, out, nproc)
-    logger.info("local_run", out=str(out), processes=nproc, store=spec.storage.uri)
-    process = subprocess.Popen(command, env=env, start_new_session=True)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        os.killpg(process.pid, signal.SIGTERM)
-        return process.wait()
+    with ExitStack() as stack:
+        if embedded_s3 and spec.storage.uri.startswith(f"s3://{EMBEDDED_BUCKET}/"):
+            s3 = stack.enter_context(EmbeddedS3(out / "s3"))
+            env |= s3.env()
+        if service:
+            rollout = ServeProcess(spec_file, out / "rollout.log", env=env)
+            stack.callback(rollout.stop)
+            rollout.start()
+            env["TTRV_ROLLOUT_URL"] = rollout.url
+            logger.info("rollout_service_started", url=rollout.url, log=str(out / "rollout.log"))
+        nproc = nproc or spec.resources.nproc_per_node
+        logger.info("local_run", out=str(out), processes=nproc, store=spec.storage.uri,
+                    rollout="service" if service else "in-process")
+        process = subprocess.Popen(trainer_command(spec_file, out, nproc), env=env, start_new_session=True)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            os.killpg(process.pid, signal.SIGTERM)
+            return process.wait()

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from ttrv import log
 from ttrv.data import Prompt
-from ttrv.rollout.base import Sample
+from ttrv.rollout.base import Sample, sample_seed
 from ttrv.rollout.chat import openai_messages, samples_from_completion
 from ttrv.spec import RunSpec
 
@@ -72,12 +72,12 @@ class ServiceEngine:
 
     # ------------------------------------------------------------------------------------------------- RolloutEngine
     def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int) -> list[list[Sample]]:
+                 max_new_tokens: int, seed: int | None = None) -> list[list[Sample]]:
         if temperature == 0 and n != 1:
             raise ValueError("greedy decoding (temperature 0) gives one answer per prompt; set n=1")
         if not prompts:
             return []
-        bodies = [self._body(prompt, n, temperature, top_p, max_new_tokens) for prompt in prompts]
+        bodies = [self._body(prompt, n, temperature, top_p, max_new_tokens, seed) for prompt in prompts]
         cancelled = threading.Event()
         pool = ThreadPoolExecutor(min(self.max_concurrency, len(bodies)), thread_name_prefix="ttrv-rollout")
         try:
@@ -109,10 +109,10 @@ class ServiceEngine:
                 if status != 200:
                     problem = f"HTTP {status}: {_message(state)}"
                 elif served is not None and served > step and self.max_staleness == 0:
-                    raise RolloutError(
-                        f"the rollout service serves weight version {served}, newer than {step}, which this trainer "
-                        "published last: the store holds versions from an earlier attempt of this run; publish the "
-                        "trainer's current weights as a new version (or delete the newer ones) before sampling")
+                    # a resumed trainer has just withdrawn the versions after its checkpoint; the service drops
+                    # them on its next look at the store
+                    problem = (f"it serves version {served}, newer than {step}, which this trainer published last "
+                               "(a version of an earlier attempt that the store no longer holds?)")
                 elif served is not None and served >= oldest:
                     self.weight_version = served
                     logger.info("rollout_version_ready", step=step, served=served,
@@ -133,9 +133,12 @@ class ServiceEngine:
         """Nothing to release: every request opens its own connection."""
 
     # -------------------------------------------------------------------------------------------------- requests
-    def _body(self, prompt: Prompt, n: int, temperature: float, top_p: float, max_tokens: int) -> dict[str, Any]:
+    def _body(self, prompt: Prompt, n: int, temperature: float, top_p: float, max_tokens: int,
+              seed: int | None) -> dict[str, Any]:
         body = {"model": self.model, "messages": openai_messages(prompt), "n": n, "temperature": temperature,
                 "top_p": top_p, "max_tokens": max_tokens, "logprobs": True, "return_token_ids": True}
+        if seed is not None and temperature > 0:
+            body["seed"] = sample_seed(seed, prompt.id)
         if self.max_staleness == 0:
             body["ttrv_weight_version"] = self.weight_version
         return body

@@ -165,7 +165,7 @@ class VLLMBackend:
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
 HF_FIELDS = {"model", "messages", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "logprobs",
-             "return_token_ids", "stream"}
+             "return_token_ids", "stream", "seed"}
 
 
 class HFBackend:
@@ -238,12 +238,17 @@ class HFBackend:
             text, image = prompt_from_messages(body.get("messages"))
         except ValueError as error:
             raise ServiceError(400, str(error)) from None
-        prompt = Prompt(uuid.uuid4().hex, text, self._image_file(image) if image is not None else None)
+        seed = _field(body, "seed", int, None, minimum=0)
+        # a seeded request's samples depend on its seed alone (the engine seeds each row from the prompt id), not on
+        # the requests it happens to be batched with
+        prompt = Prompt(f"seed:{seed}" if seed is not None else uuid.uuid4().hex, text,
+                        self._image_file(image) if image is not None else None)
         future: Future = Future()
         with self._cond:
             if self._closed:
                 raise ServiceError(503, "the service is stopping", "server_error")
-            self._pending.append(((n, temperature, top_p, max_tokens), prompt, future))
+            key = (n, temperature, top_p, max_tokens, 0 if seed is not None else None)
+            self._pending.append((key, prompt, future))
             self._cond.notify()
         try:
             samples = future.result()

@@ -108,6 +108,8 @@ class SyncAgent:
         self.poll_min, self.poll_max, self.backoff_max = poll_min, poll_max, backoff_max
         self.lock = RWLock()
         self.version: int | None = None
+        self.digest: str | None = None
+        """Manifest digest of the served version: a step republished with other bytes is another version."""
         self.path: Path | None = None
         self.refused: dict[int, tuple[str | None, str]] = {}
         """step -> (digest of the manifest refused, why); a republished step gets a new digest and a new try."""
@@ -156,13 +158,25 @@ class SyncAgent:
             self._wake.clear()
 
     def sync_once(self) -> bool:
-        """Loads the newest version, newer than the one served, that loads; True when one was loaded."""
-        for step in reversed(self.store.weight_versions()):
+        """Loads the newest version, newer than the one served, that loads; True when one was loaded. A served
+        version that was withdrawn or republished (a trainer resumed from an earlier checkpoint deletes the
+        versions after it and publishes those steps again) no longer counts as served."""
+        versions = self.store.weight_versions()
+        if self.version is not None and not self._still_served(versions):
+            logger.info("served_version_withdrawn", step=self.version)
+            self.version = self.digest = None
+        for step in reversed(versions):
             if self.version is not None and step <= self.version:
                 return False
             if not self._still_refused(step) and self._try_load(step):
                 return True
         return False
+
+    def _still_served(self, versions: list[int]) -> bool:
+        if self.version not in versions:
+            return False
+        manifest = self.store.read_manifest(weights_prefix(self.version))
+        return manifest is not None and manifest.digest == self.digest
 
     def _still_refused(self, step: int) -> bool:
         refusal = self.refused.get(step)
@@ -206,7 +220,7 @@ class SyncAgent:
                                      "with Store.publish_weights")
             with self.lock.write():
                 self._load(step, path, kind)
-                self.version = step
+                self.version, self.digest = step, local.digest
         except VersionRefused as error:
             shutil.rmtree(path, ignore_errors=True)
             self._refuse(step, local.digest, str(error))
