@@ -125,7 +125,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     port = int(os.environ.get("TTRV_METRICS_PORT", "9400"))
     server, _thread = prometheus_client.start_http_server(port)
     RUNTIME = Runtime(Kube.from_environment(), kueue, read_progress, server)
-    logger.info("operator configured", kueue_enabled=kueue, metrics_port=server.server_port,
+    logger.info("operator_configured", kueue_enabled=kueue, metrics_port=server.server_port,
                 poll_seconds=POLL_SECONDS)
 
 
@@ -272,7 +272,7 @@ def _progress(runtime: Runtime, run: dict):
     try:
         document = runtime.read_progress(uri, storage.get("endpoint"))
     except Exception as error:  # noqa: BLE001 - an unreadable store must not stop the reconcile
-        logger.warning("progress unreadable", run=run["metadata"]["name"], store=uri, error=str(error))
+        logger.warning("progress_unreadable", run=run["metadata"]["name"], store=uri, error=str(error))
         return None
     if document is None:
         return None

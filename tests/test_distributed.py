@@ -1,8 +1,8 @@
-"""The trainer as 2 data-parallel processes under torchrun, started exactly as a PyTorchJob pod starts it.
+"""The trainer as 2 data-parallel processes under torchrun's launcher, started exactly as a PyTorchJob pod starts it.
 
 The training-operator gives a pod PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
-PET_MASTER_PORT (torchrun reads them) plus MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK; the pod's command is
-`torchrun -m ttrv.train --spec /etc/ttrv/run.yaml`. Here the same command runs with the same variables on
+PET_MASTER_PORT (torchrun's launcher reads them) plus MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK; the pod's command
+is `ttrv train --spec /etc/ttrv/run.yaml` (ttrv.launch). Here the same command runs with the same variables on
 loopback, DeepSpeed on CPU with gloo, against a real S3 server (SeaweedFS). Votes are seeded per prompt, so the
 2-process run must reproduce the 1-process run: same prompts per step, same final weights within float tolerance.
 """
@@ -52,7 +52,7 @@ def run_trainer(folder: Path, storage_uri: str, nproc: int) -> subprocess.Comple
         env |= {"PET_NNODES": "1", "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": "0",
                 "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port,
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "1", "RANK": "0"}
-        command = [sys.executable, "-m", "torch.distributed.run", *entry]
+        command = [sys.executable, "-m", "ttrv.launch", *entry[2:]]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -152,7 +152,7 @@ def test_trainer_job_shape():
                                         "cleanPodPolicy": "Running", "suspend": False}
     container = trainer_container(job)
     assert container["name"] == "pytorch"
-    assert container["command"] == ["torchrun", "-m", "ttrv.train", "--spec", "/etc/ttrv/run.yaml"]
+    assert container["command"] == ["ttrv", "train", "--spec", "/etc/ttrv/run.yaml"]
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"  # the operator reports it
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -109,6 +110,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ttrv.launch import launch
+
+    return launch(["--spec", args.spec, "--out", args.out], args.nproc_per_node, args.standalone)
+
+
 def cmd_spec_docs(args: argparse.Namespace) -> int:
     from ttrv.docs import fields_table
 
@@ -164,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(handler=cmd_serve)
+
+    train = commands.add_parser("train", help="the trainer pod's command: launch this node's trainer workers "
+                                "(torchrun's PET_* environment), exit with the failing worker's code")
+    train.add_argument("--spec", required=True, help="run spec (YAML), /etc/ttrv/run.yaml in a pod")
+    train.add_argument("--out", default=os.environ.get("TTRV_OUT", "/tmp/ttrv-out"),
+                       help="folder for events.jsonl and the report (default $TTRV_OUT)")
+    train.add_argument("--nproc-per-node", type=int, default=None,
+                       help="workers on this node (default: PET_NPROC_PER_NODE, as the training-operator sets it)")
+    train.add_argument("--standalone", action="store_true", help="a single node on loopback")
+    train.set_defaults(handler=cmd_train)
 
     docs = spec.add_parser("docs", help="print the README's table of spec fields")
     docs.set_defaults(handler=cmd_spec_docs)

@@ -33,10 +33,11 @@ def localize(spec: RunSpec, out: Path, embedded_s3: bool) -> RunSpec:
 
 
 def trainer_command(spec_file: Path, out: Path, nproc: int) -> list[str]:
-    entry = ["-m", "ttrv.train", "--spec", str(spec_file), "--out", str(out)]
+    """One process runs the trainer entrypoint itself; several go through the pod's launcher (`ttrv train`)."""
+    entry = ["--spec", str(spec_file), "--out", str(out)]
     if nproc == 1:
-        return [sys.executable, *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *entry]
+        return [sys.executable, "-m", "ttrv.train", *entry]
+    return [sys.executable, "-m", "ttrv.launch", "--standalone", f"--nproc-per-node={nproc}", *entry]
 
 
 def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: bool | None = None) -> int:

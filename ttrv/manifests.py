@@ -392,9 +392,10 @@ def _trainer_job(ctx: _Context) -> dict:
         "name": TRAINER_CONTAINER,
         "image": ctx.spec.image.trainer,
         "imagePullPolicy": ctx.spec.image.pull_policy,
-        # torchrun takes nnodes, nproc-per-node, node rank and master address from the PET_* variables that the
-        # training operator sets in every replica.
-        "command": ["torchrun", "-m", "ttrv.train", "--spec", SPEC_PATH],
+        # torchrun's launcher (ttrv.launch) takes nnodes, nproc-per-node, node rank and master address from the
+        # PET_* variables that the training operator sets in every replica, and exits with the failing worker's
+        # own code, which restartPolicy ExitCode needs (plain torchrun exits 1 for any worker failure).
+        "command": ["ttrv", "train", "--spec", SPEC_PATH],
         "env": env,
         "ports": [
             {"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},

@@ -62,7 +62,7 @@ LEASES = f"{WEIGHTS}/leases"
 MiB = 1 << 20
 DEFAULT_PART_SIZE = 16 * MiB
 DEFAULT_SHARD_SIZE = 512 * MiB
-DEFAULT_RETRY_SECONDS = 90.0
+DEFAULT_RETRY_SECONDS = float(os.environ.get("TTRV_STORE_RETRY_SECONDS", 90.0))
 DEFAULT_LEASE_SECONDS = 600.0
 _S3_MAX_PARTS = 10_000
 _S3_MIN_PART = 5 * MiB
@@ -534,7 +534,7 @@ class _S3Backend(_Backend):
                     ) from None
                 attempt += 1
                 pause = min(random.uniform(delay / 2, delay), left)
-                logger.warning("store retry", action=action, key=key, attempt=attempt, pause_s=round(pause, 2),
+                logger.warning("store_retry", action=action, key=key, attempt=attempt, pause_s=round(pause, 2),
                                error=f"{type(error).__name__}: {str(error)[:200]}")
                 time.sleep(pause)
                 delay = min(delay * 2, 2.0)
@@ -552,7 +552,7 @@ class _S3Backend(_Backend):
                     raise
             try:
                 self.client.make_bucket(self.bucket)
-                logger.info("bucket created", store=self.url)
+                logger.info("bucket_created", store=self.url)
             except S3Error as error:
                 if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
@@ -615,7 +615,7 @@ class _S3Backend(_Backend):
                     return
                 except _UploadLost:
                     # The server forgot the upload (e.g. it restarted without it): start over with a new one.
-                    logger.warning("multipart upload lost; uploading the object again", key=key)
+                    logger.warning("multipart_upload_lost", key=key, action="uploading the object again")
                     start()
                 except BaseException:
                     self._abort(key, state["id"])
@@ -643,7 +643,7 @@ class _S3Backend(_Backend):
         try:
             self.client._abort_multipart_upload(self.bucket, self._key(key), upload_id)
         except Exception as error:  # the upload is garbage either way; the server expires it
-            logger.info("abort of a failed upload failed", key=key, error=type(error).__name__)
+            logger.info("upload_abort_failed", key=key, error=type(error).__name__)
 
     def _get_range(self, key: str, size: int, offset: int, length: int, write: Callable[[int, bytes], None],
                    ranged: bool) -> None:
@@ -1203,7 +1203,7 @@ class Store:
             try:
                 self._backend.delete([key])
             except StoreError as error:
-                logger.warning("lease not released; it expires by itself", key=key, error=str(error))
+                logger.warning("lease_not_released", key=key, action="it expires by itself", error=str(error))
 
     def _leased_steps(self) -> set[int]:
         steps, expired = set(), []
@@ -1219,7 +1219,7 @@ class Store:
                 else:
                     steps.add(int(lease["step"]))
             except (ValueError, KeyError, TypeError):
-                logger.warning("unreadable lease ignored", key=key)
+                logger.warning("lease_unreadable_ignored", key=key)
         if expired:
             self._backend.delete(expired)
         return steps
@@ -1272,7 +1272,7 @@ class Store:
         for step in victims:
             self._delete(weights_prefix(step), listing)
         if victims:
-            logger.info("weight versions deleted", store=self.url, steps=victims, kept=sorted(kept & complete))
+            logger.debug("weight_versions_deleted", store=self.url, steps=victims, kept=sorted(kept & complete))
         return victims
 
 

@@ -9,7 +9,8 @@ One step, for a batch of unlabeled prompts (verl's `fit()` story, each phase tim
     publish   rank 0 writes weight version k+1 to the store (manifest last)
     sync      the rollout engine loads version k+1 before the next step
 
-The same entrypoint runs under `torchrun` in a PyTorchJob pod and as local processes under `ttrv run`.
+The same entrypoint runs under `ttrv train` (torchrun's launcher) in a PyTorchJob pod and as local processes
+under `ttrv run`.
 """
 
 from __future__ import annotations
@@ -497,7 +498,7 @@ def make_engine(spec: RunSpec, model_path: str, processor, store, device) -> Rol
         if not url:
             raise ValueError("rollout.backend is service but TTRV_ROLLOUT_URL is not set; start `ttrv serve` and "
                              "point TTRV_ROLLOUT_URL at it (the operator and `ttrv run` do this)")
-        return ServiceEngine(url, spec)
+        return ServiceEngine(url, spec, retry_seconds=float(os.environ.get("TTRV_ROLLOUT_RETRY_SECONDS", 600)))
     from ttrv.modeling import load_model
     from ttrv.rollout.hf import HFEngine
     from ttrv.weights import merge_lora

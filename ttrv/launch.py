@@ -1,0 +1,58 @@
+"""`ttrv train`: the trainer pod's command. torchrun's launcher (it reads PET_NNODES, PET_NPROC_PER_NODE,
+PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, as the training-operator sets them), with one difference that the
+PyTorchJob `restartPolicy: ExitCode` contract needs: it exits with the failing worker's own exit code.
+
+Plain torchrun exits 1 whenever a worker fails, so a preempted (143) or store-unavailable (170) trainer would look
+permanent to the training-operator and never be restarted. Here the first failure's code is passed on (a worker
+killed by signal s exits 128 + s), and a SIGTERM to the launcher itself (Kubernetes stopping the pod) reaches the
+workers, which checkpoint and exit 143.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ttrv import exitcodes
+from ttrv.log import get_logger
+
+logger = get_logger(__name__)
+
+
+def worker_exit_code(exitcode: int) -> int:
+    """A worker's exit code as a process exit code: killed by signal s (negative s) -> 128 + s."""
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
+def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = False) -> int:
+    """Run `python -m ttrv.train <worker_args>` on this node's workers; the exit code for the pod."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    argv = [f"--nproc-per-node={nproc}"] if nproc else []
+    argv += ["--standalone"] if standalone else []
+    # max-restarts 0: a failed worker fails the pod, and Kubernetes decides from the exit code whether to retry
+    args = parse_args([*argv, "--max-restarts=0", "-m", "ttrv.train", *worker_args])
+    config, command, command_args = config_from_args(args)
+    try:
+        elastic_launch(config, command)(*command_args)
+    except ChildFailedError as error:
+        _, failure = error.get_first_failure()
+        code = worker_exit_code(failure.exitcode)
+        logger.error("trainer_worker_failed", local_rank=failure.local_rank, exit_code=code,
+                     kind="retryable" if exitcodes.is_retryable(code) else "permanent")
+        return code
+    except SignalException as error:
+        return 128 + int(error.sigval)
+    return exitcodes.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ttrv.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
