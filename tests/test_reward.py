@@ -109,7 +109,7 @@ def test_equals_the_reference_without_invalid_answers(answers, weight):
 @given(st.lists(st.sampled_from(["A", "B", "C", "D", None]), min_size=1, max_size=40), st.floats(0, 2))
 def test_reward_bounds(answers, weight):
     n = len(answers)
-    for answer, reward in zip(answers, vote_rewards(answers, weight, invalid_reward=-1.0)):
+    for answer, reward in zip(answers, vote_rewards(answers, weight, invalid_reward=-1.0), strict=False):
         if answer is None:
             assert reward == -1.0
         else:
@@ -128,7 +128,7 @@ def test_rewards_follow_answers_under_permutation(answers, rng):
 @given(answers_strategy)
 def test_more_votes_means_more_reward_within_a_prompt(answers):
     counts = Counter(answers)
-    by_answer = dict(zip(answers, vote_rewards(answers)))
+    by_answer = dict(zip(answers, vote_rewards(answers), strict=False))
     for a in counts:
         for b in counts:
             if counts[a] > counts[b]:

@@ -20,13 +20,13 @@ def greedy_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: Ru
     outputs = engine.generate([e.prompt for e in examples], n=1, temperature=0.0, top_p=1.0,
                               max_new_tokens=max_tokens)
     answers = [extract_answer(o[0].text, spec.reward.extractor, spec.reward.choices) for o in outputs]
-    correct = [a is not None and a == e.answer for a, e in zip(answers, examples)]
+    correct = [a is not None and a == e.answer for a, e in zip(answers, examples, strict=False)]
     return {
         "accuracy": sum(correct) / len(examples),
         "valid_ratio": sum(a is not None for a in answers) / len(examples),
         "response_length": sum(len(o[0].token_ids) for o in outputs) / len(examples),
         "n": len(examples),
-        "answers": {e.prompt.id: a for e, a in zip(examples, answers)},
+        "answers": {e.prompt.id: a for e, a in zip(examples, answers, strict=False)},
     }
 
 
@@ -37,7 +37,7 @@ def majority_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: 
                               top_p=spec.rollout.top_p, max_new_tokens=max_tokens, seed=spec.seed)
     stats = [
         vote_stats([extract_answer(s.text, spec.reward.extractor, spec.reward.choices) for s in samples], e.answer)
-        for samples, e in zip(outputs, examples)
+        for samples, e in zip(outputs, examples, strict=False)
     ]
     return {
         "maj_accuracy": sum(s.majority_correct for s in stats) / len(examples),

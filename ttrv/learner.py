@@ -208,7 +208,7 @@ class Learner:
         if self.world.size > 1:  # token-weighted shares of the step's loss: their sum over ranks is the loss
             summed = torch.tensor([stats[k] for k in ("loss", "pg_loss", "kl", "clipfrac")], dtype=torch.float64)
             torch.distributed.all_reduce(summed)
-            stats |= dict(zip(("loss", "pg_loss", "kl", "clipfrac"), summed.tolist()))
+            stats |= dict(zip(("loss", "pg_loss", "kl", "clipfrac"), summed.tolist(), strict=False))
         stats["lr"] = self.scheduler.get_last_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

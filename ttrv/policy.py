@@ -93,13 +93,13 @@ def collate(encoded: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]]
     """One sequence per (prompt, response) pair; `encoded[i]` is the prompt of `responses[i]`."""
     if len(encoded) != len(responses):
         raise ValueError(f"{len(encoded)} prompts for {len(responses)} responses")
-    rows = [torch.cat([e.input_ids, torch.tensor(r, dtype=e.input_ids.dtype)]) for e, r in zip(encoded, responses)]
+    rows = [torch.cat([e.input_ids, torch.tensor(r, dtype=e.input_ids.dtype)]) for e, r in zip(encoded, responses, strict=False)]
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=rows[0].dtype)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     targets = torch.zeros((len(rows), length - 1))
     per_token = {k: torch.zeros((len(rows), length), dtype=v.dtype) for k, v in encoded[0].per_token.items()}
-    for b, (row, e, r) in enumerate(zip(rows, encoded, responses)):
+    for b, (row, e, r) in enumerate(zip(rows, encoded, responses, strict=False)):
         input_ids[b, : len(row)] = row
         attention[b, : len(row)] = 1
         prompt_len = len(e.input_ids)

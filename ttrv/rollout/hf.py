@@ -67,7 +67,7 @@ class HFEngine:
             chosen = torch.stack(out.scores, dim=1).float().log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1))
             chosen = chosen.squeeze(-1)
         samples = []
-        for row, logprob_row in zip(new_tokens.tolist(), chosen.tolist()):
+        for row, logprob_row in zip(new_tokens.tolist(), chosen.tolist(), strict=False):
             length = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row))
             ids = tuple(row[:length])
             samples.append(Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids,
