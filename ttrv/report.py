@@ -52,6 +52,8 @@ def plot(report: dict, events: list[dict]) -> bytes:
     ]
     for ax, key, title in series:
         ax.plot(steps, [e.get(key) for e in events], marker=".")
+        if key == "response_length":
+            ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

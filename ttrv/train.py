@@ -279,8 +279,10 @@ def gather_votes(world: World, scored: Scored, samples: list[list[Sample]], idle
     return tuple([item for part in parts for item in part[i]] for i in range(4))
 
 
-def adapt(ctx: RunContext, state: RunState, metrics=None) -> dict:
-    """The adaptation loop, from `state` on. Returns what the report needs (steps, guard outcome)."""
+def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
+    """The adaptation loop, from `state` on. Returns what the report needs (steps, guard outcome). `probe`, when
+    given, measures greedy accuracy on the adaptation subset every `eval.every` steps (rank 0, for the report's
+    curve): labels stay in that callback and never reach the loop."""
     spec = ctx.spec
     guard = CollapseGuard(spec.guard, **state.guard)
     guard_fired_at = None
@@ -308,6 +310,11 @@ def adapt(ctx: RunContext, state: RunState, metrics=None) -> dict:
         record = {"step": version, "epoch": state.cursor.epoch if state.cursor.position else state.cursor.epoch - 1,
                   "prompt_ids": [p.id for p in batch], "weight_version": version, **_round(step_metrics),
                   "seconds": _round(timer.seconds | {"step": step_seconds[-1]})}
+        every = spec.eval.every
+        if probe is not None and ctx.world.is_main and every and version % every == 0:
+            accuracy = probe()
+            if accuracy is not None:
+                record["subset_accuracy"] = round(accuracy, 4)
         fired = guard.observe(version, step_metrics["entropy"], step_metrics["dominant_share"],
                               step_metrics["response_length"], step_metrics["prompts"])
         state.guard = {"first_length": guard.first_length, "streak": guard.streak,
@@ -511,12 +518,17 @@ def make_engine(spec: RunSpec, model_path: str, processor, store, device) -> Rol
     return HFEngine(model, processor, lambda step: merge_lora(base, store.load_weights(step), scale))
 
 
+def subset_examples(test: list[Example], prompts: list[Prompt]) -> list[Example]:
+    """The labelled test examples of the adaptation prompts (for evaluation only)."""
+    by_id = {e.prompt.id: e for e in test}
+    return [by_id[p.id] for p in prompts if p.id in by_id]
+
+
 def evaluate_all(engine: RolloutEngine, spec: RunSpec, test: list[Example], prompts: list[Prompt],
                  heldout: list[Example]) -> dict:
     """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set."""
     limit = spec.eval.limit
-    by_id = {e.prompt.id: e for e in test}
-    subset = [by_id[p.id] for p in prompts if p.id in by_id]
+    subset = subset_examples(test, prompts)
     results = {"subset_accuracy": greedy_accuracy(engine, subset, spec)["accuracy"] if subset else None}
     if spec.eval.full_test_set:
         greedy = greedy_accuracy(engine, test[:limit], spec)
@@ -579,7 +591,8 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
                 state.before = evaluate_all(engine, spec, test, prompts, heldout)
                 logger.info("eval_before", **{k: v for k, v in state.before.items() if v is not None})
         _barrier(world)
-    outcome = adapt(ctx, state, metrics)
+    subset = subset_examples(test, prompts)
+    outcome = adapt(ctx, state, metrics, lambda: greedy_accuracy(engine, subset, spec)["accuracy"] if subset else None)
     after = evaluate_all(engine, spec, test, prompts, heldout) if world.is_main and spec.eval.after else {}
     _barrier(world)
     report = {}
