@@ -58,11 +58,13 @@ def plot(report: dict, events: list[dict]) -> bytes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     ax = axes[1, 1]
-    evaluated = [e for e in events if e.get("subset_accuracy") is not None]
-    if evaluated:
-        ax.plot([e["step"] for e in evaluated], [e["subset_accuracy"] for e in evaluated], marker="o",
-                label="greedy, adaptation subset")
     last = steps[-1] if steps else 1
+    probes = [(0, report.get("subset_base_accuracy"))]
+    probes += [(e["step"], e["subset_accuracy"]) for e in events if e.get("subset_accuracy") is not None]
+    probes += [(last, report.get("subset_final_accuracy"))]
+    probes = [(step, value) for step, value in probes if value is not None]
+    if len(probes) > 1:
+        ax.plot(*zip(*probes, strict=True), marker="o", label="greedy, adaptation subset")
     for key, label, style in [("accuracy", "greedy, test set", "-"), ("maj_accuracy", "maj@N, test set", "--"),
                               ("heldout_accuracy", "greedy, held-out", ":")]:
         base, final = report.get(f"base_{key}"), report.get(f"final_{key}")
