@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ttrv import benchmark, log
-from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset
+from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset, require_images
 from ttrv.evaluate import greedy_accuracy, majority_accuracy
 from ttrv.grpo import ttrv_advantages
 from ttrv.learner import Learner, World
@@ -448,11 +448,11 @@ def _progress_bar(total: int, initial: int, world: World):
 def load_examples(spec: RunSpec) -> tuple[list[Example], list[Prompt], list[Example]]:
     """(test examples, adaptation prompts, held-out examples)."""
     data = spec.data
-    test = read_dataset(benchmark.resolve(data.path), data.format, data.path_map).examples
+    test = require_images(read_dataset(benchmark.resolve(data.path), data.format, data.path_map)).examples
     prompts = adaptation_prompts(test, data.subset_size, data.subset_seed, data.single_example,
                                  data.single_example_repeats)
-    heldout = read_dataset(benchmark.resolve(data.heldout_path), data.format, data.path_map).examples \
-        if data.heldout_path else []
+    heldout = require_images(read_dataset(benchmark.resolve(data.heldout_path), data.format,
+                                          data.path_map)).examples if data.heldout_path else []
     return test, prompts, heldout
 
 
