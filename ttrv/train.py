@@ -534,15 +534,23 @@ class ModelError(ValueError):
 def load_learner_and_engine(spec: RunSpec, model_path: str, store, world: World, prompts: list[Prompt]):
     from ttrv.modeling import load_processor
 
+    def cannot_load(error: Exception) -> ModelError:
+        return ModelError(f"model.path {spec.model.path!r}: cannot load the checkpoint ({error}); point it at a "
+                          "Hugging Face folder with config.json, weights, tokenizer and processor files")
+
+    # A ValueError while the processor loads is the folder's (no model_type, not a vision-language model, no
+    # tokenizer); one from the learner or the engine is the spec's (a service rollout without TTRV_ROLLOUT_URL).
     try:
         processor = load_processor(model_path)
+    except (OSError, KeyError, ImportError, ValueError) as error:
+        raise cannot_load(error) from None
+    try:
         per_epoch = steps_per_epoch(len(prompts), spec.grpo.prompts_per_step)
         sequences = math.ceil(spec.grpo.prompts_per_step / world.size) * spec.rollout.group_size
         learner = Learner(spec, model_path, per_epoch * spec.grpo.epochs, world, sequences)
         engine = make_engine(spec, model_path, processor, store, learner.device)
     except (OSError, KeyError, ImportError) as error:
-        raise ModelError(f"model.path {spec.model.path!r}: cannot load the checkpoint ({error}); point it at a "
-                         "Hugging Face folder with config.json, weights, tokenizer and processor files") from None
+        raise cannot_load(error) from None
     return processor, learner, engine
 
 
