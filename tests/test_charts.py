@@ -7,7 +7,15 @@ import shutil
 
 import pytest
 import yaml
-from k8s_util import ROOT, helm, helm_template, pod_templates, security_problems, validate_object
+from k8s_util import (
+    ROOT,
+    credential_problems,
+    helm,
+    helm_template,
+    pod_templates,
+    security_problems,
+    validate_object,
+)
 
 from ttrv.manifests import experiment_objects
 from ttrv.spec import ExperimentSpec, RolloutSpec, load_experiment, parse_spec
@@ -43,9 +51,11 @@ def test_ttrv_chart_renders_the_example_experiment(values):
     assert experiment["metadata"]["name"] == metadata["name"]
     assert experiment["metadata"]["namespace"] == "team-a"
     assert parse_spec(experiment["spec"], ExperimentSpec) == spec
-    # What the operator makes of the installed Experiment is valid too.
+    # What the operator makes of the installed Experiment is valid and restricted too.
     for obj in experiment_objects(experiment["metadata"], spec):
         validate_object(obj)
+        for where, template in pod_templates(obj):
+            assert security_problems(where, template) == []
 
 
 def test_release_name_names_the_experiment_by_default():
@@ -157,12 +167,7 @@ def test_minio_credentials_are_generated_kept_and_only_referenced():
     text = yaml.safe_dump_all(obj for obj in first if obj["kind"] != "Secret")
     for value in secrets[0]["data"].values():
         assert value not in text
-    for obj in first:
-        for _, template in pod_templates(obj):
-            for container in template["spec"]["containers"]:
-                for item in container.get("env", []):
-                    if item["name"] in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "ACCESS_KEY", "SECRET_KEY"):
-                        assert "secretKeyRef" in item["valueFrom"]
+    assert [problem for obj in first for problem in credential_problems(obj)] == []
 
 
 # --- bad values -------------------------------------------------------------------------------------------------
