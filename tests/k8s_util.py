@@ -119,6 +119,25 @@ def security_problems(where: str, template: dict) -> list[str]:
     return problems
 
 
+CREDENTIAL_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|ROOT_USER|CREDENTIAL", re.IGNORECASE)
+
+
+def credential_problems(obj: dict) -> list[str]:
+    """Where an object carries a credential other than by reference to a Secret: an env variable with a
+    credential's name whose value is not a secretKeyRef, or environment taken whole from a ConfigMap."""
+    problems = []
+    for where, template in pod_templates(obj):
+        pod = template["spec"]
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            at = f"{where}/{container['name']}"
+            for item in container.get("env", []):
+                if CREDENTIAL_ENV.search(item["name"]) and "secretKeyRef" not in item.get("valueFrom", {}):
+                    problems.append(f"{at}: env {item['name']} is not a secretKeyRef")
+            problems += [f"{at}: envFrom a ConfigMap" for source in container.get("envFrom", [])
+                         if "configMapRef" in source]
+    return problems
+
+
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if not HELM.exists():
         pytest.fail(f"{HELM.relative_to(ROOT)} is missing; `make helm` installs it (make test does)")

@@ -11,7 +11,15 @@ from types import MappingProxyType
 
 import pytest
 import yaml
-from k8s_util import DNS_LABEL, ROOT, is_pod_selected, pod_templates, security_problems, validate_object
+from k8s_util import (
+    DNS_LABEL,
+    ROOT,
+    credential_problems,
+    is_pod_selected,
+    pod_templates,
+    security_problems,
+    validate_object,
+)
 
 from ttrv.manifests import (
     RUN_NAME_MAX,
@@ -262,9 +270,7 @@ def test_credentials_only_by_secret_reference():
         assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID",
                                             "valueFrom": {"secretKeyRef": {"name": "team-s3", "key": "id"}}}
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "team-s3", "key": "key"}}
-        literal = [item["name"] for item in container["env"]
-                   if "value" in item and any(word in item["name"] for word in ("SECRET", "KEY", "TOKEN", "PASSWORD"))]
-        assert literal == []
+    assert [problem for obj in objs.values() for problem in credential_problems(obj)] == []
 
 
 def test_a_none_default_is_omitted_and_a_meaningful_null_kept():

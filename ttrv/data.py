@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import random
 import re
+import struct
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
 MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300: larger is refused, not decoded (decompression-bomb guard)
@@ -94,9 +97,9 @@ def detect_format(path: Path) -> str:
     if path.suffix == ".jsonl":
         return "jsonl"
     if path.suffix == ".json":
-        with path.open() as handle:
+        with path.open("rb") as handle:
             head = handle.read(4096).lstrip()
-        return "reference_json" if head.startswith("[") else "jsonl"
+        return "reference_json" if head.startswith(b"[") else "jsonl"
     raise DataError(f"{path}: cannot tell the format from the extension; set data.format to reference_json, "
                     "verl_parquet or jsonl")
 
@@ -104,13 +107,13 @@ def detect_format(path: Path) -> str:
 def _records(path: Path, fmt: str) -> list[dict[str, Any]]:
     try:
         if fmt == "reference_json":
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, list):
                 raise DataError(f"{path}: reference JSON must be a list of records, got {type(data).__name__}")
             return data
         if fmt == "jsonl":
             records = []
-            for number, line in enumerate(path.read_text().splitlines(), 1):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
                     try:
                         records.append(json.loads(line))
@@ -118,27 +121,52 @@ def _records(path: Path, fmt: str) -> list[dict[str, Any]]:
                         raise DataError(f"{path}:{number}: not valid JSON ({error.msg}); one object per line") from None
             return records
         if fmt == "verl_parquet":
-            import pyarrow.parquet as pq
-
-            return [_from_verl(row) for row in pq.read_table(path).to_pylist()]
+            return _verl_records(path)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON at line {error.lineno} column {error.colno} ({error.msg})") from None
+        raise DataError(f"{path}: not valid JSON at line {error.lineno} column {error.colno} ({error.msg}); fix "
+                        "the file there") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8 JSON") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply; records are flat objects") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror or error}); check data.path") from None
     raise DataError(f"{path}: unknown format {fmt!r}; use reference_json, verl_parquet or jsonl")
 
 
+def _verl_records(path: Path) -> list[dict[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except pyarrow.ArrowException as error:
+        raise DataError(f"{path}: not a readable parquet file ({error}); write it with pyarrow or pandas, or set "
+                        "data.format to the file's real format") from None
+    if "prompt" not in table.column_names:
+        raise DataError(f"{path}: verl parquet without a 'prompt' column (it has {table.column_names}); write "
+                        "verl's layout: data_source, prompt, images, reward_model, extra_info")
+    return [_from_verl(row) for row in table.to_pylist()]
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A nested parquet field as a dict; any other shape reads as absent (the record check then names it)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _from_verl(row: dict[str, Any]) -> dict[str, Any]:
-    messages = row.get("prompt") or []
+    messages = row.get("prompt")
+    messages = messages if isinstance(messages, list) else []
     text = next((m.get("content", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
-    images = row.get("images") or []
-    image = images[0].get("image") if images and isinstance(images[0], dict) else None
-    extra = row.get("extra_info") or {}
+    images = row.get("images")
+    images = images if isinstance(images, list) else []
+    image = _mapping(images[0]).get("image") if images else None
+    extra = _mapping(row.get("extra_info"))
     return {
-        "id": str(extra.get("index", "")) if extra.get("index") is not None else None,
+        "id": str(extra["index"]) if extra.get("index") is not None else None,
         "prompt": text,
         "image_path": image,
-        "answer": (row.get("reward_model") or {}).get("ground_truth"),
+        "answer": _mapping(row.get("reward_model")).get("ground_truth"),
         "source": row.get("data_source", ""),
     }
 
@@ -162,8 +190,8 @@ def read_dataset(path: str | Path, fmt: str = "auto", path_map: list[str] | None
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: field 'prompt' is missing or empty; every record needs the question text")
         raw_image = record.get("image_path")
-        if raw_image is not None and not isinstance(raw_image, str):
-            raise DataError(f"{where}: field 'image_path' must be a string path")
+        if raw_image is not None and (not isinstance(raw_image, str) or "\x00" in raw_image):
+            raise DataError(f"{where}: field 'image_path' must be a string path (without NUL characters)")
         answer = record.get("answer")
         prompt = Prompt(
             id=str(record["id"]) if record.get("id") is not None else str(index),
@@ -179,18 +207,42 @@ def read_dataset(path: str | Path, fmt: str = "auto", path_map: list[str] | None
     return Dataset(path, fmt, examples)
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image as RGB; refuses missing, unreadable and oversized files with a DataError."""
+@contextmanager
+def _opened(path: str) -> Iterator[Image.Image]:
+    """An image with only its header read; refuses missing, unreadable and oversized files with a DataError."""
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: image is {image.width}x{image.height}, over {MAX_IMAGE_PIXELS} pixels; "
                                 "downscale it")
-            return image.convert("RGB")
+            yield image
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: image not found; fix image_path or add a data.pathMap OLD=NEW rewrite") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+    # Pillow's decoders report a damaged file with any of these (found by fuzzing, tests/bad_inputs).
+    except (OSError, ValueError, EOFError, SyntaxError, IndexError, struct.error,
+            Image.DecompressionBombError) as error:
         raise DataError(f"{path}: unreadable image ({type(error).__name__}); replace the file") from None
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB; refuses missing, unreadable and oversized files with a DataError."""
+    with _opened(path) as image:
+        return image.convert("RGB")
+
+
+def require_images(dataset: Dataset) -> Dataset:
+    """The dataset, once the header of every image it names reads: a trainer stops here, before it has written
+    anything, rather than at the step that first samples a missing image (a permanent failure mid-run)."""
+    for index, example in enumerate(dataset.examples):
+        if example.prompt.image_path is not None:
+            try:
+                with _opened(example.prompt.image_path):
+                    pass
+            except DataError as error:
+                raise DataError(f"{dataset.path}: record {index} (id {example.prompt.id}): {error}") from None
+    return dataset
 
 
 def check_dataset(dataset: Dataset, choices: str = "ABCD", open_images: bool = True) -> list[str]:
@@ -210,7 +262,8 @@ def check_dataset(dataset: Dataset, choices: str = "ABCD", open_images: bool = T
                 problems.append(f"{where}: {error}")
         options = prompt.options
         if example.answer is not None and options and example.answer not in options:
-            problems.append(f"{where}: answer {example.answer!r} is not among the options {sorted(options)}")
+            problems.append(f"{where}: answer {example.answer!r} is not among the options {sorted(options)}; "
+                            "correct the answer or the prompt's option lines")
         stray = sorted(set(options) - set(choices))
         if stray:
             problems.append(f"{where}: option letters {stray} are outside reward.choices {choices!r}")

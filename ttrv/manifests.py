@@ -52,7 +52,13 @@ RUN_NAME_MAX = 44
 
 def run_store_uri(storage_uri: str, namespace: str, experiment: str, dataset: str) -> str:
     """Object-store prefix of one run in a cluster: `<storage.uri>/<namespace>/<experiment>/<dataset>`, so teams
-    (namespaces) sharing a bucket never write into each other's runs."""
+    (namespaces) sharing a bucket never write into each other's runs. Each part must be a DNS label: a '/' or '..'
+    would put one run's prefix inside another's, where its keys could read or overwrite the other's objects."""
+    for field, value in (("metadata.namespace", namespace), ("metadata.name", experiment),
+                         ("datasets[].name", dataset)):
+        if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value):
+            raise SpecError(f"{field}: {value!r} must be a DNS label (lowercase letters, digits, '-'); it names the "
+                            "run's object-store prefix")
     return f"{storage_uri.rstrip('/')}/{namespace}/{experiment}/{dataset}"
 
 
@@ -132,7 +138,7 @@ def _require_cluster_store(spec: ExperimentSpec) -> None:
 def adaptation_run(experiment_meta: Mapping, spec: ExperimentSpec, dataset: str) -> dict:
     """The AdaptationRun of one dataset of an Experiment (`experiment_meta`: its metadata: name, namespace, uid)."""
     experiment = experiment_meta.get("name", "")
-    if not re.match(NAME_PATTERN, experiment):
+    if not re.fullmatch(NAME_PATTERN, experiment):
         raise SpecError(f"metadata.name: {experiment!r} must be a DNS label (lowercase letters, digits, '-')")
     namespace = experiment_meta.get("namespace") or "default"
     _require_cluster_store(spec)
@@ -361,16 +367,18 @@ def _rollout_service(ctx: _Context) -> dict:
 
 
 def _rollout_network_policy(ctx: _Context) -> dict:
-    """Only this run's trainer pods reach the rollout pods, on the HTTP port; nothing else gets in."""
+    """Only this run's trainer pods reach the rollout pods, on the HTTP port; nothing else gets in. Both selectors
+    name the run's whole identity: run names alone can coincide (experiment a-b with dataset c, a with b-c)."""
+    identity = {"ttrv.io/experiment": ctx.spec.experiment, "ttrv.io/dataset": ctx.spec.dataset}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": ctx.metadata(ctx.rollout_name, "rollout"),
         "spec": {
-            "podSelector": {"matchLabels": ctx.selector("rollout")},
+            "podSelector": {"matchLabels": ctx.selector("rollout") | identity},
             "policyTypes": ["Ingress"],
             "ingress": [{
-                "from": [{"podSelector": {"matchLabels": ctx.selector("trainer")}}],
+                "from": [{"podSelector": {"matchLabels": ctx.selector("trainer") | identity}}],
                 "ports": [{"protocol": "TCP", "port": ROLLOUT_PORT}],
             }],
         },

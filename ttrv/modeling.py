@@ -22,6 +22,7 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
@@ -98,15 +99,26 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     Qwen-VL processors insist on a video processor, and transformers' video processors need torchvision. Where
     torchvision is absent (CPU machines: PyPI's torchvision is a CUDA build that cannot load beside the CPU torch),
     a Qwen2-VL / Qwen2.5-VL processor is swapped for its image-only twin; the files are the same, ttrv never sends
-    videos, and tokenisation and image preprocessing are unchanged. Other processors load through AutoProcessor."""
-    if not is_torchvision_available():
-        config = AutoConfig.from_pretrained(str(path))
-        image_only = _IMAGE_ONLY.get(PROCESSOR_MAPPING.get(type(config), None))
-        if image_only is not None:
-            processor = image_only.from_pretrained(str(path))
-            processor.checkpoint_config = ProcessorMixin.get_processor_dict(str(path))[0]
-            return processor
-    return AutoProcessor.from_pretrained(str(path))
+    videos, and tokenisation and image preprocessing are unchanged. Other processors load through AutoProcessor.
+
+    Raises ValueError for a folder that is no image-text-to-text checkpoint, or whose tokenizer does not know the
+    processor's image token: transformers builds an empty tokenizer when the tokenizer files are missing, and the
+    first prompt would fail deep inside the processor."""
+    config = AutoConfig.from_pretrained(str(path))
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not an image-text-to-text architecture "
+                         "(e.g. qwen2_5_vl, qwen2_vl)")
+    image_only = None if is_torchvision_available() else _IMAGE_ONLY.get(PROCESSOR_MAPPING.get(type(config), None))
+    if image_only is not None:
+        processor = image_only.from_pretrained(str(path))
+        processor.checkpoint_config = ProcessorMixin.get_processor_dict(str(path))[0]
+    else:
+        processor = AutoProcessor.from_pretrained(str(path))
+    image_token = getattr(processor, "image_token", None)
+    if image_token is not None and image_token not in processor.tokenizer.get_vocab():
+        raise ValueError(f"{path}: the tokenizer has no {image_token} token (tokenizer.json / tokenizer_config.json "
+                         "missing or from another model)")
+    return processor
 
 
 def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:

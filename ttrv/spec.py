@@ -201,6 +201,11 @@ class GuardSpec(StrictModel):
     """Consecutive collapsed steps before the guard fires."""
 
 
+# The value is not repeated: it holds a credential, and the message reaches logs and the resource's status.
+_NO_USERINFO = ("holds credentials (user:password@); remove them: the store reads them from AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY, in a cluster from the Secret named by s3Secret")
+
+
 class StorageSpec(StrictModel):
     uri: str = "file://runs/store"
     """Where weight versions, checkpoints and progress go: file:///path or s3://bucket/prefix. Credentials never go
@@ -212,10 +217,19 @@ class StorageSpec(StrictModel):
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     """Full checkpoint every K steps (and on SIGTERM); 0 = only on SIGTERM and at the end."""
 
+    @field_validator("endpoint")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError(_NO_USERINFO)
+        return value
+
     @field_validator("uri")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme, sep, rest = value.partition("://")
+        if scheme == "s3" and "@" in rest.split("/", 1)[0]:
+            raise ValueError(_NO_USERINFO)
         if not sep or scheme not in ("file", "s3"):
             raise ValueError(f"{value!r} has no known scheme; use file:///abs/path, file://rel/path or s3://bucket/prefix")
         if scheme == "s3" and not rest.split("/", 1)[0]:
@@ -367,6 +381,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown key; remove it or check its spelling (`ttrv spec schema` lists every field)"
         elif problem["type"] == "missing":
             message = "required field is missing; add it"
+        elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == NAME_PATTERN:
+            message += "; a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a " \
+                       "letter or digit, e.g. 'imagenet-r'"
         lines.append(f"{source}: {field}: {message}")
     return "\n".join(lines)
 
@@ -390,7 +407,7 @@ def load_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
+        raise SpecError(f"{path}: not valid YAML; fix it where shown: {error}") from None
 
 
 def load_run_spec(path: str | Path) -> RunSpec:
@@ -402,9 +419,10 @@ def load_experiment(path: str | Path) -> tuple[dict, ExperimentSpec]:
     document = load_yaml(path)
     if isinstance(document, dict) and "kind" in document:
         if document.get("kind") != "Experiment":
-            raise SpecError(f"{path}: kind: expected Experiment, got {document.get('kind')!r}")
+            raise SpecError(f"{path}: kind: expected Experiment, got {document.get('kind')!r}; write "
+                            "apiVersion: ttrv.io/v1alpha1 and kind: Experiment")
         metadata = document.get("metadata") or {}
-        if not re.match(NAME_PATTERN, str(metadata.get("name", ""))):
+        if not re.fullmatch(NAME_PATTERN, str(metadata.get("name", ""))):
             raise SpecError(f"{path}: metadata.name: must be a DNS label (lowercase letters, digits, '-')")
         return metadata, parse_spec(document.get("spec"), ExperimentSpec, f"{path}: spec")
     return {"name": Path(path).stem, "namespace": "default"}, parse_spec(document, ExperimentSpec, str(path))

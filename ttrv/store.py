@@ -1347,6 +1347,10 @@ def open_store(uri: str, endpoint: str | None = None, *, retry_seconds: float = 
         return Store(_FileBackend(root, f"file://{root}"), workers)
     if sep and scheme == "s3":
         bucket, _, prefix = rest.partition("/")
+        if "@" in bucket or "@" in (endpoint or "").split("://", 1)[-1]:
+            # Not repeated in the message: it would carry the credential into logs.
+            raise StoreConfigError("storage.uri / storage.endpoint: holds credentials (user:password@); remove them "
+                                   "and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         if not bucket:
             raise StoreConfigError(f"storage.uri: {uri!r} names no bucket; write s3://bucket/prefix")
         prefix = prefix.strip("/")

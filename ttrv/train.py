@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ttrv import benchmark, log
-from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset
+from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset, require_images
 from ttrv.evaluate import greedy_accuracy, majority_accuracy
 from ttrv.grpo import ttrv_advantages
 from ttrv.learner import Learner, World
@@ -456,11 +456,11 @@ def _progress_bar(total: int, initial: int, world: World):
 def load_examples(spec: RunSpec) -> tuple[list[Example], list[Prompt], list[Example]]:
     """(test examples, adaptation prompts, held-out examples)."""
     data = spec.data
-    test = read_dataset(benchmark.resolve(data.path), data.format, data.path_map).examples
+    test = require_images(read_dataset(benchmark.resolve(data.path), data.format, data.path_map)).examples
     prompts = adaptation_prompts(test, data.subset_size, data.subset_seed, data.single_example,
                                  data.single_example_repeats)
-    heldout = read_dataset(benchmark.resolve(data.heldout_path), data.format, data.path_map).examples \
-        if data.heldout_path else []
+    heldout = require_images(read_dataset(benchmark.resolve(data.heldout_path), data.format,
+                                          data.path_map)).examples if data.heldout_path else []
     return test, prompts, heldout
 
 
@@ -547,15 +547,23 @@ class ModelError(ValueError):
 def load_learner_and_engine(spec: RunSpec, model_path: str, store, world: World, prompts: list[Prompt]):
     from ttrv.modeling import load_processor
 
+    def cannot_load(error: Exception) -> ModelError:
+        return ModelError(f"model.path {spec.model.path!r}: cannot load the checkpoint ({error}); point it at a "
+                          "Hugging Face folder with config.json, weights, tokenizer and processor files")
+
+    # A ValueError while the processor loads is the folder's (no model_type, not a vision-language model, no
+    # tokenizer); one from the learner or the engine is the spec's (a service rollout without TTRV_ROLLOUT_URL).
     try:
         processor = load_processor(model_path)
+    except (OSError, KeyError, ImportError, ValueError) as error:
+        raise cannot_load(error) from None
+    try:
         per_epoch = steps_per_epoch(len(prompts), spec.grpo.prompts_per_step)
         sequences = math.ceil(spec.grpo.prompts_per_step / world.size) * spec.rollout.group_size
         learner = Learner(spec, model_path, per_epoch * spec.grpo.epochs, world, sequences)
         engine = make_engine(spec, model_path, processor, store, learner.device)
     except (OSError, KeyError, ImportError) as error:
-        raise ModelError(f"model.path {spec.model.path!r}: cannot load the checkpoint ({error}); point it at a "
-                         "Hugging Face folder with config.json, weights, tokenizer and processor files") from None
+        raise cannot_load(error) from None
     return processor, learner, engine
 
 

@@ -18,14 +18,28 @@ The defaults below are ttrv.spec's (RolloutSpec.votes, .group_size); a test fail
 {{- fail (printf "rollout.groupSize (%d) > rollout.votes (%d): the trained group is taken from the votes; set groupSize <= votes (reference: votes 32, groupSize 16)" $group $votes) -}}
 {{- end -}}
 {{- $uri := dig "storage" "uri" "" .Values.AsMap -}}
+{{- if or (regexMatch "^[a-z0-9]+://[^/]*@" $uri) (regexMatch "^([a-z]+://)?[^/]*@" (dig "storage" "endpoint" "" .Values.AsMap | default "")) -}}
+{{- fail "storage.uri / storage.endpoint: holds credentials (user:password@); remove them: the pods read them from the Secret named by s3Secret" -}}
+{{- end -}}
 {{- if not (hasPrefix "s3://" $uri) -}}
 {{- fail (printf "storage.uri: %q: the trainer and rollout pods share no file system; set storage.uri to s3://bucket/prefix (the operator chart's bundled MinIO serves s3://ttrv)" $uri) -}}
 {{- end -}}
-{{- $seen := dict -}}
-{{- range .Values.datasets -}}
-{{- if hasKey $seen .name -}}
-{{- fail (printf "datasets: the name %q appears twice; dataset names must be unique" .name) -}}
+{{- if not (regexMatch "^s3://[^/]" $uri) -}}
+{{- fail (printf "storage.uri: %q names no bucket; write s3://bucket/prefix" $uri) -}}
 {{- end -}}
-{{- $_ := set $seen .name true -}}
+{{- if regexMatch "/\\.\\.(/|$)" $uri -}}
+{{- fail (printf "storage.uri: %q contains '..'; write the store prefix without parent-directory steps" $uri) -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range $index, $dataset := .Values.datasets -}}
+{{- if hasKey $seen $dataset.name -}}
+{{- fail (printf "datasets: the name %q appears twice; dataset names must be unique" $dataset.name) -}}
+{{- end -}}
+{{- $_ := set $seen $dataset.name true -}}
+{{- range (dig "pathMap" list $dataset) -}}
+{{- if not (regexMatch "^[^=]+=" .) -}}
+{{- fail (printf "datasets.%d.pathMap: %q is not OLD=NEW; write e.g. '/data/authors/imagenet=/mnt/imagenet'" $index .) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,112 @@
+"""Bad run specs through `ttrv run` and bad Experiments through `ttrv render`, as a user types them (the CLI's
+`main` in this process): exit 1, a message naming the file and the field and the fix, and nothing written (no
+output folder, nothing rendered)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bad_inputs.catalogue import CREDENTIAL, Case, cases, check, files_under
+
+GOOD_RUN = {"name": "bad", "data": {"path": "ttrv://tiny-shapes/test"}}
+DNS_FIX = "a DNS label: at most 63 lowercase letters"
+
+RUN_SPECS = cases("run spec", [
+    ("unknown-key", GOOD_RUN | {"bogus": 1}, ("bogus",), "unknown key; remove it or check its spelling"),
+    ("unknown-nested-key", GOOD_RUN | {"rollout": {"tempurature": 1.0}}, ("rollout.tempurature",),
+     "unknown key; remove it"),
+    ("wrong-type-int", GOOD_RUN | {"rollout": {"votes": "many"}}, ("rollout.votes",),
+     "should be a valid integer"),
+    ("wrong-type-section", GOOD_RUN | {"grpo": "fast"}, ("grpo",), "should be a valid dictionary"),
+    ("group-larger-than-votes", GOOD_RUN | {"rollout": {"votes": 4, "groupSize": 8}}, ("rollout", "groupSize (8)"),
+     "set groupSize <= votes"),
+    ("one-vote", GOOD_RUN | {"rollout": {"votes": 1, "groupSize": 1}}, ("rollout.votes",),
+     "greater than or equal to 2"),
+    ("negative-lr", GOOD_RUN | {"grpo": {"lr": -1e-6}}, ("grpo.lr",), "greater than 0"),
+    ("zero-temperature", GOOD_RUN | {"rollout": {"temperature": 0}}, ("rollout.temperature",), "greater than 0"),
+    ("empty-subset", GOOD_RUN | {"data": {"path": "x.json", "subsetSize": 0}}, ("data.subsetSize",),
+     "greater than 0"),
+    ("bad-enum-backend", GOOD_RUN | {"rollout": {"backend": "grpc"}}, ("rollout.backend",),
+     "should be 'inprocess' or 'service'"),
+    ("bad-enum-dtype", GOOD_RUN | {"model": {"dtype": "fp8"}}, ("model.dtype",), "'bfloat16'"),
+    ("bad-zero-stage", GOOD_RUN | {"resources": {"zeroStage": 4}}, ("resources.zeroStage",), "should be 0, 1, 2 or 3"),
+    ("name-not-dns", GOOD_RUN | {"name": "My_Run"}, ("name",), DNS_FIX),
+    ("name-too-long", GOOD_RUN | {"name": "r" * 64}, ("name",), DNS_FIX),
+    ("path-map-without-equals", GOOD_RUN | {"data": {"path": "x.json", "pathMap": ["/authors/imgs"]}},
+     ("data.pathMap",), "OLD=NEW"),
+    ("data-missing", {"name": "bad"}, ("data",), "required field is missing; add it"),
+    ("data-path-missing", {"data": {"subsetSize": 4}}, ("data.path",), "required field is missing; add it"),
+    ("s3-without-bucket", GOOD_RUN | {"storage": {"uri": "s3://"}}, ("storage.uri",), "write s3://bucket/prefix"),
+    ("unknown-scheme", GOOD_RUN | {"storage": {"uri": "gs://bucket/x"}}, ("storage.uri",),
+     "use file:///abs/path, file://rel/path or s3://bucket/prefix"),
+    ("parent-step-in-prefix", GOOD_RUN | {"storage": {"uri": "s3://bucket/team-a/../team-b"}}, ("storage.uri",),
+     "without parent-directory steps"),
+    ("parent-step-in-file-uri", GOOD_RUN | {"storage": {"uri": "file://runs/../../etc"}}, ("storage.uri",),
+     "without parent-directory steps"),
+    ("credential-in-uri", GOOD_RUN | {"storage": {"uri": f"s3://AKIDEXAMPLE:{CREDENTIAL}@bucket/x"}},
+     ("storage.uri",), "remove them: the store reads them from AWS_ACCESS_KEY_ID"),
+    ("credential-in-endpoint", GOOD_RUN | {"storage": {"uri": "s3://b/x", "endpoint": f"http://k:{CREDENTIAL}@h:9000"}},
+     ("storage.endpoint",), "remove them"),
+    ("credential-as-a-field", GOOD_RUN | {"storage": {"uri": "s3://b/x", "secretAccessKey": CREDENTIAL}},
+     ("storage.secretAccessKey",), "unknown key; remove it"),
+    ("not-a-mapping", "- name: bad\n- data: x\n", (), "expected a mapping of fields at the top level"),
+    ("invalid-yaml", "name: bad\ndata: {path: x\n", ("line 3",), "not valid YAML; fix it where shown"),
+    ("missing-file", None, (), "cannot read spec (No such file or directory); check the path"),
+])
+
+
+def write_input(path, value) -> None:
+    if value is not None:
+        path.write_text(value if isinstance(value, str) else yaml.safe_dump(value))
+
+
+@pytest.mark.parametrize("case", RUN_SPECS)
+def test_ttrv_run_rejects_the_spec_and_writes_nothing(case: Case, tmp_path, cli):
+    spec, out = tmp_path / "spec.yaml", tmp_path / "out"
+    write_input(spec, case.input)
+    code, stdout, stderr = cli("run", str(spec), "--out", str(out))
+    assert stderr.startswith(f"error: {spec}: "), stderr
+    check(case, code, stderr, files_under(out) + ([stdout] if stdout else []))
+
+
+def experiment(spec: dict | None = None, **top) -> dict:
+    document = {
+        "apiVersion": "ttrv.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "exp", "namespace": "team-a"},
+        "spec": {"storage": {"uri": "s3://bucket/runs"}, "datasets": [{"name": "d", "path": "x.json"}]},
+    }
+    return document | {"spec": document["spec"] | (spec or {})} | top
+
+
+TWO = [{"name": "sketch", "path": "a.json"}, {"name": "sketch", "path": "b.json"}]
+EXPERIMENTS = cases("experiment", [
+    ("wrong-kind", (experiment(kind="Deployment"), []), ("kind",), "kind: Experiment"),
+    ("name-not-dns", (experiment(metadata={"name": "My_Exp"}), []), ("metadata.name",), "must be a DNS label"),
+    ("name-with-newline", (experiment(metadata={"name": "exp\n"}), []), ("metadata.name",), "must be a DNS label"),
+    ("namespace-with-slash", (experiment(), ["-n", "team-a/exp"]), ("metadata.namespace", "'team-a/exp'"),
+     "must be a DNS label"),
+    ("namespace-parent-step", (experiment(), ["-n", ".."]), ("metadata.namespace",), "must be a DNS label"),
+    ("duplicate-dataset-names", (experiment({"datasets": TWO}), []), ("datasets",), "rename sketch"),
+    ("no-datasets", (experiment({"datasets": []}), []), ("spec: datasets",), "at least 1 item"),
+    ("datasets-missing", (experiment() | {"spec": {"storage": {"uri": "s3://b"}}}, []), ("spec: datasets",),
+     "required field is missing; add it"),
+    ("dataset-name-not-dns", (experiment({"datasets": [{"name": "Sketch", "path": "x"}]}), []),
+     ("datasets.0.name",), DNS_FIX),
+    ("local-store-in-a-cluster", (experiment({"storage": {"uri": "file:///data/runs"}}), []), ("storage.uri",),
+     "set storage.uri to s3://bucket/prefix"),
+    ("group-larger-than-votes", (experiment({"rollout": {"votes": 4, "groupSize": 8}}), []), ("spec: rollout",),
+     "set groupSize <= votes"),
+    ("spec-not-a-mapping", (experiment() | {"spec": ["datasets"]}, []), ("spec",), "expected a mapping of fields"),
+    ("credential-in-secret-ref", (experiment({"s3Secret": {"name": "s3", "secretAccessKey": CREDENTIAL}}), []),
+     ("s3Secret.secretAccessKey",), "unknown key; remove it"),
+])
+
+
+@pytest.mark.parametrize("case", EXPERIMENTS)
+def test_ttrv_render_rejects_the_experiment_and_renders_nothing(case: Case, tmp_path, cli):
+    document, args = case.input
+    path = tmp_path / "experiment.yaml"
+    write_input(path, document)
+    code, stdout, stderr = cli("render", str(path), *args)
+    assert stderr.startswith(f"error: {path}: "), stderr
+    check(case, code, stderr, [f"rendered {len(stdout)} characters"] if stdout else [])
