@@ -382,10 +382,8 @@ class LocalCluster:
         name = job["metadata"]["name"]
         replicas = list(_replicas(job))
         if "startTime" not in status:
-            for pod_name, replica_type, index in replicas:
-                self._create_pod(job, job["spec"]["pytorchReplicaSpecs"][replica_type]["template"], pod_name,
-                                 training_operator_env(job, replica_type, index, self._master_port(job)),
-                                 {REPLICA_TYPE_LABEL: replica_type.lower()})
+            for replica in replicas:
+                self._create_replica(job, *replica)
             status["startTime"] = _stamp()
             _set_condition(job, "Created", True, "PyTorchJobCreated", f"PyTorchJob {name} is created.")
             _set_condition(job, "Running", True, "PyTorchJobRunning", f"PyTorchJob {name} is running.")
@@ -407,9 +405,7 @@ class LocalCluster:
             elif exitcodes.is_retryable(code):
                 # restartPolicy ExitCode: the training operator deletes the pod and creates it again.
                 logger.warning("pod_restarted", pod=pod_name, exit_code=code, log=str(pod.log_path))
-                self._create_pod(job, job["spec"]["pytorchReplicaSpecs"][replica_type]["template"], pod_name,
-                                 training_operator_env(job, replica_type, index, self._master_port(job)),
-                                 {REPLICA_TYPE_LABEL: replica_type.lower()}, previous=pod)
+                self._create_replica(job, pod_name, replica_type, index, previous=pod)
                 _set_condition(job, "Running", False, "PyTorchJobRestarting", "")
                 _set_condition(job, "Restarting", True, "PyTorchJobRestarting",
                                f"PyTorchJob {name} is restarting because 1 {replica_type} replica(s) failed.",
@@ -424,6 +420,12 @@ class LocalCluster:
         if not restarted and is_true(conditions, "Restarting"):
             _set_condition(job, "Restarting", False, "PyTorchJobRunning", "")
             _set_condition(job, "Running", True, "PyTorchJobRunning", f"PyTorchJob {name} is running.")
+
+    def _create_replica(self, job: Mapping, name: str, replica_type: str, index: int,
+                        previous: LocalPod | None = None) -> None:
+        self._create_pod(job, job["spec"]["pytorchReplicaSpecs"][replica_type]["template"], name,
+                         training_operator_env(job, replica_type, index, self._master_port(job)),
+                         {REPLICA_TYPE_LABEL: replica_type.lower()}, previous)
 
     def _finish(self, job: Mapping) -> None:
         """cleanPodPolicy Running: the replicas still running when the job ends are stopped."""

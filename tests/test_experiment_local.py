@@ -43,11 +43,13 @@ def statuses(document: dict) -> dict[str, dict]:
 
 def test_two_datasets_run_one_after_the_other_with_the_rollout_service(tmp_path):
     """The chart's full path, one run at a time: ConfigMap, rollout Deployment (`ttrv serve`), Service and
-    PyTorchJob of each dataset executed locally, scheduled by the operator's own decisions."""
+    PyTorchJob (a Master and a Worker node) of each dataset executed locally, scheduled by the operator's own
+    decisions."""
     spec = experiment("tiny", [{"name": "shapes-a", "path": SHAPES, "subsetSize": 8, "subsetSeed": 1},
                                {"name": "shapes-b", "path": SHAPES, "subsetSize": 8, "subsetSeed": 2}],
                       maxParallelRuns=1)
     spec["spec"]["rollout"] |= {"backend": "service", "engine": "hf"}
+    spec["spec"]["resources"] |= {"nodes": 2}  # the Worker replica is a second local node
     (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -80,6 +82,10 @@ def test_two_datasets_run_one_after_the_other_with_the_rollout_service(tmp_path)
     loaded = [json.loads(line)["step"] for line in serve_log if '"weights_loaded"' in line]
     assert loaded == list(range(1, runs["shapes-a"]["totalSteps"] + 1))  # every version, through the Service
     assert any('"serve_stopping"' in line for line in serve_log)  # scaled to zero once the run succeeded
+    for node in ("master", "worker"):
+        learner = next(json.loads(line) for line in (run_folder / f"tiny-shapes-a-trainer-{node}-0" / "log").open()
+                       if '"learner_ready"' in line)
+        assert learner["world"] == 2
 
 
 def test_one_failed_dataset_does_not_stop_the_other_and_a_preempted_trainer_resumes(tmp_path, monkeypatch):
