@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -98,6 +99,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_experiment_run(args: argparse.Namespace) -> int:
+    if not args.local:
+        print("error: ttrv experiment run: only --local runs here; in a cluster the operator runs an Experiment "
+              "(`kubectl apply -f FILE`, or `helm install NAME charts/ttrv -f values.yaml`)", file=sys.stderr)
+        return EXIT_USAGE
+    # The local backend is a controller: it applies the operator's decisions (operators/), so it lives there and
+    # this entry point is the one place where ttrv reaches into operators.
+    from operators.local import run_experiment, status_table
+
+    metadata, spec = load_experiment(args.file)
+    metadata = dict(metadata) | ({"namespace": args.namespace} if args.namespace else {})
+    out = Path(args.out or f"runs/{metadata['name']}")
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the runs' processes as Ctrl-C does, not orphan them
+    document = run_experiment(metadata, spec, out)
+    print(status_table(document))
+    print(f"status: {out / 'status.json'}")
+    return 0 if document["experiment"]["status"]["phase"] == "Succeeded" else 1
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ttrv.rollout.server import serve
     from ttrv.rollout.vllm_server import VLLMError
@@ -164,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--embedded-s3", action=argparse.BooleanOptionalAction, default=None,
                      help="keep the weight store on an embedded S3 server (default: with rollout.backend service)")
     run.set_defaults(handler=cmd_run)
+
+    experiment = commands.add_parser("experiment", help="experiments: several datasets, one adaptation run each")
+    experiment_commands = experiment.add_subparsers(dest="experiment_command", required=True)
+    experiment_run = experiment_commands.add_parser(
+        "run", help="run an Experiment's objects as the cluster would, on this machine (--local)")
+    experiment_run.add_argument("file", help="an Experiment resource (or a bare experiment spec)")
+    experiment_run.add_argument("--local", action="store_true",
+                                help="run here: pods as local processes, the store on an embedded S3 server")
+    experiment_run.add_argument("--out", help="folder for status.json, the runs' files and the store "
+                                "(default runs/<experiment>)")
+    experiment_run.add_argument("-n", "--namespace", help="namespace of the experiment (default: its metadata, "
+                                "else default); part of each run's store prefix")
+    experiment_run.set_defaults(handler=cmd_experiment_run)
 
     serve = commands.add_parser(
         "serve", help="the rollout service: sample over HTTP from the newest weight version in the store")

@@ -88,12 +88,15 @@ class EmbeddedS3:
     credentials.
 
     `data_dir` keeps the objects (a temporary directory, removed by `close()`, when not given); `restart()` brings
-    the server back on the same ports over the same data, as a pod restart would.
+    the server back on the same ports over the same data, as a pod restart would. `config_dir` takes the file that
+    holds the credentials (default: `data_dir`), for a caller whose `data_dir` is a user's folder.
     """
 
-    def __init__(self, data_dir: str | Path | None = None, start_timeout: float = 30.0):
+    def __init__(self, data_dir: str | Path | None = None, start_timeout: float = 30.0,
+                 config_dir: str | Path | None = None):
         self._owns_data = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ttrv-s3-"))
+        self.config_dir = Path(config_dir) if config_dir else self.data_dir
         self.start_timeout = start_timeout
         self.access_key = "ttrv" + secrets.token_hex(8)
         self.secret_key = secrets.token_urlsafe(30)
@@ -141,7 +144,7 @@ class EmbeddedS3:
         return [
             weed_binary(), "mini", f"-dir={self.data_dir / 'objects'}", f"-ip={HOST}", f"-ip.bind={HOST}", *ports,
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-            "-master.telemetry=false", f"-s3.config={self.data_dir / 's3.json'}",
+            "-master.telemetry=false", f"-s3.config={self.config_dir / 's3.json'}",
         ]
 
     def _write_identities(self) -> None:
@@ -150,7 +153,7 @@ class EmbeddedS3:
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}
-        path = self.data_dir / "s3.json"
+        path = self.config_dir / "s3.json"
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:
             json.dump(identities, handle)
