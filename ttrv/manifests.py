@@ -389,7 +389,7 @@ def _trainer_job(ctx: _Context) -> dict:
     run = ctx.spec.run
     res = run.resources
     scheduling = ctx.spec.scheduling
-    env = _WRITABLE_ENV + _store_env(ctx)
+    env = _WRITABLE_ENV + _store_env(ctx) + [{"name": "TTRV_METRICS_PORT", "value": str(METRICS_PORT)}]
     if run.rollout.backend == "service":
         env.append({"name": "TTRV_ROLLOUT_URL",
                     "value": f"http://{ctx.rollout_name}.{ctx.namespace}.svc:{ROLLOUT_PORT}"})

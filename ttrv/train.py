@@ -660,6 +660,17 @@ def exit_code_for(error: BaseException) -> int:
     return exitcodes.PERMANENT_FAILURE
 
 
+def write_termination_message(message: str) -> None:
+    """Kubernetes shows the file at terminationMessagePath (/dev/termination-log, which the kubelet creates) as the
+    container's last state, and the operator copies it into a failed run's status; outside a pod there is none."""
+    path = Path(os.environ.get("TTRV_TERMINATION_LOG", "/dev/termination-log"))
+    if path.is_file():
+        try:
+            path.write_text(message[-4000:])
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from ttrv import exitcodes
     from ttrv.spec import SpecError, load_run_spec
@@ -684,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         retry = "retryable" if exitcodes.is_retryable(code) else "permanent"
         logger.error("trainer_failed", exit_code=code, kind=retry, error=f"{type(error).__name__}: {error}")
         print(f"error ({retry}, exit {code}): {error}", file=sys.stderr)
+        write_termination_message(f"{retry}, exit {code}: {error}")
         return code
     return exitcodes.OK
 
