@@ -19,9 +19,11 @@ import random
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from kopf_util import DEPLOYMENTS, EXPERIMENTS, JOBS, RUNS, cluster, condition
+from kube_standin import KubeStandIn
 
 from ttrv.store import open_store
 
@@ -153,3 +155,43 @@ async def test_an_operator_killed_five_times_loses_nothing_and_duplicates_nothin
         assert [(d["name"], d["phase"], d["restarts"], d["accuracy"]) for d in status["datasets"]] == \
             [(d, "Succeeded", int(d == RESTARTED), 0.5) for d in DATASETS]
         assert (status["datasetsDone"], status["datasetsFailed"], status["progress"]) == (3, 0, 100.0)
+
+
+async def test_an_operator_killed_between_deleting_a_failed_trainer_and_counting_it_still_counts_it(
+        monkeypatch, tmp_path, s3_uri):
+    """The narrowest window of the retry path: a trainer failed retryably, the operator deletes it to start a new
+    one and records the restart. Killed the moment its DELETE reaches the API, the operator must still know after
+    its restart that the run restarted once: scheduling.backoffLimit counts it, and the new trainer waits out the
+    backoff like any other retry."""
+    operator = OperatorProcess(tmp_path / "operator.log")
+    delete, killed = KubeStandIn._delete, []
+
+    def delete_and_kill_the_operator(self, resource, namespace, name):
+        removed = delete(self, resource, namespace, name)
+        if name == "exp-mmmu-trainer" and not killed:
+            os.killpg(operator.process.pid, signal.SIGKILL)  # before the API answers it
+            killed.append(name)
+        return removed
+
+    monkeypatch.setattr(KubeStandIn, "_delete", delete_and_kill_the_operator)
+    async with cluster(monkeypatch, tmp_path) as c:
+        await operator.start()
+        try:
+            await c.create_experiment(storage={"uri": s3_uri}, datasets=[{"name": "mmmu", "path": "/data/m.json"}])
+            job = await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the trainer", timeout=30)
+            await c.trainer_pod("exp-mmmu", 170, "s3 endpoint unreachable")
+            failed_at = (datetime.now(timezone.utc) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            await c.job_conditions("exp-mmmu-trainer", condition(
+                "Failed", reason="PyTorchJobFailed", message="Job exp-mmmu-trainer has failed because it has reached "
+                "the specified backoff limit", at=failed_at))
+            await c.wait(lambda: killed, "the operator to delete the failed trainer", timeout=30)
+            assert await operator.process.wait() == -signal.SIGKILL
+            await operator.start()
+            await c.wait(lambda: (c.get(JOBS, "exp-mmmu-trainer") or job)["metadata"]["uid"] != job["metadata"]["uid"],
+                         "a new trainer", timeout=30)
+            await asyncio.sleep(2)  # a few polls of the operator: what it has not counted by then, it never will
+        finally:
+            await operator.stop()
+        status = c.status(RUNS, "exp-mmmu")
+        assert {key: status.get(key) for key in ("restarts", "exitCode", "lastRestart")} == \
+            {"restarts": 1, "exitCode": 170, "lastRestart": job["metadata"]["uid"]}, status
