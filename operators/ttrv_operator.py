@@ -243,6 +243,10 @@ def reconcile_run(namespace: str, name: str) -> None:
         before = (run.get("status") or {}).get("phase")
         plan = decide_run(RunObserved(run, _now(), children, workload, pods, progress, runtime.kueue_enabled,
                                       wanted))
+        # The status first: it records what the actions are about to do (a restart counted, the failed trainer
+        # whose deletion starts the next one), so an operator killed between the two finds the record and redoes
+        # the actions; the other way round, the deleted trainer's restart would be forgotten.
+        _write_status("AdaptationRun", run, plan.status)
         for action in plan.actions:
             if action.verb == "create":
                 kube.create(action.body)
@@ -250,7 +254,6 @@ def reconcile_run(namespace: str, name: str) -> None:
                 kube.patch(action.kind, namespace, action.name, action.body)
             else:
                 kube.delete(action.kind, namespace, action.name)
-        _write_status("AdaptationRun", run, plan.status)
         _post(run, plan.events)
     # The experiment's table and scheduling follow a run's phase at once; progress waits for its poll.
     if plan.status["phase"] != before:

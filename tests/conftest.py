@@ -6,6 +6,7 @@ import re
 import secrets
 
 import pytest
+from trainer_util import SERVICE_SPEC, ttrv_run
 
 from ttrv.objectserver import EmbeddedS3
 from ttrv.store import MiB, open_store
@@ -61,3 +62,12 @@ def module_s3_uri(request, s3_server):
         if not s3_server.running:
             s3_server.start()
         yield f"s3://{TEST_BUCKET}/{unique_prefix(request)}"
+
+
+@pytest.fixture(scope="session")
+def service_run(tmp_path_factory):
+    """`ttrv run` of trainer_util.SERVICE_SPEC without a fault: its folder (the run's in folder/out)."""
+    folder = tmp_path_factory.mktemp("service-run")
+    result = ttrv_run(folder, SERVICE_SPEC)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder

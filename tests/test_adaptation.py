@@ -2,27 +2,14 @@
 entrypoint as a local process, DeepSpeed on CPU, the weight store on disk, the in-process rollout engine."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import yaml
+from trainer_util import events, ttrv_run
 
 from ttrv.modeling import load_model
 from ttrv.store import open_store
 from ttrv.weights import resolve_model
-
-
-def ttrv_run(folder: Path, spec: dict) -> subprocess.CompletedProcess:
-    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
-    return subprocess.run([sys.executable, "-m", "ttrv.cli", "run", str(folder / "spec.yaml"), "--out",
-                           str(folder / "out")], capture_output=True, text=True, timeout=900,
-                          env={"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"})
-
-
-def events(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "out" / "events.jsonl").read_text().splitlines()]
 
 
 def test_short_adaptation_raises_the_reward_and_changes_the_weights(tmp_path):
@@ -37,7 +24,7 @@ def test_short_adaptation_raises_the_reward_and_changes_the_weights(tmp_path):
     result = ttrv_run(tmp_path, spec)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "report:" in result.stdout
-    records = events(tmp_path)
+    records = events(tmp_path / "out")
     assert len(records) == 8
     first, last = records[:2], records[-2:]
     assert sum(e["reward"] for e in last) / 2 > sum(e["reward"] for e in first) / 2 + 0.2
@@ -70,7 +57,7 @@ def test_collapse_guard_fires_and_rolls_back_to_the_healthy_weights(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     fired, healthy = report["guard_fired_at"], report["rolled_back_to"]
     assert fired is not None and fired < 24, "the guard did not fire"
-    records = {e["step"]: e for e in events(tmp_path)}
+    records = {e["step"]: e for e in events(tmp_path / "out")}
     assert records[fired]["entropy"] <= 0.02 and records[fired]["dominant_share"] >= 0.9
     assert healthy is not None
     assert not (records[healthy]["entropy"] <= 0.02 and records[healthy]["dominant_share"] >= 0.9)
@@ -81,23 +68,13 @@ def test_collapse_guard_fires_and_rolls_back_to_the_healthy_weights(tmp_path):
     assert any(not torch.equal(collapsed[k], kept[k]) for k in kept)
 
 
-def test_ttrv_run_with_the_rollout_service_and_the_embedded_s3_store(tmp_path):
+def test_ttrv_run_with_the_rollout_service_and_the_embedded_s3_store(service_run):
     """The cluster's path on one machine: `ttrv serve` as a process of its own, the trainer sampling over HTTP,
     every weight version travelling through a real S3 server (SeaweedFS) that `ttrv run` starts and stops."""
-    spec = {
-        "name": "svc",
-        "data": {"path": "ttrv://tiny-shapes/test", "subsetSize": 12},
-        "rollout": {"votes": 8, "groupSize": 4, "maxNewTokens": 3, "backend": "service", "engine": "hf"},
-        "grpo": {"lr": 1e-3, "epochs": 1, "promptsPerStep": 4, "microBatchSize": 32},
-        "eval": {"limit": 16, "majVotes": 4},
-        "resources": {"gpusPerNode": 0},
-    }
-    result = ttrv_run(tmp_path, spec)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "out"
+    out = service_run / "out"
     assert yaml.safe_load((out / "run.yaml").read_text())["storage"]["uri"] == "s3://ttrv/svc"
     loaded = [json.loads(line) for line in (out / "rollout.log").read_text().splitlines()
               if '"weights_loaded"' in line]
     assert [e["step"] for e in loaded] == [1, 2, 3]  # the service loaded every version the trainer published
-    assert [e["weight_version"] for e in events(tmp_path)] == [1, 2, 3]
+    assert [e["weight_version"] for e in events(out)] == [1, 2, 3]
     assert '"serve_stopping"' in (out / "rollout.log").read_text()  # and was stopped with the run

@@ -40,6 +40,23 @@ def trainer_command(spec_file: Path, out: Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "ttrv.launch", "--standalone", f"--nproc-per-node={nproc}", *entry]
 
 
+def wait_trainer(trainer: subprocess.Popen, rollout=None) -> int:
+    """The trainer's exit code. A rollout service that dies meanwhile is started again at the same URL, as its
+    Deployment restarts the pod in a cluster; the trainer's client retries its requests until then."""
+    while True:
+        try:
+            return trainer.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if rollout is not None and rollout.process.poll() is not None:
+            logger.warning("rollout_service_exited", code=rollout.process.returncode, action="starting it again")
+            try:
+                rollout.start()
+            except RuntimeError as error:  # the trainer's retry budget decides how long it waits for the service
+                logger.error("rollout_service_restart_failed", error=str(error))
+                rollout = None
+
+
 def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: bool | None = None) -> int:
     """Run one adaptation on this machine; the trainer's exit code (ttrv.exitcodes)."""
     from ttrv.objectserver import EmbeddedS3
@@ -69,7 +86,7 @@ def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: b
                     rollout="service" if service else "in-process")
         process = subprocess.Popen(trainer_command(spec_file, out, nproc), env=env, start_new_session=True)
         try:
-            return process.wait()
+            return wait_trainer(process, rollout if service else None)
         except KeyboardInterrupt:
             os.killpg(process.pid, signal.SIGTERM)
             return process.wait()

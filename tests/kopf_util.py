@@ -1,0 +1,161 @@
+"""The machinery of the kopf tests (tests/test_operator_kopf.py, tests/faults/test_operator_restart.py): the API
+stand-in (kube_standin.py) served over HTTP with a kubeconfig for it, the controllers the tests play, and the real
+operator module under kopf in the test's event loop.
+
+The object store is replaced at the operator's one seam to it, `read_progress(store_uri, endpoint)`, by a dict of
+progress.json documents (an operator in a process of its own reads the real store instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import time
+from datetime import datetime, timezone
+
+os.environ["TTRV_POLL_SECONDS"] = "0.5"  # read once, when the operator module registers its timers
+
+import kmock  # noqa: E402
+import kopf  # noqa: E402
+from kube_standin import KubeStandIn, kubeconfig  # noqa: E402
+from operator_fixtures import NS  # noqa: E402
+
+import operators.ttrv_operator as operator_module  # noqa: E402
+
+EXPERIMENTS = "ttrv.io/v1alpha1/experiments"
+RUNS = "ttrv.io/v1alpha1/adaptationruns"
+JOBS = "kubeflow.org/v1/pytorchjobs"
+DEPLOYMENTS = "apps/v1/deployments"
+PODS = "v1/pods"
+WORKLOADS = "kueue.x-k8s.io/v1beta1/workloads"
+EVENTS = "v1/events"
+CHILDREN = ("v1/configmaps", DEPLOYMENTS, "v1/services", "networking.k8s.io/v1/networkpolicies", JOBS)
+
+
+@kopf.on.login()
+def login_to_the_standin(**kwargs):
+    """In a cluster kopf logs in with the pod's service account; here, with the stand-in's kubeconfig."""
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(kind: str, status: bool = True, reason: str = "", message: str = "", at: str | None = None) -> dict:
+    stamp = at or now()
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message,
+            "lastTransitionTime": stamp, "lastUpdateTime": stamp}
+
+
+class Cluster:
+    """The stand-in, the fake store, and the controllers the tests play."""
+
+    def __init__(self, api: KubeStandIn):
+        self.api = api
+        self.progress: dict[str, dict] = {}
+        self.store_reads: list[str] = []
+
+    def read_progress(self, store_uri: str, endpoint: str | None = None) -> dict | None:
+        self.store_reads.append(store_uri)
+        return copy.deepcopy(self.progress.get(store_uri))
+
+    # reading
+    def get(self, resource: str, name: str) -> dict | None:
+        return self.api.get(resource, NS, name)
+
+    def status(self, resource: str, name: str) -> dict:
+        return (self.get(resource, name) or {}).get("status") or {}
+
+    def phase(self, name: str, resource: str = RUNS) -> str | None:
+        return self.status(resource, name).get("phase")
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        return [(e["type"], e["reason"], e["message"]) for e in self.api.items(EVENTS, NS)
+                if e["involvedObject"]["name"] == name]
+
+    def children(self) -> dict[str, str]:
+        """Every child object by kind/name → uid."""
+        return {f"{resource}/{obj['metadata']['name']}": obj["metadata"]["uid"]
+                for resource in CHILDREN + (RUNS,) for obj in self.api.items(resource, NS)}
+
+    async def wait_event(self, name: str, kind: str, reason: str) -> str:
+        """kopf posts Events in the background: wait for one, return its message."""
+        found = await self.wait(lambda: [m for t, r, m in self.events(name) if (t, r) == (kind, reason)],
+                                f"a {kind} {reason} Event on {name}")
+        return found[0]
+
+    async def wait(self, check, what: str, timeout: float = 15.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def wait_phase(self, name: str, phase: str, resource: str = RUNS):
+        await self.wait(lambda: self.phase(name, resource) == phase,
+                        f"{name} to be {phase} (is {self.phase(name, resource)}: "
+                        f"{self.status(resource, name).get('message')})")
+
+    # writing, as users and controllers do
+    async def create_experiment(self, **spec) -> dict:
+        body = {"apiVersion": "ttrv.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "exp", "namespace": NS},
+                "spec": {"storage": {"uri": "s3://ttrv/experiments"},
+                         "datasets": [{"name": "mmmu", "path": "/data/mmmu.json"},
+                                      {"name": "shapes", "path": "/data/shapes.json"}]} | spec}
+        return await self.api.put_object(EXPERIMENTS, body)
+
+    async def edit_experiment(self, patch: dict) -> None:
+        await self.api.patch_object(EXPERIMENTS, NS, "exp", {"spec": patch})
+
+    async def job_conditions(self, job: str, *conditions: dict) -> None:
+        """The training operator's view of its job (conditions as it sets them)."""
+        await self.api.patch_object(JOBS, NS, job, {"status": {"conditions": [
+            condition("Created", reason="PyTorchJobCreated"), *conditions]}}, subresource="status")
+
+    async def trainer_pod(self, run: str, exit_code: int, message: str = "") -> None:
+        """A trainer pod whose container exited (the kubelet's report)."""
+        name = f"{run}-trainer-master-0"
+        await self.api.put_object(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": NS, "labels": {
+                "ttrv.io/run": run, "app.kubernetes.io/component": "trainer",
+                "training.kubeflow.org/replica-type": "master"}}, "spec": {"containers": []}})
+        await self.api.patch_object(PODS, NS, name, {"status": {"phase": "Failed", "containerStatuses": [{
+            "name": "pytorch", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}},
+            subresource="status")
+
+    async def rollout_ready(self, run: str, ready: int = 1) -> None:
+        await self.api.patch_object(DEPLOYMENTS, NS, f"{run}-rollout", {"status": {"readyReplicas": ready}},
+                                    subresource="status")
+
+
+@contextlib.asynccontextmanager
+async def cluster(monkeypatch, tmp_path, kueue: bool = False):
+    monkeypatch.setenv("TTRV_KUEUE_ENABLED", "true" if kueue else "false")
+    monkeypatch.setenv("TTRV_METRICS_PORT", "0")
+    async with KubeStandIn() as api, kmock.Server(api) as server:
+        api.declare_cluster()
+        path = tmp_path / "kubeconfig.json"
+        path.write_text(kubeconfig(str(server.url).rstrip("/")))
+        monkeypatch.setenv("KUBECONFIG", str(path))
+        world = Cluster(api)
+        monkeypatch.setattr(operator_module, "read_progress", world.read_progress)
+        yield world
+
+
+@contextlib.asynccontextmanager
+async def operator():
+    """The real operator module under kopf, in this event loop, until the block ends."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
