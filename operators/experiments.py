@@ -11,6 +11,10 @@ Experiment's whole status and the Events to post.
   only is accepted; any other change is rejected as a whole (condition SpecChangeRejected names the fields) and
   the accepted spec stays in force until the spec matches it again: never half-applied.
 - `suspend` reaches the runs through their `spec.suspend` (runs.py suspends their children).
+- Names: a run is named `<experiment>-<dataset>`, which two experiments of one namespace can share (`a-b` with
+  dataset `c`, `a` with dataset `b-c`). A dataset whose run name belongs to another experiment's run fails at
+  once with reason RunNameConflict and the fix, instead of waiting forever on a create the API refuses; a run
+  left by a deleted experiment of the same name is only waited for (garbage collection removes it).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pydantic import ValidationError
 
 from operators.conditions import Event, Want, set_conditions
 from ttrv.crds import API_VERSION
-from ttrv.manifests import adaptation_run, resource_dump
+from ttrv.manifests import adaptation_run, resource_dump, run_name
 from ttrv.spec import ExperimentSpec, SpecError, format_validation_error
 
 ACCEPTED_ANNOTATION = "ttrv.io/accepted-spec"
@@ -37,7 +41,8 @@ TERMINAL = ("Succeeded", "Failed")
 class Observed:
     experiment: Mapping
     runs: Sequence[Mapping]
-    """AdaptationRuns labelled with the experiment's name; only those it owns (by uid) are used."""
+    """AdaptationRuns of the experiment's namespace; those it owns (by uid) are its runs, the others' names are
+    taken."""
     now: datetime
 
 
@@ -68,12 +73,17 @@ def decide_experiment(observed: Observed) -> Plan:
 
     runs = {run["spec"]["dataset"]: run for run in observed.runs
             if _owned_by(run, meta.get("uid")) and "dataset" in (run.get("spec") or {})}
+    taken = {run["metadata"]["name"]: run for run in observed.runs if not _owned_by(run, meta.get("uid"))}
+    blocked = {d.name: _name_clash(meta["name"], d.name, taken) for d in accepted.datasets if d.name not in runs}
+    blocked = {dataset: clash for dataset, clash in blocked.items() if clash is not None}
     active = [d.name for d in accepted.datasets if d.name in runs and _phase(runs[d.name]) not in TERMINAL]
     slots = 0 if accepted.suspend else max(0, accepted.max_parallel_runs - len(active))
 
     create, patch = [], []
     for index, dataset in enumerate(accepted.datasets, start=1):
         run = runs.get(dataset.name)
+        if dataset.name in blocked:
+            continue
         if run is None and slots > 0:
             runs[dataset.name] = run = adaptation_run(meta, accepted, dataset.name)
             create.append(run)
@@ -83,7 +93,8 @@ def decide_experiment(observed: Observed) -> Plan:
         elif run is not None and _phase(run) not in TERMINAL and \
                 bool(run["spec"].get("suspend")) != accepted.suspend:
             patch.append((run["metadata"]["name"], {"spec": {"suspend": accepted.suspend}}))
-    rows = [_row(d.name, runs.get(d.name), accepted, len(active) + len(create)) for d in accepted.datasets]
+    rows = [blocked[d.name] if d.name in blocked else _row(d.name, runs.get(d.name), accepted,
+                                                           len(active) + len(create)) for d in accepted.datasets]
 
     status = _status(previous, rows, accepted, rejection, observed.now, generation)
     events += _events(previous, status, rejection, annotation, experiment)
@@ -154,6 +165,24 @@ def spec_changes(old: Any, new: Any, path: str = "") -> list[str]:
 def _owned_by(run: Mapping, uid: str | None) -> bool:
     return any(ref.get("uid") == uid and ref.get("kind") == "Experiment" and ref.get("apiVersion") == API_VERSION
                for ref in run["metadata"].get("ownerReferences") or [])
+
+
+def _name_clash(experiment: str, dataset: str, taken: Mapping[str, Mapping]) -> dict | None:
+    """The status row of a dataset whose run name is held by an AdaptationRun this experiment does not own, or
+    None when the name is free."""
+    name = run_name(experiment, dataset)
+    holder = taken.get(name)
+    if holder is None:
+        return None
+    owner = (holder["metadata"].get("labels") or {}).get("ttrv.io/experiment")
+    if owner == experiment:
+        return {"name": dataset, "phase": "Pending", "progress": 0.0, "step": 0, "restarts": 0,
+                "message": f"waiting for AdaptationRun {name}, left by a deleted experiment of this name, to be "
+                           "garbage-collected"}
+    held_by = f"experiment {owner}" if owner else "an AdaptationRun this operator did not create"
+    return {"name": dataset, "phase": "Failed", "progress": 0.0, "step": 0, "restarts": 0,
+            "message": f"RunNameConflict: the run name {name} is taken by {held_by}; rename this experiment or "
+                       f"dataset {dataset}, or install it in another namespace"}
 
 
 def _phase(run: Mapping) -> str:

@@ -181,7 +181,7 @@ def reconcile_experiment(namespace: str, name: str) -> None:
         body = kube.get("Experiment", namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # owner references take the runs and their children with it
-        runs = kube.list("AdaptationRun", namespace, {"ttrv.io/experiment": name})
+        runs = kube.list("AdaptationRun", namespace, {})  # its own, and the names others hold
         plan = decide_experiment(ExperimentObserved(body, runs, _now()))
         # The accepted spec is recorded before anything is built from it.
         if plan.accepted_annotation is not None:

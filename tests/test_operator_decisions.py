@@ -146,12 +146,35 @@ def test_finished_experiment_reports_and_announces_its_end():
     assert ("Warning", "ExperimentPartiallySucceeded") in [(e.type, e.reason) for e in plan.events]
 
 
-def test_runs_of_a_namesake_experiment_are_not_adopted():
+def test_runs_of_a_namesake_experiment_are_not_adopted_but_waited_for():
     exp = experiment(THREE, annotations=accepted(THREE))
     stranger = run_of(exp, "a", phase="Running")
     stranger["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-experiment"
     plan = decide_exp(exp, [stranger])
-    assert [run["metadata"]["name"] for run in plan.create] == ["exp-a"]  # and the create answers 409: a visible clash
+    assert [run["metadata"]["name"] for run in plan.create] == ["exp-b"]
+    row = plan.status["datasets"][0]
+    assert (row["phase"], "run" in row) == ("Pending", False)
+    assert "exp-a" in row["message"] and "garbage-collected" in row["message"]
+    assert not [e for e in plan.events if e.type == "Warning"]
+
+
+def test_a_run_name_held_by_another_experiment_fails_that_dataset_with_the_fix():
+    """`exp-a` + dataset `b` and `exp` + dataset `a-b` both make the name `exp-a-b`: the dataset whose name is
+    taken fails at once (a create would answer 409 forever), and the other datasets go on."""
+    spec = spec_document(datasets=[{"name": "a-b", "path": "/data/ab.json"},
+                                   {"name": "c", "path": "/data/c.json"}])
+    exp = experiment(spec, annotations=accepted(spec))
+    other = experiment(spec_document(datasets=[{"name": "b", "path": "/data/b.json"}]), name="exp-a")
+    other["metadata"]["uid"] = "uid-of-exp-a"
+    holder = run_of(other, "b", phase="Running")
+    assert holder["metadata"]["name"] == "exp-a-b"
+    plan = decide_exp(exp, [holder])
+    assert [run["metadata"]["name"] for run in plan.create] == ["exp-c"]
+    assert rows(plan) == [("a-b", "Failed"), ("c", "Queued")]
+    message = plan.status["datasets"][0]["message"]
+    assert "exp-a-b" in message and "experiment exp-a" in message and "rename" in message
+    assert ("Warning", "DatasetFailed") in [(e.type, e.reason) for e in plan.events]
+    assert plan.status["datasetsFailed"] == 1 and plan.status["phase"] == "Running"
 
 
 def test_a_decision_over_its_own_result_changes_nothing():
