@@ -110,6 +110,10 @@ def check_runs_locally(metadata: Mapping, spec: ExperimentSpec) -> None:
     cannot stand in for."""
     if spec.suspend:
         raise SpecError("suspend: true: no run would start; set suspend: false to run the experiment locally")
+    if spec.volumes:
+        raise SpecError(f"volumes: PersistentVolumeClaims ({', '.join(v.claim_name for v in spec.volumes)}) exist "
+                        "only in a cluster; a local run reads datasets[].path and model.path on this machine: drop "
+                        "volumes and point those paths at local files")
     for job in (obj for obj in experiment_objects(metadata, spec) if obj["kind"] == "PyTorchJob"):
         replicas = job["spec"]["pytorchReplicaSpecs"]
         gpus = int(replicas["Master"]["template"]["spec"]["containers"][0]["resources"]["limits"].get(GPU, 0))
@@ -578,7 +582,9 @@ def pod_process(template: Mapping, folder: Path, config_maps: Mapping[str, Path]
             mounts[path] = config_maps[volume["configMap"]["name"]]
         elif path == cache:
             mounts[path] = host_cache
-        elif volume.get("emptyDir", {}).get("medium") != "Memory":  # a Memory one is the host's /dev/shm here
+        elif "emptyDir" not in volume:
+            raise SpecError(f"volume {mount['name']}: only configMap and emptyDir volumes have a local stand-in")
+        elif volume["emptyDir"].get("medium") != "Memory":  # a Memory one is the host's /dev/shm here
             mounts[path] = folder / mount["name"]
             empty_dirs.append(folder / mount["name"])
     translate = _translator(mounts, hosts)

@@ -30,7 +30,15 @@ from ttrv.manifests import (
     run_name,
     run_store_uri,
 )
-from ttrv.spec import AdaptationRunSpec, ExperimentSpec, SpecError, load_experiment, load_run_spec, parse_spec
+from ttrv.spec import (
+    RESERVED_MOUNT_PATHS,
+    AdaptationRunSpec,
+    ExperimentSpec,
+    SpecError,
+    load_experiment,
+    load_run_spec,
+    parse_spec,
+)
 
 META = {"name": "exp", "namespace": "team-a", "uid": "0d6c4a0e-4a7b-4c39-9f0e-6a4b8f3c2d11"}
 
@@ -251,6 +259,29 @@ def test_scheduling_reaches_gpu_pods():
         assert pod["priorityClassName"] == "research", where
         assert pod["nodeSelector"] == {"gpu": "h100"}, where
         assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
+
+
+def test_volumes_reach_every_trainer_and_rollout_pod_read_only():
+    volumes = {"volumes": [{"claimName": "imagenet-variants", "mountPath": "/data"},
+                           {"claimName": "models", "mountPath": "/models/", "readOnly": False}]}
+    objs = children(experiment(**SERVICE | GPU8 | volumes))
+    templates = pod_templates(objs["PyTorchJob"]) + pod_templates(objs["Deployment"])
+    assert len(templates) == 3  # Master, Worker, rollout
+    for where, template in templates:
+        validate_object(objs["Deployment"])
+        pod = template["spec"]
+        claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert claims == {"volume-0": {"claimName": "imagenet-variants", "readOnly": True},
+                          "volume-1": {"claimName": "models", "readOnly": False}}, where
+        assert mounts["/data"] == {"name": "volume-0", "mountPath": "/data", "readOnly": True}, where
+        assert mounts["/models"] == {"name": "volume-1", "mountPath": "/models", "readOnly": False}, where
+
+
+def test_reserved_mount_paths_are_the_pods_own_mounts():
+    """The spec refuses a volume over these paths; they must be exactly what the builders mount themselves."""
+    trainer = trainer_container(children(experiment())["PyTorchJob"])
+    assert sorted(m["mountPath"] for m in trainer["volumeMounts"]) == sorted(RESERVED_MOUNT_PATHS)
 
 
 @pytest.mark.parametrize("overrides", [SERVICE | GPU8, {"resources": {"gpusPerNode": 0}}])

@@ -106,10 +106,14 @@ def cmd_experiment_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     # The local backend is a controller: it applies the operator's decisions (operators/), so it lives there and
     # this entry point is the one place where ttrv reaches into operators.
-    from operators.local import run_experiment, status_table
+    from operators.local import check_runs_locally, on_embedded_store, run_experiment, status_table
 
     metadata, spec = load_experiment(args.file)
     metadata = dict(metadata) | ({"namespace": args.namespace} if args.namespace else {})
+    try:
+        check_runs_locally(metadata, on_embedded_store(spec, None))
+    except SpecError as error:
+        raise SpecError(f"{args.file}: {error}") from None
     out = Path(args.out or f"runs/{metadata['name']}")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the runs' processes as Ctrl-C does, not orphan them
     document = run_experiment(metadata, spec, out)

@@ -150,6 +150,7 @@ def adaptation_run(experiment_meta: Mapping, spec: ExperimentSpec, dataset: str)
         image=spec.image,
         scheduling=spec.scheduling,
         s3_secret=spec.s3_secret,
+        volumes=spec.volumes,
         suspend=spec.suspend,
     )
     name = run_name(experiment, dataset)
@@ -251,15 +252,19 @@ def _volumes(ctx: _Context) -> list[dict]:
         {"name": "cache", "emptyDir": {}},
         # NCCL and vLLM's tensor-parallel workers exchange data through /dev/shm, which is 64 MiB by default.
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
-    ]
+    ] + [{"name": f"volume-{index}", "persistentVolumeClaim": {"claimName": volume.claim_name,
+                                                               "readOnly": volume.read_only}}
+         for index, volume in enumerate(ctx.spec.volumes)]
 
 
-_MOUNTS = [
-    {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
-    {"name": "tmp", "mountPath": "/tmp"},
-    {"name": "cache", "mountPath": "/cache"},
-    {"name": "shm", "mountPath": "/dev/shm"},
-]
+def _mounts(ctx: _Context) -> list[dict]:
+    return [
+        {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": "/cache"},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ] + [{"name": f"volume-{index}", "mountPath": volume.mount_path, "readOnly": volume.read_only}
+         for index, volume in enumerate(ctx.spec.volumes)]
 
 
 def pod_security_context() -> dict:
@@ -331,7 +336,7 @@ def _rollout_deployment(ctx: _Context) -> dict:
         "readinessProbe": probe | {"failureThreshold": 3},
         "livenessProbe": probe | {"failureThreshold": 6},
         "resources": _resources(ctx, gpus),
-        "volumeMounts": _MOUNTS,
+        "volumeMounts": _mounts(ctx),
         "securityContext": container_security_context(),
     }
     selector = ctx.selector("rollout")
@@ -410,7 +415,7 @@ def _trainer_job(ctx: _Context) -> dict:
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(ctx, res.gpus_per_node),
-        "volumeMounts": _MOUNTS,
+        "volumeMounts": _mounts(ctx),
         "securityContext": container_security_context(),
         # A trainer that fails leaves the tail of its log as the pod's termination message, which the operator
         # copies into the run's status: why a run failed, without `kubectl logs` of a pod that may be gone.

@@ -22,6 +22,7 @@ from pydantic.alias_generators import to_camel
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 
 
 class SpecError(ValueError):
@@ -312,6 +313,35 @@ class S3SecretRef(StrictModel):
     """Key of the secret access key in that Secret."""
 
 
+# Where the pods mount their own volumes (manifests.py); a data volume there would hide them.
+RESERVED_MOUNT_PATHS = ("/etc/ttrv", "/tmp", "/cache", "/dev/shm")
+
+
+class VolumeSpec(StrictModel):
+    """A PersistentVolumeClaim mounted into the trainer and rollout pods: how dataset files, their images or a
+    model folder reach the pods (`datasets[].path`, `pathMap` and `model.path` then name paths under
+    `mountPath`)."""
+
+    claim_name: Annotated[str, Field(pattern=SUBDOMAIN_PATTERN)]
+    """Name of the PersistentVolumeClaim, in the experiment's namespace."""
+    mount_path: str
+    """Absolute path where the pods see it, e.g. /data."""
+    read_only: bool = True
+    """Mount read-only (the pods only read data and models)."""
+
+    @field_validator("mount_path")
+    @classmethod
+    def _usable_mount_path(cls, value: str) -> str:
+        if not value.startswith("/") or value.rstrip("/") == "" or ".." in value.split("/"):
+            raise ValueError(f"{value!r} must be an absolute path below / without '..', e.g. /data")
+        path = value.rstrip("/")
+        for reserved in RESERVED_MOUNT_PATHS:
+            if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/"):
+                raise ValueError(f"{value!r} overlaps {reserved}, which the pods use themselves; mount it "
+                                 "elsewhere, e.g. /data")
+        return path
+
+
 class Toleration(StrictModel):
     key: str | None = None
     operator: Literal["Exists", "Equal"] = "Exists"
@@ -348,6 +378,19 @@ class ExperimentSpec(AdaptationSettings):
     scheduling: SchedulingSpec = SchedulingSpec()
     s3_secret: S3SecretRef = S3SecretRef()
     """Object-store credentials, by reference only."""
+    volumes: list[VolumeSpec] = []
+    """PersistentVolumeClaims mounted into every trainer and rollout pod (datasets, images, models)."""
+
+    @field_validator("volumes")
+    @classmethod
+    def _distinct_mount_paths(cls, value: list[VolumeSpec]) -> list[VolumeSpec]:
+        paths = [v.mount_path for v in value]
+        for path in paths:
+            nested = [other for other in paths if other != path and other.startswith(path + "/")]
+            if paths.count(path) > 1 or nested:
+                raise ValueError(f"mountPath {path} is used twice or holds another volume's mountPath; give each "
+                                 "volume its own folder")
+        return value
 
     @field_validator("datasets")
     @classmethod
@@ -384,6 +427,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == NAME_PATTERN:
             message += "; a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a " \
                        "letter or digit, e.g. 'imagenet-r'"
+        elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == SUBDOMAIN_PATTERN:
+            message += "; a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending " \
+                       "with a letter or digit, e.g. 'imagenet-data'"
         lines.append(f"{source}: {field}: {message}")
     return "\n".join(lines)
 
@@ -456,6 +502,8 @@ class AdaptationRunSpec(StrictModel):
     scheduling: SchedulingSpec = SchedulingSpec()
     s3_secret: S3SecretRef = S3SecretRef()
     """Object-store credentials, by reference only."""
+    volumes: list[VolumeSpec] = []
+    """PersistentVolumeClaims mounted into the trainer and rollout pods."""
     suspend: bool = False
     """Trainer suspended and rollout service scaled to zero."""
 

@@ -99,6 +99,19 @@ EXPERIMENTS = cases("experiment", [
     ("spec-not-a-mapping", (experiment() | {"spec": ["datasets"]}, []), ("spec",), "expected a mapping of fields"),
     ("credential-in-secret-ref", (experiment({"s3Secret": {"name": "s3", "secretAccessKey": CREDENTIAL}}), []),
      ("s3Secret.secretAccessKey",), "unknown key; remove it"),
+    ("volume-relative-mount", (experiment({"volumes": [{"claimName": "data", "mountPath": "data"}]}), []),
+     ("volumes.0.mountPath",), "must be an absolute path below / without '..', e.g. /data"),
+    ("volume-over-tmp", (experiment({"volumes": [{"claimName": "data", "mountPath": "/tmp/data"}]}), []),
+     ("volumes.0.mountPath",), "overlaps /tmp, which the pods use themselves; mount it elsewhere"),
+    ("volume-over-root", (experiment({"volumes": [{"claimName": "data", "mountPath": "/"}]}), []),
+     ("volumes.0.mountPath",), "must be an absolute path below /"),
+    ("volume-parent-step", (experiment({"volumes": [{"claimName": "data", "mountPath": "/data/../etc/ttrv"}]}), []),
+     ("volumes.0.mountPath",), "without '..'"),
+    ("volume-nested-mounts", (experiment({"volumes": [{"claimName": "a", "mountPath": "/data"},
+                                                      {"claimName": "b", "mountPath": "/data/images"}]}), []),
+     ("volumes", "mountPath /data"), "give each volume its own folder"),
+    ("volume-claim-not-dns", (experiment({"volumes": [{"claimName": "My_Data", "mountPath": "/data"}]}), []),
+     ("volumes.0.claimName",), "a Kubernetes object name: lowercase letters"),
 ])
 
 
@@ -110,3 +123,22 @@ def test_ttrv_render_rejects_the_experiment_and_renders_nothing(case: Case, tmp_
     code, stdout, stderr = cli("render", str(path), *args)
     assert stderr.startswith(f"error: {path}: "), stderr
     check(case, code, stderr, [f"rendered {len(stdout)} characters"] if stdout else [])
+
+
+LOCAL_EXPERIMENTS = cases("local experiment", [
+    ("volumes-have-no-local-stand-in",
+     experiment({"volumes": [{"claimName": "imagenet", "mountPath": "/data"}]}), ("volumes", "imagenet"),
+     "drop volumes and point those paths at local files"),
+    ("suspended", experiment({"suspend": True}), ("suspend",), "set suspend: false to run the experiment locally"),
+    ("gpu-nodes-sharing-this-machine", experiment({"resources": {"nodes": 2, "gpusPerNode": 1}}),
+     ("resources: nodes 2",), "set resources.nodes: 1 to run locally"),
+])
+
+
+@pytest.mark.parametrize("case", LOCAL_EXPERIMENTS)
+def test_ttrv_experiment_run_local_rejects_what_this_machine_cannot_stand_in_for(case: Case, tmp_path, cli):
+    path, out = tmp_path / "experiment.yaml", tmp_path / "out"
+    write_input(path, case.input)
+    code, stdout, stderr = cli("experiment", "run", str(path), "--local", "--out", str(out))
+    assert stderr.startswith(f"error: {path}: "), stderr
+    check(case, code, stderr, files_under(out) + ([stdout] if stdout else []))
