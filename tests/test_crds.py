@@ -60,11 +60,12 @@ def test_structural_check_finds_what_the_api_server_rejects():
             "b": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
             "c": {"type": "array"},
             "d": {"type": "integer", "title": "D", "const": 1},
+            "e": {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True},
         },
     })
     assert problems == [
-        ".a: key 'anyOf' is not allowed in a structural schema",
         ".a: no type",
+        ".a: anyOf is only allowed as x-kubernetes-int-or-string's integer-or-string",
         ".b: properties and additionalProperties are mutually exclusive",
         ".c: an array needs items",
         ".d: key 'title' is not allowed in a structural schema",

@@ -278,6 +278,19 @@ def test_volumes_reach_every_trainer_and_rollout_pod_read_only():
         assert mounts["/models"] == {"name": "volume-1", "mountPath": "/models", "readOnly": False}, where
 
 
+def test_the_rollout_pod_has_its_own_cpu_and_memory_when_set():
+    def requests(resources: dict) -> tuple[dict, dict]:
+        objs = children(experiment(**SERVICE | {"resources": resources}))
+        trainer = trainer_container(objs["PyTorchJob"])["resources"]["requests"]
+        rollout = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+        return trainer, rollout
+
+    trainer, rollout = requests({"cpu": "16", "memory": "256Gi"})
+    assert (rollout["cpu"], rollout["memory"]) == (trainer["cpu"], trainer["memory"]) == ("16", "256Gi")
+    trainer, rollout = requests({"cpu": "16", "memory": "256Gi", "rolloutCpu": "4", "rolloutMemory": "48Gi"})
+    assert (trainer["cpu"], trainer["memory"], rollout["cpu"], rollout["memory"]) == ("16", "256Gi", "4", "48Gi")
+
+
 def test_reserved_mount_paths_are_the_pods_own_mounts():
     """The spec refuses a volume over these paths; they must be exactly what the builders mount themselves."""
     trainer = trainer_container(children(experiment())["PyTorchJob"])

@@ -28,6 +28,20 @@ def test_camel_case_and_snake_case_keys_are_both_read():
     assert run(rollout={"group_size": 8}).rollout.group_size == 8
 
 
+@pytest.mark.parametrize(("given", "read"), [(8, "8"), ("8", "8"), ("500m", "500m"), ("64Gi", "64Gi"), (0, "0"),
+                                             (".5", ".5"), ("1.5", "1.5")])
+def test_cpu_and_memory_are_quantities_written_as_in_a_pod(given, read):
+    """`cpu: 8` is a number in YAML and in `helm --set`; a pod's resources take it as they take "8"."""
+    resources = run(resources={"cpu": given, "memory": given, "rolloutCpu": given}).resources
+    assert (resources.cpu, resources.memory, resources.rollout_cpu) == (read, read, read)
+
+
+@pytest.mark.parametrize("given", ["lots", "-1", -1, 1.5, True, "8 Gi", "1e3", ""])
+def test_cpu_that_is_no_quantity_is_refused(given):
+    with pytest.raises(SpecError, match="resources.cpu"):
+        run(resources={"cpu": given})
+
+
 def test_dump_uses_camel_case():
     dumped = run().model_dump(mode="json")
     assert "groupSize" in dumped["rollout"] and "klCoef" in dumped["grpo"]

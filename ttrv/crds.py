@@ -29,7 +29,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # Keys the API server's JSONSchemaProps knows and a structural schema may carry (besides the x-kubernetes-*).
 _ALLOWED_KEYS = {
-    "type", "description", "properties", "required", "items", "additionalProperties", "enum", "nullable",
+    "type", "description", "anyOf", "properties", "required", "items", "additionalProperties", "enum", "nullable",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern",
     "minItems", "maxItems", "uniqueItems", "format", "multipleOf", "minProperties", "maxProperties",
     "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string", "x-kubernetes-list-type",
@@ -50,6 +50,13 @@ def structural(node: dict, defs: dict | None = None) -> dict:
     defs = node.get("$defs", {}) if defs is None else defs
     node = _resolve(node, defs)
     out: dict[str, Any] = {}
+    if node.get("x-kubernetes-int-or-string"):
+        # The one union a structural schema allows, spelled as controller-gen spells resource.Quantity.
+        string = next(option for option in node["anyOf"] if option.get("type") == "string")
+        out = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
+        out |= {"pattern": string["pattern"]} if "pattern" in string else {}
+        out |= {"description": node["description"]} if "description" in node else {}
+        return _describe_default(out, node)
     if "anyOf" in node:
         options = [_resolve(option, defs) for option in node["anyOf"]]
         typed = [option for option in options if option.get("type") != "null"]
@@ -106,6 +113,9 @@ def structural_problems(node: dict, path: str = "") -> list[str]:
         node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
     ):
         problems.append(f"{where}: no type")
+    if "anyOf" in node and not (node.get("x-kubernetes-int-or-string")
+                                and node["anyOf"] == [{"type": "integer"}, {"type": "string"}]):
+        problems.append(f"{where}: anyOf is only allowed as x-kubernetes-int-or-string's integer-or-string")
     if "properties" in node and "additionalProperties" in node:
         problems.append(f"{where}: properties and additionalProperties are mutually exclusive")
     if node.get("type") == "array" and "items" not in node:

@@ -281,11 +281,10 @@ def container_security_context() -> dict:
     return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 
 
-def _resources(ctx: _Context, gpus: int) -> dict:
-    res = ctx.spec.run.resources
+def _resources(cpu: str, memory: str, gpus: int) -> dict:
     gpu = {GPU: str(gpus)} if gpus else {}
     # No CPU limit: throttling a data loader or NCCL proxy thread stalls every rank.
-    return {"requests": {"cpu": res.cpu, "memory": res.memory} | gpu, "limits": {"memory": res.memory} | gpu}
+    return {"requests": {"cpu": cpu, "memory": memory} | gpu, "limits": {"memory": memory} | gpu}
 
 
 def _pod_spec(ctx: _Context, container: dict, gpus: int) -> dict:
@@ -335,7 +334,8 @@ def _rollout_deployment(ctx: _Context) -> dict:
         "startupProbe": probe | {"failureThreshold": 180},
         "readinessProbe": probe | {"failureThreshold": 3},
         "livenessProbe": probe | {"failureThreshold": 6},
-        "resources": _resources(ctx, gpus),
+        "resources": _resources(run.resources.rollout_cpu or run.resources.cpu,
+                                run.resources.rollout_memory or run.resources.memory, gpus),
         "volumeMounts": _mounts(ctx),
         "securityContext": container_security_context(),
     }
@@ -414,7 +414,7 @@ def _trainer_job(ctx: _Context) -> dict:
             {"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
-        "resources": _resources(ctx, res.gpus_per_node),
+        "resources": _resources(res.cpu, res.memory, res.gpus_per_node),
         "volumeMounts": _mounts(ctx),
         "securityContext": container_security_context(),
         # A trainer that fails leaves the tail of its log as the pod's termination message, which the operator

@@ -16,13 +16,36 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+# A positive Kubernetes resource quantity (apimachinery's resource.Quantity, without signs and exponents).
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+
+def _integer_quantity(value: Any) -> Any:
+    """`cpu: 8` (YAML, `helm --set`) means "8", as in a pod's resources."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else value
+
+
+# int-or-string as in a pod's resources; crds.py turns the schema into the API server's x-kubernetes-int-or-string.
+Quantity = Annotated[str, BeforeValidator(_integer_quantity), Field(pattern=QUANTITY_PATTERN),
+                     WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0},
+                                               {"type": "string", "pattern": QUANTITY_PATTERN}],
+                                     "x-kubernetes-int-or-string": True})]
 
 
 class SpecError(ValueError):
@@ -253,14 +276,18 @@ class ResourcesSpec(StrictModel):
     """ZeRO-Offload of optimiser states to CPU memory."""
     gradient_checkpointing: bool = False
     """Activation checkpointing in the trainer's model."""
-    cpu: str = "8"
+    cpu: Quantity = "8"
     """CPU request of each trainer pod."""
-    memory: str = "64Gi"
+    memory: Quantity = "64Gi"
     """Memory request of each trainer pod."""
     rollout_gpus: Annotated[int, Field(ge=0)] = 1
     """GPUs of the rollout service (vLLM tensor-parallel size)."""
     rollout_gpu_memory_utilization: Probability = 0.85
     """Share of each rollout GPU that vLLM may take."""
+    rollout_cpu: Quantity | None = None
+    """CPU request of the rollout pod; default: `cpu`."""
+    rollout_memory: Quantity | None = None
+    """Memory request of the rollout pod; default: `memory`."""
 
     @property
     def nproc_per_node(self) -> int:
@@ -427,6 +454,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == NAME_PATTERN:
             message += "; a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a " \
                        "letter or digit, e.g. 'imagenet-r'"
+        elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == QUANTITY_PATTERN:
+            message += "; a Kubernetes quantity, e.g. '8', '500m' (CPU) or '64Gi' (memory)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == SUBDOMAIN_PATTERN:
             message += "; a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending " \
                        "with a letter or digit, e.g. 'imagenet-data'"

@@ -20,6 +20,7 @@ VALUES = cases("chart values", [
      'must be one of the following: "inprocess", "service"'),
     ("dataset-name-not-dns", GOOD + ("--set", "datasets[0].name=Shapes"), ("datasets.0.name",),
      "Does not match pattern"),
+    ("cpu-not-a-quantity", GOOD + ("--set", "resources.cpu=lots"), ("resources.cpu",), "Does not match pattern"),
     ("lr-out-of-range", GOOD + ("--set", "grpo.lr=2"), ("grpo.lr",), "Must be less than 1"),
     ("credential-in-values", GOOD + ("--set", f"s3Secret.secretAccessKey={CREDENTIAL}"), ("s3Secret",),
      "Additional property secretAccessKey is not allowed"),
