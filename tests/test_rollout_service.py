@@ -8,6 +8,10 @@ is tested in test_rollout_service_vllm.py.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -294,3 +298,32 @@ def test_a_reload_waits_for_requests_in_flight_and_holds_back_new_ones():
     for thread in (first, reload, second):
         thread.join(timeout=5)
     assert events == ["request 1 in", "request 1 out", "reload", "request 2 in", "request 2 out"]
+
+
+def test_the_vllm_server_does_not_outlive_a_killed_serve_process(tmp_path):
+    """The vLLM server runs in a process group of its own (it is stopped as a group), so SIGKILL of `ttrv serve`'s
+    group does not reach it; `terminate_with_parent`, run in it before exec, has the kernel send it SIGTERM when
+    its parent dies. Shown with `sleep` standing in for the server, started as VLLMServer starts it."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from ttrv.rollout.vllm_server import terminate_with_parent\n"
+        "child = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=terminate_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    os.killpg(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the child outlived its SIGKILLed parent"
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for init to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -580,7 +580,7 @@ class ServeProcess:
 
     def kill(self) -> None:
         """SIGKILL, as when a node fails: no handler runs. (With the vLLM engine its server, in a process group of
-        its own, outlives this; use stop() for it.)"""
+        its own, gets SIGTERM from the kernel and shuts down by itself.)"""
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
