@@ -3,15 +3,57 @@ checked against) and the weight versions they publish."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-from ttrv.modeling import load_model
+from ttrv.data import Prompt
+from ttrv.modeling import load_model, load_processor, model_inputs
+from ttrv.rollout.server import ServeProcess
+from ttrv.spec import RunSpec
+from ttrv.tinymodel import build_tiny_qwen2vl
 
 WORDS = "What is shown ? Options A B C D cat dog bird fish The answer is".split()
 QUESTION = "<image>\nWhat is shown? Options:\nA. cat\nB. dog"
 TOLERANCE = 1e-4  # float32 on both sides; measured differences are ~5e-6
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def tiny_models(work: Path) -> dict[str, Path]:
+    """Two tiny models of one architecture: A, served first, and B, whose language weights get published."""
+    return {"A": build_tiny_qwen2vl(work / "A", WORDS, seed=0), "B": build_tiny_qwen2vl(work / "B", WORDS, seed=1)}
+
+
+def transformers_view(weights: dict[str, Path], prompts: Iterable[Prompt], suppressed_fields: Iterable[str] = ()):
+    """transformers' view: the processor's batch of each prompt (by id), base A, and A's vision tower under B's
+    language model (what a published full version of B's language weights makes of A); with `suppressed_fields`,
+    the config's token ids an engine never samples (its log-probs are those of the distribution without them)."""
+    processor = load_processor(weights["A"])
+    base = load_model(weights["A"])
+    mixed = load_model(weights["A"])
+    mixed.load_state_dict(language_tensors(load_model(weights["B"])), strict=False)
+    view = {"batches": {p.id: model_inputs(processor, [p]) for p in prompts}, "A": base, "mixed": mixed,
+            "placeholders": set(processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"]))}
+    suppressed = [getattr(base.config, name) for name in suppressed_fields]
+    return view | ({"suppressed": suppressed} if suppressed else {})
+
+
+def served_spec(work: Path, document: dict) -> RunSpec:
+    """The run spec `ttrv serve` reads, written to work/run.yaml."""
+    (work / "run.yaml").write_text(yaml.safe_dump(document))
+    return RunSpec.model_validate(document)
+
+
+@contextmanager
+def serving(work: Path) -> Iterator[ServeProcess]:
+    """`ttrv serve --spec work/run.yaml` as a separate process, which must stop cleanly on SIGTERM."""
+    service = ServeProcess(work / "run.yaml", work / "serve.log").start()
+    yield service
+    assert service.stop() == 0, service.log_tail()
 
 
 def hf_logprobs(model, batch, response_ids, placeholders, temperature=1.0, suppressed=()):

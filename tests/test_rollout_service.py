@@ -16,29 +16,29 @@ import threading
 import time
 
 import pytest
-import yaml
 from PIL import Image
 from rollout_util import (
     QUESTION,
-    WORDS,
     assert_greedy_under,
     assert_logprobs_match,
     language_tensors,
     publish,
     publish_adapter,
+    served_spec,
+    serving,
     synced,
+    tiny_models,
+    transformers_view,
 )
 
 from ttrv.data import Prompt
-from ttrv.modeling import load_model, load_processor, model_inputs
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import RolloutError, RolloutUnavailableError, ServiceEngine
 from ttrv.rollout.hf import VISION_TOKEN_FIELDS
-from ttrv.rollout.server import HFBackend, ServeProcess
+from ttrv.rollout.server import HFBackend
 from ttrv.rollout.sync import RWLock, SyncAgent
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
-from ttrv.tinymodel import build_tiny_qwen2vl
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights(work):
-    return {"A": build_tiny_qwen2vl(work / "A", WORDS, seed=0), "B": build_tiny_qwen2vl(work / "B", WORDS, seed=1)}
+    return tiny_models(work)
 
 
 @pytest.fixture(scope="module")
@@ -60,24 +60,15 @@ def prompts(work):
 
 @pytest.fixture(scope="module")
 def hf(weights, prompts):
-    """transformers' view: the processor's batch of each prompt, base A, and A's vision tower under B's language
-    model (what a published full version of B's language weights makes of A). The Hugging Face engine never samples
-    the vision tokens, so its log-probs are those of the distribution without them."""
-    processor = load_processor(weights["A"])
-    base = load_model(weights["A"])
-    mixed = load_model(weights["A"])
-    mixed.load_state_dict(language_tensors(load_model(weights["B"])), strict=False)
-    return {"batches": {p.id: model_inputs(processor, [p]) for p in prompts}, "A": base, "mixed": mixed,
-            "placeholders": set(processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])),
-            "suppressed": [getattr(base.config, name) for name in VISION_TOKEN_FIELDS]}
+    """transformers' view; the Hugging Face engine never samples the vision tokens."""
+    return transformers_view(weights, prompts, VISION_TOKEN_FIELDS)
 
 
 @pytest.fixture(scope="module")
 def spec(work, weights, module_s3_uri):
-    document = {"name": "served", "data": {"path": "ttrv://tiny-shapes/test"}, "model": {"path": str(weights["A"])},
-                "rollout": {"engine": "hf", "maxNewTokens": 8}, "storage": {"uri": module_s3_uri}}
-    (work / "run.yaml").write_text(yaml.safe_dump(document))
-    return RunSpec.model_validate(document)
+    return served_spec(work, {"name": "served", "data": {"path": "ttrv://tiny-shapes/test"},
+                              "model": {"path": str(weights["A"])}, "rollout": {"engine": "hf", "maxNewTokens": 8},
+                              "storage": {"uri": module_s3_uri}})
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +79,8 @@ def store(spec):
 
 @pytest.fixture(scope="module")
 def service(work, spec):
-    service = ServeProcess(work / "run.yaml", work / "serve.log").start()
-    yield service
-    assert service.stop() == 0, service.log_tail()
+    with serving(work) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

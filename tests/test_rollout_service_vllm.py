@@ -10,27 +10,27 @@ Without .venv-vllm (or TTRV_VLLM_PYTHON) these tests fail; `make test` builds it
 from __future__ import annotations
 
 import pytest
-import yaml
 from PIL import Image
 from rollout_util import (
     QUESTION,
-    WORDS,
     assert_greedy_under,
     assert_logprobs_match,
     language_tensors,
     publish,
     publish_adapter,
+    served_spec,
+    serving,
     synced,
+    tiny_models,
+    transformers_view,
 )
 
 from ttrv.data import Prompt
-from ttrv.modeling import load_model, load_processor, model_inputs
 from ttrv.rollout.client import RolloutUnavailableError, ServiceEngine
-from ttrv.rollout.server import ServeProcess, VLLMBackend, choose_backend, vllm_available
+from ttrv.rollout.server import VLLMBackend, choose_backend, vllm_available
 from ttrv.rollout.vllm_server import VLLMError
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
-from ttrv.tinymodel import build_tiny_qwen2vl
 
 pytestmark = pytest.mark.vllm
 
@@ -46,7 +46,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights(work):
-    return {"A": build_tiny_qwen2vl(work / "A", WORDS, seed=0), "B": build_tiny_qwen2vl(work / "B", WORDS, seed=1)}
+    return tiny_models(work)
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +58,14 @@ def prompts(work):
 
 @pytest.fixture(scope="module")
 def hf(weights, prompts):
-    """transformers' view: each prompt's batch, base A, and A's vision tower under B's language model."""
-    processor = load_processor(weights["A"])
-    mixed = load_model(weights["A"])
-    mixed.load_state_dict(language_tensors(load_model(weights["B"])), strict=False)
-    return {"batches": {name: model_inputs(processor, [p]) for name, p in prompts.items()},
-            "A": load_model(weights["A"]), "mixed": mixed,
-            "placeholders": set(processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"]))}
+    return transformers_view(weights, prompts.values())
 
 
 @pytest.fixture(scope="module")
 def spec(work, weights, module_s3_uri):
-    document = {"name": "served-vllm", "data": {"path": "ttrv://tiny-shapes/test"},
-                "model": {"path": str(weights["A"]), "lora": {"rank": 8, "alpha": 16}},
-                "rollout": {"engine": "vllm", "maxNewTokens": 8}, "storage": {"uri": module_s3_uri}}
-    (work / "run.yaml").write_text(yaml.safe_dump(document))
-    return RunSpec.model_validate(document)
+    return served_spec(work, {"name": "served-vllm", "data": {"path": "ttrv://tiny-shapes/test"},
+                              "model": {"path": str(weights["A"]), "lora": {"rank": 8, "alpha": 16}},
+                              "rollout": {"engine": "vllm", "maxNewTokens": 8}, "storage": {"uri": module_s3_uri}})
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +76,8 @@ def store(spec):
 
 @pytest.fixture(scope="module")
 def service(work, spec):
-    service = ServeProcess(work / "run.yaml", work / "serve.log").start()
-    yield service
-    assert service.stop() == 0, service.log_tail()
+    with serving(work) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
