@@ -28,6 +28,7 @@ import shutil
 import socket
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -210,14 +211,14 @@ def _parse_step(name: str) -> int | None:
 # Sources: what a set's file is read from while it is published
 
 
-class _Source:
+class _Source(ABC):
     size: int
 
-    def chunk(self, offset: int, length: int) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def chunk(self, offset: int, length: int) -> Any: ...
 
-    def sha256(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def sha256(self) -> str: ...
 
 
 class _BufferSource(_Source):
@@ -285,35 +286,35 @@ class _UploadLost(Exception):
     """The server no longer knows a multipart upload (it restarted without it): upload the object again."""
 
 
-class _Backend:
+class _Backend(ABC):
     url: str
 
+    @abstractmethod
     def put(self, key: str, data: bytes) -> None:
         """Writes one small object atomically."""
-        raise NotImplementedError
 
-    def get(self, key: str) -> bytes | None:
-        raise NotImplementedError
+    @abstractmethod
+    def get(self, key: str) -> bytes | None: ...
 
+    @abstractmethod
     def upload(self, key: str, source: _Source, pool: ThreadPoolExecutor) -> Callable[[], None]:
         """Starts writing `source` to `key` on `pool`; the returned function waits for it and makes it visible."""
-        raise NotImplementedError
 
+    @abstractmethod
     def download(self, key: str, size: int, out: memoryview, pool: ThreadPoolExecutor) -> list[_Range]:
         """Starts reading `key` into `out` (exactly `size` bytes), range by range in order; the futures raise
         _Missing or _SizeMismatch when the object is not what the manifest says."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fetch_file(self, key: str, size: int, path: Path, pool: ThreadPoolExecutor) -> list[_Range]:
         """Starts reading `key` into the new local file `path`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Every key under `prefix/` (recursively), relative to the store root."""
-        raise NotImplementedError
 
-    def delete(self, keys: list[str]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def delete(self, keys: list[str]) -> None: ...
 
 
 _Range = tuple[Future, int, int]
