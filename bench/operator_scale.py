@@ -52,13 +52,18 @@ def merge(target: dict, patch: dict) -> dict:
     return target
 
 
+INDEXED_LABELS = ("ttrv.io/experiment", "ttrv.io/run")
+
+
 class MemoryKube:
     """The operator's API client (operators.kube.Kube) over dicts of JSON text: the API server's bookkeeping
     (uids, generations, the status subresource, 409 on duplicates) without its network and storage."""
 
     def __init__(self):
         self.objects: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
-        self.by_label: dict[tuple[str, str, str], set[str]] = defaultdict(set)  # an index, as etcd's watch cache
+        # The API server filters its watch cache in memory; parsing every stored object per list would charge the
+        # operator for what this stand-in stores as JSON text, so the labels the operator selects on are indexed.
+        self.by_label: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
         self.version = 0
         self.writes = 0
 
@@ -68,20 +73,22 @@ class MemoryKube:
         obj["metadata"]["resourceVersion"] = str(self.version)
         meta = obj["metadata"]
         self.objects[kind][(meta["namespace"], meta["name"])] = json.dumps(obj)
-        experiment = (meta.get("labels") or {}).get("ttrv.io/experiment")
-        if experiment:
-            self.by_label[(kind, meta["namespace"], experiment)].add(meta["name"])
+        for key in INDEXED_LABELS:
+            value = (meta.get("labels") or {}).get(key)
+            if value:
+                self.by_label[(kind, meta["namespace"], key, value)].add(meta["name"])
 
     def get(self, kind, namespace, name):
         text = self.objects[kind].get((namespace, name))
         return None if text is None else json.loads(text)
 
     def list(self, kind, namespace, labels):
-        experiment = labels.get("ttrv.io/experiment")
-        names = self.by_label[(kind, namespace, experiment)] if experiment else \
-            [n for (ns, n) in self.objects[kind] if ns == namespace]
-        found = [self.get(kind, namespace, name) for name in names]
-        return [o for o in found if o and all(o["metadata"].get("labels", {}).get(k) == v for k, v in labels.items())]
+        wanted = {key: value if isinstance(value, tuple) else (value,) for key, value in labels.items()}
+        key = next((key for key in INDEXED_LABELS if key in wanted), None)
+        names = {name for value in wanted[key] for name in self.by_label[(kind, namespace, key, value)]} if key \
+            else [n for (ns, n) in self.objects[kind] if ns == namespace]
+        found = [self.get(kind, namespace, name) for name in sorted(names)]
+        return [o for o in found if o and all(o["metadata"].get("labels", {}).get(k) in v for k, v in wanted.items())]
 
     def create(self, obj):
         kind, meta = obj["kind"], obj["metadata"]

@@ -41,8 +41,8 @@ TERMINAL = ("Succeeded", "Failed")
 class Observed:
     experiment: Mapping
     runs: Sequence[Mapping]
-    """AdaptationRuns of the experiment's namespace; those it owns (by uid) are its runs, the others' names are
-    taken."""
+    """AdaptationRuns of the experiment's namespace: those it owns (by uid) are its runs; any other holds a name
+    (the handler lists its own runs and those named `unstarted_run_names`)."""
     now: datetime
 
 
@@ -99,6 +99,17 @@ def decide_experiment(observed: Observed) -> Plan:
     status = _status(previous, rows, accepted, rejection, observed.now, generation)
     events += _events(previous, status, rejection, annotation, experiment)
     return Plan(annotation, create, patch, status, events)
+
+
+def unstarted_run_names(experiment: Mapping, runs: Sequence[Mapping]) -> tuple[str, ...]:
+    """Run names of the datasets with no run of this experiment among `runs` yet: what the handler must look up
+    to learn which of those names another AdaptationRun holds already."""
+    accepted = resolve_spec(experiment)[0]
+    if accepted is None:
+        return ()
+    meta = experiment["metadata"]
+    started = {run["spec"].get("dataset") for run in runs if _owned_by(run, meta.get("uid"))}
+    return tuple(run_name(meta["name"], d.name) for d in accepted.datasets if d.name not in started)
 
 
 # --- the spec in force ---------------------------------------------------------------------------------------

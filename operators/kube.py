@@ -100,8 +100,10 @@ class Kube:
                 return None
             raise
 
-    def list(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[dict]:
-        selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+    def list(self, kind: str, namespace: str, labels: Mapping[str, str | tuple[str, ...]]) -> list[dict]:
+        """Objects whose labels match: a string value exactly, a tuple value any of its members."""
+        selector = ",".join(f"{key} in ({','.join(value)})" if isinstance(value, tuple) else f"{key}={value}"
+                            for key, value in sorted(labels.items()))
         answer = self._call("GET", KINDS[kind].path(namespace), query=[("labelSelector", selector)])
         return answer.get("items") or []
 

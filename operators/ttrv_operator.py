@@ -31,7 +31,7 @@ import kopf
 import prometheus_client
 
 from operators import metrics
-from operators.experiments import ACCEPTED_ANNOTATION, decide_experiment
+from operators.experiments import ACCEPTED_ANNOTATION, decide_experiment, unstarted_run_names
 from operators.experiments import Observed as ExperimentObserved
 from operators.kube import Kube, KubeError
 from operators.progress import parse_progress, read_progress
@@ -181,7 +181,12 @@ def reconcile_experiment(namespace: str, name: str) -> None:
         body = kube.get("Experiment", namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # owner references take the runs and their children with it
-        runs = kube.list("AdaptationRun", namespace, {})  # its own, and the names others hold
+        runs = kube.list("AdaptationRun", namespace, {"ttrv.io/experiment": name})
+        wanted = unstarted_run_names(body, runs)
+        if wanted:  # another experiment's run may hold one of those names (`a-b` + `c` and `a` + `b-c`)
+            listed = {run["metadata"]["name"] for run in runs}
+            runs += [run for run in kube.list("AdaptationRun", namespace, {"ttrv.io/run": wanted})
+                     if run["metadata"]["name"] not in listed]
         plan = decide_experiment(ExperimentObserved(body, runs, _now()))
         # The accepted spec is recorded before anything is built from it.
         if plan.accepted_annotation is not None:

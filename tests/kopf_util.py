@@ -103,8 +103,8 @@ class Cluster:
                         f"{self.status(resource, name).get('message')})")
 
     # writing, as users and controllers do
-    async def create_experiment(self, **spec) -> dict:
-        body = {"apiVersion": "ttrv.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "exp", "namespace": NS},
+    async def create_experiment(self, name: str = "exp", **spec) -> dict:
+        body = {"apiVersion": "ttrv.io/v1alpha1", "kind": "Experiment", "metadata": {"name": name, "namespace": NS},
                 "spec": {"storage": {"uri": "s3://ttrv/experiments"},
                          "datasets": [{"name": "mmmu", "path": "/data/mmmu.json"},
                                       {"name": "shapes", "path": "/data/shapes.json"}]} | spec}

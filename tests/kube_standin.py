@@ -12,7 +12,7 @@ over HTTP as to a cluster. `KubeStandIn` adds what the operator's logic depends 
   are enforced on every write, and a violation is answered 422 with nothing stored. Unknown fields are
   rejected too (where a real API server prunes them silently, which is how kopf's `status.kopf` would vanish);
 - a failed JSON-patch `test` (kopf's optimistic lock on resourceVersion) is a 422, as kopf expects;
-- label selectors (equality-based) on list and watch, field selectors on list (kubectl describe's events);
+- label selectors (equality and `in` terms) on list and watch, field selectors on list (kubectl describe's events);
   `generateName`; list kinds; `kubectl get` tables built from the CRDs' additionalPrinterColumns;
 - the garbage collector's cascade: deleting an object deletes (background propagation) whatever names it in
   ownerReferences, finalizers respected;
@@ -37,6 +37,7 @@ import copy
 import functools
 import json
 import random
+import re
 import string
 import uuid
 from collections.abc import Iterable, Mapping
@@ -379,12 +380,18 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _parse_selector(text: str | None) -> dict[str, str]:
-    """Equality-based selectors only (`a=b,c==d`), which is all the operator, kopf and kubectl send here."""
+def _parse_selector(text: str | None) -> dict[str, tuple[str, ...]]:
+    """Equality (`a=b`, `c==d`) and set (`e in (f,g)`) terms: key -> the values it may have. That is all the
+    operator, kopf and kubectl send here."""
     result = {}
-    for term in filter(None, (text or "").split(",")):
-        key, _, value = term.partition("=")
-        result[key.strip()] = value.lstrip("=").strip()
+    for term in re.findall(r"[^,(]+(?:\([^)]*\))?", text or ""):
+        term = term.strip()
+        if " in " in term:
+            key, _, values = term.partition(" in ")
+            result[key.strip()] = tuple(v.strip() for v in values.strip().strip("()").split(",") if v.strip())
+        elif term:
+            key, _, value = term.partition("=")
+            result[key.strip()] = (value.lstrip("=").strip(),)
     return result
 
 
@@ -395,10 +402,10 @@ def _dig(obj: Mapping, dotted: str) -> Any:
     return value
 
 
-def _selected(obj: Mapping, labels: Mapping[str, str], fields: Mapping[str, str]) -> bool:
+def _selected(obj: Mapping, labels: Mapping[str, tuple[str, ...]], fields: Mapping[str, tuple[str, ...]]) -> bool:
     own = obj.get("metadata", {}).get("labels") or {}
-    return all(own.get(k) == v for k, v in labels.items()) and \
-        all(str(_dig(obj, k)) == v for k, v in fields.items())
+    return all(own.get(k) in v for k, v in labels.items()) and \
+        all(str(_dig(obj, k)) in v for k, v in fields.items())
 
 
 def _table(info: KindInfo, items: list[dict], version: str) -> dict:

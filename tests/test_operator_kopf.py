@@ -278,6 +278,23 @@ async def test_deleting_the_experiment_deletes_everything_it_made(monkeypatch, t
         await c.wait(lambda: c.get(EXPERIMENTS, "exp") is None and not c.children(), "the cascade")
 
 
+async def test_a_run_name_another_experiment_holds_fails_only_that_dataset(monkeypatch, tmp_path):
+    """`exp-a` with dataset `b` and `exp` with dataset `a-b` both name their run `exp-a-b`: the later one's
+    dataset fails with the fix (its create would be refused forever), its other dataset runs, and the run of
+    `exp-a` is left alone. The operator finds the holder with a set-based label selector on the run name."""
+    async with cluster(monkeypatch, tmp_path) as c, operator():
+        await c.create_experiment("exp-a", datasets=[{"name": "b", "path": "/data/b.json"}])
+        await c.wait(lambda: c.get(RUNS, "exp-a-b"), "exp-a's run")
+        await c.create_experiment(maxParallelRuns=2, datasets=[{"name": "a-b", "path": "/data/ab.json"},
+                                                               {"name": "c", "path": "/data/c.json"}])
+        await c.wait(lambda: c.get(RUNS, "exp-c"), "exp's other run")
+        rows = await c.wait(lambda: (rows := c.status(EXPERIMENTS, "exp").get("datasets")) and
+                            rows[0]["phase"] == "Failed" and rows, "the clash in exp's status")
+        assert "RunNameConflict" in rows[0]["message"] and "experiment exp-a" in rows[0]["message"]
+        assert "rename" in await c.wait_event("exp", "Warning", "DatasetFailed")
+        assert c.get(RUNS, "exp-a-b")["spec"]["experiment"] == "exp-a"
+
+
 async def test_a_spec_that_cannot_run_fails_the_experiment(monkeypatch, tmp_path):
     async with cluster(monkeypatch, tmp_path) as c, operator():
         await c.create_experiment(rollout={"votes": 4, "groupSize": 8})
