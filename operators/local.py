@@ -617,15 +617,16 @@ def pod_process(template: Mapping, folder: Path, config_maps: Mapping[str, Path]
 def local_command(argv: Sequence[str], translate: Callable[[str], str], ports: Mapping[int, int]) -> list[str]:
     """The container's command on this machine: the image's `ttrv` entrypoint is this interpreter's, a server binds
     loopback instead of every interface, a `--port` of the container is its local port."""
-    command = [sys.executable, "-m", "ttrv.cli", *argv[1:]] if argv and argv[0] == "ttrv" else list(argv)
+    # The interpreter is this machine's path, never translated: a checkout under /tmp is not in the pod's /tmp.
+    entry, argv = ([sys.executable, "-m", "ttrv.cli"], argv[1:]) if argv and argv[0] == "ttrv" else ([], argv)
     local = []
-    for previous, arg in zip(["", *command], command, strict=False):
+    for previous, arg in zip(["", *argv], argv, strict=False):
         if previous == "--host" and arg == "0.0.0.0":
             arg = LOOPBACK
         elif previous == "--port" and arg.isdigit() and int(arg) in ports:
             arg = str(ports[int(arg)])
         local.append(translate(arg))
-    return local
+    return entry + local
 
 
 def _translator(mounts: Mapping[str, Path], hosts: Mapping[str, str]) -> Callable[[str], str]:

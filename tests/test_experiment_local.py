@@ -156,7 +156,7 @@ def test_each_restart_of_a_failing_trainer_counts_until_the_backoff_limit(tmp_pa
         children = run_children(run)
         job = next(child for child in children if child["kind"] == "PyTorchJob")
         container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-        container["command"] = [sys.executable, "-c", "import sys; sys.exit(143)"]
+        container["command"] = ["/bin/sh", "-c", "exit 143"]
         return children
 
     monkeypatch.setattr(local, "desired_children", always_preempted)
@@ -230,3 +230,12 @@ def test_pods_get_the_training_operators_env_the_secret_and_local_paths(tmp_path
     assert serve.readiness == ("/health", serve_port)
     assert "PET_NNODES" not in serve.env and "TTRV_ROLLOUT_URL" not in serve.env
     assert serve.env["AWS_SECRET_ACCESS_KEY"] == "secret-of-test"
+
+
+def test_a_checkout_under_tmp_keeps_its_interpreter(monkeypatch):
+    """The pod's /tmp is a folder of the run; this machine's interpreter may also lie under /tmp (a clone there) and
+    must not be moved into it. Only the container's own arguments are translated."""
+    monkeypatch.setattr(local.sys, "executable", "/tmp/clone/.venv/bin/python")
+    translate = local._translator({"/tmp": Path("/runs/pod/tmp")}, {})
+    command = local.local_command(["ttrv", "train", "--out", "/tmp/ttrv-out"], translate, {})
+    assert command == ["/tmp/clone/.venv/bin/python", "-m", "ttrv.cli", "train", "--out", "/runs/pod/tmp/ttrv-out"]
