@@ -12,6 +12,8 @@ import resource
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -419,6 +421,33 @@ def test_publish_survives_a_server_outage_and_readers_never_see_partial_versions
     assert loads and set(loads) <= {1, 2}
     assert_bit_exact(reader.load_weights(2), versions[2])
     assert reader.weight_versions() == [1, 2]
+
+
+_WRITER_AND_DELETER = """
+import os, sys
+from ttrv.store import open_store
+store = open_store(sys.argv[1])
+for i in range(200):
+    with store.lease(i, 60):  # what every rank that loads weights does
+        pass
+    key = f"sets/shared/{os.getpid()}-{i}.json"  # a directory that others empty and remove meanwhile
+    store._backend.put(key, b"{}")
+    store._backend.delete([key])
+"""
+
+
+def test_file_store_writers_and_deleters_in_several_processes_do_not_trip_on_each_other(tmp_path):
+    """`delete` removes the directories it empties; a rank writing its lease (or any object) into one of them at
+    that moment must still succeed. Four processes, 400 writes and deletes each, in two shared directories (a lost
+    race here once failed a trainer with exit 1)."""
+    url = f"file://{tmp_path / 'store'}"
+    processes = [subprocess.Popen([sys.executable, "-c", _WRITER_AND_DELETER, url], stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    failures = [error for process in processes if process.wait(timeout=120) != 0
+                for error in [process.stderr.read()[-800:]]]
+    for process in processes:
+        process.stderr.close()
+    assert failures == []
 
 
 def test_file_write_error_leaves_the_previous_version_intact(tmp_path):

@@ -356,14 +356,15 @@ class _FileBackend(_Backend):
 
     @staticmethod
     def _create(path: Path) -> int:
-        # `delete` removes directories it empties; one may vanish between mkdir and open (a lease written while
-        # gc drops the last expired one), so create it again.
-        for _attempt in range(3):
-            path.parent.mkdir(parents=True, exist_ok=True)
+        # `delete` removes directories it empties, in other processes too; one may vanish between creating it (or
+        # its parent) and opening the file in it, so create it again: each retry means another process won a race.
+        for _attempt in range(100):
             try:
+                path.parent.mkdir(parents=True, exist_ok=True)
                 return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileNotFoundError:
                 continue
+        path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
     def _write(self, key: str, source: _Source) -> None:
@@ -464,9 +465,23 @@ class _FileBackend(_Backend):
                 raise self._fail("delete", key, error) from None
             directories.add(self._path(key).parent)
         for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
-            while directory != self.root and directory.is_dir() and not any(directory.iterdir()):
+            self._prune(directory)
+
+    def _prune(self, directory: Path) -> None:
+        """Removes `directory` and its parents below the root while they are empty. Other processes write and
+        delete beside this one, so a directory may fill up or vanish at any moment: rmdir alone decides,
+        atomically, and its refusals end the pruning. The leases' directory stays: every reader writes and deletes
+        there all the time, and pruning it would only make their writes race its removal."""
+        while directory != self.root and directory != self.root / LEASES:
+            try:
                 directory.rmdir()
-                directory = directory.parent
+            except FileNotFoundError:
+                pass  # pruned by another process; its parent may be empty now
+            except OSError as error:
+                if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    return
+                raise self._fail("delete", directory.relative_to(self.root).as_posix(), error) from None
+            directory = directory.parent
 
 
 class _S3Backend(_Backend):
