@@ -358,11 +358,12 @@ class _FileBackend(_Backend):
     def _create(path: Path) -> int:
         # `delete` removes directories it empties, in other processes too; one may vanish between creating it (or
         # its parent) and opening the file in it, so create it again: each retry means another process won a race.
+        # (mkdir's exist_ok re-checks the directory after EEXIST, and raises FileExistsError if it vanished.)
         for _attempt in range(100):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileNotFoundError:
+            except (FileNotFoundError, FileExistsError):
                 continue
         path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
