@@ -36,20 +36,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from operators import experiments, metrics, runs  # noqa: E402
 from operators import ttrv_operator as operator  # noqa: E402
+from operators.local import merge_patch  # noqa: E402
 
 NS_COUNT = 50
-
-
-def merge(target: dict, patch: dict) -> dict:
-    """RFC 7386 JSON merge patch."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
-            merge(target[key], value)
-        else:
-            target[key] = value
-    return target
 
 
 INDEXED_LABELS = ("ttrv.io/experiment", "ttrv.io/run")
@@ -106,10 +95,11 @@ class MemoryKube:
         if current is None:
             return None
         if status:
-            current["status"] = merge(current.get("status") or {}, dict(patch["status"]))
+            current["status"] = current.get("status") or {}
+            merge_patch(current["status"], patch["status"])
         else:
             before = json.dumps(current.get("spec"), sort_keys=True)
-            merge(current, {k: v for k, v in patch.items() if k != "status"})
+            merge_patch(current, {k: v for k, v in patch.items() if k != "status"})
             if json.dumps(current.get("spec"), sort_keys=True) != before:
                 current["metadata"]["generation"] += 1
         self._store(kind, current)

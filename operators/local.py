@@ -150,13 +150,13 @@ def _stamp() -> str:
     return _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _merge(target: dict, patch: Mapping) -> None:
+def merge_patch(target: dict, patch: Mapping) -> None:
     """A JSON merge patch (RFC 7386), as the API server applies the decisions' patches."""
     for key, value in patch.items():
         if value is None:
             target.pop(key, None)
         elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
+            merge_patch(target[key], value)
         else:
             target[key] = copy.deepcopy(value)
 
@@ -220,7 +220,7 @@ class LocalController:
             created.append(run)
         self.runs += created
         for name, patch in plan.patch:
-            _merge(next(run for run in self.runs if run["metadata"]["name"] == name), patch)
+            merge_patch(next(run for run in self.runs if run["metadata"]["name"] == name), patch)
         self.experiment["status"] = plan.status
         _post(self.experiment, plan.events)
         return created
@@ -316,7 +316,7 @@ class LocalCluster:
                 self.ports[action.name] = {port["containerPort"]: free_port()
                                            for c in containers for port in c.get("ports", [])}
         elif action.verb == "patch":
-            _merge(self.objects[key], action.body)
+            merge_patch(self.objects[key], action.body)
         else:
             if self.objects.pop(key, None) is not None:
                 for pod in self._owned(action.name):
