@@ -689,7 +689,7 @@ class LocalPod:
             return None
         # The container ends with its main process: what that left behind goes with it.
         _signal_group(self._process.pid, signal.SIGKILL)
-        self.exit_code = 128 - code if code < 0 else code
+        self.exit_code = exitcodes.of_process(code)
         return self.exit_code
 
     def stop(self) -> None:

@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -74,17 +76,27 @@ def cmd_spec_values_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> tuple[dict, ExperimentSpec]:
+    """The Experiment of `args.file`, in the namespace `--namespace` names, if it names one."""
+    metadata, spec = load_experiment(args.file)
+    return dict(metadata) | ({"namespace": args.namespace} if args.namespace else {}), spec
+
+
+@contextmanager
+def _from_file(path: str) -> Iterator[None]:
+    """A problem found in the Experiment after loading it still names its file."""
+    try:
+        yield
+    except SpecError as error:
+        raise SpecError(f"{path}: {error}") from None
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from ttrv.manifests import experiment_objects
 
-    metadata, spec = load_experiment(args.file)
-    metadata = dict(metadata)
-    if args.namespace:
-        metadata["namespace"] = args.namespace
-    try:
+    metadata, spec = _experiment(args)
+    with _from_file(args.file):
         objects = experiment_objects(metadata, spec)
-    except SpecError as error:
-        raise SpecError(f"{args.file}: {error}") from None
     print(yaml.safe_dump_all(objects, sort_keys=False), end="")
     return 0
 
@@ -106,17 +118,13 @@ def cmd_experiment_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     # The local backend is a controller: it applies the operator's decisions (operators/), so it lives there and
     # this entry point is the one place where ttrv reaches into operators.
-    from operators.local import check_runs_locally, on_embedded_store, run_experiment, status_table
+    from operators.local import run_experiment, status_table
 
-    metadata, spec = load_experiment(args.file)
-    metadata = dict(metadata) | ({"namespace": args.namespace} if args.namespace else {})
-    try:
-        check_runs_locally(metadata, on_embedded_store(spec, None))
-    except SpecError as error:
-        raise SpecError(f"{args.file}: {error}") from None
+    metadata, spec = _experiment(args)
     out = Path(args.out or f"runs/{metadata['name']}")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the runs' processes as Ctrl-C does, not orphan them
-    document = run_experiment(metadata, spec, out)
+    with _from_file(args.file):  # run_experiment checks the experiment before it writes anything
+        document = run_experiment(metadata, spec, out)
     print(status_table(document))
     print(f"status: {out / 'status.json'}")
     return 0 if document["experiment"]["status"]["phase"] == "Succeeded" else 1

@@ -18,3 +18,9 @@ LOST_PEER = 172
 
 def is_retryable(code: int) -> bool:
     return 128 <= code <= 255
+
+
+def of_process(returncode: int) -> int:
+    """A child's return code as a process exit code, as a shell or the kubelet reports it: killed by signal s
+    (Popen's -s) -> 128 + s."""
+    return 128 - returncode if returncode < 0 else returncode

@@ -18,11 +18,6 @@ from ttrv.log import get_logger
 logger = get_logger(__name__)
 
 
-def worker_exit_code(exitcode: int) -> int:
-    """A worker's exit code as a process exit code: killed by signal s (negative s) -> 128 + s."""
-    return 128 - exitcode if exitcode < 0 else exitcode
-
-
 def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = False) -> int:
     """Run `python -m ttrv.train <worker_args>` on this node's workers; the exit code for the pod."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -39,7 +34,7 @@ def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = 
         elastic_launch(config, command)(*command_args)
     except ChildFailedError as error:
         _, failure = error.get_first_failure()
-        code = worker_exit_code(failure.exitcode)
+        code = exitcodes.of_process(failure.exitcode)
         logger.error("trainer_worker_failed", local_rank=failure.local_rank, exit_code=code,
                      kind="retryable" if exitcodes.is_retryable(code) else "permanent")
         return code

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from ttrv import exitcodes
 from ttrv.log import get_logger
 from ttrv.report import atomic_write
 from ttrv.spec import RunSpec, StorageSpec
@@ -64,6 +65,8 @@ def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: b
 
     service = spec.rollout.backend == "service"
     embedded_s3 = service if embedded_s3 is None else embedded_s3
+    # Only a store the spec left at its default is ours to start; a store the spec names is the user's.
+    start_s3 = embedded_s3 and spec.storage.uri == StorageSpec().uri
     out.mkdir(parents=True, exist_ok=True)
     spec = localize(spec, out, embedded_s3)
     spec_file = out / "run.yaml"
@@ -72,7 +75,7 @@ def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: b
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     with ExitStack() as stack:
-        if embedded_s3 and spec.storage.uri.startswith(f"s3://{EMBEDDED_BUCKET}/"):
+        if start_s3:
             s3 = stack.enter_context(EmbeddedS3(out / "s3"))
             env |= s3.env()
         if service:
@@ -86,7 +89,7 @@ def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: b
                     rollout="service" if service else "in-process")
         process = subprocess.Popen(trainer_command(spec_file, out, nproc), env=env, start_new_session=True)
         try:
-            return wait_trainer(process, rollout if service else None)
+            return exitcodes.of_process(wait_trainer(process, rollout if service else None))
         except KeyboardInterrupt:
             os.killpg(process.pid, signal.SIGTERM)
-            return process.wait()
+            return exitcodes.of_process(process.wait())
