@@ -265,10 +265,11 @@ def test_volumes_reach_every_trainer_and_rollout_pod_read_only():
     volumes = {"volumes": [{"claimName": "imagenet-variants", "mountPath": "/data"},
                            {"claimName": "models", "mountPath": "/models/", "readOnly": False}]}
     objs = children(experiment(**SERVICE | GPU8 | volumes))
+    validate_object(objs["PyTorchJob"])
+    validate_object(objs["Deployment"])
     templates = pod_templates(objs["PyTorchJob"]) + pod_templates(objs["Deployment"])
     assert len(templates) == 3  # Master, Worker, rollout
     for where, template in templates:
-        validate_object(objs["Deployment"])
         pod = template["spec"]
         claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
