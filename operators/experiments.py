@@ -44,6 +44,8 @@ class Observed:
     """AdaptationRuns of the experiment's namespace: those it owns (by uid) are its runs; any other holds a name
     (the handler lists its own runs and those named `unstarted_run_names`)."""
     now: datetime
+    resolved: tuple | None = None
+    """`resolve_spec(experiment)`, when the caller has it already; None: resolved here."""
 
 
 @dataclass
@@ -62,7 +64,7 @@ def decide_experiment(observed: Observed) -> Plan:
     meta = experiment["metadata"]
     previous = dict(experiment.get("status") or {})
     generation = meta.get("generation")
-    accepted, annotation, rejection, invalid = resolve_spec(experiment)
+    accepted, annotation, rejection, invalid = observed.resolved or resolve_spec(experiment)
     events: list[Event] = []
     if invalid is not None:
         status = _status_of_invalid(previous, invalid, observed.now, generation)
@@ -101,10 +103,11 @@ def decide_experiment(observed: Observed) -> Plan:
     return Plan(annotation, create, patch, status, events)
 
 
-def unstarted_run_names(experiment: Mapping, runs: Sequence[Mapping]) -> tuple[str, ...]:
-    """Run names of the datasets with no run of this experiment among `runs` yet: what the handler must look up
-    to learn which of those names another AdaptationRun holds already."""
-    accepted = resolve_spec(experiment)[0]
+def unstarted_run_names(experiment: Mapping, accepted: ExperimentSpec | None,
+                        runs: Sequence[Mapping]) -> tuple[str, ...]:
+    """Run names of the datasets of the spec in force (`resolve_spec`'s first value) with no run of this
+    experiment among `runs` yet: what the handler must look up to learn which of those names another AdaptationRun
+    holds already."""
     if accepted is None:
         return ()
     meta = experiment["metadata"]

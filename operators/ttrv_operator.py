@@ -31,7 +31,7 @@ import kopf
 import prometheus_client
 
 from operators import metrics
-from operators.experiments import ACCEPTED_ANNOTATION, decide_experiment, unstarted_run_names
+from operators.experiments import ACCEPTED_ANNOTATION, decide_experiment, resolve_spec, unstarted_run_names
 from operators.experiments import Observed as ExperimentObserved
 from operators.kube import Kube, KubeError
 from operators.progress import parse_progress, read_progress
@@ -182,12 +182,13 @@ def reconcile_experiment(namespace: str, name: str) -> None:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # owner references take the runs and their children with it
         runs = kube.list("AdaptationRun", namespace, {"ttrv.io/experiment": name})
-        wanted = unstarted_run_names(body, runs)
+        resolved = resolve_spec(body)
+        wanted = unstarted_run_names(body, resolved[0], runs)
         if wanted:  # another experiment's run may hold one of those names (`a-b` + `c` and `a` + `b-c`)
             listed = {run["metadata"]["name"] for run in runs}
             runs += [run for run in kube.list("AdaptationRun", namespace, {"ttrv.io/run": wanted})
                      if run["metadata"]["name"] not in listed]
-        plan = decide_experiment(ExperimentObserved(body, runs, _now()))
+        plan = decide_experiment(ExperimentObserved(body, runs, _now(), resolved))
         # The accepted spec is recorded before anything is built from it.
         if plan.accepted_annotation is not None:
             kube.patch("Experiment", namespace, name,
