@@ -201,7 +201,8 @@ async def test_suspend_stops_every_child_and_resume_restarts_them(monkeypatch, t
         await c.wait_phase("exp", "Suspended", EXPERIMENTS)
         await c.wait_phase("exp-mmmu", "Suspended")
         await c.wait(lambda: c.get(DEPLOYMENTS, "exp-mmmu-rollout")["spec"]["replicas"] == 0, "the rollout at zero")
-        assert c.get(JOBS, "exp-mmmu-trainer")["spec"]["runPolicy"]["suspend"] is True
+        # The operator writes the Deployment and then the PyTorchJob, two requests: wait for the second too.
+        await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer")["spec"]["runPolicy"]["suspend"] is True, "the suspend")
         assert c.get(RUNS, "exp-mmmu")["spec"]["suspend"] is True
 
         await c.edit_experiment({"suspend": False})
