@@ -16,6 +16,9 @@ from ttrv.crds import crds, structural, structural_problems, values_schema_json
 from ttrv.manifests import resource_dump
 from ttrv.spec import AdaptationRunStatus, Condition, DatasetStatus, ExperimentStatus
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 REGENERATE = "generated from ttrv/spec.py and stale; run `make generate` and commit the result"
 
 

@@ -40,6 +40,9 @@ from ttrv.spec import (
     parse_spec,
 )
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 META = {"name": "exp", "namespace": "team-a", "uid": "0d6c4a0e-4a7b-4c39-9f0e-6a4b8f3c2d11"}
 
 

@@ -45,6 +45,9 @@ from operators.runs import (
     wants_workload,
 )
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 SERVICE = {"rollout": {"backend": "service"}}
 KUEUE = {"scheduling": {"queueName": "gpu-a"}}
 

@@ -16,6 +16,9 @@ from ttrv.reward import (
     vote_stats,
 )
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 
 @pytest.mark.parametrize(
     ("text", "expected"),
