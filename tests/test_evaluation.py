@@ -76,6 +76,12 @@ def test_a_stage_reports_after_every_chunk_and_chunks_change_no_answer(engine, t
                                                  ("subset_accuracy", "accuracy", "maj_accuracy")]
     assert "after maj@4 test: 100%" in capsys.readouterr().err  # the bar, as adapt's
 
+    # other ranks show no bar, and a report still marks each pass's end
+    quiet: list[EvalProgress] = []
+    evaluate(engine, run, "evaluating-before", passes[:1], show=False, report=quiet.append)
+    assert [(r.done, r.milestone) for r in quiet] == [(0, True), (4, True)]
+    assert "before pass@1" not in capsys.readouterr().err
+
     # the same greedy answers as one call over all 20 prompts (which the engine splits into the same batches)
     whole = engine.generate([e.prompt for e in test_split[:20]], n=1, temperature=0.0, top_p=1.0, max_new_tokens=3)
     answers = [extract_answer(o[0].text, run.reward.extractor, run.reward.choices) for o in whole]

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from ttrv import log
 from ttrv.data import Example, Prompt
@@ -110,12 +111,16 @@ def majority_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: 
 # --------------------------------------------------------------------------------------------------- a whole stage
 @dataclass(frozen=True)
 class EvalPass:
-    """One pass over one split: `metric` is pass@1 (greedy) or maj@N (N = `samples` per prompt)."""
+    """One pass over one split: greedy pass@1, or maj@N with N = `samples` per prompt."""
 
-    metric: str
+    kind: Literal["greedy", "majority"]
     split: str
     examples: Sequence[Example]
     samples: int = 1
+
+    @property
+    def metric(self) -> str:
+        return "pass@1" if self.kind == "greedy" else f"maj@{self.samples}"
 
 
 @dataclass(frozen=True)
@@ -136,12 +141,12 @@ def evaluation_passes(spec: RunSpec, subset: Sequence[Example], test: Sequence[E
     """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set (each
     split cut to `eval.limit`, the subset excepted)."""
     limit = spec.eval.limit
-    passes = [EvalPass("pass@1", "subset", subset)] if subset else []
+    passes = [EvalPass("greedy", "subset", subset)] if subset else []
     if spec.eval.full_test_set and test:
-        votes = majority_votes(spec)
-        passes += [EvalPass("pass@1", "test", test[:limit]), EvalPass(f"maj@{votes}", "test", test[:limit], votes)]
+        passes += [EvalPass("greedy", "test", test[:limit]),
+                   EvalPass("majority", "test", test[:limit], majority_votes(spec))]
     if heldout:
-        passes.append(EvalPass("pass@1", "heldout", heldout[:limit]))
+        passes.append(EvalPass("greedy", "heldout", heldout[:limit]))
     return passes
 
 
@@ -176,15 +181,18 @@ def evaluate(engine: RolloutEngine, spec: RunSpec, stage: str, passes: Sequence[
         bar = tqdm(total=len(item.examples), desc=f"{stage.removeprefix('evaluating-')} {item.metric} {item.split}",
                    unit="prompt", disable=not show, file=sys.stderr, dynamic_ncols=True)
 
-        def advance(count: int, samples: int = item.samples, bar=bar) -> None:
-            nonlocal done, done_sequences
+        pass_done = 0
+
+        def advance(count: int, item: EvalPass = item, bar=bar) -> None:
+            nonlocal done, done_sequences, pass_done
             bar.update(count)
+            pass_done += count
             done += count
-            done_sequences += count * samples
-            tell(bar.n >= bar.total)
+            done_sequences += count * item.samples
+            tell(pass_done >= len(item.examples))
 
         try:
-            if item.samples > 1:
+            if item.kind == "majority":
                 measured = majority_accuracy(engine, item.examples, spec, advance)
                 accuracy = measured["maj_accuracy"]
                 results |= measured
