@@ -61,6 +61,9 @@ class StrictModel(BaseModel):
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
+        # NaN and infinity in any float field: a NaN reward "succeeds" while DeepSpeed skips every step, and the
+        # values end up in events.jsonl and progress.json, which strict JSON readers reject.
+        allow_inf_nan=False,
     )
 
 
@@ -451,6 +454,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown key; remove it or check its spelling (`ttrv spec schema` lists every field)"
         elif problem["type"] == "missing":
             message = "required field is missing; add it"
+        elif problem["type"] == "finite_number":
+            message = f"{problem['input']!r} is not a finite number; write a number (NaN and infinity are refused)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == NAME_PATTERN:
             message += "; a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a " \
                        "letter or digit, e.g. 'imagenet-r'"
