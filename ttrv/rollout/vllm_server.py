@@ -56,8 +56,33 @@ def terminate_with_parent() -> None:
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 # What a CPU machine needs: no CUDA graphs or compilation, float32 (the trainer's CPU dtype, so both sides compute the
-# same log-probs), and a KV cache of 30% of memory so the server leaves room to the trainer beside it.
-CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024")
+# same log-probs), a KV cache of 30% of memory so the server leaves room to the trainer beside it, and no chunked
+# prefill, without which seeded requests kill vLLM-CPU's engine under load. Why, read in vLLM 0.32's source:
+# - A seeded request gets a generator of its own on the engine's device (vllm/v1/worker/gpu_model_runner.py,
+#   GPUModelRunner._update_states: torch.Generator(device=self.device)); on CPU that is a Mersenne-Twister generator.
+# - When a step computes only part of a request's prompt, the token sampled for it is discarded (_prepare_inputs sets
+#   discard_request_mask where the scheduled tokens fall short of the request's), and _bookkeeping_sync rewinds the
+#   discarded draw with gen.set_offset(gen.get_offset() - 4), an offset only CUDA's Philox generator has: on CPU,
+#   "RuntimeError: CPU Generator does not use offset" kills the engine. The trainer seeds every request (votes must not
+#   depend on the batch they share) and sends n=32 for several prompts at once, far over the 2048 tokens a CPU step
+#   takes (vllm/engine/arg_utils.py, get_batch_defaults), so chunked prefill splits prompts from the first batch on.
+# - Async scheduling, the other source of discards, is always off on CPU (vllm/platforms/cpu.py,
+#   CpuPlatform.check_and_update_config).
+# - With chunked prefill off, the scheduler admits a waiting request only when its whole prompt fits the step's token
+#   budget (vllm/v1/core/sched/scheduler.py, Scheduler.schedule: "If chunked_prefill is disabled, we can stop the
+#   scheduling here"), and that budget becomes at least max_model_len (arg_utils.py,
+#   _set_default_max_num_seqs_and_batched_tokens_args), so every prompt fits one step. The encoder budget, which can
+#   also cut a prompt short (Scheduler._try_schedule_encoder_inputs), is max_num_batched_tokens as well
+#   (vllm/config/scheduler.py, SchedulerConfig.__post_init__) and an image's embeddings are tokens of its prompt, so
+#   it cannot run out before the token budget does. No prompt is split, no draw discarded, no generator rewound.
+# Votes stay reproducible: on CPU a seeded request draws one seed per step from its own generator
+# (vllm/v1/sample/ops/topk_topp_sampler.py, TopKTopPSampler.forward_cpu) and sample i of n=N gets seed + i
+# (vllm/v1/engine/parallel_sampling.py), whatever else is batched. vLLM warns that the model "does not officially
+# support disabling chunked prefill" (arg_utils.py, _set_default_chunked_prefill_and_prefix_caching_args), which it
+# says of every generative model; tests/test_vllm_backend.py checks the log-probs against transformers under these
+# flags. GPUs need none of this: their generators have offsets.
+CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
+            "--no-enable-chunked-prefill")
 REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 
