@@ -6,7 +6,8 @@ this module, or the block is marked `<!-- not-run: why -->` on the line above it
 without either fails `test_every_command_block_is_run_or_marked`.
 
 The commands run verbatim with bash, in a scratch folder that links the repository's files (so `runs/...` is written
-there, never into the checkout), with this checkout's `ttrv` first on PATH. Adaptation runs are shortened by the
+there, never into the checkout), with this checkout's `ttrv` first on PATH and its packages on PYTHONPATH. A command
+must not leave a process running. Adaptation runs are shortened by the
 override the README documents: `TTRV_SET` (ttrv/cli.py, `overrides`), which `ttrv run` and `ttrv experiment run`
 apply on top of the spec file. `my-spec.yaml` and `test.json`, the README's stand-ins for a reader's own files, are a
 copy of examples/tiny.yaml and eight records of the bundled benchmark; a `yaml` block whose first line is
@@ -33,8 +34,8 @@ import pytest
 import yaml
 
 from ttrv.benchmark import materialize
-from ttrv.cli import build_parser
-from ttrv.spec import ExperimentSpec, load_run_spec, parse_spec
+from ttrv.cli import build_parser, with_overrides
+from ttrv.spec import ExperimentSpec, SpecError, load_experiment, load_run_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -249,8 +250,9 @@ class Scratch:
     def __init__(self, folder: Path, logs: Path):
         self.folder, self.logs = folder, logs
         ignored = {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
+        # The packages are imported from PYTHONPATH (the checkout itself), so their files keep their real paths.
         for entry in ROOT.iterdir():
-            if entry.name not in ignored | {".git"}:
+            if entry.name not in ignored | {".git", "ttrv", "operators"}:
                 (folder / entry.name).symlink_to(entry)
         shutil.copy(ROOT / "examples" / "tiny.yaml", folder / "my-spec.yaml")
         self.write_test_json()
@@ -421,6 +423,7 @@ def text_block(file: str, first_line: str) -> Block:
     return block
 
 
+@pytest.mark.timeout(RUNS[TINY_SHAPES].timeout + 120)  # when it runs the experiment itself (-k)
 def test_the_local_experiment_leaves_what_docs_local_lists(scratch):
     """docs/local.md's tree of `runs/tiny-shapes/`, read from the run above."""
     result = scratch.run(TINY_SHAPES)
@@ -441,6 +444,7 @@ def test_the_local_experiment_leaves_what_docs_local_lists(scratch):
     assert len(listed) > 5 and not missing, missing
 
 
+@pytest.mark.timeout(RUNS[TINY_SHAPES].timeout + 120)
 def test_the_events_docs_local_shows_are_posted(scratch):
     """docs/local.md's Kubernetes Events of the run above, numbers aside."""
     result = scratch.run(TINY_SHAPES)
@@ -485,3 +489,33 @@ def test_kubectl_transcripts_are_what_the_demo_prints(scratch):
                 assert command in printed, f"{block}: the demo does not run `{command}`; it runs {list(printed)}"
             elif line.strip() and not line.strip().startswith("... ("):  # an elision of the docs
                 assert normalise(line) in printed[command], f"{block}: `{command}` does not print {line!r}"
+
+
+# ------------------------------------------------------------------------------------------ the override
+def test_set_overrides_a_field_as_the_yaml_spells_it_and_validates_the_result():
+    spec = load_run_spec(ROOT / "examples/tiny.yaml")
+    changed = with_overrides(spec, SMOKE_RUN.split() + ["grpo.micro_batch_size=8", "model.lora.rank=4"])
+    assert (changed.data.subset_size, changed.grpo.epochs, changed.eval.limit, changed.eval.maj_votes) == \
+        (16, 1, 16, 4)
+    assert (changed.grpo.micro_batch_size, changed.model.lora.rank) == (8, 4)
+    assert changed.grpo.lr == spec.grpo.lr and with_overrides(spec, []) is spec
+    _, experiment = load_experiment(ROOT / "examples/experiment-tiny-shapes.yaml")
+    assert with_overrides(experiment, ["datasets.2.subsetSize=4"]).datasets[2].subset_size == 4
+    for item, message in [("grpo.epoch=1", "grpo.epoch: unknown key"),
+                          ("grpo.epochs=0", "grpo.epochs: Input should be greater than 0"),
+                          ("rollout.groupSize=64", "groupSize"),
+                          ("seed.x=1", "seed is a value, not a mapping"),
+                          ("grpo.epochs", "expected KEY=VALUE"),
+                          ("datasets.3.subsetSize=4", "datasets.3: the list has 3 entries")]:
+        with pytest.raises(SpecError, match=re.escape(message)):
+            with_overrides(experiment if item.startswith("datasets") else spec, [item])
+
+
+def test_a_bad_override_stops_ttrv_run_before_it_writes_anything(tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT), "TTRV_SET": "grpo.epochs=1"}
+    result = subprocess.run([sys.executable, "-m", "ttrv.cli", "run", str(ROOT / "examples/tiny.yaml"), "--out",
+                             str(tmp_path / "out"), "--set", "eval.limits=8"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert "error: --set grpo.epochs=1 eval.limits=8: eval.limits: unknown key" in result.stderr
+    assert not (tmp_path / "out").exists()
