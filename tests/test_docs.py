@@ -1,9 +1,11 @@
-"""The README stays true: it opens with the two set-up commands, and its spec table is the one generated from the
-pydantic models (`ttrv spec docs`)."""
+"""The README stays true: it opens with the two set-up commands, its spec table is the one generated from the
+pydantic models (`ttrv spec docs`), and every repository path it and docs/ name exists. (Its commands are run by
+test_readme_commands.py.)"""
 
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ttrv.docs import BEGIN, END, fields_table
@@ -28,6 +30,7 @@ def test_every_example_run_spec_loads():
         assert load_run_spec(path).name == yaml.safe_load(path.read_text())["name"]
 
 
+@pytest.mark.pure
 def test_every_repository_path_the_docs_name_exists():
     """A path under one of the repository's top-level entries (`tests/faults/`, `examples/experiment-*.yaml`,
     `ttrv/spec.py`), in prose or in a block, and every relative link target, exists in the checkout."""

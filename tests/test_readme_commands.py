@@ -134,11 +134,13 @@ def block_of(command: str) -> Block:
     return runnable()[command]
 
 
+@pytest.mark.pure
 def test_every_block_names_its_language():
     unlabelled = [f"{b} ```{b.language}" for b in BLOCKS if b.language not in LANGUAGES]
     assert not unlabelled, f"label each block with one of {sorted(LANGUAGES)}: {unlabelled}"
 
 
+@pytest.mark.pure
 def test_every_command_block_is_run_or_marked():
     """A new command has to be added to RUNS (or be a kubectl transcript that the demo prints), or its block has to
     say why it cannot run here."""
@@ -151,6 +153,7 @@ def test_every_command_block_is_run_or_marked():
     assert not stale, f"RUNS names commands that no runnable block of the docs has: {stale}"
 
 
+@pytest.mark.pure
 def test_no_text_block_is_a_command():
     for block in BLOCKS:
         if block.language != "text":
@@ -177,6 +180,7 @@ def assert_synopsis(line: str, block: Block) -> None:
     assert not unknown, f"{block}: `{parser.prog}` has no option {unknown}"
 
 
+@pytest.mark.pure
 def test_yaml_blocks_parse_and_experiments_validate():
     for block in (b for b in BLOCKS if b.language == "yaml"):
         document = yaml.safe_load(block.text)
@@ -186,12 +190,14 @@ def test_yaml_blocks_parse_and_experiments_validate():
             parse_spec(document, ExperimentSpec, str(block))
 
 
+@pytest.mark.pure
 def test_the_readme_documents_the_override_this_module_uses():
     readme = " ".join((ROOT / "README.md").read_text().split())
     for smoke in (SMOKE_RUN, SMOKE_EXPERIMENT):
         assert f'TTRV_SET="{smoke}"' in readme
 
 
+@pytest.mark.pure
 def test_make_demo_is_the_readme_run():
     """`make demo`'s block is marked not-run: its recipe is one of the runs here."""
     recipe = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1].splitlines()[1].strip()
@@ -325,6 +331,7 @@ def check(command: str):
     return register
 
 
+@pytest.mark.pure
 def test_runs_have_checks_for_commands_that_exist():
     assert set(CHECKS) <= set(RUNS)
 
@@ -492,6 +499,7 @@ def test_kubectl_transcripts_are_what_the_demo_prints(scratch):
 
 
 # ------------------------------------------------------------------------------------------ the override
+@pytest.mark.pure
 def test_set_overrides_a_field_as_the_yaml_spells_it_and_validates_the_result():
     spec = load_run_spec(ROOT / "examples/tiny.yaml")
     changed = with_overrides(spec, SMOKE_RUN.split() + ["grpo.micro_batch_size=8", "model.lora.rank=4"])
