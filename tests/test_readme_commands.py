@@ -288,7 +288,8 @@ class Scratch:
         env = {name: value for name, value in os.environ.items() if name != "TTRV_SET"}
         env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-                "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+                "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                "TTRV_LOG_FORMAT": "json"}  # the checks read the logs' events, as from a pipe
         if how.smoke:
             env["TTRV_SET"] = how.smoke
         started = time.monotonic()
