@@ -32,7 +32,7 @@ import yaml
 from ttrv import benchmark, log
 from ttrv.data import read_dataset
 from ttrv.rollout.chat import openai_messages
-from ttrv.rollout.server import ServeProcess
+from ttrv.rollout.supervisor import ServeProcess
 
 DEADLINE_SECONDS = 600.0
 """No round runs past this, however slow the machine: the clients stop sending and the round is reported short."""

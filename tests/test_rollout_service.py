@@ -35,7 +35,7 @@ from ttrv.data import Prompt
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import RolloutError, RolloutUnavailableError, ServiceEngine
 from ttrv.rollout.hf import VISION_TOKEN_FIELDS
-from ttrv.rollout.server import HFBackend
+from ttrv.rollout.serving import HFBackend
 from ttrv.rollout.sync import RWLock, SyncAgent
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix

@@ -36,7 +36,7 @@ from rollout_util import (
 from ttrv import exitcodes
 from ttrv.data import Prompt
 from ttrv.rollout.client import RolloutUnavailableError, ServiceEngine
-from ttrv.rollout.server import VLLMBackend, choose_backend, vllm_available
+from ttrv.rollout.serving import VLLMBackend, choose_backend, vllm_available
 from ttrv.rollout.vllm_server import VLLMError
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
