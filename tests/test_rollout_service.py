@@ -35,7 +35,7 @@ from ttrv.data import Prompt
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import RolloutError, RolloutUnavailableError, ServiceEngine
 from ttrv.rollout.hf import VISION_TOKEN_FIELDS
-from ttrv.rollout.serving import HFBackend
+from ttrv.rollout.serving import HFServingEngine
 from ttrv.rollout.sync import RWLock, SyncAgent
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
@@ -232,14 +232,14 @@ def test_sync_agent_loads_the_newest_lora_version_merged(tmp_path, weights, prom
     lora_spec = RunSpec.model_validate({**spec.model_dump(), "model": {"path": str(weights["A"]),
                                                                       "lora": {"rank": 8, "alpha": 16}}})
     (tmp_path / "images").mkdir()
-    backend = HFBackend(lora_spec, str(weights["A"]), tmp_path / "images")
-    backend.start()
+    engine = HFServingEngine(lora_spec, str(weights["A"]), tmp_path / "images")
+    engine.start()
     adapters = {}
     try:
         with open_store(f"{spec.storage.uri}-lora", retry_seconds=30) as lora_store:
             for step in (1, 2, 3):
                 adapters[step] = publish_adapter(lora_store, step, weights["A"], tmp_path / f"adapter-{step}")
-            agent = SyncAgent(lora_store, backend.load, tmp_path / "weights")
+            agent = SyncAgent(lora_store, engine.load, tmp_path / "weights")
             agent.cache_dir.mkdir()
             assert agent.sync_once() is True
             assert agent.version == 3
@@ -248,9 +248,9 @@ def test_sync_agent_loads_the_newest_lora_version_merged(tmp_path, weights, prom
             assert agent.sync_once() is False
         body = ServiceEngine("http://unused", spec)._body(prompts[0], 8, 1.0, 1.0, 8, None)
         del body["ttrv_weight_version"], body["model"]
-        samples = [sample for sample, _ in samples_from_completion(backend.complete(body), 8, logprobs=True)]
+        samples = [sample for sample, _ in samples_from_completion(engine.complete(body), 8, logprobs=True)]
     finally:
-        backend.close()
+        engine.close()
     assert assert_logprobs_match(adapters[3], hf, hf["batches"]["red"], samples) >= 8
     with pytest.raises(AssertionError):
         assert_logprobs_match(adapters[2], hf, hf["batches"]["red"], samples)
@@ -290,13 +290,13 @@ def test_a_reload_waits_for_requests_in_flight_and_holds_back_new_ones():
     assert events == ["request 1 in", "request 1 out", "reload", "request 2 in", "request 2 out"]
 
 
-def test_the_vllm_server_does_not_outlive_a_killed_serve_process(tmp_path):
+def test_the_vllm_process_does_not_outlive_a_killed_serve_process(tmp_path):
     """The vLLM server runs in a process group of its own (it is stopped as a group), so SIGKILL of `ttrv serve`'s
     group does not reach it; `terminate_with_parent`, run in it before exec, has the kernel send it SIGTERM when
-    its parent dies. Shown with `sleep` standing in for the server, started as VLLMServer starts it."""
+    its parent dies. Shown with `sleep` standing in for the server, started as VLLMProcess starts it."""
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from ttrv.rollout.vllm_server import terminate_with_parent\n"
+        "from ttrv.rollout.vllm_process import terminate_with_parent\n"
         "child = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=terminate_with_parent)\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ttrv import exitcodes, log
-from ttrv.rollout.serving import Backend, ServiceError, choose_backend
+from ttrv.rollout.serving import ServiceError, ServingEngine, choose_engine
 from ttrv.rollout.sync import SyncAgent
 from ttrv.spec import RunSpec
 
@@ -55,10 +55,10 @@ DEATH_DRAIN_SECONDS = 30.0
 class RolloutService:
     """The engine, the sync agent and the HTTP routes, without the socket (`serve` adds it)."""
 
-    def __init__(self, spec: RunSpec, backend: Backend, agent: SyncAgent):
+    def __init__(self, spec: RunSpec, engine: ServingEngine, agent: SyncAgent):
         self.spec = spec
         self.model_id = spec.name
-        self.backend = backend
+        self.engine = engine
         self.agent = agent
         self.started = False
         self.dead: str | None = None
@@ -69,7 +69,7 @@ class RolloutService:
         if self.agent.broken:
             return self.agent.broken
         if self.started:
-            return self.backend.problem()
+            return self.engine.problem()
         return None
 
     def problem(self) -> str | None:
@@ -80,15 +80,15 @@ class RolloutService:
         if self.agent.broken:
             return self.agent.broken
         if not self.started:
-            return f"starting: the {self.backend.name} engine is loading the model"
+            return f"starting: the {self.engine.name} engine is loading the model"
         if not self.agent.synced.is_set():
             detail = f" ({self.agent.last_error})" if self.agent.last_error else ""
             return f"starting: the weight store has not been read yet{detail}"
-        return self.backend.problem()
+        return self.engine.problem()
 
     def health(self) -> tuple[int, dict]:
         problem = self.problem()
-        state = {"engine": self.backend.name, "weight_version": self.agent.version,
+        state = {"engine": self.engine.name, "weight_version": self.agent.version,
                  "in_flight": self.agent.lock.readers}
         if problem:
             return 503, {"status": "dead" if self.dead else "unavailable", "reason": problem, **state}
@@ -96,7 +96,7 @@ class RolloutService:
 
     def weight_version(self) -> tuple[int, dict]:
         refused = {str(step): reason for step, (_, reason) in sorted(self.agent.refused.items())}
-        return 200, {"weight_version": self.agent.version, "engine": self.backend.name, "refused": refused,
+        return 200, {"weight_version": self.agent.version, "engine": self.engine.name, "refused": refused,
                      "store_error": self.agent.last_error}
 
     def models(self) -> tuple[int, dict]:
@@ -130,14 +130,14 @@ class RolloutService:
                     raise ServiceError(409, f"ttrv_weight_version: this service serves {_version_name(version)}, "
                                             f"not {_version_name(wanted)}; wait for GET /weight_version to report "
                                             "it", "conflict_error")
-                answer = self.backend.complete(body)
+                answer = self.engine.complete(body)
         except ServiceError as error:
             if error.status >= 500:
                 logger.warning("rollout_request_failed", status=int(error.status), error=error.message)
             return error.status, _error_answer(error, version)
         except Exception as error:  # noqa: BLE001 - an engine failure answers 500; the service keeps serving
             logger.error("rollout_request_crashed", error=f"{type(error).__name__}: {error}", exc_info=True)
-            failure = ServiceError(500, f"the {self.backend.name} engine failed: {type(error).__name__}: {error}",
+            failure = ServiceError(500, f"the {self.engine.name} engine failed: {type(error).__name__}: {error}",
                                    "server_error")
             return 500, _error_answer(failure, version)
         return 200, {**answer, "model": self.model_id, "ttrv_weight_version": version}
@@ -217,9 +217,9 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ttrv-serve-"))
     store = open_store(spec.storage.uri, spec.storage.endpoint)
-    backend = choose_backend(spec, resolve_model(spec.model.path), work)
-    agent = SyncAgent(store, backend.load, work / "weights")
-    service = RolloutService(spec, backend, agent)
+    engine = choose_engine(spec, resolve_model(spec.model.path), work)
+    agent = SyncAgent(store, engine.load, work / "weights")
+    service = RolloutService(spec, engine, agent)
     httpd = _Server((host, port), service)
 
     def stop(signum, _frame) -> None:
@@ -231,11 +231,11 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
     signal.signal(signal.SIGINT, stop)
     http_thread = threading.Thread(target=httpd.serve_forever, name="ttrv-http", daemon=True)
     http_thread.start()
-    logger.info("serve_listening", host=host, port=httpd.server_address[1], engine=backend.name, model=spec.model.path,
+    logger.info("serve_listening", host=host, port=httpd.server_address[1], engine=engine.name, model=spec.model.path,
                 store=spec.storage.uri)
     code = exitcodes.OK
     try:
-        backend.start()
+        engine.start()
         service.started = True
         agent.start()
         ready = False
@@ -243,7 +243,7 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
         while not (death := service.death()):
             if not ready and agent.synced.wait(0.5):
                 ready = True
-                logger.info("serve_ready", engine=backend.name, weight_version=agent.version)
+                logger.info("serve_ready", engine=engine.name, weight_version=agent.version)
             elif ready:
                 time.sleep(0.5)
         code = _die(service, death)
@@ -253,7 +253,7 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
         httpd.shutdown()
         httpd.server_close()
         agent.stop()
-        backend.close()
+        engine.close()
         store.close()
         shutil.rmtree(work, ignore_errors=True)
     return code

