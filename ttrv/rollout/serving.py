@@ -9,9 +9,6 @@ machines without vLLM. `choose_engine` picks one for a spec (rollout.engine). Th
 from __future__ import annotations
 
 import hashlib
-import os
-import shlex
-import subprocess
 import threading
 import time
 import uuid
@@ -24,16 +21,13 @@ from typing import Any, Protocol
 from ttrv.data import DataError, Prompt
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, prompt_from_messages
 from ttrv.rollout.sync import VersionRefused
-from ttrv.rollout.vllm_process import CPU_ARGS, VLLMError, VLLMProcess, vllm_python
+from ttrv.rollout.vllm_process import VLLMError, VLLMProcess, vllm_available, vllm_flags, vllm_python
 from ttrv.spec import RunSpec
 
 ENGINE_EXIT_SECONDS = 15.0
 """How long a failed request waits for a vLLM server whose engine died to exit: it stops by itself once it sees the
 dead engine, on a failed request at once or within the 5 s of its watchdog (vllm/entrypoints/launchers/launcher.py,
 terminate_if_errored and watchdog_loop), after logging the engine's error."""
-PROMPT_TOKEN_BUDGET = 1024
-"""Room left for the prompt (text and image tokens) next to the longest response, where vLLM on CPU needs a model
-length; on GPU vLLM takes the checkpoint's own."""
 
 
 class ServiceError(Exception):
@@ -66,49 +60,14 @@ class ServingEngine(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------------ vLLM
-def vllm_available() -> bool:
-    """Whether vLLM is installed: in $TTRV_VLLM_PYTHON (which must then have it), the repository's .venv-vllm, or
-    this Python."""
-    configured = os.environ.get("TTRV_VLLM_PYTHON")
-    try:
-        python = vllm_python()
-    except VLLMError:
-        if configured:
-            raise
-        return False
-    check = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    if subprocess.run([python, "-c", check], capture_output=True, timeout=60).returncode == 0:
-        return True
-    if configured:
-        raise VLLMError(f"TTRV_VLLM_PYTHON={configured} has no vllm package; point it at a Python with vLLM, or unset "
-                        "it to use the Hugging Face engine")
-    return False
-
-
-def vllm_engine_args(spec: RunSpec, gpu: bool) -> list[str]:
-    """vLLM's flags for this spec: the model's dtype (the trainer's, so both compute the same log-probs); on CPU the
-    CPU settings with a model length that fits the longest response; then $TTRV_VLLM_ARGS (set per pod by the
-    manifests builder: tensor parallelism, memory share), which win because vLLM's parser keeps a flag's last value."""
-    from ttrv.modeling import torch_dtype
-
-    dtype = str(torch_dtype(spec.model.dtype, "cuda" if gpu else "cpu")).removeprefix("torch.")
-    args = []
-    if not gpu:
-        longest = max(spec.rollout.max_new_tokens, spec.eval.max_new_tokens or 0)
-        args += [*CPU_ARGS, "--max-model-len", str(PROMPT_TOKEN_BUDGET + longest)]
-    return args + ["--dtype", dtype, *shlex.split(os.environ.get("TTRV_VLLM_ARGS", ""))]
-
-
 class VLLMServingEngine:
     """vLLM's own OpenAI server on a loopback port; requests are passed on with the served model's name."""
 
     name = "vllm"
 
     def __init__(self, spec: RunSpec, model_path: str, log_path: Path, gpu: bool):
-        lora = spec.model.lora
-        self.server = VLLMProcess(model_path, lora=lora is not None, max_lora_rank=lora.rank if lora else 16,
-                                 extra_args=vllm_engine_args(spec, gpu), log_path=log_path,
-                                 startup_timeout=1800, request_timeout=3600)
+        self.server = VLLMProcess(model_path, flags=vllm_flags(spec, gpu), log_path=log_path, startup_timeout=1800,
+                                  request_timeout=3600)
         self._death: str | None = None
 
     def start(self) -> None:

