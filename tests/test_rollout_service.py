@@ -8,6 +8,7 @@ is tested in test_rollout_service_vllm.py.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -143,6 +144,35 @@ def test_pinned_request_for_another_version_gets_409(service, store, client, pro
         [c["token_ids"] for c in seeded[1]["choices"]]  # a seed fixes the votes, whatever else is batched
     with pytest.raises(RolloutError, match="HTTP 400: n: greedy decoding"):
         client._complete({**body, "temperature": 0.0}, 2, threading.Event())
+
+
+def test_every_error_answer_carries_the_served_weight_version(service, store, client):
+    """Refused before the service reads the request (too large, not JSON, no such route) or by it: each answer says
+    which version is served, in OpenAI's error shape."""
+    served = synced(client, store)
+
+    def raw(method: str, path: str, body: bytes = b"", length: int | None = None) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        try:
+            connection.putrequest(method, path)
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(len(body) if length is None else length))
+            connection.endheaders(body)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    answers = {
+        413: raw("POST", "/v1/chat/completions", length=(64 << 20) + 1),  # the header alone: it is not read
+        400: raw("POST", "/v1/chat/completions", b"{not json"),
+        404: raw("GET", "/no-such-route"),
+        409: raw("POST", "/v1/chat/completions", json.dumps({"messages": [], "ttrv_weight_version": 10**6}).encode()),
+    }
+    for status, (got, answer) in answers.items():
+        assert got == status and answer["error"]["code"] == status, answer
+        assert "ttrv_weight_version" in answer and answer["ttrv_weight_version"] == served, answer
+        assert answer["error"]["message"] and answer["error"]["type"]
 
 
 def test_max_staleness_and_a_service_ahead_of_the_trainer(service, store, spec, hf, prompts):

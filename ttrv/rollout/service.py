@@ -6,7 +6,8 @@ HTTP, OpenAI-compatible where OpenAI defines the call:
                                `token_ids` and the sampler's log-probs. An optional `ttrv_weight_version` (a step,
                                or null for the base model) pins the version: when another one is served the answer
                                is 409, so the trainer never samples from a version it did not ask for. Every answer
-                               of this endpoint, errors included, carries the served `ttrv_weight_version`.
+                               of this endpoint carries the served `ttrv_weight_version`, and so does every error
+                               answer of the service (`error_answer`: too large, not JSON, no such route).
     GET  /health               200 once the engine is up and the store has been looked at; 503 before, or when broken
                                ("status": "dead" once the engine died, with the engine's own error as "reason")
     GET  /v1/models            the one model served (id: the run's name)
@@ -134,19 +135,21 @@ class RolloutService:
         except ServiceError as error:
             if error.status >= 500:
                 logger.warning("rollout_request_failed", status=int(error.status), error=error.message)
-            return error.status, _error_answer(error, version)
+            return error_answer(error, version)
         except Exception as error:  # noqa: BLE001 - an engine failure answers 500; the service keeps serving
             logger.error("rollout_request_crashed", error=f"{type(error).__name__}: {error}", exc_info=True)
             failure = ServiceError(500, f"the {self.engine.name} engine failed: {type(error).__name__}: {error}",
                                    "server_error")
-            return 500, _error_answer(failure, version)
+            return error_answer(failure, version)
         return 200, {**answer, "model": self.model_id, "ttrv_weight_version": version}
 
 
-def _error_answer(error: ServiceError, version: int | None) -> dict:
-    """OpenAI's error shape, with the served version as every answer of the chat endpoint carries it."""
-    return {"error": {"message": error.message, "type": error.kind, "param": None, "code": int(error.status)},
-            "ttrv_weight_version": version}
+def error_answer(error: ServiceError, version: int | None) -> tuple[int, dict]:
+    """Every error answer of the service: its status and OpenAI's error shape, with the served weight version (the
+    one the request met) as every answer of the service carries it."""
+    status = int(error.status)
+    return status, {"error": {"message": error.message, "type": error.kind, "param": None, "code": status},
+                    "ttrv_weight_version": version}
 
 
 def _version_name(version: int | None) -> str:
@@ -173,20 +176,23 @@ class _Handler(BaseHTTPRequestHandler):
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
-            self._send(413, {"error": {"message": f"the request is over {MAX_BODY_BYTES >> 20} MiB; send smaller "
-                                                  "images", "type": "invalid_request_error", "code": 413}})
+            self._send(*self._refuse(ServiceError(413, f"the request is over {MAX_BODY_BYTES >> 20} MiB; send "
+                                                       "smaller images")))
             return
         try:
             body = json.loads(self.rfile.read(length) or b"null")
         except ValueError as error:
-            self._send(400, {"error": {"message": f"the body is not JSON: {error}", "type": "invalid_request_error",
-                                       "code": 400}})
+            self._send(*self._refuse(ServiceError(400, f"the body is not JSON: {error}")))
             return
         self._send(*service.chat(body))
 
     def _not_found(self) -> tuple[int, dict]:
-        return 404, {"error": {"message": f"no route {self.command} {self.path}; see `ttrv serve --help`",
-                               "type": "not_found_error", "code": 404}}
+        return self._refuse(ServiceError(404, f"no route {self.command} {self.path}; see `ttrv serve --help`",
+                                         "not_found_error"))
+
+    def _refuse(self, error: ServiceError) -> tuple[int, dict]:
+        """An answer refused before the service looked at it, with the version served now."""
+        return error_answer(error, self.server.service.agent.version)
 
     def _send(self, status: int, document: dict) -> None:
         data = json.dumps(document).encode()
