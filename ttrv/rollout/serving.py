@@ -124,7 +124,7 @@ class HFServingEngine:
         self.model_path = model_path
         self.image_dir = image_dir
         self.engine = None
-        self.base: dict | None = None
+        self.merge = None
         self._pending: deque[tuple[tuple, Prompt, Future]] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -134,32 +134,27 @@ class HFServingEngine:
         import torch
 
         from ttrv.modeling import load_model, load_processor
-        from ttrv.rollout.hf import HFEngine
+        from ttrv.rollout.hf import HFEngine, lora_merger
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(self.model_path, self.spec.model.dtype, device)
         self.engine = HFEngine(model, load_processor(self.model_path))
-        if self.spec.model.lora is not None:
-            # adapters are merged into a copy of the base weights: each version replaces the previous one
-            self.base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        self.merge = lora_merger(model, self.spec.model.lora)
         self._worker = threading.Thread(target=self._run, name="ttrv-hf-batches", daemon=True)
         self._worker.start()
 
     def load(self, step: int, path: Path, kind: str) -> None:
         from safetensors.torch import load_file
 
-        from ttrv.weights import merge_lora
-
         tensors = {}
         for shard in sorted(path.glob("*.safetensors")):
             tensors.update(load_file(shard))
         try:
             if kind == "lora":
-                if self.base is None:
+                if self.merge is None:
                     raise ValueError("it is a LoRA adapter but the spec has no model.lora; set model.lora as the "
                                      "trainer has it")
-                lora = self.spec.model.lora
-                tensors = merge_lora(self.base, tensors, lora.alpha / lora.rank)
+                tensors = self.merge(tensors)
             self.engine.load_tensors(step, tensors)
         except ValueError as error:
             raise VersionRefused(str(error)) from None
