@@ -60,7 +60,7 @@ from ttrv.log import get_logger
 from ttrv.manifests import GPU, MASTER_PORT_NAME, experiment_objects, resource_dump
 from ttrv.objectserver import EmbeddedS3
 from ttrv.report import atomic_write
-from ttrv.rollout.vllm_server import free_port
+from ttrv.rollout.supervisor import free_port
 from ttrv.spec import AdaptationRunStatus, ExperimentSpec, ExperimentStatus, SpecError
 from ttrv.store import StoreError
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from ttrv.data import Prompt
 from ttrv.modeling import load_model, load_processor, model_inputs
-from ttrv.rollout.server import ServeProcess
+from ttrv.rollout.supervisor import ServeProcess
 from ttrv.spec import RunSpec
 from ttrv.tinymodel import build_tiny_qwen2vl
 

@@ -36,8 +36,8 @@ from rollout_util import (
 from ttrv import exitcodes
 from ttrv.data import Prompt
 from ttrv.rollout.client import RolloutUnavailableError, ServiceEngine
-from ttrv.rollout.server import VLLMBackend, choose_backend, vllm_available
-from ttrv.rollout.vllm_server import VLLMError
+from ttrv.rollout.serving import VLLMServingEngine, choose_engine
+from ttrv.rollout.vllm_process import VLLMError, vllm_available
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
 
@@ -163,15 +163,15 @@ def test_corrupt_version_is_refused_and_vllm_keeps_serving_the_previous(client, 
 def test_engine_auto_takes_vllm_where_it_is_installed(spec, weights, work, monkeypatch):
     assert vllm_available()
     auto = RunSpec.model_validate({**spec.model_dump(), "rollout": {**spec.rollout.model_dump(), "engine": "auto"}})
-    assert isinstance(choose_backend(auto, str(weights["A"]), work), VLLMBackend)
+    assert isinstance(choose_engine(auto, str(weights["A"]), work), VLLMServingEngine)
     monkeypatch.setenv("TTRV_VLLM_PYTHON", str(work / "no-python"))
     with pytest.raises(VLLMError, match="TTRV_VLLM_PYTHON=.*no-python is not an executable"):
-        choose_backend(auto, str(weights["A"]), work)
+        choose_engine(auto, str(weights["A"]), work)
 
 
 def test_trainers_seeded_votes_at_once_all_come_back_and_repeat(client, service, spec, work):
     """What killed vLLM-CPU's engine on the first batch of `ttrv run examples/tiny-service.yaml` ("CPU Generator does
-    not use offset", see CPU_ARGS): several trainers' seeded n=32 requests at once, far more prompt tokens than one
+    not use offset", see CPU_FLAGS): several trainers' seeded n=32 requests at once, far more prompt tokens than one
     engine step takes. All come back; a prompt that two trainers ask for with the same seed gets the same 32 answers
     from both, and the whole burst asked again gets the same answers again (votes independent of the batch)."""
     other = ServiceEngine(service.url, spec, retry_seconds=60, sync_timeout=120)

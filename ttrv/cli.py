@@ -181,8 +181,8 @@ def _interrupt(_signum, _frame) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ttrv.rollout.server import serve
-    from ttrv.rollout.vllm_server import VLLMError
+    from ttrv.rollout.service import serve
+    from ttrv.rollout.vllm_process import VLLMError
     from ttrv.store import StoreError
 
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +26,6 @@ from ttrv.spec import (
     NAME_PATTERN,
     AdaptationRunSpec,
     ExperimentSpec,
-    RunSpec,
     SpecError,
     parse_spec,
 )
@@ -306,18 +304,6 @@ def _pod_spec(ctx: _Context, container: dict, gpus: int) -> dict:
     return pod
 
 
-def vllm_args(run: RunSpec) -> str:
-    """The vLLM engine flags that follow from the pod's resources (TTRV_VLLM_ARGS); `ttrv serve` passes them on
-    and reads everything else (model, dtype, sampling) from the spec file."""
-    args = [
-        f"--tensor-parallel-size={max(1, run.resources.rollout_gpus)}",
-        f"--gpu-memory-utilization={run.resources.rollout_gpu_memory_utilization}",
-    ]
-    if run.model.lora is not None:
-        args += ["--enable-lora", f"--max-lora-rank={run.model.lora.rank}"]
-    return shlex.join(args)
-
-
 def _rollout_deployment(ctx: _Context) -> dict:
     run = ctx.spec.run
     gpus = run.resources.rollout_gpus
@@ -327,8 +313,10 @@ def _rollout_deployment(ctx: _Context) -> dict:
         "name": "rollout",
         "image": image.rollout,
         "imagePullPolicy": image.pull_policy,
+        # `ttrv serve` builds vLLM's flags from the spec file, the pod's GPUs and memory share included
+        # (ttrv.rollout.vllm_process.vllm_flags): none are passed here.
         "command": ["ttrv", "serve", "--spec", SPEC_PATH, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)],
-        "env": _WRITABLE_ENV + _store_env(ctx) + [{"name": "TTRV_VLLM_ARGS", "value": vllm_args(run)}],
+        "env": _WRITABLE_ENV + _store_env(ctx),
         "ports": [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
         # Loading a checkpoint and compiling CUDA graphs takes minutes: up to 30 before liveness applies.
         "startupProbe": probe | {"failureThreshold": 180},

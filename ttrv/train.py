@@ -101,15 +101,13 @@ def make_engine(spec: RunSpec, model_path: str, processor, store, device) -> Rol
                              "point TTRV_ROLLOUT_URL at it (the operator and `ttrv run` do this)")
         return ServiceEngine(url, spec, retry_seconds=float(os.environ.get("TTRV_ROLLOUT_RETRY_SECONDS", 600)))
     from ttrv.modeling import load_model
-    from ttrv.rollout.hf import HFEngine
-    from ttrv.weights import merge_lora
+    from ttrv.rollout.hf import HFEngine, lora_merger
 
     model = load_model(model_path, spec.model.dtype, device)
-    if spec.model.lora is None:
+    merge = lora_merger(model, spec.model.lora)
+    if merge is None:
         return HFEngine(model, processor, store.load_weights)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    scale = spec.model.lora.alpha / spec.model.lora.rank
-    return HFEngine(model, processor, lambda step: merge_lora(base, store.load_weights(step), scale))
+    return HFEngine(model, processor, lambda step: merge(store.load_weights(step)))
 
 
 class ModelError(ValueError):

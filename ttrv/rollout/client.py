@@ -19,8 +19,6 @@ not only after the whole retry budget, which is minutes long.
 
 from __future__ import annotations
 
-import http.client
-import json
 import random
 import threading
 import time
@@ -33,11 +31,12 @@ from ttrv import log
 from ttrv.data import Prompt
 from ttrv.rollout.base import Sample, sample_seed
 from ttrv.rollout.chat import openai_messages, samples_from_completion
+from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, request_json
 from ttrv.spec import RunSpec
 
 logger = log.get_logger(__name__)
 
-_RETRYABLE = (OSError, http.client.HTTPException, ValueError)
+_RETRYABLE = (*TRANSPORT_ERRORS, ValueError)
 """Refused, reset or timed-out connections, a connection closed mid-answer, and an answer cut short (bad JSON)."""
 REPORT_EVERY = 30.0
 """Seconds between two `rollout_unavailable` warnings of one outage (the reason changes as the service restarts)."""
@@ -67,7 +66,6 @@ class ServiceEngine:
             raise ValueError(f"rollout service URL {url!r} is not http(s)://host:port; in a cluster it comes from "
                              "TTRV_ROLLOUT_URL")
         self.url = url.rstrip("/")
-        self._parts = parts
         self.model = spec.name
         self.max_staleness = spec.rollout.max_staleness
         self.retry_seconds = retry_seconds
@@ -232,17 +230,7 @@ class ServiceEngine:
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
         """(status, decoded JSON) of one request on a connection of its own."""
-        connection_class = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(self._parts.hostname, self._parts.port, timeout=timeout)
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            connection.request(method, self._parts.path.rstrip("/") + path, body=data, headers=headers)
-            response = connection.getresponse()
-            payload = response.read()
-            return response.status, json.loads(payload) if payload else {}
-        finally:
-            connection.close()
+        return request_json(self.url, method, path, body, timeout)
 
 
 def _message(answer: Any) -> str:
