@@ -51,9 +51,10 @@ from typing import Any, Protocol
 
 from ttrv import exitcodes, log
 from ttrv.data import DataError, Prompt
+from ttrv.net import free_port
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, prompt_from_messages
 from ttrv.rollout.sync import SyncAgent, VersionRefused
-from ttrv.rollout.vllm_server import CPU_ARGS, VLLMError, VLLMServer, free_port, vllm_python
+from ttrv.rollout.vllm_server import CPU_ARGS, VLLMError, VLLMServer, vllm_python
 from ttrv.spec import RunSpec
 
 logger = log.get_logger(__name__)

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 
 from ttrv import log
 from ttrv.data import Prompt
+from ttrv.net import free_port
 from ttrv.rollout.base import Sample
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_completion
 
@@ -120,12 +120,6 @@ def vllm_python() -> str:
         return sys.executable
     raise VLLMError(f"no Python with vLLM: {REPO_VENV_PYTHON} does not exist; build it with `make vllm` or set "
                     "TTRV_VLLM_PYTHON")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class VLLMServer:
