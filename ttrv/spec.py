@@ -52,6 +52,18 @@ class SpecError(ValueError):
     """A spec that cannot run; the message names each bad field and how to fix it."""
 
 
+DNS_LABEL_RULE = ("a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or "
+                  "digit, e.g. 'imagenet-r'")
+
+
+def check_dns_label(value: Any, field: str, why: str = "") -> str:
+    """`value` when it is a DNS label (RFC 1123, what Kubernetes requires of namespaces and of the names objects are
+    derived from), else a SpecError naming `field` and the value, and `why` the name matters ("; it names ...")."""
+    if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value):
+        raise SpecError(f"{field}: {value!r} must be {DNS_LABEL_RULE}{why}")
+    return value
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -457,8 +469,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         elif problem["type"] == "finite_number":
             message = f"{problem['input']!r} is not a finite number; write a number (NaN and infinity are refused)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == NAME_PATTERN:
-            message += "; a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a " \
-                       "letter or digit, e.g. 'imagenet-r'"
+            message += f"; {DNS_LABEL_RULE}"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == QUANTITY_PATTERN:
             message += "; a Kubernetes quantity, e.g. '8', '500m' (CPU) or '64Gi' (memory)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == SUBDOMAIN_PATTERN:
@@ -502,8 +513,7 @@ def load_experiment(path: str | Path) -> tuple[dict, ExperimentSpec]:
             raise SpecError(f"{path}: kind: expected Experiment, got {document.get('kind')!r}; write "
                             "apiVersion: ttrv.io/v1alpha1 and kind: Experiment")
         metadata = document.get("metadata") or {}
-        if not re.fullmatch(NAME_PATTERN, str(metadata.get("name", ""))):
-            raise SpecError(f"{path}: metadata.name: must be a DNS label (lowercase letters, digits, '-')")
+        check_dns_label(metadata.get("name", ""), f"{path}: metadata.name")
         return metadata, parse_spec(document.get("spec"), ExperimentSpec, f"{path}: spec")
     return {"name": Path(path).stem, "namespace": "default"}, parse_spec(document, ExperimentSpec, str(path))
 
