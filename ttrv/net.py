@@ -1,4 +1,4 @@
-"""Ports on this machine's loopback interface."""
+"""Ports on this machine's loopback interface, and what an address may hold."""
 
 from __future__ import annotations
 
@@ -24,3 +24,10 @@ def free_ports(count: int) -> list[int]:
 def free_port() -> int:
     """A port free on 127.0.0.1 now."""
     return free_ports(1)[0]
+
+
+def holds_userinfo(address: str) -> bool:
+    """Whether `address` (an endpoint `scheme://host[:port]` or `host:port`, or the bucket of an s3:// URI) carries
+    `user[:password]@`. Everything after the scheme counts, not only the authority: an AWS secret key may hold a '/',
+    which would end the authority early and leave the rest of the secret in what looks like a path."""
+    return "@" in address.split("://", 1)[-1]

@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from ttrv.net import holds_userinfo
+
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -259,7 +261,7 @@ class StorageSpec(StrictModel):
     @field_validator("endpoint")
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
-        if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+        if value is not None and holds_userinfo(value):
             raise ValueError(_NO_USERINFO)
         return value
 
@@ -267,7 +269,7 @@ class StorageSpec(StrictModel):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme, sep, rest = value.partition("://")
-        if scheme == "s3" and "@" in rest.split("/", 1)[0]:
+        if scheme == "s3" and holds_userinfo(rest.split("/", 1)[0]):
             raise ValueError(_NO_USERINFO)
         if not sep or scheme not in ("file", "s3"):
             raise ValueError(f"{value!r} has no known scheme; use file:///abs/path, file://rel/path or s3://bucket/prefix")

@@ -6,7 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ttrv.net import holds_userinfo
 from ttrv.store.errors import StoreConfigError
+
+
+def refuse_credentials_in(address: str, field: str) -> None:
+    """Refuses an endpoint or a bucket that carries user:password@, naming `field` (the setting it came from) but
+    not the value: the message would carry the credential into logs."""
+    if holds_userinfo(address):
+        raise StoreConfigError(f"{field}: holds credentials (user:password@); remove them and set "
+                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
 
 
 def _read_secret_dir(directory: str) -> tuple[str, str, str | None]:

@@ -9,7 +9,7 @@ import urllib3
 from minio import Minio
 from minio.helpers import check_bucket_name
 
-from ttrv.store.credentials import s3_credentials
+from ttrv.store.credentials import refuse_credentials_in, s3_credentials
 from ttrv.store.errors import StoreConfigError
 from ttrv.store.file_backend import FileBackend
 from ttrv.store.keys import check_key, join_key
@@ -17,14 +17,24 @@ from ttrv.store.s3_backend import DEFAULT_PART_SIZE, DEFAULT_RETRY_SECONDS, S3_M
 from ttrv.store.weights import Store
 
 
-def _parse_endpoint(endpoint: str) -> tuple[str, bool]:
+def _endpoint(endpoint: str | None) -> tuple[str, str]:
+    """The S3 endpoint to use and the setting it comes from (for messages): `endpoint`, else AWS_ENDPOINT_URL, else
+    AWS."""
+    if endpoint:
+        return endpoint, "storage.endpoint"
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        return os.environ["AWS_ENDPOINT_URL"], "AWS_ENDPOINT_URL"
+    return "https://s3.amazonaws.com", "storage.endpoint"
+
+
+def _parse_endpoint(endpoint: str, field: str) -> tuple[str, bool]:
     """(host[:port], use TLS): a URL's scheme decides; a bare host:port gets TLS."""
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
         scheme, rest = "https", endpoint
     host = rest.rstrip("/")
     if scheme not in ("http", "https") or not host or "/" in host:
-        raise StoreConfigError(f"storage.endpoint: {endpoint!r} is not http(s)://host[:port] or host:port")
+        raise StoreConfigError(f"{field}: {endpoint!r} is not http(s)://host[:port] or host:port")
     return host, scheme == "https"
 
 
@@ -53,15 +63,14 @@ def open_store(uri: str, endpoint: str | None = None, *, retry_seconds: float = 
         return Store(FileBackend(root, f"file://{root}"), workers)
     if sep and scheme == "s3":
         bucket, _, prefix = rest.partition("/")
-        if "@" in bucket or "@" in (endpoint or "").split("://", 1)[-1]:
-            # Not repeated in the message: it would carry the credential into logs.
-            raise StoreConfigError("storage.uri / storage.endpoint: holds credentials (user:password@); remove them "
-                                   "and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        endpoint, endpoint_field = _endpoint(endpoint)
+        refuse_credentials_in(bucket, "storage.uri")
+        refuse_credentials_in(endpoint, endpoint_field)
         if not bucket:
             raise StoreConfigError(f"storage.uri: {uri!r} names no bucket; write s3://bucket/prefix")
         prefix = prefix.strip("/")
         check_key(prefix, "storage.uri prefix", allow_empty=True)
-        host, secure = _parse_endpoint(endpoint or os.environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com")
+        host, secure = _parse_endpoint(endpoint, endpoint_field)
         access, secret, token, source = s3_credentials(uri)
         region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
                   or (None if host.endswith("amazonaws.com") else "us-east-1"))
