@@ -55,12 +55,12 @@ from operators.runs import TERMINAL, Action, decide_run, desired_children, wants
 from operators.runs import Observed as RunObserved
 from ttrv import exitcodes
 from ttrv.crds import API_VERSION, adaptation_run_crd, experiment_crd
+from ttrv.fsutil import atomic_write
 from ttrv.local import EMBEDDED_BUCKET
 from ttrv.log import get_logger
 from ttrv.manifests import GPU, MASTER_PORT_NAME, experiment_objects, resource_dump
+from ttrv.net import free_port
 from ttrv.objectserver import EmbeddedS3
-from ttrv.report import atomic_write
-from ttrv.rollout.supervisor import free_port
 from ttrv.spec import AdaptationRunStatus, ExperimentSpec, ExperimentStatus, SpecError
 from ttrv.store import StoreError
 

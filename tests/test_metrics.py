@@ -5,6 +5,7 @@ import socket
 import urllib.request
 
 from ttrv.metrics import TrainerMetrics
+from ttrv.net import free_port
 
 
 def warnings_of(stream) -> list[dict]:
@@ -32,9 +33,7 @@ def test_a_malformed_port_is_a_warning(monkeypatch, log_stream):
 
 
 def test_a_free_port_serves_the_metrics(monkeypatch):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("TTRV_METRICS_PORT", str(port))
     metrics = TrainerMetrics.serve_from_env()
     metrics.weight_version.set(7)

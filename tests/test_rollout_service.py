@@ -37,11 +37,12 @@ from rollout_util import (
 )
 
 from ttrv.data import Prompt
+from ttrv.net import free_port
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import RolloutError, RolloutUnavailableError, ServiceEngine
 from ttrv.rollout.hf import VISION_TOKEN_FIELDS
 from ttrv.rollout.serving import HFServingEngine
-from ttrv.rollout.supervisor import ServeProcess, free_port
+from ttrv.rollout.supervisor import ServeProcess
 from ttrv.rollout.sync import RWLock, SyncAgent
 from ttrv.rollout.vllm_process import VLLMProcess
 from ttrv.spec import RunSpec

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
 
+from ttrv.net import free_port
 from ttrv.objectserver import EmbeddedS3
 from ttrv.store import (
     CorruptVersionError,
@@ -309,9 +310,7 @@ def test_wrong_credentials_fail_at_once_without_leaking_secrets(s3_env, monkeypa
 def test_unreachable_store_gives_up_after_its_budget(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     started = time.monotonic()
     with pytest.raises(StoreUnavailableError, match=f"store at http://127.0.0.1:{port} did not answer for 1.5 s"):
         open_store("s3://bucket/x", endpoint=f"http://127.0.0.1:{port}", retry_seconds=1.5)

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from ttrv import exitcodes
+from ttrv.fsutil import atomic_write
 from ttrv.log import get_logger
-from ttrv.report import atomic_write
 from ttrv.spec import RunSpec, StorageSpec
 
 logger = get_logger(__name__)

@@ -412,7 +412,7 @@ def _append_event(path: Path, record: dict) -> None:
 
 
 def rewrite_events(path: Path, events: list[dict]) -> None:
-    from ttrv.report import atomic_write
+    from ttrv.fsutil import atomic_write
 
     atomic_write(path, "".join(json.dumps(e) + "\n" for e in events).encode())
 

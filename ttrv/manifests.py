@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,10 +22,10 @@ from pydantic import BaseModel
 
 from ttrv.crds import API_VERSION
 from ttrv.spec import (
-    NAME_PATTERN,
     AdaptationRunSpec,
     ExperimentSpec,
     SpecError,
+    check_dns_label,
     parse_spec,
 )
 
@@ -54,9 +53,7 @@ def run_store_uri(storage_uri: str, namespace: str, experiment: str, dataset: st
     would put one run's prefix inside another's, where its keys could read or overwrite the other's objects."""
     for field, value in (("metadata.namespace", namespace), ("metadata.name", experiment),
                          ("datasets[].name", dataset)):
-        if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value):
-            raise SpecError(f"{field}: {value!r} must be a DNS label (lowercase letters, digits, '-'); it names the "
-                            "run's object-store prefix")
+        check_dns_label(value, field, "; it names the run's object-store prefix")
     return f"{storage_uri.rstrip('/')}/{namespace}/{experiment}/{dataset}"
 
 
@@ -136,8 +133,7 @@ def _require_cluster_store(spec: ExperimentSpec) -> None:
 def adaptation_run(experiment_meta: Mapping, spec: ExperimentSpec, dataset: str) -> dict:
     """The AdaptationRun of one dataset of an Experiment (`experiment_meta`: its metadata: name, namespace, uid)."""
     experiment = experiment_meta.get("name", "")
-    if not re.fullmatch(NAME_PATTERN, experiment):
-        raise SpecError(f"metadata.name: {experiment!r} must be a DNS label (lowercase letters, digits, '-')")
+    check_dns_label(experiment, "metadata.name")
     namespace = experiment_meta.get("namespace") or "default"
     _require_cluster_store(spec)
     store = run_store_uri(spec.storage.uri, namespace, experiment, dataset)

@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from ttrv.net import holds_userinfo
+
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -50,6 +52,18 @@ Quantity = Annotated[str, BeforeValidator(_integer_quantity), Field(pattern=QUAN
 
 class SpecError(ValueError):
     """A spec that cannot run; the message names each bad field and how to fix it."""
+
+
+DNS_LABEL_RULE = ("a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or "
+                  "digit, e.g. 'imagenet-r'")
+
+
+def check_dns_label(value: Any, field: str, why: str = "") -> str:
+    """`value` when it is a DNS label (RFC 1123, what Kubernetes requires of namespaces and of the names objects are
+    derived from), else a SpecError naming `field` and the value, and `why` the name matters ("; it names ...")."""
+    if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value):
+        raise SpecError(f"{field}: {value!r} must be {DNS_LABEL_RULE}{why}")
+    return value
 
 
 class StrictModel(BaseModel):
@@ -247,7 +261,7 @@ class StorageSpec(StrictModel):
     @field_validator("endpoint")
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
-        if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+        if value is not None and holds_userinfo(value):
             raise ValueError(_NO_USERINFO)
         return value
 
@@ -255,7 +269,7 @@ class StorageSpec(StrictModel):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme, sep, rest = value.partition("://")
-        if scheme == "s3" and "@" in rest.split("/", 1)[0]:
+        if scheme == "s3" and holds_userinfo(rest.split("/", 1)[0]):
             raise ValueError(_NO_USERINFO)
         if not sep or scheme not in ("file", "s3"):
             raise ValueError(f"{value!r} has no known scheme; use file:///abs/path, file://rel/path or s3://bucket/prefix")
@@ -457,8 +471,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         elif problem["type"] == "finite_number":
             message = f"{problem['input']!r} is not a finite number; write a number (NaN and infinity are refused)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == NAME_PATTERN:
-            message += "; a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a " \
-                       "letter or digit, e.g. 'imagenet-r'"
+            message += f"; {DNS_LABEL_RULE}"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == QUANTITY_PATTERN:
             message += "; a Kubernetes quantity, e.g. '8', '500m' (CPU) or '64Gi' (memory)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == SUBDOMAIN_PATTERN:
@@ -502,8 +515,7 @@ def load_experiment(path: str | Path) -> tuple[dict, ExperimentSpec]:
             raise SpecError(f"{path}: kind: expected Experiment, got {document.get('kind')!r}; write "
                             "apiVersion: ttrv.io/v1alpha1 and kind: Experiment")
         metadata = document.get("metadata") or {}
-        if not re.fullmatch(NAME_PATTERN, str(metadata.get("name", ""))):
-            raise SpecError(f"{path}: metadata.name: must be a DNS label (lowercase letters, digits, '-')")
+        check_dns_label(metadata.get("name", ""), f"{path}: metadata.name")
         return metadata, parse_spec(document.get("spec"), ExperimentSpec, f"{path}: spec")
     return {"name": Path(path).stem, "namespace": "default"}, parse_spec(document, ExperimentSpec, str(path))
 

@@ -39,6 +39,7 @@ from ttrv.loop import (
     subset_examples,
     write_progress,
 )
+from ttrv.net import free_port
 from ttrv.policy import PromptEncoder
 from ttrv.rollout.base import RolloutEngine
 from ttrv.spec import RunSpec
@@ -66,19 +67,11 @@ def init_distributed(world: World) -> None:
 
     if world.size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_threads(world: World) -> None:

@@ -92,6 +92,7 @@ EXPERIMENTS = cases("experiment", [
     ("wrong-kind", (experiment(kind="Deployment"), []), ("kind",), "kind: Experiment"),
     ("name-not-dns", (experiment(metadata={"name": "My_Exp"}), []), ("metadata.name",), "must be a DNS label"),
     ("name-with-newline", (experiment(metadata={"name": "exp\n"}), []), ("metadata.name",), "must be a DNS label"),
+    ("name-not-a-string", (experiment(metadata={"name": 123}), []), ("metadata.name", "123"), DNS_FIX),
     ("namespace-with-slash", (experiment(), ["-n", "team-a/exp"]), ("metadata.namespace", "'team-a/exp'"),
      "must be a DNS label"),
     ("namespace-parent-step", (experiment(), ["-n", ".."]), ("metadata.namespace",), "must be a DNS label"),

@@ -8,23 +8,17 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
+from ttrv.net import free_port
 from ttrv.rollout.jsonhttp import healthy, request_json
 
 _PR_SET_PDEATHSIG = 1
 _PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def terminate_with_parent() -> None:

@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 from ttrv import log
 from ttrv.data import Prompt
+from ttrv.net import free_port
 from ttrv.rollout.base import Sample
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_completion
 from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, healthy, request
-from ttrv.rollout.supervisor import free_port, log_tail, stop_group, terminate_with_parent, wait_healthy
+from ttrv.rollout.supervisor import log_tail, stop_group, terminate_with_parent, wait_healthy
 
 if TYPE_CHECKING:
     from ttrv.spec import RunSpec
