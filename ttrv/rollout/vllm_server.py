@@ -20,7 +20,6 @@ served before.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
 import json
 import os
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ttrv import log
+from ttrv import lifetime, log
 from ttrv.data import Prompt
 from ttrv.rollout.base import Sample
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_completion
@@ -45,16 +44,6 @@ from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_co
 logger = log.get_logger(__name__)
 
 BASE_MODEL_NAME = "base"
-_PR_SET_PDEATHSIG = 1
-_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
-
-
-def terminate_with_parent() -> None:
-    """Between fork and exec of a child: the kernel sends it SIGTERM when the thread that started it dies (Linux's
-    PR_SET_PDEATHSIG), so that a SIGKILLed `ttrv serve` does not leave its vLLM server running with the memory and
-    the port. Start such children from a thread that lives as long as they should (`ttrv serve`'s main thread)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 # What a CPU machine needs: no CUDA graphs or compilation, float32 (the trainer's CPU dtype, so both sides compute the
 # same log-probs), and a KV cache of 30% of memory so the server leaves room to the trainer beside it.
 CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024")
@@ -161,7 +150,8 @@ class VLLMServer:
             # A new session makes the server, its engine core and its workers one process group, stopped together.
             self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=terminate_with_parent)
+                                             # SIGTERM when `ttrv serve` dies, even by SIGKILL
+                                             preexec_fn=lifetime.tie_to_parent())
         atexit.register(self.stop)
         logger.info("vllm.starting", port=self.port, model=self.model_path, pid=self._process.pid,
                     log=str(self.log_path), lora=self.lora)
