@@ -16,6 +16,7 @@ import yaml
 
 from ttrv import log
 from ttrv.data import DataError, check_dataset, read_dataset
+from ttrv.lifetime import RunFolderError
 from ttrv.spec import ExperimentSpec, RunSpec, SpecError, load_experiment, load_run_spec
 
 EXIT_USAGE = 2
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SpecError, DataError) as error:
+    except (SpecError, DataError, RunFolderError) as error:  # a run folder in use by another run, or not writable
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

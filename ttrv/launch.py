@@ -10,9 +10,10 @@ workers, which checkpoint and exit 143.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from ttrv import exitcodes
+from ttrv import exitcodes, lifetime
 from ttrv.log import get_logger
 
 logger = get_logger(__name__)
@@ -30,6 +31,12 @@ def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = 
     # max-restarts 0: a failed worker fails the pod, and Kubernetes decides from the exit code whether to retry
     args = parse_args([*argv, "--max-restarts=0", "-m", "ttrv.train", *worker_args])
     config, command, command_args = config_from_args(args)
+    # torch elastic starts the workers itself (SubprocessHandler._popen in torch/distributed/elastic/multiprocessing/
+    # subprocess_handler/subprocess_handler.py: Popen with start_new_session and `os.environ` plus the worker's
+    # variables, no preexec_fn), so each worker ties itself to this process at its start (ttrv.train.main). A SIGTERM
+    # to this process reaches them through torch's own shutdown (SignalException -> `_shutdown(SIGTERM)`: SIGTERM to
+    # each worker's group, SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s); a SIGKILL only through theirs.
+    os.environ[lifetime.PARENT_PID_ENV] = str(os.getpid())
     try:
         elastic_launch(config, command)(*command_args)
     except ChildFailedError as error:

@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from ttrv import log
+from ttrv import lifetime, log
 from ttrv.data import DataError, Prompt
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, prompt_from_messages
 from ttrv.rollout.sync import SyncAgent, VersionRefused
@@ -551,8 +551,9 @@ class ServeProcess:
         """Start it and wait until /health answers 200; raises RuntimeError with the log's tail otherwise."""
         command = [sys.executable, "-m", "ttrv.cli", "serve", "--spec", str(self.spec_path), "--port", str(self.port)]
         with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = lifetime.start(command, serves=self.env.get(lifetime.RUN_LOCK_ENV), env=self.env,
+                                          stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
