@@ -18,9 +18,9 @@ trainer of the run is left (see `start`).
 
 The run lock. `<folder>/.lock` is flock(2)ed exclusively by the run (`RunLock`) and inherited by its trainers
 (`pass_fds`), so the folder stays locked until the last of them has exited, even when the run's own process was
-SIGKILLed. flock locks belong to the open file description, which the children share, and are released by the
-kernel when its last descriptor closes, however the processes end; a stale lock file is never mistaken for a live
-one.
+SIGKILLed. An flock lock belongs to the open file description, which the children's inherited descriptors share,
+and is released when the last of them is closed (flock(2)), however the processes end: a lock file left behind is
+never mistaken for a live run.
 """
 
 from __future__ import annotations
@@ -250,10 +250,10 @@ def serve_until_free(parent: int, lock: Path, command: list[str], grace: float =
     It runs COMMAND as its child, in a process group of its own, and passes SIGTERM, SIGINT and SIGHUP on to it (so
     a stop of the wrapper's group reaches the service once). When its parent P dies (SIGUSR1, or getppid() changes)
     it keeps the service up until the run lock is free, i.e. until the trainers have written their checkpoints and
-    exited, then stops it with SIGTERM (SIGKILL after `grace` seconds); meanwhile, and until the service has exited, it holds the lock shared, so
-    that a new run on the folder does not start beside a store that is still shutting down. If the wrapper itself
-    is SIGKILLed, the kernel SIGKILLs the service (its parent-death signal), as a killed pod takes its container.
-    Exits with the service's exit code (128 + s when a signal s ended it)."""
+    exited, then stops it with SIGTERM, and with SIGKILL `grace` seconds later. From then until the service has
+    exited it holds the lock shared, so that a new run on the folder does not start beside a store that is still
+    shutting down. If the wrapper itself is SIGKILLed, the kernel SIGKILLs the service (its parent-death signal), as
+    a killed pod takes its container. Exits with the service's exit code (128 + s when a signal s ended it)."""
     received: list[int] = []
 
     def note(signum, _frame) -> None:

@@ -86,7 +86,8 @@ def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: b
                 s3 = stack.enter_context(EmbeddedS3(out / "s3", run_lock=lock.path))
                 env |= s3.env()
             if service:
-                rollout = ServeProcess(spec_file, out / "rollout.log", env=env | {lifetime.RUN_LOCK_ENV: str(lock.path)})
+                rollout = ServeProcess(spec_file, out / "rollout.log",
+                                       env=env | {lifetime.RUN_LOCK_ENV: str(lock.path)})
                 stack.callback(rollout.stop)
                 rollout.start()
                 env["TTRV_ROLLOUT_URL"] = rollout.url
