@@ -17,6 +17,9 @@ from ttrv.grpo import (
 )
 from ttrv.reward import normalized_entropy, vote_rewards
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 
 def test_group_advantages_by_hand():
     # row [1, 2, 3]: mean 2, unbiased std 1; row [5, 5, 5]: std 0 -> all 0

@@ -11,6 +11,9 @@ from ttrv.spec import GuardSpec, RunSpec
 from ttrv.train import CollapseGuard, Cursor, dominant_share, score, steps_per_epoch
 from ttrv.weights import merge_lora
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 
 def prompts(n):
     return [Prompt(f"p{i}", "<image>\nQ? Options:\nA. x\nB. y", None) for i in range(n)]

@@ -61,6 +61,9 @@ class StrictModel(BaseModel):
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
+        # NaN and infinity in any float field: a NaN reward "succeeds" while DeepSpeed skips every step, and the
+        # values end up in events.jsonl and progress.json, which strict JSON readers reject.
+        allow_inf_nan=False,
     )
 
 
@@ -451,6 +454,8 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown key; remove it or check its spelling (`ttrv spec schema` lists every field)"
         elif problem["type"] == "missing":
             message = "required field is missing; add it"
+        elif problem["type"] == "finite_number":
+            message = f"{problem['input']!r} is not a finite number; write a number (NaN and infinity are refused)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == NAME_PATTERN:
             message += "; a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a " \
                        "letter or digit, e.g. 'imagenet-r'"
@@ -511,6 +516,11 @@ RunPhase = Literal["Pending", "Queued", "Running", "Preempted", "Succeeded", "Fa
 rollout service, Kueue admission, its pods or a retry; Running: trainer running; Preempted: Kueue took the quota
 back after the trainer had started (it resumes from its newest checkpoint once re-admitted); Succeeded / Failed:
 finished; Suspended: the experiment is suspended."""
+
+RunStage = Literal["evaluating-before", "adapting", "evaluating-after", "finished"]
+"""What a running trainer does, as its progress.json's `stage` says: evaluating-before: measuring the base model
+(greedy and maj@N over the test set, the subset and the held-out split); adapting: optimiser steps;
+evaluating-after: measuring the adapted model; finished: report written."""
 
 ExperimentPhase = Literal["Pending", "Running", "Succeeded", "PartiallySucceeded", "Failed", "Suspended"]
 """Pending: no run has started training yet; Running: at least one has; Succeeded: every dataset succeeded;
@@ -581,6 +591,18 @@ class AdaptationRunStatus(StrictModel):
     """Greedy accuracy of the base model (eval before adapting)."""
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Latest greedy accuracy of the adapted model."""
+    # A string, not the RunStage enum: clearing it writes null, and the API server's enum check rejects a null even
+    # where the field is nullable (kube-openapi pkg/validation/validate/schema.go runs the common validator on null
+    # data, and validator.go's basicCommonValidator.Validate fails any value not in a non-empty enum). The operator
+    # only writes stages that operators/progress.py accepted.
+    stage: str | None = None
+    """What the running trainer does: evaluating-before, adapting, evaluating-after or finished (while Running)."""
+    eval_prompts_done: Annotated[int, Field(ge=0)] | None = None
+    """Prompts done of the evaluation in progress (all its passes: greedy and maj@N, all splits)."""
+    eval_prompts_total: Annotated[int, Field(ge=0)] | None = None
+    """Prompts of all the passes of the evaluation in progress."""
+    eval_progress: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    """Percent of the evaluation in progress done (set while the trainer evaluates)."""
     restarts: Annotated[int, Field(ge=0)] = 0
     """Trainer restarts after retryable failures (in place by the training operator, or a new PyTorchJob)."""
     last_restart: str | None = None

@@ -26,20 +26,27 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from ttrv import benchmark, lifetime, log
 from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset, require_images
-from ttrv.evaluate import greedy_accuracy, majority_accuracy
+from ttrv.evaluate import EvalProgress, evaluate, evaluation_passes, greedy_accuracy
 from ttrv.grpo import ttrv_advantages
 from ttrv.learner import Learner, World
 from ttrv.policy import PromptEncoder, collate
 from ttrv.reward import extract_answer, normalized_entropy, vote_rewards
 from ttrv.rollout.base import RolloutEngine, Sample
-from ttrv.spec import GuardSpec, RunSpec
+from ttrv.spec import GuardSpec, RunSpec, RunStage
 
 logger = log.get_logger(__name__)
+
+# What the trainer is doing, as progress.json's `stage` says (operators/progress.py reads it).
+EVALUATING_BEFORE, ADAPTING, EVALUATING_AFTER, FINISHED = get_args(RunStage)
+# Evaluation reports after every chunk of prompts; progress.json is rewritten at the start of a stage, at the end of
+# each pass, and in between at most this often, which is plenty for an operator that polls every 30 s.
+EVAL_PROGRESS_SECONDS = 1.0
 
 
 # --------------------------------------------------------------------------------------------------- data cursor
@@ -288,6 +295,8 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
     guard_fired_at = None
     progress = _progress_bar(ctx.total_steps, state.step, ctx.world)
     step_seconds: list[float] = []
+    if ctx.world.is_main:
+        write_progress(ctx, state, ADAPTING)
     while state.cursor.epoch < spec.grpo.epochs:
         started = time.perf_counter()
         batch = state.cursor.next_batch(ctx.prompts, spec.grpo.prompts_per_step, spec.seed)
@@ -322,7 +331,11 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
         if ctx.world.is_main:
             state.events.append(record)
             _append_event(ctx.events, record)
-            write_progress(ctx, state, step_seconds, record)
+            recent = step_seconds[-10:]
+            write_progress(ctx, state, ADAPTING, epoch=record["epoch"],
+                           estimatedRemainingSeconds=round(sum(recent) / len(recent) * (ctx.total_steps - state.step)),
+                           metrics={k: record[k] for k in ("reward", "entropy", "response_length", "loss",
+                                                           "valid_ratio")})
             if metrics is not None:
                 metrics.observe(record)
             progress.update(1)
@@ -380,18 +393,18 @@ def resume(ctx: RunContext) -> RunState | None:
     return state
 
 
-def write_progress(ctx: RunContext, state: RunState, step_seconds: list[float], record: dict) -> None:
-    """progress.json in the run's store prefix, in the shape of Kubeflow's trainer status (KEP-2779): the
-    controller polls it for `kubectl get` columns."""
+def write_progress(ctx: RunContext, state: RunState, stage: str, **fields) -> None:
+    """progress.json in the run's store prefix, in the shape of Kubeflow's trainer status (KEP-2779), whole on every
+    write: the controller polls it for `kubectl get` columns (operators/progress.py is the contract). `stage` says
+    what the trainer does; `fields` are the stage's own keys (the step's metrics and time left while adapting, the
+    prompts done while evaluating)."""
     total = ctx.total_steps
-    recent = step_seconds[-10:]
     ctx.store.put_json("progress.json", {
+        "stage": stage,
         "progressPercentage": round(100.0 * state.step / total, 1) if total else 100.0,
-        "estimatedRemainingSeconds": round(sum(recent) / len(recent) * (total - state.step)),
-        "step": state.step, "totalSteps": total, "epoch": record["epoch"],
-        "weightVersion": record["weight_version"], "checkpointStep": state.checkpoint_step,
-        "baseAccuracy": state.before.get("accuracy"), "accuracy": None,
-        "metrics": {k: record[k] for k in ("reward", "entropy", "response_length", "loss", "valid_ratio")},
+        "step": state.step, "totalSteps": total, "weightVersion": state.step or None,
+        "checkpointStep": state.checkpoint_step, "baseAccuracy": state.before.get("accuracy"), "accuracy": None,
+        **fields,
         "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
 
@@ -524,19 +537,30 @@ def subset_examples(test: list[Example], prompts: list[Prompt]) -> list[Example]
     return [by_id[p.id] for p in prompts if p.id in by_id]
 
 
-def evaluate_all(engine: RolloutEngine, spec: RunSpec, test: list[Example], prompts: list[Prompt],
-                 heldout: list[Example]) -> dict:
-    """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set."""
-    limit = spec.eval.limit
-    subset = subset_examples(test, prompts)
-    results = {"subset_accuracy": greedy_accuracy(engine, subset, spec)["accuracy"] if subset else None}
-    if spec.eval.full_test_set:
-        greedy = greedy_accuracy(engine, test[:limit], spec)
-        results |= {"accuracy": greedy["accuracy"], "valid_ratio": greedy["valid_ratio"],
-                    "response_length": greedy["response_length"]}
-        results |= majority_accuracy(engine, test[:limit], spec)
-    if heldout:
-        results["heldout_accuracy"] = greedy_accuracy(engine, heldout[:limit], spec)["accuracy"]
+def evaluate_all(ctx: RunContext, state: RunState, stage: str, test: list[Example], prompts: list[Prompt],
+                 heldout: list[Example], subset_accuracy: float | None = None) -> dict:
+    """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set (rank 0
+    only). `subset_accuracy`, when the engine's weights were just probed on the subset, stands in for that pass.
+    The progress goes to stderr (a bar per pass), the log (an event per pass) and progress.json (`stage`, prompts
+    done of `evalPromptsTotal`; while evaluating after, the time left)."""
+    spec = ctx.spec
+    passes = evaluation_passes(spec, subset_examples(test, prompts), test, heldout)
+    if subset_accuracy is not None:
+        passes = [p for p in passes if p.split != "subset"]
+    written = [-math.inf]
+
+    def report(where: EvalProgress) -> None:
+        now = time.monotonic()
+        if not where.milestone and now - written[0] < EVAL_PROGRESS_SECONDS:
+            return
+        written[0] = now
+        remaining = where.remaining_seconds if stage == EVALUATING_AFTER else None  # before: adapting is to come
+        write_progress(ctx, state, stage, evalPromptsDone=where.done, evalPromptsTotal=where.total,
+                       estimatedRemainingSeconds=None if remaining is None else round(remaining))
+
+    results = evaluate(ctx.engine, spec, stage, passes, show=ctx.world.is_main, report=report)
+    if subset_accuracy is not None:
+        results["subset_accuracy"] = subset_accuracy
     return results
 
 
@@ -596,12 +620,26 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
         if world.is_main:
             _rewrite_events(ctx.events, [])
             if spec.eval.before:
-                state.before = evaluate_all(engine, spec, test, prompts, heldout)
+                state.before = evaluate_all(ctx, state, EVALUATING_BEFORE, test, prompts, heldout)
                 logger.info("eval_before", **{k: v for k, v in state.before.items() if v is not None})
         _barrier(world)
     subset = subset_examples(test, prompts)
-    outcome = adapt(ctx, state, metrics, lambda: greedy_accuracy(engine, subset, spec)["accuracy"] if subset else None)
-    after = evaluate_all(engine, spec, test, prompts, heldout) if world.is_main and spec.eval.after else {}
+    probed: dict = {}  # the newest probe, {weight version served: subset accuracy}; rolling back serves another
+
+    def probe() -> float | None:
+        if not subset:
+            return None
+        accuracy = greedy_accuracy(engine, subset, spec)["accuracy"]
+        probed.clear()
+        probed[engine.weight_version] = accuracy
+        return accuracy
+
+    outcome = adapt(ctx, state, metrics, probe)
+    after = {}
+    if world.is_main and spec.eval.after:
+        # A probe after the last step measured these very weights on the subset: one greedy pass serves both.
+        after = evaluate_all(ctx, state, EVALUATING_AFTER, test, prompts, heldout, probed.get(engine.weight_version))
+        logger.info("eval_after", **{k: v for k, v in after.items() if v is not None})
     _barrier(world)
     report = {}
     if world.is_main:
@@ -627,9 +665,8 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
         }
         write_report(out, report, state.events)
         store.put_json("report.json", report)
-        progress = store.get_json("progress.json") or {}
-        store.put_json("progress.json", progress | {"progressPercentage": 100.0, "estimatedRemainingSeconds": 0,
-                                                    "accuracy": report["final_accuracy"]})
+        write_progress(ctx, state, FINISHED, progressPercentage=100.0, estimatedRemainingSeconds=0,
+                       accuracy=report["final_accuracy"])
         logger.info("run_finished", report=str(out / "report.json"), base=report["base_accuracy"],
                     final=report["final_accuracy"])
     _barrier(world)

