@@ -145,35 +145,37 @@ time.sleep(300)
 """
 
 
-def test_a_service_outlives_its_killed_parent_until_the_trainer_released_the_lock(tmp_path, reap):
+def test_the_services_outlive_their_killed_parent_until_the_trainer_released_the_lock(tmp_path, reap):
     """SIGKILL the run's process: the trainer (holding the lock) gets SIGTERM and takes 2 s to checkpoint; the
-    service it uses stays up until then, the folder stays locked until both are gone, and a new run meanwhile is
-    refused with the pids named."""
+    service it uses (1 s to stop) and the store the service reads stay up until then, in that order, the folder
+    stays locked until all are gone, and a new run meanwhile is refused with the pids named."""
     (tmp_path / "child.py").write_text(CHILD)
     events = tmp_path / "events"
     run = parent("""
         out, child, events = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
         lock = lifetime.RunLock(out).acquire()
-        service = lifetime.start([sys.executable, child, 'service', '0', events], serves=lock.path,
+        store = lifetime.start([sys.executable, child, 'store', '0', events], serves=lock.path, last=True,
+                               start_new_session=True, stdout=sys.stdout)
+        service = lifetime.start([sys.executable, child, 'service', '1', events], serves=lock.path,
                                  start_new_session=True, stdout=sys.stdout)
         trainer = lifetime.start([sys.executable, child, 'trainer', '2', events], holds=lock,
                                  start_new_session=True, stdout=sys.stdout)
-        print(service.pid, trainer.pid, flush=True)
+        print(store.pid, service.pid, trainer.pid, flush=True)
         time.sleep(300)
     """, str(tmp_path / "out"), str(tmp_path / "child.py"), str(events))
-    wrapper, trainer = map(int, run.stdout.readline().split())
-    reap += [wrapper, trainer]
-    assert [run.stdout.readline().strip() for _ in range(2)] == ["ready", "ready"]
+    store, service, trainer = map(int, run.stdout.readline().split())
+    reap += [store, service, trainer]
+    assert [run.stdout.readline().strip() for _ in range(3)] == ["ready"] * 3
     run.kill()
     run.wait()
     time.sleep(0.5)  # the trainer is checkpointing now
-    assert alive(wrapper) and alive(trainer)
+    assert alive(store) and alive(service) and alive(trainer)
     with pytest.raises(lifetime.RunFolderError) as refused:
         lifetime.RunLock(tmp_path / "out").acquire()
     message = str(refused.value)
     assert f"the run of pid {run.pid} has ended" in message and str(trainer) in message, message
-    assert wait_gone([wrapper, trainer], 30) == []
-    assert events.read_text().splitlines() == ["trainer stopped", "service stopped"]
+    assert wait_gone([store, service, trainer], 30) == []
+    assert events.read_text().splitlines() == ["trainer stopped", "service stopped", "store stopped"]
     lifetime.RunLock(tmp_path / "out").acquire().release()  # free once all are gone
 
 

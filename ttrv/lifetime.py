@@ -14,7 +14,7 @@ page shape this module:
 A trainer gets SIGTERM: it checkpoints after its current step and exits 143 (ttrv.train.PreemptionSignal). While it
 does, it still needs the run's services (the embedded S3 store, the rollout service); a service started under a
 run lock is therefore wrapped (`python -m ttrv.lifetime`) so that it stops only once the lock is free, i.e. once no
-trainer of the run is left (see `start`).
+trainer of the run is left, and the store only after the services that read it (see `start`).
 
 The run lock. `<folder>/.lock` is flock(2)ed exclusively by the run (`RunLock`) and inherited by its trainers
 (`pass_fds`), so the folder stays locked until the last of them has exited, even when the run's own process was
@@ -205,15 +205,15 @@ def _alive(pid: int) -> bool:
 # --- starting a run's children --------------------------------------------------------------------------------
 
 def start(command: list[str], *, holds: RunLock | None = None, serves: str | Path | None = None,
-          grace: float = 30.0, **popen) -> subprocess.Popen:
+          last: bool = False, grace: float = 30.0, **popen) -> subprocess.Popen:
     """Start a child of this run that ends with this process (PR_SET_PDEATHSIG, SIGTERM), from the main thread.
 
     holds: the run lock this child keeps held for as long as it lives (a trainer: the folder stays locked while it
         checkpoints after this process died).
     serves: the lock file of the run whose trainers use this child (the object store, the rollout service): it is
         wrapped so that it outlives this process until that lock is free, then gets SIGTERM, and SIGKILL `grace`
-        seconds later; it never holds the lock itself. A child of neither kind gets SIGTERM as soon as this process
-        dies.
+        seconds later; it never holds the lock itself. With `last` (the store the other services read), it stops
+        only after those services too. A child of neither kind gets SIGTERM as soon as this process dies.
     """
     if holds is not None:
         if holds.fd is None:
@@ -221,21 +221,21 @@ def start(command: list[str], *, holds: RunLock | None = None, serves: str | Pat
         popen["pass_fds"] = (*popen.get("pass_fds", ()), holds.fd)
     if serves is not None:
         command = [sys.executable, "-m", "ttrv.lifetime", "--parent", str(os.getpid()), "--until-free",
-                   str(serves), "--grace", str(grace), "--", *command]
+                   str(serves), "--grace", str(grace), *(["--last"] if last else []), "--", *command]
         # The wrapper tells this process's death from a stop request by the signal: SIGUSR1 means "parent gone".
         return subprocess.Popen(command, preexec_fn=tie_to_parent(signal.SIGUSR1), **popen)
     return subprocess.Popen(command, preexec_fn=tie_to_parent(), **popen)
 
 
-def _lock_free(path: Path) -> int | None:
-    """A descriptor holding `path` shared once no process holds it exclusively (the run and its trainers are
-    gone); None while one does. A missing file is free (the folder was removed)."""
+def _lock_free(path: Path, mode: int = fcntl.LOCK_SH) -> int | None:
+    """A descriptor holding `path` in `mode` (shared: once no process holds it exclusively, i.e. the run and its
+    trainers are gone); None while that cannot be had. A missing file is free (the folder was removed)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except OSError as error:
         os.close(fd)
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -244,15 +244,18 @@ def _lock_free(path: Path) -> int | None:
     return fd
 
 
-def serve_until_free(parent: int, lock: Path, command: list[str], grace: float = 30.0) -> int:
-    """The wrapper of a run's service (`python -m ttrv.lifetime --parent P --until-free LOCK --grace S -- COMMAND`).
+def serve_until_free(parent: int, lock: Path, command: list[str], grace: float = 30.0, last: bool = False) -> int:
+    """The wrapper of a run's service (`python -m ttrv.lifetime --parent P --until-free LOCK --grace S [--last] --
+    COMMAND`).
 
     It runs COMMAND as its child, in a process group of its own, and passes SIGTERM, SIGINT and SIGHUP on to it (so
     a stop of the wrapper's group reaches the service once). When its parent P dies (SIGUSR1, or getppid() changes)
     it keeps the service up until the run lock is free, i.e. until the trainers have written their checkpoints and
     exited, then stops it with SIGTERM, and with SIGKILL `grace` seconds later. From then until the service has
     exited it holds the lock shared, so that a new run on the folder does not start beside a store that is still
-    shutting down. If the wrapper itself is SIGKILLed, the kernel SIGKILLs the service (its parent-death signal), as
+    shutting down. The services hold `<lock>.services` shared for as long as they live, and the `last` one (the
+    store they read) waits for it exclusively before it stops, so that no service is left retrying a store that
+    is already gone. If the wrapper itself is SIGKILLed, the kernel SIGKILLs the service (its parent-death signal), as
     a killed pod takes its container. Exits with the service's exit code (128 + s when a signal s ended it)."""
     received: list[int] = []
 
@@ -261,6 +264,10 @@ def serve_until_free(parent: int, lock: Path, command: list[str], grace: float =
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, note)
+    services = lock.with_name(lock.name + ".services")
+    if not last:  # from before the service starts until the wrapper exits: the store waits for it
+        using = os.open(services, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(using, fcntl.LOCK_SH)
     child = subprocess.Popen(command, process_group=0, preexec_fn=tie_to_parent(signal.SIGKILL))
     held: int | None = None
     deadline = None
@@ -275,6 +282,11 @@ def serve_until_free(parent: int, lock: Path, command: list[str], grace: float =
         received.clear()
         if held is None and os.getppid() != parent:
             held = _lock_free(lock)
+            if held is not None and last:
+                alone = _lock_free(services, fcntl.LOCK_EX)
+                if alone is None:
+                    os.close(held)
+                    held = None
             if held is not None:
                 logger.info("run_lock_free", lock=str(lock), pid=child.pid, action="stopping the service")
                 child.send_signal(signal.SIGTERM)
@@ -294,13 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True, help="pid of the process that started this one")
     parser.add_argument("--until-free", type=Path, required=True, help="the run's lock file")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds from SIGTERM to SIGKILL")
+    parser.add_argument("--last", action="store_true", help="stop only after the run's other services")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command after --")
     log.configure()
-    return serve_until_free(args.parent, args.until_free, command, args.grace)
+    return serve_until_free(args.parent, args.until_free, command, args.grace, args.last)
 
 
 if __name__ == "__main__":

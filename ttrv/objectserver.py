@@ -190,7 +190,8 @@ class EmbeddedS3:
         self._log_file = open(self.log_path, "ab")
         start = self._log_file.tell()
         self._process = lifetime.start(
-            self._command(), serves=self.run_lock, grace=STOP_SECONDS, stdin=subprocess.DEVNULL,
+            # The last of a run's processes: the rollout service reads the store until it stops.
+            self._command(), serves=self.run_lock, last=True, grace=STOP_SECONDS, stdin=subprocess.DEVNULL,
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         try:

@@ -134,6 +134,8 @@ def test_a_sigkilled_ttrv_run_takes_its_trainer_store_and_service_with_it(tmp_pa
     stops = [line for path in (out / "s3" / "weed.log", out / "rollout.log") for line in path.read_text().splitlines()
              if '"run_lock_free"' in line]
     assert len(stops) == 2, "the store and the service did not wait for the trainer's lock"
+    # The store stops after the service that reads it: the service is not left retrying a store that is gone.
+    assert '"service_still_stopping"' not in (out / "rollout.log").read_text()
 
 
 def test_kill_and_run_again_resumes_and_ends_as_an_uninterrupted_run(tmp_path, started):
