@@ -4,7 +4,6 @@ chunks, the answers, the bar and the events), and as a real trainer (its log and
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
@@ -12,7 +11,7 @@ import pytest
 import yaml
 from trainer_util import events, log_events, trainer, write_spec
 
-from ttrv import benchmark, log
+from ttrv import benchmark
 from ttrv.data import read_dataset, require_images
 from ttrv.evaluate import EvalProgress, evaluate, evaluation_passes, prompts_per_call
 from ttrv.modeling import load_model, load_processor
@@ -41,7 +40,7 @@ def spec(**eval_fields) -> RunSpec:
                                    "eval": {"majVotes": 4, **eval_fields}})
 
 
-def test_a_stage_reports_after_every_chunk_and_chunks_change_no_answer(engine, test_split, capsys):
+def test_a_stage_reports_after_every_chunk_and_chunks_change_no_answer(engine, test_split, capsys, log_stream):
     run = spec(limit=20)
     passes = evaluation_passes(run, test_split[:4], test_split, [])
     assert [(p.metric, p.split, len(p.examples), p.samples) for p in passes] == [
@@ -49,12 +48,7 @@ def test_a_stage_reports_after_every_chunk_and_chunks_change_no_answer(engine, t
     assert (prompts_per_call(engine, 1, 20), prompts_per_call(engine, 4, 20)) == (16, 4)
 
     reports: list[EvalProgress] = []
-    stream = io.StringIO()
-    log.configure(stream=stream)
-    try:
-        results = evaluate(engine, run, "evaluating-after", passes, report=reports.append)
-    finally:
-        log.configure()
+    results = evaluate(engine, run, "evaluating-after", passes, report=reports.append)
 
     # one report before anything ran, then one per chunk: 4 | 16 4 | 4 x 5
     assert [r.done for r in reports] == [0, 4, 20, 24, 28, 32, 36, 40, 44]
@@ -63,7 +57,7 @@ def test_a_stage_reports_after_every_chunk_and_chunks_change_no_answer(engine, t
     assert reports[0].remaining_seconds is None and reports[-1].remaining_seconds == 0
     assert all(r.remaining_seconds > 0 for r in reports[1:-1])
 
-    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    events = [json.loads(line) for line in log_stream.getvalue().splitlines()]
     started = [e for e in events if e["event"] == "evaluation_pass_started"]
     finished = [e for e in events if e["event"] == "evaluation_pass_finished"]
     assert [(e["stage"], e["metric"], e["split"], e["prompts"]) for e in started] == [

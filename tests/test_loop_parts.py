@@ -6,9 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttrv.data import Prompt
+from ttrv.guard import CollapseGuard, dominant_share
+from ttrv.loop import Cursor, score, steps_per_epoch
 from ttrv.rollout.base import Sample
 from ttrv.spec import GuardSpec, RunSpec
-from ttrv.train import CollapseGuard, Cursor, dominant_share, score, steps_per_epoch
 from ttrv.weights import merge_lora
 
 # Pure logic, no process or server: `make test-fast` runs these.

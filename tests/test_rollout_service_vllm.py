@@ -10,7 +10,6 @@ Without .venv-vllm (or TTRV_VLLM_PYTHON) these tests fail; `make test` builds it
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -34,7 +33,7 @@ from rollout_util import (
     transformers_view,
 )
 
-from ttrv import exitcodes, log
+from ttrv import exitcodes
 from ttrv.data import Prompt
 from ttrv.rollout.client import RolloutUnavailableError, ServiceEngine
 from ttrv.rollout.server import VLLMBackend, choose_backend, vllm_available
@@ -211,7 +210,7 @@ def test_trainers_seeded_votes_at_once_all_come_back_and_repeat(client, service,
     assert service.request("GET", "/health")[0] == 200
 
 
-def test_engine_death_fails_health_ends_the_service_and_the_trainer_is_told_why(service, spec, prompts):
+def test_engine_death_fails_health_ends_the_service_and_the_trainer_is_told_why(service, spec, prompts, log_stream):
     """Last in this module: it kills the service's engine. vLLM's engine core killed (as the kernel's OOM killer
     would): /health fails with the engine's own words, `ttrv serve` exits with ROLLOUT_ENGINE_DIED to be restarted,
     and a trainer sampling meanwhile logs rollout_unavailable with that reason at its first failure, within seconds."""
@@ -219,8 +218,7 @@ def test_engine_death_fails_health_ends_the_service_and_the_trainer_is_told_why(
     trainer.weight_version = served(service)
     cores = [pid for pid in _descendants(service.process.pid) if _cmdline(pid).startswith("VLLM::EngineCore")]
     assert len(cores) == 1, [_cmdline(pid) for pid in _descendants(service.process.pid)]
-    logs = io.StringIO()
-    log.configure(stream=logs)
+    logs = log_stream
     outcome: dict = {}
 
     def sample():
@@ -229,22 +227,19 @@ def test_engine_death_fails_health_ends_the_service_and_the_trainer_is_told_why(
         except BaseException as error:  # noqa: BLE001 - checked below
             outcome["error"] = error
 
-    try:
-        killed = time.time()
-        os.kill(cores[0], signal.SIGKILL)
-        thread = threading.Thread(target=sample)
-        thread.start()
-        health, deadline = None, time.monotonic() + 60
-        while health is None and time.monotonic() < deadline:
-            try:
-                status, answer = service.request("GET", "/health")
-            except OSError:  # the service has exited already: the assertion below says so
-                break
-            health = answer if status == 503 and answer["status"] == "dead" else None
-            time.sleep(0.2)
-        thread.join(timeout=120)
-    finally:
-        log.configure()
+    killed = time.time()
+    os.kill(cores[0], signal.SIGKILL)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    health, deadline = None, time.monotonic() + 60
+    while health is None and time.monotonic() < deadline:
+        try:
+            status, answer = service.request("GET", "/health")
+        except OSError:  # the service has exited already: the assertion below says so
+            break
+        health = answer if status == 503 and answer["status"] == "dead" else None
+        time.sleep(0.2)
+    thread.join(timeout=120)
     assert health is not None, service.log_tail()
     assert "engine core exited unexpectedly" in health["reason"], health
     assert isinstance(outcome.get("error"), RolloutUnavailableError), outcome

@@ -155,7 +155,7 @@ def evaluate(engine: RolloutEngine, spec: RunSpec, stage: str, passes: Sequence[
     """Runs `passes` and returns their results under the report's keys (subset_accuracy, accuracy, valid_ratio,
     response_length, maj_accuracy, pass_at_n, votes, heldout_accuracy; seconds: the stage's wall time).
 
-    Shown as `ttrv.train.adapt` shows its steps: a tqdm bar per pass on stderr when `show` (the trainer's rank 0,
+    Shown as `ttrv.loop.adapt` shows its steps: a tqdm bar per pass on stderr when `show` (the trainer's rank 0,
     the only rank that evaluates), an `evaluation_pass_started` and an `evaluation_pass_finished` event per pass,
     and `report` called at the start and after each chunk of prompts."""
     from tqdm import tqdm

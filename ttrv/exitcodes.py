@@ -23,6 +23,11 @@ def is_retryable(code: int) -> bool:
     return 128 <= code <= 255
 
 
+def kind(code: int) -> str:
+    """How logs and termination messages name a failure's class: retryable or permanent."""
+    return "retryable" if is_retryable(code) else "permanent"
+
+
 def of_process(returncode: int) -> int:
     """A child's return code as a process exit code, as a shell or the kubelet reports it: killed by signal s
     (Popen's -s) -> 128 + s."""

@@ -45,7 +45,7 @@ def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = 
         _, failure = error.get_first_failure()
         code = exitcodes.of_process(failure.exitcode)
         logger.error("trainer_worker_failed", local_rank=failure.local_rank, exit_code=code,
-                     kind="retryable" if exitcodes.is_retryable(code) else "permanent")
+                     kind=exitcodes.kind(code))
         return code
     except SignalException as error:
         return 128 + int(error.sigval)
