@@ -53,7 +53,7 @@ from operators.experiments import Observed as ExperimentObserved
 from operators.progress import parse_progress, read_progress
 from operators.runs import TERMINAL, Action, decide_run, desired_children, wants_pods, wants_progress
 from operators.runs import Observed as RunObserved
-from ttrv import exitcodes
+from ttrv import exitcodes, lifetime
 from ttrv.crds import API_VERSION, adaptation_run_crd, experiment_crd
 from ttrv.fsutil import atomic_write
 from ttrv.local import EMBEDDED_BUCKET
@@ -87,16 +87,19 @@ def run_experiment(metadata: Mapping, spec: ExperimentSpec, out: Path, poll_seco
     """Run every dataset of the experiment on this machine, at most `maxParallelRuns` at once; returns the final
     status document, which <out>/status.json holds too (rewritten as the experiment goes)."""
     check_runs_locally(metadata, on_embedded_store(spec, None))
-    out.mkdir(parents=True, exist_ok=True)
-    config_dir = tempfile.mkdtemp(prefix="ttrv-s3-config-", dir=_MEMORY_DIR)
-    try:
-        with EmbeddedS3(out / "s3", config_dir=config_dir) as s3, _environment(s3.env()):
-            spec = on_embedded_store(spec, s3.endpoint)
-            ref = spec.s3_secret
-            secrets = {ref.name: {ref.access_key_key: s3.access_key, ref.secret_key_key: s3.secret_key}}
-            return LocalController(metadata, spec, out, LocalCluster(out, secrets), poll_seconds).run()
-    finally:
-        shutil.rmtree(config_dir, ignore_errors=True)
+    # `out` is this experiment's alone while any of its processes lives (ttrv.lifetime): refused before anything is
+    # written when another holds it. The trainer pods hold the lock with it; the S3 server and the rollout pods
+    # outlive this process until they have exited (checkpointed).
+    with lifetime.RunLock(out) as lock:
+        config_dir = tempfile.mkdtemp(prefix="ttrv-s3-config-", dir=_MEMORY_DIR)
+        try:
+            with EmbeddedS3(out / "s3", config_dir=config_dir, run_lock=lock.path) as s3, _environment(s3.env()):
+                spec = on_embedded_store(spec, s3.endpoint)
+                ref = spec.s3_secret
+                secrets = {ref.name: {ref.access_key_key: s3.access_key, ref.secret_key_key: s3.secret_key}}
+                return LocalController(metadata, spec, out, LocalCluster(out, secrets, lock), poll_seconds).run()
+        finally:
+            shutil.rmtree(config_dir, ignore_errors=True)
 
 
 def on_embedded_store(spec: ExperimentSpec, endpoint: str | None) -> ExperimentSpec:
@@ -290,9 +293,11 @@ def _post(body: Mapping, events) -> None:
 # --- the cluster: objects, and what its controllers and kubelets do with them ------------------------------------
 
 class LocalCluster:
-    def __init__(self, out: Path, secrets: Mapping[str, Mapping[str, str]]):
+    def __init__(self, out: Path, secrets: Mapping[str, Mapping[str, str]], lock: lifetime.RunLock | None = None):
         self.out = out
         self.secrets = secrets
+        self.lock = lock
+        """The experiment's folder lock: the trainer pods hold it, the other pods live until it is free."""
         self.objects: dict[tuple[str, str], dict] = {}
         self.pods: dict[str, LocalPod] = {}
         self.stopping: list[LocalPod] = []
@@ -453,7 +458,7 @@ class LocalCluster:
                               self.ports[owner_name], injected, image_env(os.environ))
         labels = dict(template["metadata"]["labels"]) | dict(extra_labels or {})
         pod = LocalPod(name, owner_name, labels, template["spec"]["containers"][0], process, folder,
-                       template["spec"].get("terminationGracePeriodSeconds", GRACE_SECONDS), previous)
+                       template["spec"].get("terminationGracePeriodSeconds", GRACE_SECONDS), previous, self.lock)
         self.pods[name] = pod
         pod.start()
         return pod
@@ -658,9 +663,9 @@ class LocalPod:
     """A pod as a process group of this machine; its container's log in <folder>/log, across restarts."""
 
     def __init__(self, name: str, owner: str, labels: Mapping[str, str], container: Mapping, process: PodProcess,
-                 folder: Path, grace: float, previous: LocalPod | None = None):
+                 folder: Path, grace: float, previous: LocalPod | None = None, lock: lifetime.RunLock | None = None):
         self.name, self.owner, self.labels, self.container = name, owner, dict(labels), container
-        self.process_spec, self.folder, self.grace = process, folder, grace
+        self.process_spec, self.folder, self.grace, self.lock = process, folder, grace, lock
         self.log_path = folder / "log"
         self.restarts = previous.restarts + 1 if previous else 0
         self.last_exit = (previous.exit_code, previous.termination_message()) if previous else None
@@ -681,9 +686,14 @@ class LocalPod:
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._log_start = log.tell()
-            self._process = subprocess.Popen(self.process_spec.command, env=self.process_spec.env, stdout=log,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+            # Ended with this process, even a SIGKILLed one (ttrv.lifetime): a trainer pod holds the experiment's
+            # lock while it checkpoints; a rollout pod serves until no trainer holds it.
+            trainer = REPLICA_TYPE_LABEL in self.labels
+            self._process = lifetime.start(
+                self.process_spec.command, holds=self.lock if trainer else None,
+                serves=self.lock.path if self.lock is not None and not trainer else None, grace=self.grace,
+                env=self.process_spec.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
         self.exit_code, self._deadline = None, None
         logger.info("pod_started", pod=self.name, pid=self._process.pid, restarts=self.restarts,
                     log=str(self.log_path))

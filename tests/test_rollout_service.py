@@ -329,12 +329,12 @@ def test_a_reload_waits_for_requests_in_flight_and_holds_back_new_ones():
 
 def test_the_vllm_process_does_not_outlive_a_killed_serve_process(tmp_path):
     """The vLLM server runs in a process group of its own (it is stopped as a group), so SIGKILL of `ttrv serve`'s
-    group does not reach it; `terminate_with_parent`, run in it before exec, has the kernel send it SIGTERM when
+    group does not reach it; `lifetime.tie_to_parent()`, run in it before exec, has the kernel send it SIGTERM when
     its parent dies. Shown with `sleep` standing in for the server, started as VLLMProcess starts it."""
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from ttrv.rollout.supervisor import terminate_with_parent\n"
-        "child = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=terminate_with_parent)\n"
+        "from ttrv import lifetime\n"
+        "child = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=lifetime.tie_to_parent())\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)
     child = int(parent.stdout.readline())

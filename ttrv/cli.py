@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from ttrv import log
 from ttrv.data import DataError, check_dataset, read_dataset
+from ttrv.lifetime import RunFolderError
 from ttrv.spec import ExperimentSpec, RunSpec, SpecError, load_experiment, load_run_spec, parse_spec
 
 EXIT_USAGE = 2
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (SpecError, DataError) as error:
+    except (SpecError, DataError, RunFolderError) as error:  # a run folder in use by another run, or not writable
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

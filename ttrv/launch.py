@@ -10,9 +10,10 @@ workers, which checkpoint and exit 143.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from ttrv import exitcodes
+from ttrv import exitcodes, lifetime
 from ttrv.log import get_logger
 
 logger = get_logger(__name__)
@@ -28,6 +29,13 @@ def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = 
     argv += ["--standalone"] if standalone else []
     # max-restarts 0: a failed worker fails the pod, and Kubernetes decides from the exit code whether to retry
     args = parse_args([*argv, "--max-restarts=0", "-m", "ttrv.train", *worker_args])
+    # torchrun's run() starts the workers through torch elastic (SubprocessHandler._popen in torch/distributed/elastic/
+    # multiprocessing/subprocess_handler/subprocess_handler.py: Popen with start_new_session and `os.environ` plus
+    # the worker's variables, no preexec_fn), so each worker ties itself to this process at its start
+    # (ttrv.train.main). A SIGTERM to this process reaches them through torch's own shutdown (SignalException ->
+    # `_shutdown(SIGTERM)`: SIGTERM to each worker's group, SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s); a
+    # SIGKILL only through theirs.
+    os.environ[lifetime.PARENT_PID_ENV] = str(os.getpid())
     try:
         # torchrun's own run(), not config_from_args + elastic_launch: run() is where --standalone becomes a c10d
         # rendezvous on localhost:0 (torch/distributed/run.py, run()); bypassing it left the endpoint '127.0.0.1:None'.

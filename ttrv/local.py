@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ttrv import exitcodes
+from ttrv import exitcodes, lifetime
 from ttrv.fsutil import atomic_write
 from ttrv.log import get_logger
 from ttrv.spec import RunSpec, StorageSpec
@@ -59,7 +59,12 @@ def wait_trainer(trainer: subprocess.Popen, rollout=None) -> int:
 
 
 def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: bool | None = None) -> int:
-    """Run one adaptation on this machine; the trainer's exit code (ttrv.exitcodes)."""
+    """Run one adaptation on this machine; the trainer's exit code (ttrv.exitcodes). Refuses (RunFolderError) an
+    `out` that another run holds, or that cannot be written, before writing anything.
+
+    Every child ends with this process, even when it is SIGKILLed (ttrv.lifetime): the trainer gets SIGTERM,
+    checkpoints after its step and exits 143; it holds `out`'s lock until then, and the S3 server and the rollout
+    service, which it still needs for that, stop once the lock is free."""
     from ttrv.objectserver import EmbeddedS3
     from ttrv.rollout.supervisor import ServeProcess
 
@@ -67,29 +72,33 @@ def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: b
     embedded_s3 = service if embedded_s3 is None else embedded_s3
     # Only a store the spec left at its default is ours to start; a store the spec names is the user's.
     start_s3 = embedded_s3 and spec.storage.uri == StorageSpec().uri
-    out.mkdir(parents=True, exist_ok=True)
-    spec = localize(spec, out, embedded_s3)
-    spec_file = out / "run.yaml"
-    atomic_write(spec_file, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode())
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with ExitStack() as stack:
-        if start_s3:
-            s3 = stack.enter_context(EmbeddedS3(out / "s3"))
-            env |= s3.env()
-        if service:
-            rollout = ServeProcess(spec_file, out / "rollout.log", env=env)
-            stack.callback(rollout.stop)
-            rollout.start()
-            env["TTRV_ROLLOUT_URL"] = rollout.url
-            logger.info("rollout_service_started", url=rollout.url, log=str(out / "rollout.log"))
-        nproc = nproc or spec.resources.nproc_per_node
-        logger.info("local_run", out=str(out), processes=nproc, store=spec.storage.uri,
-                    rollout="service" if service else "in-process")
-        process = subprocess.Popen(trainer_command(spec_file, out, nproc), env=env, start_new_session=True)
-        try:
-            return exitcodes.of_process(wait_trainer(process, rollout if service else None))
-        except KeyboardInterrupt:
-            os.killpg(process.pid, signal.SIGTERM)
-            return exitcodes.of_process(process.wait())
+    with lifetime.RunLock(out) as lock:
+        spec = localize(spec, out, embedded_s3)
+        if spec.storage.uri.startswith("file://"):  # found now, not at the first publish after the model loaded
+            lifetime.check_writable(Path(spec.storage.uri.removeprefix("file://")), "storage.uri")
+        spec_file = out / "run.yaml"
+        atomic_write(spec_file, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode())
+        env = dict(os.environ)
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with ExitStack() as stack:
+            if start_s3:
+                s3 = stack.enter_context(EmbeddedS3(out / "s3", run_lock=lock.path))
+                env |= s3.env()
+            if service:
+                rollout = ServeProcess(spec_file, out / "rollout.log",
+                                       env=env | {lifetime.RUN_LOCK_ENV: str(lock.path)})
+                stack.callback(rollout.stop)
+                rollout.start()
+                env["TTRV_ROLLOUT_URL"] = rollout.url
+                logger.info("rollout_service_started", url=rollout.url, log=str(out / "rollout.log"))
+            nproc = nproc or spec.resources.nproc_per_node
+            logger.info("local_run", out=str(out), processes=nproc, store=spec.storage.uri,
+                        rollout="service" if service else "in-process")
+            process = lifetime.start(trainer_command(spec_file, out, nproc), holds=lock, env=env,
+                                     start_new_session=True)
+            try:
+                return exitcodes.of_process(wait_trainer(process, rollout if service else None))
+            except KeyboardInterrupt:
+                os.killpg(process.pid, signal.SIGTERM)
+                return exitcodes.of_process(process.wait())

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ttrv import log
+from ttrv import lifetime, log
 from ttrv.net import free_port, free_ports
 
 logger = log.get_logger(__name__)
@@ -32,6 +32,8 @@ HOST = "127.0.0.1"
 # and its maintenance worker dials HTTP + 10000 whatever -admin.port.grpc says, so that pair keeps the offset.
 _PORT_NAMES = ("master", "volume", "filer", "s3", "admin")
 _GRPC_OFFSET = 10000
+# `weed mini` stops in about 2 s; after a run it was seen taking 27 s for its volume server, and is killed instead.
+STOP_SECONDS = 5.0
 
 
 class ObjectServerError(RuntimeError):
@@ -78,14 +80,19 @@ class EmbeddedS3:
     `data_dir` keeps the objects (a temporary directory, removed by `close()`, when not given); `restart()` brings
     the server back on the same ports over the same data, as a pod restart would. `config_dir` takes the file that
     holds the credentials (default: `data_dir`), for a caller whose `data_dir` is a user's folder.
+
+    The server gets SIGTERM when the process that started it dies, even by SIGKILL (ttrv.lifetime). Given the
+    `run_lock` of the run it serves, it outlives that process until the lock is free: the run's trainers write
+    their checkpoints into it on the way out.
     """
 
     def __init__(self, data_dir: str | Path | None = None, start_timeout: float = 30.0,
-                 config_dir: str | Path | None = None):
+                 config_dir: str | Path | None = None, run_lock: str | Path | None = None):
         self._owns_data = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="ttrv-s3-"))
         self.config_dir = Path(config_dir) if config_dir else self.data_dir
         self.start_timeout = start_timeout
+        self.run_lock = run_lock
         self.access_key = "ttrv" + secrets.token_hex(8)
         self.secret_key = secrets.token_urlsafe(30)
         self._ports = self._draw_ports()
@@ -170,9 +177,10 @@ class EmbeddedS3:
         env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
         self._log_file = open(self.log_path, "ab")
         start = self._log_file.tell()
-        self._process = subprocess.Popen(
-            self._command(), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
+        self._process = lifetime.start(
+            # The last of a run's processes: the rollout service reads the store until it stops.
+            self._command(), serves=self.run_lock, last=True, grace=STOP_SECONDS, stdin=subprocess.DEVNULL,
+            stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         try:
             self._wait_ready()
@@ -208,7 +216,7 @@ class EmbeddedS3:
         raise ObjectServerError(f"weed did not answer on {self.endpoint} within {self.start_timeout:.0f} s; "
                                 f"see {self.log_path}")
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Stops the server gracefully (SIGTERM to its process group; `weed mini` takes about 2 s), killing it after
         `timeout` seconds."""
         if self._process is not None and self._process.poll() is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ttrv import benchmark, log
+from ttrv import benchmark, lifetime, log
 from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset, require_images
 from ttrv.evaluate import greedy_accuracy
 from ttrv.learner import Learner, World
@@ -257,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for events.jsonl and the report (default $TTRV_OUT)")
     args = parser.parse_args(argv)
     log.configure()
+    # A worker of torch elastic's launcher (ttrv.launch) gets SIGTERM when the launcher dies, even by SIGKILL: it
+    # checkpoints after its step, as when the launcher passes a SIGTERM on. Set before the handler, so that a
+    # launcher dying meanwhile ends the worker at once, with nothing yet to save.
+    if not lifetime.die_with_launcher():
+        logger.warning("launcher_gone", action="exit before any work")
+        return exitcodes.PREEMPTED
     preemption = PreemptionSignal()
     preemption.install()
     try:

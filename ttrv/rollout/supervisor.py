@@ -1,11 +1,10 @@
 """Servers as child processes of this machine, each in a session of its own (so that it and its children stop as one
 process group): `ServeProcess`, `ttrv serve` beside the trainer where a cluster runs the rollout pod (`ttrv run`,
 the tests, the benches), and the pieces it shares with `VLLMProcess`, vLLM's server beside `ttrv serve`: a free
-port, the wait for /health, the group's stop, the log's tail, and the tie to the parent's life."""
+port, the wait for /health, the group's stop and the log's tail (the tie to the parent's life is ttrv.lifetime's)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -14,19 +13,9 @@ import time
 from collections import deque
 from pathlib import Path
 
+from ttrv import lifetime
 from ttrv.net import free_port
 from ttrv.rollout.jsonhttp import healthy, request_json
-
-_PR_SET_PDEATHSIG = 1
-_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
-
-
-def terminate_with_parent() -> None:
-    """Between fork and exec of a child: the kernel sends it SIGTERM when the thread that started it dies (Linux's
-    PR_SET_PDEATHSIG), so that a SIGKILLed `ttrv serve` does not leave its vLLM server running with the memory and
-    the port. Start such children from a thread that lives as long as they should (`ttrv serve`'s main thread)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_healthy(process: subprocess.Popen, url: str, timeout: float, what: str, log_path: Path,
@@ -98,8 +87,9 @@ class ServeProcess:
         """Start it and wait until /health answers 200; raises RuntimeError with the log's tail otherwise."""
         command = [sys.executable, "-m", "ttrv.cli", "serve", "--spec", str(self.spec_path), "--port", str(self.port)]
         with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = lifetime.start(command, serves=self.env.get(lifetime.RUN_LOCK_ENV), env=self.env,
+                                          stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
         wait_healthy(self.process, self.url, timeout, "ttrv serve", self.log_path)
         return self
 

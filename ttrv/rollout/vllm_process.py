@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ttrv import log
+from ttrv import lifetime, log
 from ttrv.data import Prompt
 from ttrv.net import free_port
 from ttrv.rollout.base import Sample
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_completion
 from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, healthy, request
-from ttrv.rollout.supervisor import log_tail, stop_group, terminate_with_parent, wait_healthy
+from ttrv.rollout.supervisor import log_tail, stop_group, wait_healthy
 
 if TYPE_CHECKING:
     from ttrv.spec import RunSpec
@@ -222,7 +222,8 @@ class VLLMProcess:
             # A new session makes the server, its engine core and its workers one process group, stopped together.
             self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=terminate_with_parent)
+                                             # SIGTERM when `ttrv serve` dies, even by SIGKILL
+                                             preexec_fn=lifetime.tie_to_parent())
         atexit.register(self.stop)
         logger.info("vllm.starting", port=self.port, model=self.model_path, pid=self._process.pid,
                     log=str(self.log_path), lora=self.lora)
