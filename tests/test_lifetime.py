@@ -17,18 +17,12 @@ import time
 import pytest
 
 from ttrv import lifetime
+from ttrv.lifetime import alive
 
 PARENT_HEADER = ("import os, signal, subprocess, sys, threading, time\nfrom pathlib import Path\n"
                  "from ttrv import lifetime, log\nlog.configure()\n")
 
 
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its reaper."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_gone(pids, timeout: float) -> list[int]:

@@ -37,6 +37,7 @@ from rollout_util import (
 )
 
 from ttrv.data import Prompt
+from ttrv.lifetime import alive
 from ttrv.net import free_port
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import RolloutError, RolloutUnavailableError, ServiceEngine
@@ -338,13 +339,13 @@ def test_the_vllm_process_does_not_outlive_a_killed_serve_process(tmp_path):
         "print(child.pid, flush=True)\n"
         "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)
     child = int(parent.stdout.readline())
-    assert _alive(child)
+    assert alive(child)
     os.killpg(parent.pid, signal.SIGKILL)
     parent.wait(timeout=30)
     deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child), "the child outlived its SIGKILLed parent"
+    assert not alive(child), "the child outlived its SIGKILLed parent"
 
 
 def test_requests_to_ttrv_servers_never_go_through_an_environment_proxy(tmp_path, monkeypatch):
@@ -386,10 +387,3 @@ def test_requests_to_ttrv_servers_never_go_through_an_environment_proxy(tmp_path
         server.server_close()
 
 
-def _alive(pid: int) -> bool:
-    """Running, not a zombie waiting for init to reap it."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

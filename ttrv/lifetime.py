@@ -159,7 +159,7 @@ class RunLock:
 
     def _in_use(self, pid: int | None) -> str:
         others = [p for p in holders(self.path) if p != os.getpid()]
-        if pid is not None and _alive(pid):
+        if pid is not None and alive(pid):
             return (f"{self.what} {self.folder}: in use by another run (pid {pid}); wait for it to end, stop it "
                     f"(kill {pid}: its trainer checkpoints), or choose another {self.what}")
         still = f" (pids {', '.join(map(str, others))})" if others else ""
@@ -193,7 +193,7 @@ def holders(path: Path) -> list[int]:
     return sorted(found)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running, not a zombie waiting to be reaped."""
     try:
         with open(f"/proc/{pid}/stat") as stat:

@@ -22,6 +22,8 @@ import yaml
 from test_experiment_local import SHAPES, experiment
 from trainer_util import SERVICE_SPEC, SPEC, log_events
 
+from ttrv.lifetime import alive
+
 pytestmark = pytest.mark.fault
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
@@ -30,12 +32,6 @@ ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin",
 GONE_SECONDS = 60  # a step, a checkpoint and the S3 server's 2 s shutdown; a few seconds on an idle machine
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def descendants(pid: int) -> dict[int, str]:
