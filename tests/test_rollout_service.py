@@ -373,8 +373,10 @@ def test_requests_to_ttrv_servers_never_go_through_an_environment_proxy(tmp_path
     for name in ("HTTP_PROXY", "http_proxy"):
         monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
     try:
-        with pytest.raises(urllib.error.URLError):  # the trap works: urllib goes to the dead proxy
-            urllib.request.urlopen(f"{url}/weight_version", timeout=5)
+        # The trap works: urllib goes to the dead proxy. A new opener, since urlopen's global one read the proxy
+        # variables when an earlier test first called it.
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.build_opener().open(f"{url}/weight_version", timeout=5)
         spec = RunSpec.model_validate({"name": "proxy", "data": {"path": "ttrv://tiny-shapes/test"},
                                        "model": {"path": "ttrv://tiny-qwen2vl"}})
         assert ServiceEngine(url, spec)._request("GET", "/weight_version", None, 5) == (200, {"path": "/weight_version"})
