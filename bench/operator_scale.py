@@ -37,11 +37,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from operators import experiments, metrics, runs  # noqa: E402
 from operators import ttrv_operator as operator  # noqa: E402
 from operators.local import merge_patch  # noqa: E402
+from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, RUN_LABEL, TRAINER  # noqa: E402
+from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED  # noqa: E402
 
 NS_COUNT = 50
 
 
-INDEXED_LABELS = ("ttrv.io/experiment", "ttrv.io/run")
+INDEXED_LABELS = (EXPERIMENT_LABEL, RUN_LABEL)
 
 
 class MemoryKube:
@@ -138,7 +140,7 @@ class Cluster:
             job = json.loads(text)
             uid = job["metadata"]["uid"]
             life = self.jobs.setdefault(uid, {"age": 0, "fate": self.rng.choices(
-                ("succeed", "fail", "restart"), (92, 3, 5))[0], "run": job["metadata"]["labels"]["ttrv.io/run"]})
+                ("succeed", "fail", "restart"), (92, 3, 5))[0], "run": job["metadata"]["labels"][RUN_LABEL]})
             if job["spec"]["runPolicy"].get("suspend") or life.get("done"):
                 continue
             life["age"] += 1
@@ -164,7 +166,7 @@ class Cluster:
     def trainer_exit(self, namespace: str, run: str, code: int) -> None:
         self.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": f"{run}-trainer-master-0", "namespace": namespace,
-            "labels": {"ttrv.io/run": run, "app.kubernetes.io/component": "trainer"}},
+            "labels": {RUN_LABEL: run, COMPONENT_LABEL: TRAINER}},
             "status": {"phase": "Failed", "containerStatuses": [{"name": "pytorch", "state": {"terminated": {
                 "exitCode": code, "message": "bad spec"}}}]}})
 
@@ -215,11 +217,11 @@ def drive(kube, cluster: Cluster, count: int, datasets: int, parallel: int, samp
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(1_800_000_000 + tick * 30))
             cluster.step(now)
             for (namespace, name), text in list(kube.objects["AdaptationRun"].items()):
-                if (json.loads(text).get("status") or {}).get("phase") not in runs.TERMINAL:
+                if (json.loads(text).get("status") or {}).get("phase") not in RUN_FINISHED:
                     operator.reconcile_run(namespace, name)
             unfinished = [(ns, n) for ns, n in names
                           if (kube.get("Experiment", ns, n).get("status") or {}).get("phase")
-                          not in operator.FINISHED_EXPERIMENT]
+                          not in EXPERIMENT_FINISHED]
             for namespace, name in unfinished:
                 operator.reconcile_experiment(namespace, name)
             if not unfinished:
@@ -233,7 +235,7 @@ def decision_samples(kube, rounds: int = 2000) -> dict[str, list[float]]:
     experiment_items = list(kube.objects["Experiment"].items())[:rounds]
     for (namespace, name), text in experiment_items:
         body = json.loads(text)
-        owned = kube.list("AdaptationRun", namespace, {"ttrv.io/experiment": name})
+        owned = kube.list("AdaptationRun", namespace, {EXPERIMENT_LABEL: name})
         started = time.perf_counter()
         experiments.decide_experiment(experiments.Observed(body, owned, operator._now()))
         out["decide_experiment"].append((time.perf_counter() - started) * 1000)

@@ -50,24 +50,30 @@ from operators.conditions import human_duration, is_true, parse_time, rfc3339
 from operators.experiments import ACCEPTED_ANNOTATION, decide_experiment
 from operators.experiments import Observed as ExperimentObserved
 from operators.progress import parse_progress, read_progress
-from operators.runs import TERMINAL, Action, decide_run, desired_children, wants_pods, wants_progress
+from operators.runs import Action, decide_run, desired_children, wants_pods, wants_progress
 from operators.runs import Observed as RunObserved
 from ttrv import exitcodes
 from ttrv.crds import API_VERSION, adaptation_run_crd, experiment_crd
+from ttrv.labels import REPLICA_TYPE_LABEL, RUN_LABEL
 from ttrv.local import EMBEDDED_BUCKET
 from ttrv.log import get_logger
 from ttrv.manifests import GPU, MASTER_PORT_NAME, experiment_objects, resource_dump
 from ttrv.objectserver import EmbeddedS3
 from ttrv.report import atomic_write
 from ttrv.rollout.vllm_server import free_port
-from ttrv.spec import AdaptationRunStatus, ExperimentSpec, ExperimentStatus, SpecError
+from ttrv.spec import (
+    EXPERIMENT_FINISHED,
+    RUN_FINISHED,
+    AdaptationRunStatus,
+    ExperimentSpec,
+    ExperimentStatus,
+    SpecError,
+)
 from ttrv.store import StoreError
 
 logger = get_logger("ttrv.local")
 
 LOOPBACK = "127.0.0.1"
-FINISHED = ("Succeeded", "PartiallySucceeded", "Failed")
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 # The kubelet's defaults: grace after SIGTERM, and the back-off of a crashing container (10 s doubling to 5 min).
 GRACE_SECONDS = 30
 CRASH_BACKOFF_SECONDS, CRASH_BACKOFF_MAX = 10, 300
@@ -193,7 +199,7 @@ class LocalController:
                 for run in self._reconcile_experiment():
                     self._reconcile_run(run)
                 self._write_status()
-                if self.experiment["status"].get("phase") in FINISHED:
+                if self.experiment["status"].get("phase") in EXPERIMENT_FINISHED:
                     break
                 time.sleep(self.poll_seconds)
         except KeyboardInterrupt:
@@ -227,7 +233,7 @@ class LocalController:
 
     def _reconcile_run(self, run: dict) -> None:
         """What reconcile_run of the operator does, with this machine's cluster for the API."""
-        if run["status"].get("phase") in TERMINAL:
+        if run["status"].get("phase") in RUN_FINISHED:
             return
         wanted = desired_children(run, kueue_enabled=False)
         children = self.cluster.children(wanted)
@@ -445,7 +451,7 @@ class LocalCluster:
     # the kubelet
     def _create_pod(self, owner: Mapping, template: Mapping, name: str, injected: Sequence[tuple[str, str]],
                     extra_labels: Mapping[str, str] | None = None, previous: LocalPod | None = None) -> LocalPod:
-        run = owner["metadata"]["labels"]["ttrv.io/run"]
+        run = owner["metadata"]["labels"][RUN_LABEL]
         folder = self.out / run / name
         owner_name = owner["metadata"]["name"]
         process = pod_process(template, folder, self.config_maps, self.secrets, self.service_addresses(),
@@ -467,7 +473,7 @@ class LocalCluster:
 
     def _write_config_map(self, config_map: Mapping) -> None:
         name = config_map["metadata"]["name"]
-        folder = self.out / config_map["metadata"]["labels"]["ttrv.io/run"] / name
+        folder = self.out / config_map["metadata"]["labels"][RUN_LABEL] / name
         for key, text in config_map.get("data", {}).items():
             atomic_write(folder / key, text.encode())
         self.config_maps[name] = folder

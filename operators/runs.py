@@ -46,10 +46,10 @@ from operators.conditions import (
 )
 from operators.progress import Progress
 from ttrv import exitcodes
+from ttrv.labels import REPLICA_TYPE_LABEL
 from ttrv.manifests import TRAINER_CONTAINER, run_children
-from ttrv.spec import AdaptationRunSpec, SpecError, parse_spec
+from ttrv.spec import RUN_FINISHED, AdaptationRunSpec, SpecError, parse_spec
 
-TERMINAL = ("Succeeded", "Failed")
 RETRY_BASE_SECONDS = 30
 RETRY_MAX_SECONDS = 600
 TRAINER = "PyTorchJob"
@@ -57,17 +57,6 @@ ROLLOUT = "Deployment"
 # What the training operator writes into a Failed condition when it gave up for a reason other than an exit code
 # (pkg/controller.v1/common/job.go): those failures are worth another PyTorchJob.
 _RETRYABLE_FAILURE_MARKERS = ("backoff limit", "deadline")
-_EXIT_MEANINGS = {
-    exitcodes.PERMANENT_FAILURE: "permanent failure",
-    exitcodes.BAD_SPEC: "bad spec",
-    exitcodes.BAD_DATA: "bad data",
-    exitcodes.BAD_MODEL: "bad model",
-    exitcodes.PREEMPTED: "terminated (SIGTERM)",
-    exitcodes.STORE_UNAVAILABLE: "object store unavailable",
-    exitcodes.ROLLOUT_UNAVAILABLE: "rollout service unavailable",
-    exitcodes.LOST_PEER: "lost a peer rank",
-    137: "killed (SIGKILL, often out of memory)",
-}
 
 
 @dataclass(frozen=True)
@@ -110,7 +99,7 @@ class Exit:
     message: str
 
     def describe(self) -> str:
-        meaning = _EXIT_MEANINGS.get(self.code) or (f"signal {self.code - 128}" if self.code > 128 else "")
+        meaning = exitcodes.meaning(self.code)
         text = f"exit code {self.code}" + (f" ({meaning})" if meaning else "")
         return text + (f": {self.message.strip()}" if self.message.strip() else "")
 
@@ -142,7 +131,7 @@ def wants_workload(job: Mapping | None, kueue_enabled: bool) -> bool:
 
 def wants_progress(run: Mapping, job: Mapping | None) -> bool:
     """Progress is read while the trainer runs and once more as it ends (for the final accuracy)."""
-    if (run.get("status") or {}).get("phase") in TERMINAL or job is None:
+    if (run.get("status") or {}).get("phase") in RUN_FINISHED or job is None:
         return False
     conditions = job.get("status", {}).get("conditions")
     return any(is_true(conditions, kind) for kind in ("Running", "Restarting", "Succeeded", "Failed"))
@@ -195,7 +184,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         return _Outcome(phase, reason, message, actions, events, updates)
 
     # 1. Finished runs stay finished.
-    if previous.get("phase") in TERMINAL:
+    if previous.get("phase") in RUN_FINISHED:
         scale_rollout(0)
         if job is not None and not _finished(job):
             delete_job()
@@ -369,7 +358,7 @@ def _trainer_exit(pods: Sequence[Mapping]) -> Exit | None:
     """The trainer container's non-zero exit, master first: its code and termination message (the trainer writes
     /dev/termination-log; Kubernetes falls back to the log's tail)."""
     def master_first(pod: Mapping) -> int:
-        return 0 if pod.get("metadata", {}).get("labels", {}).get("training.kubeflow.org/replica-type") == "master" else 1
+        return 0 if pod.get("metadata", {}).get("labels", {}).get(REPLICA_TYPE_LABEL) == "master" else 1
 
     for pod in sorted(pods, key=master_first):
         for status in pod.get("status", {}).get("containerStatuses") or []:
@@ -444,7 +433,7 @@ def _status(o: Observed, spec: AdaptationRunSpec | None, previous: Mapping, outc
     generation = o.run["metadata"].get("generation")
     running = outcome.phase == "Running"
     ready = (running and outcome.reason == "TrainerRunning") or outcome.phase == "Succeeded"
-    finished = outcome.phase in TERMINAL
+    finished = outcome.phase in RUN_FINISHED
     wanted = [
         Want("Ready", ready, outcome.reason, outcome.message),
         Want("Running", running, outcome.reason, outcome.message),

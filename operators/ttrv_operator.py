@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import get_args
 
 import kopf
 import prometheus_client
@@ -35,17 +36,18 @@ from operators.experiments import ACCEPTED_ANNOTATION, decide_experiment, resolv
 from operators.experiments import Observed as ExperimentObserved
 from operators.kube import Kube, KubeError
 from operators.progress import parse_progress, read_progress
-from operators.runs import TERMINAL, decide_run, desired_children, wants_pods, wants_progress, wants_workload
 from operators.runs import Observed as RunObserved
+from operators.runs import decide_run, desired_children, wants_pods, wants_progress, wants_workload
 from ttrv import log
 from ttrv.crds import GROUP, VERSION
-from ttrv.spec import SpecError
+from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, JOB_UID_LABEL, MANAGED_BY, RUN_LABEL, TRAINER
+from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED, ExperimentPhase, RunPhase, SpecError
 
 POLL_SECONDS = float(os.environ.get("TTRV_POLL_SECONDS", "30"))
-MANAGED_BY = {"app.kubernetes.io/managed-by": "ttrv-operator"}
-RUN_PHASES = ("Queued", "Running", "Preempted", "Succeeded", "Failed", "Suspended")
-EXPERIMENT_PHASES = ("Pending", "Running", "Succeeded", "PartiallySucceeded", "Failed", "Suspended")
-FINISHED_EXPERIMENT = ("Succeeded", "PartiallySucceeded", "Failed")
+# The phases the metrics count: a run is Pending only in the model's default, before it exists (an AdaptationRun
+# without a status counts as Queued), so that phase gets no gauge.
+RUN_PHASES = tuple(phase for phase in get_args(RunPhase) if phase != "Pending")
+EXPERIMENT_PHASES = get_args(ExperimentPhase)
 
 logger = log.get_logger("ttrv.operator")
 
@@ -164,7 +166,7 @@ async def count_experiments(experiment_phases: kopf.Index, **_) -> None:
 # --- Experiments -------------------------------------------------------------------------------------------------
 
 def _experiment_unfinished(status: kopf.Status, **_) -> bool:
-    return status.get("phase") not in FINISHED_EXPERIMENT
+    return status.get("phase") not in EXPERIMENT_FINISHED
 
 
 @kopf.on.resume(GROUP, VERSION, "experiments")
@@ -181,12 +183,12 @@ def reconcile_experiment(namespace: str, name: str) -> None:
         body = kube.get("Experiment", namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # owner references take the runs and their children with it
-        runs = kube.list("AdaptationRun", namespace, {"ttrv.io/experiment": name})
+        runs = kube.list("AdaptationRun", namespace, {EXPERIMENT_LABEL: name})
         resolved = resolve_spec(body)
         wanted = unstarted_run_names(body, resolved[0], runs)
         if wanted:  # another experiment's run may hold one of those names (`a-b` + `c` and `a` + `b-c`)
             listed = {run["metadata"]["name"] for run in runs}
-            runs += [run for run in kube.list("AdaptationRun", namespace, {"ttrv.io/run": wanted})
+            runs += [run for run in kube.list("AdaptationRun", namespace, {RUN_LABEL: wanted})
                      if run["metadata"]["name"] not in listed]
         plan = decide_experiment(ExperimentObserved(body, runs, _now(), resolved))
         # The accepted spec is recorded before anything is built from it.
@@ -204,7 +206,7 @@ def reconcile_experiment(namespace: str, name: str) -> None:
 # --- AdaptationRuns ----------------------------------------------------------------------------------------------
 
 def _run_unfinished(status: kopf.Status, **_) -> bool:
-    return status.get("phase") not in TERMINAL
+    return status.get("phase") not in RUN_FINISHED
 
 
 @kopf.on.resume(GROUP, VERSION, "adaptationruns")
@@ -220,7 +222,7 @@ def adaptation_run(namespace: str, name: str, **_) -> None:
 def child_changed(namespace: str, labels: kopf.Labels, **_) -> None:
     """The training operator, Kueue or the kubelet changed a trainer or a rollout service: decide again now
     rather than at the next poll. (Event handlers are not retried; the poll timer is the safety net.)"""
-    run = labels.get("ttrv.io/run")
+    run = labels.get(RUN_LABEL)
     if run:
         _handle(reconcile_run, namespace, run)
 
@@ -242,7 +244,7 @@ def reconcile_run(namespace: str, name: str) -> None:
             if found is not None:
                 children[obj["kind"]] = found
         job = children.get("PyTorchJob")
-        pods = kube.list("Pod", namespace, {"ttrv.io/run": name, "app.kubernetes.io/component": "trainer"}) \
+        pods = kube.list("Pod", namespace, {RUN_LABEL: name, COMPONENT_LABEL: TRAINER}) \
             if wants_pods(job) else ()
         workload = _workload(kube, namespace, job) if wants_workload(job, runtime.kueue_enabled) else None
         progress = _progress(runtime, run) if wants_progress(run, job) else None
@@ -269,7 +271,7 @@ def reconcile_run(namespace: str, name: str) -> None:
 def _workload(kube: Kube, namespace: str, job: dict) -> dict | None:
     """The Kueue Workload of a PyTorchJob: Kueue labels it with the job's uid and makes the job its owner."""
     uid = job["metadata"].get("uid")
-    for workload in kube.list("Workload", namespace, {"kueue.x-k8s.io/job-uid": uid}):
+    for workload in kube.list("Workload", namespace, {JOB_UID_LABEL: uid}):
         if any(ref.get("uid") == uid for ref in workload["metadata"].get("ownerReferences") or []):
             return workload
     return None
