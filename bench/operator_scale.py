@@ -1,8 +1,8 @@
 """Scale benchmark of the operator's reconcile logic: N experiments x M datasets, from creation to the end.
 
-What runs: the functions kopf calls (operators.ttrv_operator.reconcile_experiment and reconcile_run: read the
-objects, decide, write the plan), unchanged, against an in-memory API that stores objects as JSON text, so every
-read decodes and every write encodes as with a real client. The cluster's controllers are simulated, one step
+What runs: the reconcile loop the kopf handlers call (operators.reconcile.reconcile_experiment and reconcile_run:
+read the objects, decide, apply the plan), unchanged, with a Context of its own: an in-memory API that stores
+objects as JSON text, so every read decodes and every write encodes as with a real client. The cluster's controllers are simulated, one step
 per tick: rollout Deployments become ready, PyTorchJobs start, their trainers' progress.json advances, and they
 succeed (3% fail with a permanent exit code, 5% restart once in place). Each tick the operator reconciles every
 unfinished run and experiment, as its poll timer would (kopf's change and child events add reconciles of the same
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from operators import experiments, metrics, runs  # noqa: E402
-from operators import ttrv_operator as operator  # noqa: E402
 from operators.local import merge_patch  # noqa: E402
+from operators.reconcile import Context, now, reconcile_experiment, reconcile_run  # noqa: E402
 from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, RUN_LABEL, TRAINER  # noqa: E402
 from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED  # noqa: E402
 
@@ -205,9 +205,8 @@ def timed_reconciles(samples: dict[str, list[float]]):
 
 
 def drive(kube, cluster: Cluster, count: int, datasets: int, parallel: int, samples, max_ticks: int) -> int:
-    operator.RUNTIME = operator.Runtime(kube, False, cluster.read_progress)
     events = [0]
-    operator._post = lambda body, plan_events: events.__setitem__(0, events[0] + len(plan_events))
+    ctx = Context(kube, cluster.read_progress, post_event=lambda body, event: events.__setitem__(0, events[0] + 1))
     names = []
     for index in range(count):
         body = kube.create(experiment_body(index, datasets, parallel))
@@ -218,12 +217,12 @@ def drive(kube, cluster: Cluster, count: int, datasets: int, parallel: int, samp
             cluster.step(now)
             for (namespace, name), text in list(kube.objects["AdaptationRun"].items()):
                 if (json.loads(text).get("status") or {}).get("phase") not in RUN_FINISHED:
-                    operator.reconcile_run(namespace, name)
+                    reconcile_run(ctx, namespace, name)
             unfinished = [(ns, n) for ns, n in names
                           if (kube.get("Experiment", ns, n).get("status") or {}).get("phase")
                           not in EXPERIMENT_FINISHED]
             for namespace, name in unfinished:
-                operator.reconcile_experiment(namespace, name)
+                reconcile_experiment(ctx, namespace, name)
             if not unfinished:
                 return tick + 1
     raise SystemExit(f"not finished after {max_ticks} ticks")
@@ -237,7 +236,7 @@ def decision_samples(kube, rounds: int = 2000) -> dict[str, list[float]]:
         body = json.loads(text)
         owned = kube.list("AdaptationRun", namespace, {EXPERIMENT_LABEL: name})
         started = time.perf_counter()
-        experiments.decide_experiment(experiments.Observed(body, owned, operator._now()))
+        experiments.decide_experiment(experiments.Observed(body, owned, now()))
         out["decide_experiment"].append((time.perf_counter() - started) * 1000)
     for (namespace, _name), text in list(kube.objects["AdaptationRun"].items())[:rounds]:
         run = json.loads(text)
@@ -246,7 +245,7 @@ def decision_samples(kube, rounds: int = 2000) -> dict[str, list[float]]:
         children = {o["kind"]: kube.get(o["kind"], namespace, o["metadata"]["name"]) for o in wanted}
         children = {k: v for k, v in children.items() if v is not None}
         started = time.perf_counter()
-        runs.decide_run(runs.Observed(run, operator._now(), children, desired=wanted))
+        runs.decide_run(runs.Observed(run, now(), children, desired=wanted))
         out["decide_run"].append((time.perf_counter() - started) * 1000)
     return out
 

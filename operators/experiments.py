@@ -1,7 +1,7 @@
 """What to do about one Experiment, decided from what the API shows; no I/O here.
 
-`decide_experiment(Observed) -> Plan`: which AdaptationRuns to create or patch, the spec to keep applying, the
-Experiment's whole status and the Events to post.
+`decide_experiment(Observed) -> Plan`: the actions (record the spec to keep applying in the Experiment's
+annotation, create or patch AdaptationRuns, in that order), the Experiment's whole status and the Events to post.
 
 - Scheduling: one AdaptationRun per dataset, created in the order of `spec.datasets` while fewer than
   `maxParallelRuns` runs are active (not Succeeded or Failed); the others wait Pending, with no object yet. A
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from operators.conditions import Event, Want, set_conditions
+from operators.conditions import Action, Event, Plan, Want, set_conditions
 from ttrv.crds import API_VERSION
 from ttrv.labels import EXPERIMENT_LABEL
 from ttrv.manifests import adaptation_run, resource_dump, run_name
@@ -48,17 +48,6 @@ class Observed:
     """`resolve_spec(experiment)`, when the caller has it already; None: resolved here."""
 
 
-@dataclass
-class Plan:
-    accepted_annotation: str | None
-    """The accepted spec to store in the annotation, when it changes."""
-    create: list[dict] = field(default_factory=list)
-    patch: list[tuple[str, dict]] = field(default_factory=list)
-    """(AdaptationRun name, merge patch)."""
-    status: dict = field(default_factory=dict)
-    events: list[Event] = field(default_factory=list)
-
-
 def decide_experiment(observed: Observed) -> Plan:
     experiment = observed.experiment
     meta = experiment["metadata"]
@@ -70,7 +59,7 @@ def decide_experiment(observed: Observed) -> Plan:
         status = _status_of_invalid(previous, invalid, observed.now, generation)
         if previous.get("message") != status["message"]:
             events.append(Event("Warning", "SpecInvalid", invalid))
-        return Plan(None, status=status, events=events)
+        return Plan([], status, events)
     assert accepted is not None
 
     runs = {run["spec"]["dataset"]: run for run in observed.runs
@@ -100,7 +89,11 @@ def decide_experiment(observed: Observed) -> Plan:
 
     status = _status(previous, rows, accepted, rejection, observed.now, generation)
     events += _events(previous, status, rejection, annotation, experiment)
-    return Plan(annotation, create, patch, status, events)
+    actions = [] if annotation is None else [Action("patch", "Experiment", meta["name"], {
+        "metadata": {"annotations": {ACCEPTED_ANNOTATION: annotation}}})]
+    actions += [Action("create", "AdaptationRun", run["metadata"]["name"], run) for run in create]
+    actions += [Action("patch", "AdaptationRun", name, body) for name, body in patch]
+    return Plan(actions, status, events)
 
 
 def unstarted_run_names(experiment: Mapping, accepted: ExperimentSpec | None,

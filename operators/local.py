@@ -47,8 +47,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from operators.conditions import human_duration, is_true, parse_time, rfc3339
-from operators.experiments import ACCEPTED_ANNOTATION, decide_experiment
 from operators.experiments import Observed as ExperimentObserved
+from operators.experiments import decide_experiment
 from operators.progress import parse_progress, read_progress
 from operators.runs import Action, decide_run, desired_children, wants_pods, wants_progress
 from operators.runs import Observed as RunObserved
@@ -216,17 +216,18 @@ class LocalController:
     def _reconcile_experiment(self) -> list[dict]:
         """decide_experiment and its plan applied; returns the runs it created, to be reconciled at once."""
         plan = decide_experiment(ExperimentObserved(self.experiment, self.runs, _now()))
-        if plan.accepted_annotation is not None:
-            self.experiment["metadata"]["annotations"][ACCEPTED_ANNOTATION] = plan.accepted_annotation
         created = []
-        for body in plan.create:
-            run = copy.deepcopy(body)
-            run["metadata"] |= {"uid": str(uuid.uuid4()), "generation": 1, "creationTimestamp": rfc3339(_now())}
-            run["status"] = {}
-            created.append(run)
-        self.runs += created
-        for name, patch in plan.patch:
-            merge_patch(next(run for run in self.runs if run["metadata"]["name"] == name), patch)
+        for action in plan.actions:
+            if action.kind == "Experiment":
+                merge_patch(self.experiment, action.body)
+            elif action.verb == "create":
+                run = copy.deepcopy(action.body)
+                run["metadata"] |= {"uid": str(uuid.uuid4()), "generation": 1, "creationTimestamp": rfc3339(_now())}
+                run["status"] = {}
+                created.append(run)
+                self.runs.append(run)
+            else:
+                merge_patch(next(run for run in self.runs if run["metadata"]["name"] == action.name), action.body)
         self.experiment["status"] = plan.status
         _post(self.experiment, plan.events)
         return created

@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from operators.conditions import (
+    Action,
     Event,
+    Plan,
     Want,
     condition,
     human_duration,
@@ -76,21 +78,6 @@ class Observed:
     kueue_enabled: bool = False
     desired: Sequence[Mapping] | None = None
     """`desired_children(run, kueue_enabled)`, when the handler has built them already (None: built here)."""
-
-
-@dataclass(frozen=True)
-class Action:
-    verb: str  # create, patch or delete
-    kind: str
-    name: str
-    body: Mapping | None = None  # the object to create, or the merge patch
-
-
-@dataclass
-class Plan:
-    actions: list[Action]
-    status: dict
-    events: list[Event]
 
 
 @dataclass(frozen=True)
