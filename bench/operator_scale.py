@@ -1,8 +1,9 @@
 """Scale benchmark of the operator's reconcile logic: N experiments x M datasets, from creation to the end.
 
 What runs: the reconcile loop the kopf handlers call (operators.reconcile.reconcile_experiment and reconcile_run:
-read the objects, decide, apply the plan), unchanged, with a Context of its own: an in-memory API that stores
-objects as JSON text, so every read decodes and every write encodes as with a real client. The cluster's controllers are simulated, one step
+read the objects, decide, apply the plan), unchanged, with a Context of its own: the in-memory API of
+`ttrv experiment run --local` (operators/local/api.py), which stores objects as JSON text, so every read decodes
+and every write encodes as with a real client. The cluster's controllers are simulated, one step
 per tick: rollout Deployments become ready, PyTorchJobs start, their trainers' progress.json advances, and they
 succeed (3% fail with a permanent exit code, 5% restart once in place). Each tick the operator reconciles every
 unfinished run and experiment, as its poll timer would (kopf's change and child events add reconciles of the same
@@ -27,7 +28,6 @@ import resource
 import statistics
 import sys
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,86 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from operators import experiments, metrics, runs  # noqa: E402
-from operators.local import merge_patch  # noqa: E402
+from operators.local.api import MemoryKube  # noqa: E402
 from operators.reconcile import Context, now, reconcile_experiment, reconcile_run  # noqa: E402
 from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, RUN_LABEL, TRAINER  # noqa: E402
 from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED  # noqa: E402
 
 NS_COUNT = 50
-
-
-INDEXED_LABELS = (EXPERIMENT_LABEL, RUN_LABEL)
-
-
-class MemoryKube:
-    """The operator's API client (operators.kube.Kube) over dicts of JSON text: the API server's bookkeeping
-    (uids, generations, the status subresource, 409 on duplicates) without its network and storage."""
-
-    def __init__(self):
-        self.objects: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
-        # The API server filters its watch cache in memory; parsing every stored object per list would charge the
-        # operator for what this stand-in stores as JSON text, so the labels the operator selects on are indexed.
-        self.by_label: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
-        self.version = 0
-        self.writes = 0
-
-    def _store(self, kind: str, obj: dict) -> None:
-        self.version += 1
-        self.writes += 1
-        obj["metadata"]["resourceVersion"] = str(self.version)
-        meta = obj["metadata"]
-        self.objects[kind][(meta["namespace"], meta["name"])] = json.dumps(obj)
-        for key in INDEXED_LABELS:
-            value = (meta.get("labels") or {}).get(key)
-            if value:
-                self.by_label[(kind, meta["namespace"], key, value)].add(meta["name"])
-
-    def get(self, kind, namespace, name):
-        text = self.objects[kind].get((namespace, name))
-        return None if text is None else json.loads(text)
-
-    def list(self, kind, namespace, labels):
-        wanted = {key: value if isinstance(value, tuple) else (value,) for key, value in labels.items()}
-        key = next((key for key in INDEXED_LABELS if key in wanted), None)
-        names = {name for value in wanted[key] for name in self.by_label[(kind, namespace, key, value)]} if key \
-            else [n for (ns, n) in self.objects[kind] if ns == namespace]
-        found = [self.get(kind, namespace, name) for name in sorted(names)]
-        return [o for o in found if o and all(o["metadata"].get("labels", {}).get(k) in v for k, v in wanted.items())]
-
-    def create(self, obj):
-        kind, meta = obj["kind"], obj["metadata"]
-        if (meta["namespace"], meta["name"]) in self.objects[kind]:
-            return None
-        obj = json.loads(json.dumps(obj))
-        obj["metadata"].update(uid=str(uuid.uuid4()), generation=1)
-        if kind in ("Experiment", "AdaptationRun", "PyTorchJob", "Deployment"):  # status is a subresource
-            obj.pop("status", None)
-        self._store(kind, obj)
-        return obj
-
-    def patch(self, kind, namespace, name, patch, status=False):
-        current = self.get(kind, namespace, name)
-        if current is None:
-            return None
-        if status:
-            current["status"] = current.get("status") or {}
-            merge_patch(current["status"], patch["status"])
-        else:
-            before = json.dumps(current.get("spec"), sort_keys=True)
-            merge_patch(current, {k: v for k, v in patch.items() if k != "status"})
-            if json.dumps(current.get("spec"), sort_keys=True) != before:
-                current["metadata"]["generation"] += 1
-        self._store(kind, current)
-        return current
-
-    def delete(self, kind, namespace, name):
-        self.objects[kind].pop((namespace, name), None)
-
-    def close(self):
-        pass
-
-    def stored_bytes(self) -> int:
-        return sum(len(text) for table in self.objects.values() for text in table.values())
 
 
 class Cluster:

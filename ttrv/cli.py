@@ -118,7 +118,8 @@ def cmd_experiment_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     # The local backend is a controller: it applies the operator's decisions (operators/), so it lives there and
     # this entry point is the one place where ttrv reaches into operators.
-    from operators.local import run_experiment, status_table
+    from operators.local.controller import run_experiment
+    from operators.local.table import status_table
 
     metadata, spec = _experiment(args)
     out = Path(args.out or f"runs/{metadata['name']}")
