@@ -22,6 +22,7 @@ has a cluster's layout.
 
 The modules:
 
+    command.py     the `ttrv experiment` command, which the ttrv CLI finds through its entry point
     controller.py  run_experiment: the embedded store, the Experiment, the reconcile rounds, status.json
     cluster.py     LocalCluster: the in-memory API plus the Deployment controller, the training operator, the kubelet
     api.py         MemoryKube: the in-memory API (the scale bench's too)
