@@ -77,15 +77,16 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.metrics_server = server
     injected = memo.get("read_progress")  # an embedding caller's stand-in for the object store
     memo.progress_reader = None if injected else ProgressReader()
-    memo.context = Context(Kube.from_environment(), injected or memo.progress_reader, kueue, post_event=_post_event)
+    memo.kube = Kube.from_environment()
+    memo.context = Context(memo.kube, injected or memo.progress_reader, kueue, post_event=_post_event)
     logger.info("operator_configured", kueue_enabled=kueue, metrics_port=server.server_port,
                 poll_seconds=POLL_SECONDS)
 
 
 @kopf.on.cleanup()
 def shut_down(memo: kopf.Memo, **_) -> None:
-    if "context" in memo:
-        memo.context.api.close()
+    if "kube" in memo:
+        memo.kube.close()
     if memo.get("progress_reader") is not None:
         memo.progress_reader.close()
     if "metrics_server" in memo:
