@@ -1,8 +1,8 @@
 """What to do about one AdaptationRun, decided from what the API shows; no I/O here.
 
 `decide_run(Observed) -> Plan`: the children to create, patch or delete, the run's whole status, and the Events
-to post. The reconcile loop (reconcile.py) reads the world, calls this, and applies the plan; everything the next
-decision needs is in the API (the run's status included), so an operator restart loses nothing.
+to post. The reconcile loop (reconcile.py) reads the world, calls this, and applies the plan; everything the
+next decision needs is in the API (the run's status included), so an operator restart loses nothing.
 
 The rules, in the order they apply:
 
