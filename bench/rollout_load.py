@@ -18,7 +18,6 @@ the whole result as JSON.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import shutil
 import statistics
@@ -32,7 +31,8 @@ import yaml
 from ttrv import benchmark, log
 from ttrv.data import read_dataset
 from ttrv.rollout.chat import openai_messages
-from ttrv.rollout.server import ServeProcess
+from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, request_json
+from ttrv.rollout.supervisor import ServeProcess
 
 DEADLINE_SECONDS = 600.0
 """No round runs past this, however slow the machine: the clients stop sending and the round is reported short."""
@@ -45,15 +45,9 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def post(port: int, body: dict) -> tuple[int, dict]:
+def post(url: str, body: dict) -> tuple[int, dict]:
     """One request on a connection of its own, as the trainer's client sends it."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    try:
-        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
+    return request_json(url, "POST", "/v1/chat/completions", body, timeout=300)
 
 
 def token_ids(answer: dict) -> list[list[int]]:
@@ -68,7 +62,7 @@ def requests_of(clients: int, count: int, prompts, model: str, votes: int, max_t
              for i in range(count)] for client in range(clients)]
 
 
-def load_round(port: int, work: list[list[dict]], expected: list[list[list[list[int]]]]) -> dict:
+def load_round(url: str, work: list[list[dict]], expected: list[list[list[list[int]]]]) -> dict:
     """Every client's requests at once; the round's throughput, latencies and wrong answers."""
     latencies: list[float] = []
     problems: list[str] = []
@@ -81,7 +75,7 @@ def load_round(port: int, work: list[list[dict]], expected: list[list[list[list[
                 return
             started = time.perf_counter()
             try:
-                status, answer = post(port, body)
+                status, answer = post(url, body)
                 problem = None
                 if status != 200:
                     problem = f"HTTP {status}: {answer.get('error', {}).get('message')}"
@@ -89,7 +83,7 @@ def load_round(port: int, work: list[list[dict]], expected: list[list[list[list[
                     problem = f"answered from version {answer['ttrv_weight_version']}, pinned to the base model"
                 elif token_ids(answer) != expected[index][number]:
                     problem = "samples differ from those of the same request sent alone"
-            except (OSError, http.client.HTTPException, ValueError) as error:
+            except (*TRANSPORT_ERRORS, ValueError) as error:
                 problem = f"{type(error).__name__}: {error}"
             with lock:
                 latencies.append(time.perf_counter() - started)
@@ -120,11 +114,11 @@ def run(clients: int, requests: int, votes: int, max_tokens: int, rounds: int) -
     service = ServeProcess(spec_path, work_dir / "serve.log").start()
     try:
         work = requests_of(clients, requests, prompts, "load", votes, max_tokens)
-        expected = [[token_ids(post(service.port, body)[1]) for body in bodies] for bodies in work]
+        expected = [[token_ids(post(service.url, body)[1]) for body in bodies] for bodies in work]
         memory = [round(rss_mb(service.process.pid), 1)]
         results = []
         for _ in range(rounds):
-            results.append(load_round(service.port, work, expected))
+            results.append(load_round(service.url, work, expected))
             memory.append(round(rss_mb(service.process.pid), 1))
         stopped = service.stop()
     finally:

@@ -39,7 +39,7 @@ from ttrv.data import read_dataset
 from ttrv.modeling import load_model, load_processor, model_inputs
 from ttrv.rollout.client import ServiceEngine
 from ttrv.rollout.hf import HFEngine
-from ttrv.rollout.server import ServeProcess
+from ttrv.rollout.supervisor import ServeProcess
 from ttrv.spec import RunSpec
 from ttrv.tinymodel import build_tiny_qwen2vl
 from ttrv.weights import BUNDLED, resolve_model

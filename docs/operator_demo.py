@@ -39,14 +39,16 @@ QUOTA = ("couldn't assign flavors to pod set master: insufficient unused quota f
          "8 more needed")
 PREEMPTED = "Preempted to accommodate a workload (UID: 5c1d6e0a) due to prioritization in the ClusterQueue"
 PROGRESS = {
-    "imagenet-a": {"progressPercentage": 100.0, "step": 10, "totalSteps": 10, "weightVersion": 10,
-                   "checkpointStep": 10, "baseAccuracy": 0.412, "accuracy": 0.468},
-    "imagenet-r": {"progressPercentage": 60.0, "estimatedRemainingSeconds": 1920, "step": 6, "totalSteps": 10,
-                   "weightVersion": 6, "checkpointStep": 6, "baseAccuracy": 0.538, "accuracy": 0.571},
-    "imagenet-sketch": {"progressPercentage": 30.0, "estimatedRemainingSeconds": 4480, "step": 3, "totalSteps": 10,
-                        "weightVersion": 3, "checkpointStep": 2, "baseAccuracy": 0.297, "accuracy": 0.305},
-    "imagenet-v2": {"progressPercentage": 40.0, "estimatedRemainingSeconds": 3900, "step": 4, "totalSteps": 10,
-                    "weightVersion": 4, "checkpointStep": 4, "baseAccuracy": 0.602, "accuracy": 0.611},
+    "imagenet-a": {"stage": "finished", "progressPercentage": 100.0, "step": 10, "totalSteps": 10,
+                   "weightVersion": 10, "checkpointStep": 10, "baseAccuracy": 0.412, "accuracy": 0.468},
+    "imagenet-r": {"stage": "adapting", "progressPercentage": 60.0, "estimatedRemainingSeconds": 1920, "step": 6,
+                   "totalSteps": 10, "weightVersion": 6, "checkpointStep": 6, "baseAccuracy": 0.538, "accuracy": 0.571},
+    "imagenet-sketch": {"stage": "adapting", "progressPercentage": 30.0, "estimatedRemainingSeconds": 4480, "step": 3,
+                        "totalSteps": 10, "weightVersion": 3, "checkpointStep": 2, "baseAccuracy": 0.297,
+                        "accuracy": 0.305},
+    "imagenet-v2": {"stage": "adapting", "progressPercentage": 40.0, "estimatedRemainingSeconds": 3900, "step": 4,
+                    "totalSteps": 10, "weightVersion": 4, "checkpointStep": 4, "baseAccuracy": 0.602,
+                    "accuracy": 0.611},
 }
 
 

@@ -12,7 +12,16 @@ are the contract between trainer and operator:
     checkpointStep             integer >= 0   step of the newest full checkpoint (where a restart resumes)
     baseAccuracy               number 0-1     greedy accuracy of the base model (eval before adapting)
     accuracy                   number 0-1     newest greedy accuracy of the adapted model
+    stage                      string         what the trainer does: evaluating-before, adapting,
+                                              evaluating-after or finished
+    evalPromptsDone            integer >= 0   prompts the running evaluation stage has done, of all its passes
+    evalPromptsTotal           integer >= 0   prompts of all the stage's passes (greedy and maj@N, all splits)
     metrics                    {name: number} the step's metrics; the operator does not copy them into status
+
+The trainer writes the whole document each time, and also while it evaluates, before and after adapting (on a real
+model those are the longest phases): `stage` with the evaluation keys, and while evaluating after, the time left.
+A document with a `stage` is a snapshot: its time left and evaluation keys are current, and one it leaves out is
+unknown now (the operator clears it in status); without a stage (an older trainer) a missing key keeps its value.
 
 Every key is optional. Unknown keys are ignored; a key with the wrong type or out of range is dropped (and named
 in `Progress.problems`) while the others are used, because the AdaptationRun's schema would reject the whole
@@ -26,7 +35,9 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
+
+from ttrv.spec import RunStage
 
 PROGRESS_KEY = "progress.json"
 # How long one read may keep retrying an unreachable store: the poll comes back every interval anyway.
@@ -43,7 +54,22 @@ class Progress:
     checkpoint_step: int | None = None
     base_accuracy: float | None = None
     accuracy: float | None = None
+    stage: str | None = None
+    eval_prompts_done: int | None = None
+    eval_prompts_total: int | None = None
     problems: tuple[str, ...] = ()
+
+    @property
+    def eval_progress(self) -> float | None:
+        """Percent of the evaluation stage's prompts done, when the trainer is evaluating."""
+        if self.stage not in EVALUATING or self.eval_prompts_done is None or not self.eval_prompts_total:
+            return None
+        return round(min(100.0, 100.0 * self.eval_prompts_done / self.eval_prompts_total), 1)
+
+
+STAGES = get_args(RunStage)
+EVALUATING = ("evaluating-before", "evaluating-after")
+"""The stages that report evaluation progress."""
 
 
 # key in progress.json → (field of Progress, integer?, lowest, highest)
@@ -56,6 +82,8 @@ _FIELDS = {
     "checkpointStep": ("checkpoint_step", True, 0, None),
     "baseAccuracy": ("base_accuracy", False, 0.0, 1.0),
     "accuracy": ("accuracy", False, 0.0, 1.0),
+    "evalPromptsDone": ("eval_prompts_done", True, 0, None),
+    "evalPromptsTotal": ("eval_prompts_total", True, 0, None),
 }
 
 
@@ -80,6 +108,11 @@ def parse_progress(document: Any) -> Progress:
             problems.append(f"{key}: {value!r} is outside [{low}, {high if high is not None else 'inf'}]")
             continue
         values[name] = value if integer else float(value)
+    stage = document.get("stage")
+    if stage in STAGES:
+        values["stage"] = stage
+    elif stage is not None:
+        problems.append(f"stage: {stage!r} is not one of {', '.join(STAGES)}")
     return Progress(**values, problems=tuple(problems))
 
 

@@ -395,7 +395,9 @@ _PROGRESS_FIELDS = {
 }
 _KEPT = ("storeUri", "step", "totalSteps", "progress", "estimatedRemainingSeconds", "eta", "weightVersion",
          "checkpointStep", "baseAccuracy", "accuracy", "restarts", "lastRestart", "exitCode", "startTime",
-         "completionTime")
+         "completionTime", "stage", "evalPromptsDone", "evalPromptsTotal", "evalProgress")
+# What the trainer is doing now: only meaningful while it runs.
+_WHILE_RUNNING = ("estimatedRemainingSeconds", "eta", "stage", "evalPromptsDone", "evalPromptsTotal", "evalProgress")
 
 
 def _status(o: Observed, spec: AdaptationRunSpec | None, previous: Mapping, outcome: _Outcome) -> dict:
@@ -410,13 +412,20 @@ def _status(o: Observed, spec: AdaptationRunSpec | None, previous: Mapping, outc
             value = getattr(o.progress, attribute)
             if value is not None:
                 status[key] = value
-        if o.progress.remaining_seconds is not None:
-            status["eta"] = human_duration(o.progress.remaining_seconds)
+        if o.progress.stage is not None:
+            # A trainer that reports its stage writes whole snapshots (operators/progress.py): the time left and
+            # the evaluation's prompts it leaves out are unknown now, not unchanged (evaluating before adapting
+            # has no time left yet, adapting no evaluation).
+            status.update(stage=o.progress.stage, estimatedRemainingSeconds=o.progress.remaining_seconds,
+                          evalPromptsDone=o.progress.eval_prompts_done,
+                          evalPromptsTotal=o.progress.eval_prompts_total, evalProgress=o.progress.eval_progress)
+        status["eta"] = None if status["estimatedRemainingSeconds"] is None else \
+            human_duration(status["estimatedRemainingSeconds"])
     status.update(outcome.updates)
     if outcome.phase == "Succeeded":
         status["progress"] = 100.0
-    if outcome.phase != "Running":  # a time left is only meaningful while the trainer runs
-        status.update(estimatedRemainingSeconds=None, eta=None)
+    if outcome.phase != "Running":
+        status.update(dict.fromkeys(_WHILE_RUNNING))
     generation = o.run["metadata"].get("generation")
     running = outcome.phase == "Running"
     ready = (running and outcome.reason == "TrainerRunning") or outcome.phase == "Succeeded"

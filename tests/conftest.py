@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import re
 import secrets
 
 import pytest
+import structlog
 from trainer_util import SERVICE_SPEC, ttrv_run
 
+from ttrv import log
 from ttrv.objectserver import EmbeddedS3
 from ttrv.store import MiB, open_store
 
 TEST_BUCKET = "ttrv-test"
+
+
+@pytest.fixture
+def log_stream():
+    """This process's structured logs, into a buffer the test reads; the logging set-up is restored afterwards
+    (re-configuring to sys.stderr would bind a later test's logs to this test's captured, closed stream)."""
+    saved = structlog.get_config()
+    stream = io.StringIO()
+    log.configure(stream=stream)
+    yield stream
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")

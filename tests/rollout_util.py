@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from ttrv.data import Prompt
 from ttrv.modeling import load_model, load_processor, model_inputs
-from ttrv.rollout.server import ServeProcess
+from ttrv.rollout.supervisor import ServeProcess
 from ttrv.spec import RunSpec
 from ttrv.tinymodel import build_tiny_qwen2vl
 
@@ -49,10 +49,13 @@ def served_spec(work: Path, document: dict) -> RunSpec:
 
 
 @contextmanager
-def serving(work: Path) -> Iterator[ServeProcess]:
-    """`ttrv serve --spec work/run.yaml` as a separate process, which must stop cleanly on SIGTERM."""
+def serving(work: Path, ended_by_test: bool = False) -> Iterator[ServeProcess]:
+    """`ttrv serve --spec work/run.yaml` as a separate process, which must stop cleanly on SIGTERM; with
+    `ended_by_test`, one that has already exited (a test ended it and checked how) is left as it is."""
     service = ServeProcess(work / "run.yaml", work / "serve.log").start()
     yield service
+    if ended_by_test and service.process.poll() is not None:
+        return
     assert service.stop() == 0, service.log_tail()
 
 

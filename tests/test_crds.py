@@ -16,6 +16,9 @@ from ttrv.crds import crds, structural, structural_problems, values_schema_json
 from ttrv.manifests import resource_dump
 from ttrv.spec import AdaptationRunStatus, Condition, DatasetStatus, ExperimentStatus
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 REGENERATE = "generated from ttrv/spec.py and stale; run `make generate` and commit the result"
 
 
@@ -130,7 +133,8 @@ def test_names_short_names_and_columns():
     assert [c["name"] for c in _version("ttrv.io_experiments.yaml")["additionalPrinterColumns"]] == [
         "Phase", "Running", "Done", "Failed", "Total", "Progress", "Base", "Accuracy", "Age"]
     assert [c["name"] for c in _version("ttrv.io_adaptationruns.yaml")["additionalPrinterColumns"]] == [
-        "Dataset", "Phase", "Reason", "Progress", "Step", "ETA", "Base", "Accuracy", "Weights", "Restarts", "Age"]
+        "Dataset", "Phase", "Reason", "Stage", "Progress", "Step", "Eval", "ETA", "Base", "Accuracy", "Weights",
+        "Restarts", "Age"]
     for crd in (experiment, run):
         assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
 

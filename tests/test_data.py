@@ -20,6 +20,9 @@ from ttrv.data import (
     select_subset,
 )
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 PROMPT = "<image>\nWhat colour is the shape? Options:\nA. red\nB. blue\nC. green\nD. yellow"
 
 

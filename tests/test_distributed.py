@@ -1,15 +1,11 @@
-"""The trainer as 2 data-parallel processes under torchrun's launcher, started exactly as a PyTorchJob pod starts it.
-
-The training-operator gives a pod PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and
-PET_MASTER_PORT (torchrun's launcher reads them) plus MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK; the pod's command
-is `ttrv train --spec /etc/ttrv/run.yaml` (ttrv.launch). Here the same command runs with the same variables on
-loopback, DeepSpeed on CPU with gloo, against a real S3 server (SeaweedFS). Votes are seeded per prompt, so the
+"""The trainer as 2 data-parallel processes under torchrun's launcher, started as the README starts it:
+`ttrv run SPEC --nproc 2`, which runs the pod's launcher (`ttrv train`, ttrv.launch) with torchrun's standalone
+rendezvous on loopback; DeepSpeed on CPU with gloo, against a real S3 server (SeaweedFS). Votes are seeded per prompt, so the
 2-process run must reproduce the 1-process run: same prompts per step, same final weights within float tolerance.
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +30,6 @@ SPEC = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_trainer(folder: Path, storage_uri: str, nproc: int) -> subprocess.CompletedProcess:
     spec = SPEC | {"storage": SPEC["storage"] | {"uri": storage_uri}}
     (folder / "run.yaml").write_text(yaml.safe_dump(spec))
@@ -48,11 +38,10 @@ def run_trainer(folder: Path, storage_uri: str, nproc: int) -> subprocess.Comple
     if nproc == 1:
         command = [sys.executable, *entry]
     else:
-        port = str(free_port())
-        env |= {"PET_NNODES": "1", "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": "0",
-                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port,
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "1", "RANK": "0"}
-        command = [sys.executable, "-m", "ttrv.launch", *entry[2:]]
+        # The README's `ttrv run SPEC --nproc N`: torchrun's standalone rendezvous on loopback. (The pod's PET_*
+        # path, one launcher per node, is taken by the local experiment's two-node trainer in test_experiment_local.)
+        command = [sys.executable, "-m", "ttrv.cli", "run", str(folder / "run.yaml"), "--out", str(folder),
+                   "--nproc", str(nproc)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 

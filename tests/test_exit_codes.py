@@ -8,7 +8,6 @@ Each case runs the real launcher with the variables the training-operator inject
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from ttrv import exitcodes
+from ttrv.net import free_port
 from ttrv.train import exit_code_for
 
 BASE = {
@@ -28,12 +28,6 @@ BASE = {
     "eval": {"before": False, "after": False},
     "resources": {"gpusPerNode": 0},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pod(folder: Path, spec: dict | str, nproc: int = 1, **env) -> subprocess.Popen:

@@ -233,6 +233,27 @@ def test_pods_get_the_training_operators_env_the_secret_and_local_paths(tmp_path
     assert serve.env["AWS_SECRET_ACCESS_KEY"] == "secret-of-test"
 
 
+def test_each_local_trainer_gets_its_own_metrics_port(tmp_path):
+    """Every trainer pod is told TTRV_METRICS_PORT=9400: in a cluster each pod has its own address, here they share
+    loopback, so each run's trainer must get a local port of its own (two runs once failed with EADDRINUSE)."""
+    spec = ExperimentSpec.model_validate(experiment("ports", [{"name": "a", "path": SHAPES},
+                                                              {"name": "b", "path": SHAPES}])["spec"]
+                                         | {"storage": {"uri": "s3://ttrv"}})
+    cluster = LocalCluster(tmp_path, {"ttrv-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"}})
+    ports = []
+    for dataset in ("a", "b"):
+        children = {child["kind"]: child for child in run_children(adaptation_run({"name": "ports"}, spec, dataset))}
+        for child in children.values():
+            cluster.create(child)
+        job = children["PyTorchJob"]
+        template = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+        assert {"name": "TTRV_METRICS_PORT", "value": "9400"} in template["spec"]["containers"][0]["env"]
+        pod = pods.pod_process(template, tmp_path / dataset, cluster.config_maps, cluster.secrets, {},
+                               cluster.ports[job["metadata"]["name"]], [], {})
+        ports.append(pod.env["TTRV_METRICS_PORT"])
+    assert len(set(ports)) == 2 and "9400" not in ports, ports
+
+
 def test_a_checkout_under_tmp_keeps_its_interpreter(monkeypatch):
     """The pod's /tmp is a folder of the run; this machine's interpreter may also lie under /tmp (a clone there) and
     must not be moved into it. Only the container's own arguments are translated."""

@@ -9,13 +9,16 @@ from hypothesis import strategies as st
 
 from ttrv.grpo import (
     batch_advantages,
-    clip_fraction,
     group_advantages,
     kl_penalty,
-    policy_loss,
+    masked_mean,
     ttrv_advantages,
+    ttrv_loss,
 )
 from ttrv.reward import normalized_entropy, vote_rewards
+
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
 
 
 def test_group_advantages_by_hand():
@@ -79,6 +82,11 @@ def test_unknown_entropy_mode_names_the_field():
         ttrv_advantages(torch.zeros(1, 2), torch.zeros(1), "bogus")
 
 
+def policy_loss(log_prob, old_log_prob, advantages, mask, **clip):
+    """ttrv_loss with no KL term, weighted against the micro-batch's own tokens: the token-mean policy loss."""
+    return ttrv_loss(log_prob, old_log_prob, None, advantages, mask, mask.sum().clamp(min=1.0), **clip)[0]
+
+
 def _loss_of_one_token(advantage: float, ratio: float, **kwargs) -> float:
     log_prob = torch.tensor([[math.log(ratio)]])
     return policy_loss(log_prob, torch.zeros(1, 1), torch.tensor([advantage]), torch.ones(1, 1), **kwargs).item()
@@ -117,7 +125,96 @@ def test_policy_loss_gradient_vanishes_where_clipped():
 
 def test_clip_fraction_by_hand():
     log_prob = torch.log(torch.tensor([[1.0, 1.5, 0.5, 1.1]]))
-    assert clip_fraction(log_prob, torch.zeros(1, 4), torch.ones(1, 4), 0.2, 0.2).item() == pytest.approx(0.5)
+    _, metrics = ttrv_loss(log_prob, torch.zeros(1, 4), None, torch.ones(1), torch.ones(1, 4), torch.tensor(4.0))
+    assert metrics["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_dual_clip_fraction_and_approx_kl_by_hand():
+    # (A, ratio): (-1, 5) the dual clip binds (max(5, 1.2) = 5 > 3); (-2, 2): 4 < 6, it does not; (1, 1.5): A > 0;
+    # (-1, 1.1): inside the clip range
+    ratios = torch.tensor([[5.0], [2.0], [1.5], [1.1]])
+    _, metrics = ttrv_loss(ratios.log(), torch.zeros(4, 1), None, torch.tensor([-1.0, -2.0, 1.0, -1.0]),
+                           torch.ones(4, 1), torch.tensor(4.0))
+    assert metrics["dual_clipfrac"].item() == pytest.approx(0.25)
+    assert metrics["clipfrac"].item() == pytest.approx(0.75)
+    # approx_kl = token-mean of log(old/new) (verl's ppo_kl)
+    assert metrics["approx_kl"].item() == pytest.approx(-math.log(5.0 * 2.0 * 1.5 * 1.1) / 4, rel=1e-5)
+    assert metrics["pg_loss"].item() == pytest.approx((3.0 + 4.0 - 1.2 + 1.1) / 4, rel=1e-5)
+
+
+def _former_assembly(log_prob, old, ref, adv, mask, total_tokens, clip_low, clip_high, dual_clip, kl_coef, kl_kind):
+    """The objective as the learner assembled it before `ttrv_loss` (main at 98d86e0: grpo.policy_loss and
+    grpo.clip_fraction, each with its own ratio, plus klCoef * KL and the token weight in Learner.update)."""
+    ratio = torch.exp((log_prob - old).clamp(-20.0, 20.0))
+    advantages = adv.unsqueeze(1).expand_as(log_prob)
+    clipped = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    dual = torch.minimum(clipped, -advantages * dual_clip)
+    pg = masked_mean(torch.where(advantages < 0, dual, clipped), mask)
+    kl = masked_mean(kl_penalty(log_prob, ref, kl_kind), mask)
+    loss = pg + kl_coef * kl
+    weight = mask.sum() / total_tokens
+    detached = torch.exp((log_prob.detach() - old).clamp(-20.0, 20.0))
+    clipfrac = masked_mean(((detached < 1.0 - clip_low) | (detached > 1.0 + clip_high)).to(mask.dtype), mask)
+    return loss * weight.to(loss), {"loss": loss, "pg_loss": pg, "kl": kl, "clipfrac": clipfrac, "weight": weight}
+
+
+@pytest.mark.parametrize("kl_kind", ["low_var_kl", "kl", "mse"])
+@pytest.mark.parametrize("seed", range(8))
+def test_ttrv_loss_is_the_former_assembly_bit_for_bit(kl_kind, seed):
+    """The numerics of training are unchanged: the same loss, gradient and metrics to the last bit, on batches
+    whose ratios fall inside, above and below the clip range and into the dual clip (several seeds, since a
+    reordered sum can round the same way on one batch by chance)."""
+    generator = torch.Generator().manual_seed(seed)
+    log_prob = (-torch.rand(6, 9, generator=generator) * 4).requires_grad_()
+    shift = torch.randn(6, 9, generator=generator)
+    shift[:, 0], shift[:, 1] = -2.0, 0.0  # ratio e^2 (the dual clip binds where A < 0) and 1 (inside the range)
+    old = log_prob.detach() + shift
+    ref = log_prob.detach() + 0.3 * torch.randn(6, 9, generator=generator)
+    adv = torch.tensor([1.5, -0.7, 0.0, -2.0, 0.4, -0.1])
+    mask = (torch.arange(9) < torch.tensor([9, 4, 7, 1, 9, 5]).unsqueeze(1)).float()
+    total_tokens = torch.tensor(97.0) / 3  # the step's tokens over three ranks, per rank
+    settings = (0.2, 0.28, 3.0, 0.01, kl_kind)
+
+    loss, metrics = ttrv_loss(log_prob, old, ref, adv, mask, total_tokens, *settings)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    former_loss, former = _former_assembly(log_prob, old, ref, adv, mask, total_tokens, *settings)
+    (former_grad,) = torch.autograd.grad(former_loss, log_prob)
+
+    assert torch.equal(loss, former_loss)
+    assert torch.equal(grad, former_grad)
+    for name, value in former.items():
+        assert torch.equal(metrics[name], value.detach()), name
+    assert 0 < metrics["clipfrac"] < 1 and metrics["dual_clipfrac"] > 0  # every branch of the loss was taken
+
+
+def test_micro_batches_add_up_to_the_step_token_mean():
+    """Weighted against the step's tokens, the micro-batches' losses (and gradients) sum to the token-mean
+    objective of the whole batch; a padding pass (no tokens) adds nothing."""
+    generator = torch.Generator().manual_seed(1)
+    log_prob = (-torch.rand(4, 5, generator=generator) * 3).requires_grad_()
+    old = log_prob.detach() + 0.5 * torch.randn(4, 5, generator=generator)
+    ref = log_prob.detach() + 0.5 * torch.randn(4, 5, generator=generator)
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    mask = (torch.arange(5) < torch.tensor([5, 2, 4, 3]).unsqueeze(1)).float()
+    tokens = mask.sum()
+
+    def loss_of(rows, rows_mask):
+        return ttrv_loss(log_prob[rows], old[rows], ref[rows], adv[rows], rows_mask, tokens, kl_coef=0.1)[0]
+
+    whole = loss_of(slice(0, 4), mask)
+    parts = [loss_of(slice(0, 1), mask[0:1]), loss_of(slice(1, 4), mask[1:4])]
+    padding = loss_of(slice(0, 1), torch.zeros(1, 5))
+    assert sum(parts).item() == pytest.approx(whole.item(), rel=1e-6)
+    assert padding.item() == 0.0
+    (whole_grad,) = torch.autograd.grad(whole, log_prob)
+    (parts_grad,) = torch.autograd.grad(sum(parts) + padding, log_prob)
+    assert torch.allclose(parts_grad, whole_grad, atol=1e-7)
+
+
+def test_dual_clip_must_exceed_one():
+    with pytest.raises(ValueError, match="dualClip"):
+        ttrv_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.ones(1), torch.ones(1, 1), torch.tensor(1.0),
+                  dual_clip=1.0)
 
 
 def test_kl_estimators_by_hand():

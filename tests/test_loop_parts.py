@@ -6,10 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttrv.data import Prompt
+from ttrv.guard import CollapseGuard, dominant_share
+from ttrv.loop import Cursor, score, steps_per_epoch
 from ttrv.rollout.base import Sample
-from ttrv.spec import GuardSpec, RunSpec
-from ttrv.train import CollapseGuard, Cursor, dominant_share, score, steps_per_epoch
+from ttrv.rollout.hf import lora_merger
+from ttrv.spec import GuardSpec, LoraSpec, RunSpec
 from ttrv.weights import merge_lora
+
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
 
 
 def prompts(n):
@@ -93,3 +98,23 @@ def test_merge_lora_by_hand():
     assert torch.equal(merged["model.layers.0.q_proj.weight"], torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="no lora_B"):
         merge_lora(base, {"base_model.model.model.x.lora_A.weight": torch.ones(1, 2)}, 1.0)
+
+
+def test_each_lora_version_is_merged_into_the_base_not_into_the_last_version():
+    """What the in-process engine and `ttrv serve`'s Hugging Face engine share (`lora_merger`): version 2 served
+    after version 1 is base + adapter 2, with nothing of adapter 1 left in it."""
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        model.q_proj.weight.copy_(torch.eye(2))
+    assert lora_merger(model, None) is None
+    merge = lora_merger(model, LoraSpec(rank=1, alpha=2))
+
+    def adapter(value: float) -> dict:
+        return {"base_model.model.q_proj.lora_A.weight": torch.tensor([[1.0, 0.0]]),
+                "base_model.model.q_proj.lora_B.weight": torch.tensor([[value], [0.0]])}
+
+    model.load_state_dict(merge(adapter(1.0)), strict=False)
+    assert torch.equal(model.q_proj.weight, torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+    model.load_state_dict(merge(adapter(0.5)), strict=False)
+    assert torch.equal(model.q_proj.weight, torch.tensor([[2.0, 0.0], [0.0, 1.0]]))

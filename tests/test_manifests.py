@@ -40,6 +40,9 @@ from ttrv.spec import (
     parse_spec,
 )
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 META = {"name": "exp", "namespace": "team-a", "uid": "0d6c4a0e-4a7b-4c39-9f0e-6a4b8f3c2d11"}
 
 
@@ -201,10 +204,11 @@ def test_rollout_service_shape():
     assert container["command"] == ["ttrv", "serve", "--spec", "/etc/ttrv/run.yaml",
                                     "--host", "0.0.0.0", "--port", "8000"]
     assert container["image"] == "ghcr.io/ttrv/ttrv-trainer:0.1.0"
-    assert env_of(container)["TTRV_VLLM_ARGS"]["value"].split() == [
-        "--tensor-parallel-size=2", "--gpu-memory-utilization=0.85", "--enable-lora", "--max-lora-rank=8"]
+    assert "TTRV_VLLM_ARGS" not in env_of(container)  # vLLM's flags come from the spec (tests/test_vllm_flags.py)
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "2"
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # /health fails for good once the engine died: liveness restarts a service that could not exit by itself
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
     assert service["metadata"]["name"] == deployment["metadata"]["name"] == "exp-mmmu-rollout"
     assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]

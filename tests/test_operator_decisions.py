@@ -45,6 +45,9 @@ from operators.runs import (
     wants_workload,
 )
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 SERVICE = {"rollout": {"backend": "service"}}
 KUEUE = {"scheduling": {"queueName": "gpu-a"}}
 
@@ -331,6 +334,42 @@ def test_running_trainer_reports_progress():
     assert [(e.type, e.reason) for e in plan.events] == [("Normal", "TrainerRunning")]
 
 
+def test_an_evaluating_trainer_reports_its_stage_and_prompts():
+    """The passes over the test set before and after adapting are a run's longest phases on a real model: the
+    status (and the STAGE and EVAL columns) says so, and drops what belonged to the previous stage."""
+    run = run_case(phase="Queued")
+    before = decide(run, job(run, running()), progress=parse_progress({
+        "stage": "evaluating-before", "evalPromptsDone": 300, "evalPromptsTotal": 1200, "progressPercentage": 0.0,
+        "step": 0, "totalSteps": 52}))
+    status = before.status
+    assert (status["stage"], status["evalPromptsDone"], status["evalPromptsTotal"], status["evalProgress"]) == \
+        ("evaluating-before", 300, 1200, 25.0)
+    assert (status["progress"], status["step"], status["eta"]) == (0.0, 0, None)  # adapting's time is unknown yet
+    adapting = decide(run | {"status": status}, job(run, running()), progress=parse_progress({
+        "stage": "adapting", "progressPercentage": 50.0, "step": 26, "totalSteps": 52,
+        "estimatedRemainingSeconds": 600}))
+    status = adapting.status
+    assert (status["stage"], status["eta"], status["step"]) == ("adapting", "10m", 26)
+    assert status["evalPromptsDone"] is status["evalPromptsTotal"] is status["evalProgress"] is None
+    after = decide(run | {"status": status}, job(run, running()), progress=parse_progress({
+        "stage": "evaluating-after", "evalPromptsDone": 1150, "evalPromptsTotal": 1150, "progressPercentage": 100.0,
+        "step": 52, "totalSteps": 52}))
+    status = after.status
+    assert (status["stage"], status["evalProgress"], status["progress"]) == ("evaluating-after", 100.0, 100.0)
+    assert status["eta"] is status["estimatedRemainingSeconds"] is None  # not adapting's 10m: it wrote no estimate
+    done = decide(run | {"status": status}, job(run, succeeded()), progress=parse_progress({
+        "stage": "finished", "progressPercentage": 100.0, "estimatedRemainingSeconds": 0, "accuracy": 0.5}))
+    assert done.status["phase"] == "Succeeded"
+    assert all(done.status[key] is None for key in ("stage", "evalProgress", "evalPromptsDone", "eta"))
+
+
+def test_progress_without_a_stage_keeps_what_it_leaves_out():
+    """An older trainer writes no stage: a key it leaves out keeps its value, as before."""
+    run = run_case(phase="Running", status={"estimatedRemainingSeconds": 600, "eta": "10m", "step": 3})
+    status = decide(run, job(run, running()), progress=Progress(percentage=40.0, step=4)).status
+    assert (status["eta"], status["step"], status.get("stage")) == ("10m", 4, None)
+
+
 def test_success_scales_the_rollout_to_zero_and_sticks():
     run = run_case(spec_document(**SERVICE), phase="Running", status={"progress": 95.0, "eta": "1m"})
     rollout = deployment(run, ready=1)
@@ -558,6 +597,18 @@ def test_progress_keeps_the_good_keys_and_names_the_bad(document, kept, problem)
     progress = parse_progress(document)
     assert progress.problems == (problem,)
     assert replace(progress, problems=()) == Progress(**kept)
+
+
+def test_progress_contract_reads_the_evaluation_stage():
+    progress = parse_progress({"stage": "evaluating-after", "evalPromptsDone": 120, "evalPromptsTotal": 900.0,
+                               "estimatedRemainingSeconds": 75, "step": 52, "totalSteps": 52})
+    assert (progress.stage, progress.eval_prompts_done, progress.eval_prompts_total, progress.eval_progress) == \
+        ("evaluating-after", 120, 900, 13.3)
+    assert parse_progress({"stage": "adapting", "evalPromptsDone": 3, "evalPromptsTotal": 9}).eval_progress is None
+    wrong = parse_progress({"stage": "warming-up", "evalPromptsDone": -1, "step": 2})
+    assert wrong.problems == ("evalPromptsDone: -1 is outside [0, inf]", "stage: 'warming-up' is not one of "
+                              "evaluating-before, adapting, evaluating-after, finished")
+    assert (wrong.stage, wrong.step) == (None, 2)
 
 
 def test_progress_that_is_not_an_object_is_a_problem_not_a_crash():

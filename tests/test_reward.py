@@ -1,7 +1,9 @@
 """The vote reward: expected values are computed by hand or from the formula, never by the code under test."""
 
 import math
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -15,6 +17,9 @@ from ttrv.reward import (
     vote_rewards,
     vote_stats,
 )
+
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
 
 
 @pytest.mark.parametrize(
@@ -158,3 +163,16 @@ def test_vote_stats_with_and_without_a_label():
     # agrees-with-majority vs is-right: B,B,B say (True, False); A (False, True); None, C (False, False)
     assert labeled.reward_accuracy == pytest.approx(2 / 6)
     assert vote_stats([None, None], label="A").majority is None
+
+
+def test_the_readmes_worked_example_is_what_the_code_computes():
+    """README, "How it works", step 3: 9 × C, 3 × A, 2 × D and 18 unreadable answers of N = 32."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    step = re.search(r"over log 3 = (?P<h>[\d.]+), so r\(C\) = 9/32 − 0\.75 · (?P=h) = −(?P<c>[\d.]+), "
+                     r"r\(A\) = −(?P<a>[\d.]+), r\(D\) = −(?P<d>[\d.]+)", readme)
+    assert step, "the README's worked example (step 3) changed its wording; update this test with it"
+    answers = ["C"] * 9 + ["A"] * 3 + ["D"] * 2 + [None] * 18
+    rewards = vote_rewards(answers)
+    assert float(step["h"]) == round(normalized_entropy(answers), 2)
+    assert [-float(step[k]) for k in "cad"] == [round(rewards[i], 2) for i in (0, 9, 12)]
+    assert rewards[-1] == -1.0

@@ -8,12 +8,17 @@ is tested in test_rollout_service_vllm.py.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -32,11 +37,14 @@ from rollout_util import (
 )
 
 from ttrv.data import Prompt
+from ttrv.net import free_port
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import RolloutError, RolloutUnavailableError, ServiceEngine
 from ttrv.rollout.hf import VISION_TOKEN_FIELDS
-from ttrv.rollout.server import HFBackend
+from ttrv.rollout.serving import HFServingEngine
+from ttrv.rollout.supervisor import ServeProcess
 from ttrv.rollout.sync import RWLock, SyncAgent
+from ttrv.rollout.vllm_process import VLLMProcess
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
 
@@ -139,6 +147,35 @@ def test_pinned_request_for_another_version_gets_409(service, store, client, pro
         client._complete({**body, "temperature": 0.0}, 2, threading.Event())
 
 
+def test_every_error_answer_carries_the_served_weight_version(service, store, client):
+    """Refused before the service reads the request (too large, not JSON, no such route) or by it: each answer says
+    which version is served, in OpenAI's error shape."""
+    served = synced(client, store)
+
+    def raw(method: str, path: str, body: bytes = b"", length: int | None = None) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+        try:
+            connection.putrequest(method, path)
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(len(body) if length is None else length))
+            connection.endheaders(body)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    answers = {
+        413: raw("POST", "/v1/chat/completions", length=(64 << 20) + 1),  # the header alone: it is not read
+        400: raw("POST", "/v1/chat/completions", b"{not json"),
+        404: raw("GET", "/no-such-route"),
+        409: raw("POST", "/v1/chat/completions", json.dumps({"messages": [], "ttrv_weight_version": 10**6}).encode()),
+    }
+    for status, (got, answer) in answers.items():
+        assert got == status and answer["error"]["code"] == status, answer
+        assert "ttrv_weight_version" in answer and answer["ttrv_weight_version"] == served, answer
+        assert answer["error"]["message"] and answer["error"]["type"]
+
+
 def test_max_staleness_and_a_service_ahead_of_the_trainer(service, store, spec, hf, prompts):
     step = (store.latest_weights() or 0) + 1
     publish(store, step, language_tensors(hf["A"]))
@@ -232,14 +269,14 @@ def test_sync_agent_loads_the_newest_lora_version_merged(tmp_path, weights, prom
     lora_spec = RunSpec.model_validate({**spec.model_dump(), "model": {"path": str(weights["A"]),
                                                                       "lora": {"rank": 8, "alpha": 16}}})
     (tmp_path / "images").mkdir()
-    backend = HFBackend(lora_spec, str(weights["A"]), tmp_path / "images")
-    backend.start()
+    engine = HFServingEngine(lora_spec, str(weights["A"]), tmp_path / "images")
+    engine.start()
     adapters = {}
     try:
         with open_store(f"{spec.storage.uri}-lora", retry_seconds=30) as lora_store:
             for step in (1, 2, 3):
                 adapters[step] = publish_adapter(lora_store, step, weights["A"], tmp_path / f"adapter-{step}")
-            agent = SyncAgent(lora_store, backend.load, tmp_path / "weights")
+            agent = SyncAgent(lora_store, engine.load, tmp_path / "weights")
             agent.cache_dir.mkdir()
             assert agent.sync_once() is True
             assert agent.version == 3
@@ -248,9 +285,9 @@ def test_sync_agent_loads_the_newest_lora_version_merged(tmp_path, weights, prom
             assert agent.sync_once() is False
         body = ServiceEngine("http://unused", spec)._body(prompts[0], 8, 1.0, 1.0, 8, None)
         del body["ttrv_weight_version"], body["model"]
-        samples = [sample for sample, _ in samples_from_completion(backend.complete(body), 8, logprobs=True)]
+        samples = [sample for sample, _ in samples_from_completion(engine.complete(body), 8, logprobs=True)]
     finally:
-        backend.close()
+        engine.close()
     assert assert_logprobs_match(adapters[3], hf, hf["batches"]["red"], samples) >= 8
     with pytest.raises(AssertionError):
         assert_logprobs_match(adapters[2], hf, hf["batches"]["red"], samples)
@@ -290,13 +327,13 @@ def test_a_reload_waits_for_requests_in_flight_and_holds_back_new_ones():
     assert events == ["request 1 in", "request 1 out", "reload", "request 2 in", "request 2 out"]
 
 
-def test_the_vllm_server_does_not_outlive_a_killed_serve_process(tmp_path):
+def test_the_vllm_process_does_not_outlive_a_killed_serve_process(tmp_path):
     """The vLLM server runs in a process group of its own (it is stopped as a group), so SIGKILL of `ttrv serve`'s
     group does not reach it; `terminate_with_parent`, run in it before exec, has the kernel send it SIGTERM when
-    its parent dies. Shown with `sleep` standing in for the server, started as VLLMServer starts it."""
+    its parent dies. Shown with `sleep` standing in for the server, started as VLLMProcess starts it."""
     parent = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from ttrv.rollout.vllm_server import terminate_with_parent\n"
+        "from ttrv.rollout.supervisor import terminate_with_parent\n"
         "child = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=terminate_with_parent)\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -308,6 +345,45 @@ def test_the_vllm_server_does_not_outlive_a_killed_serve_process(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child), "the child outlived its SIGKILLed parent"
+
+
+def test_requests_to_ttrv_servers_never_go_through_an_environment_proxy(tmp_path, monkeypatch):
+    """The trainer's client, ServeProcess and VLLMProcess speak to their servers directly, whatever HTTP_PROXY says:
+    here it names a port where nothing listens, and urllib (which would use it) fails, while they are answered."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            data = json.dumps({"path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    url = f"http://127.0.0.1:{port}"
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(urllib.error.URLError):  # the trap works: urllib goes to the dead proxy
+            urllib.request.urlopen(f"{url}/weight_version", timeout=5)
+        spec = RunSpec.model_validate({"name": "proxy", "data": {"path": "ttrv://tiny-shapes/test"},
+                                       "model": {"path": "ttrv://tiny-qwen2vl"}})
+        assert ServiceEngine(url, spec)._request("GET", "/weight_version", None, 5) == (200, {"path": "/weight_version"})
+        assert ServeProcess(tmp_path / "run.yaml", tmp_path / "log", port=port).request("GET", "/health") == \
+            (200, {"path": "/health"})
+        vllm = VLLMProcess("unused", port=port)
+        assert vllm.healthy() and vllm.get("/v1/models") == {"path": "/v1/models"}
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _alive(pid: int) -> bool:

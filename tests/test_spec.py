@@ -5,6 +5,9 @@ import yaml
 
 from ttrv.spec import ExperimentSpec, RunSpec, SpecError, load_experiment, load_run_spec, parse_spec
 
+# Pure logic, no process or server: `make test-fast` runs these.
+pytestmark = pytest.mark.pure
+
 
 def run(**overrides):
     return parse_spec({"data": {"path": "test.json"}} | overrides, RunSpec, "spec.yaml")

@@ -4,7 +4,6 @@ refused (path traversal included) are in the bad-input catalogue (tests/bad_inpu
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
 
-from ttrv import log
+from ttrv.net import free_port
 from ttrv.objectserver import EmbeddedS3
 from ttrv.store import (
     CorruptVersionError,
@@ -292,33 +291,26 @@ def test_credentials_from_a_mounted_secret_directory(s3_env, s3_uri, monkeypatch
         assert store.get_json("hello.json") == {"ok": True}
 
 
-def test_wrong_credentials_fail_at_once_without_leaking_secrets(s3_env, monkeypatch):
-    logs = io.StringIO()
-    log.configure(stream=logs)
-    try:
-        wrong = "wrong-" + secrets.token_urlsafe(24)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
-        started = time.monotonic()
-        with pytest.raises(StoreAuthError, match="SignatureDoesNotMatch.*check AWS_ACCESS_KEY_ID / "
-                                                 "AWS_SECRET_ACCESS_KEY of the environment") as refused:
-            open_store("s3://ttrv-test/auth", retry_seconds=30)
-        assert time.monotonic() - started < 5, "credential errors are not retried"
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unknown-" + secrets.token_hex(8))
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret_key)
-        with pytest.raises(StoreAuthError, match="InvalidAccessKeyId") as unknown:
-            open_store("s3://ttrv-test/auth", retry_seconds=30)
-        for text in (str(refused.value), str(unknown.value), logs.getvalue()):
-            assert wrong not in text and s3_env.secret_key not in text
-    finally:
-        log.configure()
+def test_wrong_credentials_fail_at_once_without_leaking_secrets(s3_env, monkeypatch, log_stream):
+    wrong = "wrong-" + secrets.token_urlsafe(24)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    started = time.monotonic()
+    with pytest.raises(StoreAuthError, match="SignatureDoesNotMatch.*check AWS_ACCESS_KEY_ID / "
+                                             "AWS_SECRET_ACCESS_KEY of the environment") as refused:
+        open_store("s3://ttrv-test/auth", retry_seconds=30)
+    assert time.monotonic() - started < 5, "credential errors are not retried"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unknown-" + secrets.token_hex(8))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret_key)
+    with pytest.raises(StoreAuthError, match="InvalidAccessKeyId") as unknown:
+        open_store("s3://ttrv-test/auth", retry_seconds=30)
+    for text in (str(refused.value), str(unknown.value), log_stream.getvalue()):
+        assert wrong not in text and s3_env.secret_key not in text
 
 
 def test_unreachable_store_gives_up_after_its_budget(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     started = time.monotonic()
     with pytest.raises(StoreUnavailableError, match=f"store at http://127.0.0.1:{port} did not answer for 1.5 s"):
         open_store("s3://bucket/x", endpoint=f"http://127.0.0.1:{port}", retry_seconds=1.5)

@@ -17,12 +17,15 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
+from pydantic.alias_generators import to_camel
 
 from ttrv import log
 from ttrv.data import DataError, check_dataset, read_dataset
-from ttrv.spec import ExperimentSpec, RunSpec, SpecError, load_experiment, load_run_spec
+from ttrv.spec import ExperimentSpec, RunSpec, SpecError, load_experiment, load_run_spec, parse_spec
 
 EXIT_USAGE = 2
+SET_HELP = ("override a spec field, e.g. --set grpo.epochs=1 (repeatable; dotted path, YAML value; "
+            "$TTRV_SET holds more, separated by spaces)")
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -80,6 +83,47 @@ def cmd_spec_values_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The KEY=VALUE spec overrides of `ttrv run` and `ttrv experiment run`: those of $TTRV_SET (separated by
+    whitespace), then each `--set`; a later one wins. The environment variable lets a script shorten commands it
+    runs verbatim (tests/test_readme_commands.py runs the README's that way)."""
+    return os.environ.get("TTRV_SET", "").split() + (getattr(args, "set", None) or [])
+
+
+def with_overrides(spec, items: list[str]):
+    """`spec` with each KEY=VALUE of `items` applied: KEY a dotted field path as in the YAML (camelCase or
+    snake_case, a list index as a number: `datasets.0.subsetSize`), VALUE read as YAML. The result is validated
+    like a spec file, so a misspelt field or an impossible value is named with the fix."""
+    if not items:
+        return spec
+    document = spec.model_dump(mode="json")
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE with a dotted field path, e.g. grpo.epochs=1")
+        target = document
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(target, list):
+                if not part.isdigit() or int(part) >= len(target):
+                    raise SpecError(f"--set {item!r}: {where}: the list has {len(target)} entries; use an index "
+                                    f"from 0 to {len(target) - 1}")
+                part = int(part)
+            elif isinstance(target, dict):
+                part = to_camel(part)
+            else:
+                raise SpecError(f"--set {item!r}: {where}: {'.'.join(parts[:depth])} is a value, not a mapping; "
+                                "set it whole or check the path (`ttrv spec schema` lists every field)")
+            if depth == len(parts) - 1:
+                target[part] = yaml.safe_load(raw)
+            else:
+                if isinstance(target, dict) and target.get(part) is None:
+                    target[part] = {}  # an unset optional section, e.g. model.lora
+                target = target[part]
+    return parse_spec(document, type(spec), f"--set {' '.join(items)}")
+
+
 def experiment_of(args: argparse.Namespace) -> tuple[dict, ExperimentSpec]:
     """The Experiment of `args.file`, in the namespace `--namespace` names, if it names one."""
     metadata, spec = load_experiment(args.file)
@@ -108,7 +152,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ttrv.local import run_local
 
-    code = run_local(load_run_spec(args.spec), Path(args.out), args.nproc, args.embedded_s3)
+    spec = with_overrides(load_run_spec(args.spec), overrides(args))
+    code = run_local(spec, Path(args.out), args.nproc, args.embedded_s3)
     report = Path(args.out) / "report.json"
     if code == 0 and report.exists():
         print(f"report: {report} and {report.with_suffix('.png')}")
@@ -116,8 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ttrv.rollout.server import serve
-    from ttrv.rollout.vllm_server import VLLMError
+    from ttrv.rollout.service import serve
+    from ttrv.rollout.vllm_process import VLLMError
     from ttrv.store import StoreError
 
     try:
@@ -180,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trainer processes (default: resources.processesPerNode, else one)")
     run.add_argument("--embedded-s3", action=argparse.BooleanOptionalAction, default=None,
                      help="keep the weight store on an embedded S3 server (default: with rollout.backend service)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     run.set_defaults(handler=cmd_run)
 
     for plugin in entry_points(group="ttrv.commands"):  # `experiment` (operators/local/command.py)

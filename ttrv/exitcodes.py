@@ -1,5 +1,7 @@
-"""Exit codes of the trainer, fitted to the PyTorchJob `restartPolicy: ExitCode` contract: the training-operator
-restarts a replica that exits 128-255 (retryable) and fails the job on 1-127 (permanent)."""
+"""Exit codes of ttrv's pod commands, fitted to the PyTorchJob `restartPolicy: ExitCode` contract: the
+training-operator restarts a replica that exits 128-255 (retryable) and fails the job on 1-127 (permanent). The
+rollout service (`ttrv serve`) keeps the same ranges, although its Deployment restarts it whatever the code: the code
+tells a person (kubectl's last state, `ttrv run`'s log) why it stopped."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ PREEMPTED = 143  # 128 + SIGTERM: Kubernetes asks the pod to stop (preemption, e
 STORE_UNAVAILABLE = 170
 ROLLOUT_UNAVAILABLE = 171
 LOST_PEER = 172
+ROLLOUT_ENGINE_DIED = 173  # `ttrv serve`: its engine (the vLLM server, the sampling thread) died; a fresh start may work
 KILLED = 137  # 128 + SIGKILL: the kubelet's kill after the grace period, or the kernel's out-of-memory killer
 
 MEANINGS = {
@@ -25,12 +28,18 @@ MEANINGS = {
     STORE_UNAVAILABLE: "object store unavailable",
     ROLLOUT_UNAVAILABLE: "rollout service unavailable",
     LOST_PEER: "lost a peer rank",
+    ROLLOUT_ENGINE_DIED: "the rollout engine died",
     KILLED: "killed (SIGKILL, often out of memory)",
 }
 
 
 def is_retryable(code: int) -> bool:
     return 128 <= code <= 255
+
+
+def kind(code: int) -> str:
+    """How logs and termination messages name a failure's class: retryable or permanent."""
+    return "retryable" if is_retryable(code) else "permanent"
 
 
 def of_process(returncode: int) -> int:

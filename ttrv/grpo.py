@@ -1,4 +1,5 @@
-"""GRPO as TTRV uses it: group advantages, the clipped policy loss with dual-clip, and the KL penalty.
+"""GRPO as TTRV uses it: group advantages, and the objective (`ttrv_loss`): the clipped policy loss with dual-clip
+plus the KL penalty.
 
 Shapes: P prompts, G trained responses per prompt, T response tokens; `mask` is 1 on response tokens and 0 on
 padding. Definitions follow verl (`core_algos.py`), which the TTRV reference runs.
@@ -68,44 +69,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def policy_loss(
-    log_prob: torch.Tensor,
-    old_log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float = 3.0,
-) -> torch.Tensor:
-    """PPO's clipped surrogate with dual-clip, token-mean.
-
-    ratio = exp(log_prob - old_log_prob)   (log-ratio clamped to [-20, 20])
-    L1 = -A * ratio;  L2 = -A * clip(ratio, 1 - clip_low, 1 + clip_high);  L = max(L1, L2)
-    for A < 0 also L = min(L, -A * dual_clip)     (Ye et al. 2020: bounds the loss of a very unlikely token)
-    loss = sum(L * mask) / sum(mask)
-
-    `advantages` is [B, T] or [B] (one per sequence, broadcast over its tokens).
-    """
-    if dual_clip <= 1.0:
-        raise ValueError(f"grpo.dualClip must be > 1, got {dual_clip}")
-    if advantages.ndim == 1:
-        advantages = advantages.unsqueeze(1).expand_as(log_prob)
-    ratio = torch.exp((log_prob - old_log_prob).clamp(-20.0, 20.0))
-    clipped = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
-    dual = torch.minimum(clipped, -advantages * dual_clip)
-    losses = torch.where(advantages < 0, dual, clipped)
-    return masked_mean(losses, mask)
-
-
-def clip_fraction(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, mask: torch.Tensor, clip_low: float, clip_high: float
-) -> torch.Tensor:
-    """Share of response tokens whose ratio lies outside [1 - clip_low, 1 + clip_high] (monitoring)."""
-    ratio = torch.exp((log_prob - old_log_prob).clamp(-20.0, 20.0))
-    outside = ((ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)).to(mask.dtype)
-    return masked_mean(outside, mask)
-
-
 def kl_penalty(
     log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str = "low_var_kl"
 ) -> torch.Tensor:
@@ -123,3 +86,65 @@ def kl_penalty(
         log_ratio = (ref_log_prob - log_prob).clamp(-20.0, 20.0)
         return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-10.0, 10.0)
     raise ValueError(f"grpo.klKind: unknown estimator {kind!r}; use low_var_kl, kl or mse")
+
+
+def ttrv_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    ref_log_prob: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    total_tokens: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float = 3.0,
+    kl_coef: float = 0.0,
+    kl_kind: str = "low_var_kl",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The TTRV objective on one micro-batch of [B, T] response tokens: the loss to differentiate and its metrics.
+
+    log_ratio = clamp(log_prob - old_log_prob, -20, 20);  ratio = exp(log_ratio)     (once, for loss and metrics)
+    L_t       = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))        (PPO's clipped surrogate)
+                and for A < 0, min(L_t, -A * dual_clip)          (Ye et al. 2020: bounds the loss of an unlikely token)
+    pg_loss   = token-mean of L_t over the mask
+    kl        = token-mean of kl_penalty(log_prob, ref_log_prob, kl_kind)          (0 when ref_log_prob is None)
+    objective = pg_loss + kl_coef * kl
+    weight    = sum(mask) / total_tokens;   loss = objective * weight
+
+    `total_tokens` is the token count the micro-batch is weighted against, so that the gradients of a step's
+    micro-batches add up to the token-mean over all of its tokens (the learner passes the step's response tokens
+    over all ranks, per rank). `advantages` is [B, T] or [B] (one per sequence, broadcast over its tokens).
+
+    The metrics are detached scalars of this micro-batch: `loss` (its objective, unweighted), `pg_loss`, `kl`,
+    `clipfrac` (share of tokens whose ratio lies outside the clip range), `dual_clipfrac` (share where the dual
+    clip binds), `approx_kl` (token-mean of -log_ratio, KL(old || new) by k1) and `weight`. They are verl's
+    `compute_policy_loss_vanilla` outputs (verl/trainer/ppo/core_algos.py at 012be9d9: pg_clipfrac_lower is
+    dual_clipfrac, ppo_kl is approx_kl), which returns its clip fractions with the loss the same way.
+    """
+    if dual_clip <= 1.0:
+        raise ValueError(f"grpo.dualClip must be > 1, got {dual_clip}")
+    if advantages.ndim == 1:
+        advantages = advantages.unsqueeze(1).expand_as(log_prob)
+    log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    dual_bound = -advantages * dual_clip
+    negative = advantages < 0
+    pg_loss = masked_mean(torch.where(negative, torch.minimum(surrogate, dual_bound), surrogate), mask)
+    kl = masked_mean(kl_penalty(log_prob, ref_log_prob, kl_kind), mask) if ref_log_prob is not None \
+        else torch.zeros(())
+    objective = pg_loss + kl_coef * kl if ref_log_prob is not None else pg_loss
+    weight = mask.sum() / total_tokens
+    loss = objective * weight.to(objective)
+    with torch.no_grad():
+        outside = (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)
+        metrics = {
+            "loss": objective.detach(),
+            "pg_loss": pg_loss.detach(),
+            "kl": kl.detach(),
+            "clipfrac": masked_mean(outside.to(mask.dtype), mask),
+            "dual_clipfrac": masked_mean((negative & (surrogate > dual_bound)).to(mask.dtype), mask),
+            "approx_kl": masked_mean(-log_ratio, mask),
+            "weight": weight.detach(),
+        }
+    return loss, metrics

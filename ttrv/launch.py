@@ -22,21 +22,22 @@ def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = 
     """Run `python -m ttrv.train <worker_args>` on this node's workers; the exit code for the pod."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, parse_args
+    from torch.distributed.run import parse_args, run
 
     argv = [f"--nproc-per-node={nproc}"] if nproc else []
     argv += ["--standalone"] if standalone else []
     # max-restarts 0: a failed worker fails the pod, and Kubernetes decides from the exit code whether to retry
     args = parse_args([*argv, "--max-restarts=0", "-m", "ttrv.train", *worker_args])
-    config, command, command_args = config_from_args(args)
     try:
-        elastic_launch(config, command)(*command_args)
+        # torchrun's own run(), not config_from_args + elastic_launch: run() is where --standalone becomes a c10d
+        # rendezvous on localhost:0 (torch/distributed/run.py, run()); bypassing it left the endpoint '127.0.0.1:None'.
+        # Only torchrun's `main` (its @record error file) is left out: the exit code is ours to choose.
+        run(args)
     except ChildFailedError as error:
         _, failure = error.get_first_failure()
         code = exitcodes.of_process(failure.exitcode)
         logger.error("trainer_worker_failed", local_rank=failure.local_rank, exit_code=code,
-                     kind="retryable" if exitcodes.is_retryable(code) else "permanent")
+                     kind=exitcodes.kind(code))
         return code
     except SignalException as error:
         return 128 + int(error.sigval)

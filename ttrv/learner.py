@@ -170,45 +170,39 @@ class Learner:
         """ppoEpochs optimiser steps on this rank's sequences; every rank runs `accumulation` micro-batches per
         optimiser step (padding with zero-weight passes) so DeepSpeed's gradient reduction stays in lockstep.
 
-        Each micro-batch's token-mean loss is weighted by its share of all ranks' response tokens of the step,
-        times the world size, so the gradient DeepSpeed averages over ranks is exactly the token-mean over every
+        The objective and its metrics are `grpo.ttrv_loss`; here it is only scheduled. Each micro-batch's
+        token-mean loss is weighted by its share of all ranks' response tokens of the step, times the world size
+        (`total_tokens`), so the gradient DeepSpeed averages over ranks is exactly the token-mean over every
         response token of the step, however the tokens fall on ranks and micro-batches (DeepSpeed's division by
-        the accumulation steps is undone here)."""
+        the accumulation steps is undone here). The metrics are token-weighted the same way."""
         g = self.spec.grpo
         self.engine.train()
         tokens = batch.target_mask.sum().reshape(1)
         if self.world.size > 1:
             torch.distributed.all_reduce(tokens)
         total_tokens = tokens[0].clamp(min=1.0) / self.world.size
-        stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clipfrac": 0.0}
+        stats: dict[str, float] = {}
         for _ in range(g.ppo_epochs):
             slices = self._micro_batches(batch)
             padded = slices + [slices[0]] * (self.accumulation - len(slices))
             for index, rows in enumerate(padded):
                 mb = self._to_device(batch.select(rows))
-                weight = mb.target_mask.sum() / total_tokens if index < len(slices) else torch.zeros(())
+                # a padding pass counts no tokens: zero weight, so zero gradient and no share of the metrics
+                mask = mb.target_mask if index < len(slices) else torch.zeros_like(mb.target_mask)
                 log_prob = token_log_probs(self.engine, mb, self.spec.rollout.temperature)
                 old_mb = old[rows, : log_prob.shape[1]].to(log_prob) if old is not None else log_prob.detach()
-                adv = advantages[rows].to(log_prob)
-                pg = grpo.policy_loss(log_prob, old_mb, adv, mb.target_mask, g.clip_low, g.clip_high, g.dual_clip)
-                loss = pg
-                kl = torch.zeros(())
-                if ref is not None:
-                    kl = grpo.masked_mean(grpo.kl_penalty(log_prob, ref[rows, : log_prob.shape[1]].to(log_prob),
-                                                          g.kl_kind), mb.target_mask)
-                    loss = loss + g.kl_coef * kl
-                self.engine.backward(loss * weight.to(loss) * self.accumulation)
+                ref_mb = ref[rows, : log_prob.shape[1]].to(log_prob) if ref is not None else None
+                loss, terms = grpo.ttrv_loss(log_prob, old_mb, ref_mb, advantages[rows].to(log_prob), mask,
+                                             total_tokens, g.clip_low, g.clip_high, g.dual_clip, g.kl_coef, g.kl_kind)
+                self.engine.backward(loss * self.accumulation)
                 self.engine.step()
-                w = float(weight) / self.world.size
-                stats["loss"] += w * loss.item() / g.ppo_epochs
-                stats["pg_loss"] += w * pg.item() / g.ppo_epochs
-                stats["kl"] += w * kl.item() / g.ppo_epochs
-                stats["clipfrac"] += w * float(grpo.clip_fraction(log_prob.detach(), old_mb, mb.target_mask,
-                                                                  g.clip_low, g.clip_high)) / g.ppo_epochs
-        if self.world.size > 1:  # token-weighted shares of the step's loss: their sum over ranks is the loss
-            summed = torch.tensor([stats[k] for k in ("loss", "pg_loss", "kl", "clipfrac")], dtype=torch.float64)
+                w = float(terms.pop("weight")) / self.world.size
+                for key, value in terms.items():
+                    stats[key] = stats.get(key, 0.0) + w * float(value) / g.ppo_epochs
+        if self.world.size > 1:  # token-weighted shares of the step's metrics: their sum over ranks is the step's
+            summed = torch.tensor(list(stats.values()), dtype=torch.float64)
             torch.distributed.all_reduce(summed)
-            stats |= dict(zip(("loss", "pg_loss", "kl", "clipfrac"), summed.tolist(), strict=False))
+            stats |= dict(zip(stats, summed.tolist(), strict=True))
         stats["lr"] = self.scheduler.get_last_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from ttrv import exitcodes
+from ttrv.fsutil import atomic_write
 from ttrv.log import get_logger
-from ttrv.report import atomic_write
 from ttrv.spec import RunSpec, StorageSpec
 
 logger = get_logger(__name__)
@@ -61,7 +61,7 @@ def wait_trainer(trainer: subprocess.Popen, rollout=None) -> int:
 def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: bool | None = None) -> int:
     """Run one adaptation on this machine; the trainer's exit code (ttrv.exitcodes)."""
     from ttrv.objectserver import EmbeddedS3
-    from ttrv.rollout.server import ServeProcess
+    from ttrv.rollout.supervisor import ServeProcess
 
     service = spec.rollout.backend == "service"
     embedded_s3 = service if embedded_s3 is None else embedded_s3

@@ -1,4 +1,8 @@
-"""Structured logs: one JSON event per line on stderr, secrets redacted before anything is rendered."""
+"""Structured logs: one event per line on stderr, secrets redacted before anything is rendered.
+
+Pods, CI and pipes get JSON, one object per line. A person at a terminal (stderr is a TTY) gets structlog's console
+renderer, written through tqdm so that a progress bar is redrawn below the line instead of being broken by it.
+TTRV_LOG_FORMAT=json or console overrides the choice."""
 
 from __future__ import annotations
 
@@ -36,19 +40,49 @@ def _redact(_, __, event: dict) -> dict:
     return _masked(event, known)
 
 
+class _BarSafeLogger:
+    """structlog's PrintLogger through tqdm.write: the line goes above any progress bar on the same stream."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=self._stream)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+def for_people(stream) -> bool:
+    """Console rendering for a terminal, JSON for everything else (TTRV_LOG_FORMAT decides when set)."""
+    chosen = os.environ.get("TTRV_LOG_FORMAT", "").lower()
+    if chosen in ("json", "console"):
+        return chosen == "console"
+    return _isatty(stream)
+
+
+def _isatty(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def configure(level: str | None = None, stream=None) -> None:
     level_name = (level or os.environ.get("TTRV_LOG_LEVEL", "info")).upper()
+    stream = stream or sys.stderr
+    console = for_people(stream)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S" if console else "iso", utc=not console),
+            *([] if console else [structlog.processors.format_exc_info]),
             _redact,
+            structlog.dev.ConsoleRenderer(colors=_isatty(stream)) if console else
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=(lambda *_: _BarSafeLogger(stream)) if console else structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,11 +36,10 @@ from ttrv.labels import (
     TRAINER,
 )
 from ttrv.spec import (
-    NAME_PATTERN,
     AdaptationRunSpec,
     ExperimentSpec,
-    RunSpec,
     SpecError,
+    check_dns_label,
     parse_spec,
 )
 
@@ -69,9 +66,7 @@ def run_store_uri(storage_uri: str, namespace: str, experiment: str, dataset: st
     would put one run's prefix inside another's, where its keys could read or overwrite the other's objects."""
     for field, value in (("metadata.namespace", namespace), ("metadata.name", experiment),
                          ("datasets[].name", dataset)):
-        if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value):
-            raise SpecError(f"{field}: {value!r} must be a DNS label (lowercase letters, digits, '-'); it names the "
-                            "run's object-store prefix")
+        check_dns_label(value, field, "; it names the run's object-store prefix")
     return f"{storage_uri.rstrip('/')}/{namespace}/{experiment}/{dataset}"
 
 
@@ -151,8 +146,7 @@ def _require_cluster_store(spec: ExperimentSpec) -> None:
 def adaptation_run(experiment_meta: Mapping, spec: ExperimentSpec, dataset: str) -> dict:
     """The AdaptationRun of one dataset of an Experiment (`experiment_meta`: its metadata: name, namespace, uid)."""
     experiment = experiment_meta.get("name", "")
-    if not re.fullmatch(NAME_PATTERN, experiment):
-        raise SpecError(f"metadata.name: {experiment!r} must be a DNS label (lowercase letters, digits, '-')")
+    check_dns_label(experiment, "metadata.name")
     namespace = experiment_meta.get("namespace") or "default"
     _require_cluster_store(spec)
     store = run_store_uri(spec.storage.uri, namespace, experiment, dataset)
@@ -319,18 +313,6 @@ def _pod_spec(ctx: _Context, container: dict, gpus: int) -> dict:
     return pod
 
 
-def vllm_args(run: RunSpec) -> str:
-    """The vLLM engine flags that follow from the pod's resources (TTRV_VLLM_ARGS); `ttrv serve` passes them on
-    and reads everything else (model, dtype, sampling) from the spec file."""
-    args = [
-        f"--tensor-parallel-size={max(1, run.resources.rollout_gpus)}",
-        f"--gpu-memory-utilization={run.resources.rollout_gpu_memory_utilization}",
-    ]
-    if run.model.lora is not None:
-        args += ["--enable-lora", f"--max-lora-rank={run.model.lora.rank}"]
-    return shlex.join(args)
-
-
 def _rollout_deployment(ctx: _Context) -> dict:
     run = ctx.spec.run
     gpus = run.resources.rollout_gpus
@@ -340,8 +322,10 @@ def _rollout_deployment(ctx: _Context) -> dict:
         "name": "rollout",
         "image": image.rollout,
         "imagePullPolicy": image.pull_policy,
+        # `ttrv serve` builds vLLM's flags from the spec file, the pod's GPUs and memory share included
+        # (ttrv.rollout.vllm_process.vllm_flags): none are passed here.
         "command": ["ttrv", "serve", "--spec", SPEC_PATH, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)],
-        "env": _WRITABLE_ENV + _store_env(ctx) + [{"name": "TTRV_VLLM_ARGS", "value": vllm_args(run)}],
+        "env": _WRITABLE_ENV + _store_env(ctx),
         "ports": [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
         # Loading a checkpoint and compiling CUDA graphs takes minutes: up to 30 before liveness applies.
         "startupProbe": probe | {"failureThreshold": 180},

@@ -6,6 +6,10 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from ttrv.log import get_logger
+
+logger = get_logger(__name__)
+
 
 class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -22,11 +26,24 @@ class TrainerMetrics:
 
     @classmethod
     def serve_from_env(cls) -> TrainerMetrics | None:
-        port = int(os.environ.get("TTRV_METRICS_PORT", "0"))
+        """The metrics, served on TTRV_METRICS_PORT. Metrics are auxiliary: a port that is taken or malformed is a
+        warning, never a failed training run (the run's progress still reaches the operator through the store)."""
+        value = os.environ.get("TTRV_METRICS_PORT", "0")
+        try:
+            port = int(value)
+        except ValueError:
+            logger.warning("metrics_not_served", port=value, reason="TTRV_METRICS_PORT is not a port number",
+                           fix="set TTRV_METRICS_PORT to a free port, or 0 for no metrics endpoint")
+            return None
         if not port:
             return None
         metrics = cls()
-        start_http_server(port, registry=metrics.registry)
+        try:
+            start_http_server(port, registry=metrics.registry)
+        except (OSError, OverflowError) as error:
+            logger.warning("metrics_not_served", port=port, reason=str(error),
+                           fix="set TTRV_METRICS_PORT to a free port, or 0 for no metrics endpoint")
+            return metrics  # still counted, so a scrape after a restart on a free port has nothing to miss
         return metrics
 
     def observe(self, record: dict) -> None:

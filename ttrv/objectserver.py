@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ttrv import log
+from ttrv.net import free_port, free_ports
 
 logger = log.get_logger(__name__)
 
@@ -55,23 +56,10 @@ def weed_binary() -> str:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (held open together while drawn, so none is drawn twice)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sockets.append(socket.socket())
-            sockets[-1].bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _free_port_pair(taken: list[int]) -> int:
     """A free port whose port + 10000 is free too, both outside `taken`."""
     for _ in range(100):
-        port = _free_ports(1)[0]
+        port = free_port()
         if port + _GRPC_OFFSET > 65535 or {port, port + _GRPC_OFFSET} & set(taken):
             continue
         with socket.socket() as probe:
@@ -108,7 +96,7 @@ class EmbeddedS3:
 
     @staticmethod
     def _draw_ports() -> dict[str, tuple[int, int]]:
-        ports = _free_ports(2 * len(_PORT_NAMES) - 2)
+        ports = free_ports(2 * len(_PORT_NAMES) - 2)
         drawn = {name: (ports[2 * i], ports[2 * i + 1]) for i, name in enumerate(_PORT_NAMES[:-1])}
         admin = _free_port_pair(ports)
         drawn["admin"] = (admin, admin + _GRPC_OFFSET)

@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from ttrv.net import holds_userinfo
+
 PositiveInt = Annotated[int, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -52,6 +54,18 @@ class SpecError(ValueError):
     """A spec that cannot run; the message names each bad field and how to fix it."""
 
 
+DNS_LABEL_RULE = ("a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or "
+                  "digit, e.g. 'imagenet-r'")
+
+
+def check_dns_label(value: Any, field: str, why: str = "") -> str:
+    """`value` when it is a DNS label (RFC 1123, what Kubernetes requires of namespaces and of the names objects are
+    derived from), else a SpecError naming `field` and the value, and `why` the name matters ("; it names ...")."""
+    if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value):
+        raise SpecError(f"{field}: {value!r} must be {DNS_LABEL_RULE}{why}")
+    return value
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -61,6 +75,9 @@ class StrictModel(BaseModel):
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
+        # NaN and infinity in any float field: a NaN reward "succeeds" while DeepSpeed skips every step, and the
+        # values end up in events.jsonl and progress.json, which strict JSON readers reject.
+        allow_inf_nan=False,
     )
 
 
@@ -244,7 +261,7 @@ class StorageSpec(StrictModel):
     @field_validator("endpoint")
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
-        if value is not None and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+        if value is not None and holds_userinfo(value):
             raise ValueError(_NO_USERINFO)
         return value
 
@@ -252,7 +269,7 @@ class StorageSpec(StrictModel):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme, sep, rest = value.partition("://")
-        if scheme == "s3" and "@" in rest.split("/", 1)[0]:
+        if scheme == "s3" and holds_userinfo(rest.split("/", 1)[0]):
             raise ValueError(_NO_USERINFO)
         if not sep or scheme not in ("file", "s3"):
             raise ValueError(f"{value!r} has no known scheme; use file:///abs/path, file://rel/path or s3://bucket/prefix")
@@ -451,9 +468,10 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             message = "unknown key; remove it or check its spelling (`ttrv spec schema` lists every field)"
         elif problem["type"] == "missing":
             message = "required field is missing; add it"
+        elif problem["type"] == "finite_number":
+            message = f"{problem['input']!r} is not a finite number; write a number (NaN and infinity are refused)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == NAME_PATTERN:
-            message += "; a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a " \
-                       "letter or digit, e.g. 'imagenet-r'"
+            message += f"; {DNS_LABEL_RULE}"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == QUANTITY_PATTERN:
             message += "; a Kubernetes quantity, e.g. '8', '500m' (CPU) or '64Gi' (memory)"
         elif problem["type"] == "string_pattern_mismatch" and problem["ctx"]["pattern"] == SUBDOMAIN_PATTERN:
@@ -497,8 +515,7 @@ def load_experiment(path: str | Path) -> tuple[dict, ExperimentSpec]:
             raise SpecError(f"{path}: kind: expected Experiment, got {document.get('kind')!r}; write "
                             "apiVersion: ttrv.io/v1alpha1 and kind: Experiment")
         metadata = document.get("metadata") or {}
-        if not re.fullmatch(NAME_PATTERN, str(metadata.get("name", ""))):
-            raise SpecError(f"{path}: metadata.name: must be a DNS label (lowercase letters, digits, '-')")
+        check_dns_label(metadata.get("name", ""), f"{path}: metadata.name")
         return metadata, parse_spec(document.get("spec"), ExperimentSpec, f"{path}: spec")
     return {"name": Path(path).stem, "namespace": "default"}, parse_spec(document, ExperimentSpec, str(path))
 
@@ -513,6 +530,11 @@ back after the trainer had started (it resumes from its newest checkpoint once r
 finished; Suspended: the experiment is suspended."""
 RUN_FINISHED: tuple[RunPhase, ...] = ("Succeeded", "Failed")
 """The terminal phases of a run: nothing changes a run once it has one."""
+
+RunStage = Literal["evaluating-before", "adapting", "evaluating-after", "finished"]
+"""What a running trainer does, as its progress.json's `stage` says: evaluating-before: measuring the base model
+(greedy and maj@N over the test set, the subset and the held-out split); adapting: optimiser steps;
+evaluating-after: measuring the adapted model; finished: report written."""
 
 ExperimentPhase = Literal["Pending", "Running", "Succeeded", "PartiallySucceeded", "Failed", "Suspended"]
 """Pending: no run has started training yet; Running: at least one has; Succeeded: every dataset succeeded;
@@ -585,6 +607,18 @@ class AdaptationRunStatus(StrictModel):
     """Greedy accuracy of the base model (eval before adapting)."""
     accuracy: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """Latest greedy accuracy of the adapted model."""
+    # A string, not the RunStage enum: clearing it writes null, and the API server's enum check rejects a null even
+    # where the field is nullable (kube-openapi pkg/validation/validate/schema.go runs the common validator on null
+    # data, and validator.go's basicCommonValidator.Validate fails any value not in a non-empty enum). The operator
+    # only writes stages that operators/progress.py accepted.
+    stage: str | None = None
+    """What the running trainer does: evaluating-before, adapting, evaluating-after or finished (while Running)."""
+    eval_prompts_done: Annotated[int, Field(ge=0)] | None = None
+    """Prompts done of the evaluation in progress (all its passes: greedy and maj@N, all splits)."""
+    eval_prompts_total: Annotated[int, Field(ge=0)] | None = None
+    """Prompts of all the passes of the evaluation in progress."""
+    eval_progress: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
+    """Percent of the evaluation in progress done (set while the trainer evaluates)."""
     restarts: Annotated[int, Field(ge=0)] = 0
     """Trainer restarts after retryable failures (in place by the training operator, or a new PyTorchJob)."""
     last_restart: str | None = None

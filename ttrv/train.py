@@ -1,13 +1,6 @@
-"""The adaptation loop and the trainer entrypoint (`python -m ttrv.train --spec run.yaml`).
-
-One step, for a batch of unlabeled prompts (verl's `fit()` story, each phase timed):
-
-    rollout   sample N answers per prompt from weight version k
-    reward    extract answers, vote rewards r_j = count(a_j)/N - w H_norm (ttrv.reward)
-    ref       log-probs of the trained group (first G samples) under the frozen base, for the KL term
-    update    GRPO advantages (ttrv.grpo) and a clipped policy-gradient step (DeepSpeed)
-    publish   rank 0 writes weight version k+1 to the store (manifest last)
-    sync      the rollout engine loads version k+1 before the next step
+"""The trainer entrypoint (`python -m ttrv.train --spec run.yaml`): one process of the run. It sets up the
+distributed world, loads the data, the learner and the rollout engine, runs the adaptation loop (ttrv.loop) between
+the evaluations before and after, writes the report, and leaves through the exit-code contract (ttrv.exitcodes).
 
 The same entrypoint runs under `ttrv train` (torchrun's launcher) in a PyTorchJob pod and as local processes
 under `ttrv run`.
@@ -16,443 +9,45 @@ under `ttrv run`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ttrv import benchmark, log
 from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset, require_images
-from ttrv.evaluate import greedy_accuracy, majority_accuracy
-from ttrv.grpo import ttrv_advantages
+from ttrv.evaluate import greedy_accuracy
 from ttrv.learner import Learner, World
-from ttrv.policy import PromptEncoder, collate
-from ttrv.reward import extract_answer, normalized_entropy, vote_rewards
-from ttrv.rollout.base import RolloutEngine, Sample
-from ttrv.spec import GuardSpec, RunSpec
+from ttrv.loop import (
+    EVALUATING_AFTER,
+    EVALUATING_BEFORE,
+    FINISHED,
+    Preempted,
+    PreemptionSignal,
+    RunContext,
+    RunState,
+    adapt,
+    barrier,
+    evaluate_all,
+    resume,
+    rewrite_events,
+    steps_per_epoch,
+    subset_examples,
+    write_progress,
+)
+from ttrv.net import free_port
+from ttrv.policy import PromptEncoder
+from ttrv.rollout.base import RolloutEngine
+from ttrv.spec import RunSpec
 
 logger = log.get_logger(__name__)
 
 
-# --------------------------------------------------------------------------------------------------- data cursor
-@dataclass
-class Cursor:
-    """Where the run is in its data. Epoch e visits the prompts in a permutation seeded by (seed, e); a step takes
-    the next `prompts_per_step` of it, and the last step of an epoch takes what is left (no prompt is skipped or
-    repeated within an epoch)."""
-
-    epoch: int = 0
-    position: int = 0
-
-    def order(self, count: int, seed: int) -> list[int]:
-        indices = list(range(count))
-        random.Random(f"{seed}:{self.epoch}").shuffle(indices)
-        return indices
-
-    def next_batch(self, prompts: Sequence[Prompt], size: int, seed: int) -> list[Prompt]:
-        order = self.order(len(prompts), seed)
-        return [prompts[i] for i in order[self.position : self.position + size]]
-
-    def advance(self, taken: int, count: int) -> None:
-        self.position += taken
-        if self.position >= count:
-            self.epoch, self.position = self.epoch + 1, 0
-
-
-def steps_per_epoch(count: int, prompts_per_step: int) -> int:
-    return math.ceil(count / prompts_per_step)
-
-
-# --------------------------------------------------------------------------------------------------- timing
-@dataclass
-class StepTimer:
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-# --------------------------------------------------------------------------------------------------- reward
-@dataclass(frozen=True)
-class Scored:
-    answers: list[list[str | None]]  # [P][N]
-    rewards: list[list[float]]  # [P][N]
-    entropies: list[float]  # [P]
-
-
-def score(samples: list[list[Sample]], spec: RunSpec) -> Scored:
-    """Label-free: each prompt's N votes reward each other."""
-    r = spec.reward
-    answers = [[extract_answer(s.text, r.extractor, r.choices) for s in prompt_samples] for prompt_samples in samples]
-    rewards = [vote_rewards(a, r.entropy_weight, r.invalid_reward) for a in answers]
-    return Scored(answers, rewards, [normalized_entropy(a) for a in answers])
-
-
-# --------------------------------------------------------------------------------------------------- guard
-@dataclass
-class CollapseGuard:
-    """Reward hacking in TTRV ends in one consistent degenerate answer (the reference's collapsed runs: response
-    length 1-2 tokens, one answer everywhere). Label-free signals: a step is collapsed when its mean vote entropy
-    is ~0 AND either one answer takes most votes across different prompts, or responses shrank far below their
-    first-step length. `patience` collapsed steps in a row fire the guard."""
-
-    spec: GuardSpec
-    first_length: float | None = None
-    streak: int = 0
-    healthy_version: int | None = None  # last version published by a non-collapsed step (None: the base)
-
-    def observe(self, step_version: int, entropy: float, dominant_share: float, length: float,
-                prompts: int) -> bool:
-        if self.first_length is None:
-            self.first_length = length
-        one_answer = prompts > 1 and dominant_share >= self.spec.dominant_answer_share
-        shrunk = length <= self.spec.length_ratio * self.first_length
-        collapsed = entropy <= self.spec.entropy_below and (one_answer or shrunk)
-        if collapsed:
-            self.streak += 1
-        else:
-            self.streak = 0
-            self.healthy_version = step_version
-        return self.spec.enabled and self.streak >= self.spec.patience
-
-
-def dominant_share(answers: list[list[str | None]]) -> float:
-    """Share of all votes of the step taken by its single most common answer."""
-    flat = [a for row in answers for a in row if a is not None]
-    if not flat:
-        return 0.0
-    return max(flat.count(a) for a in set(flat)) / sum(len(row) for row in answers)
-
-
-# --------------------------------------------------------------------------------------------------- run state
-@dataclass
-class RunState:
-    """Everything a resumed trainer needs besides the DeepSpeed state: it goes into each checkpoint's commit."""
-
-    cursor: Cursor = field(default_factory=Cursor)
-    step: int = 0
-    guard: dict = field(default_factory=dict)
-    before: dict = field(default_factory=dict)
-    events: list[dict] = field(default_factory=list)
-    checkpoint_step: int | None = None
-    elapsed_seconds: float = 0.0
-    attempts: int = 1
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, document: dict) -> RunState:
-        return cls(**(document | {"cursor": Cursor(**document["cursor"])}))
-
-
-class Preempted(Exception):
-    """SIGTERM arrived (preemption, eviction, drain); a checkpoint was written and the trainer should exit 143."""
-
-
-class PreemptionSignal:
-    """SIGTERM sets a flag that the loop reads between steps; every rank must agree before they checkpoint
-    together, so the flag is max-reduced across ranks."""
-
-    def __init__(self):
-        self.received = False
-
-    def install(self) -> None:
-        import signal
-
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-        logger.warning("sigterm_received", action="checkpoint after this step, then exit 143")
-
-    def any_rank(self, world: World) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if world.size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-# --------------------------------------------------------------------------------------------------- run context
-@dataclass
-class RunContext:
-    spec: RunSpec
-    out: Path
-    world: World
-    store: object
-    engine: RolloutEngine
-    learner: Learner
-    encoder: PromptEncoder
-    prompts: list[Prompt]
-    pad_id: int
-    preemption: PreemptionSignal = field(default_factory=PreemptionSignal)
-    events: Path = field(init=False)
-
-    def __post_init__(self):
-        self.events = self.out / "events.jsonl"
-
-    @property
-    def total_steps(self) -> int:
-        return steps_per_epoch(len(self.prompts), self.spec.grpo.prompts_per_step) * self.spec.grpo.epochs
-
-
-def shard(batch: list[Prompt], world: World) -> list[Prompt]:
-    return batch[world.rank :: world.size]
-
-
-def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: StepTimer) -> dict:
-    """One TTRV step on this rank's share of the batch; returns the step's metrics (this rank's). Votes are
-    seeded by (run seed, step, prompt), so they do not depend on the number of ranks or on restarts."""
-    spec = ctx.spec
-    mine = shard(batch, ctx.world) or batch[:1]  # a rank without prompts runs zero-weight passes on one
-    idle = not shard(batch, ctx.world)
-    g = spec.rollout.group_size
-    with timer.phase("rollout"):
-        samples = ctx.engine.generate(mine, spec.rollout.votes, spec.rollout.temperature, spec.rollout.top_p,
-                                      spec.rollout.max_new_tokens, seed=spec.seed * 1_000_003 + step)
-    with timer.phase("reward"):
-        scored = score(samples, spec)
-        advantages = step_advantages(ctx.world, [row[:g] for row in scored.rewards], scored.entropies, spec)
-    with timer.phase("collate"):
-        encoded = [ctx.encoder.encode(p) for p in mine for _ in range(g)]
-        responses = [s.token_ids for prompt_samples in samples for s in prompt_samples[:g]]
-        train_batch = collate(encoded, responses, ctx.pad_id)
-        if idle:
-            advantages = torch.zeros_like(advantages)
-            train_batch.target_mask.zero_()
-    with timer.phase("old_log_prob"):
-        old = ctx.learner.old_log_probs(train_batch)
-    with timer.phase("ref_log_prob"):
-        ref = ctx.learner.reference_log_probs(train_batch)
-    with timer.phase("update"):
-        stats = ctx.learner.update(train_batch, advantages, old, ref)
-    answers, rewards, entropies, lengths = gather_votes(ctx.world, scored, samples, idle)
-    return {
-        **stats,
-        "reward": sum(sum(row) for row in rewards) / sum(len(row) for row in rewards),
-        "entropy": sum(entropies) / len(entropies),
-        "response_length": sum(lengths) / len(lengths),
-        "valid_ratio": sum(a is not None for row in answers for a in row) / len(lengths),
-        "dominant_share": dominant_share(answers),
-        "sampled_tokens": sum(lengths),
-        "prompts": len(answers),
-    }
-
-
-def step_advantages(world: World, rewards: list[list[float]], entropies: list[float], spec: RunSpec):
-    """This rank's advantages, computed over the whole step's batch (all ranks' groups, in rank order), so that
-    a batch-wide normalisation sees the same batch however many ranks share it."""
-    mine = (rewards, entropies)
-    parts = [mine]
-    if world.size > 1:
-        parts = [None] * world.size
-        torch.distributed.all_gather_object(parts, mine)
-    start = sum(len(part[0]) for part in parts[: world.rank if world.size > 1 else 0])
-    all_rewards = torch.tensor([row for part in parts for row in part[0]], dtype=torch.float32)
-    all_entropies = torch.tensor([h for part in parts for h in part[1]], dtype=torch.float32)
-    advantages = ttrv_advantages(all_rewards, all_entropies, spec.reward.entropy_mode, spec.reward.entropy_weight)
-    return advantages[start : start + len(rewards)].flatten()
-
-
-def gather_votes(world: World, scored: Scored, samples: list[list[Sample]], idle: bool):
-    """Every rank's answers, rewards, entropies and response lengths, so the step's metrics (and the collapse
-    guard) see the whole batch, not rank 0's share; an idle rank's stand-in prompt is left out."""
-    mine = ([], [], [], []) if idle else (scored.answers, scored.rewards, scored.entropies,
-                                           [len(s.token_ids) for row in samples for s in row])
-    if world.size == 1:
-        return mine
-    parts: list = [None] * world.size
-    torch.distributed.all_gather_object(parts, mine)
-    return tuple([item for part in parts for item in part[i]] for i in range(4))
-
-
-def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
-    """The adaptation loop, from `state` on. Returns what the report needs (steps, guard outcome). `probe`, when
-    given, measures greedy accuracy on the adaptation subset every `eval.every` steps (rank 0, for the report's
-    curve): labels stay in that callback and never reach the loop."""
-    spec = ctx.spec
-    guard = CollapseGuard(spec.guard, **state.guard)
-    guard_fired_at = None
-    progress = _progress_bar(ctx.total_steps, state.step, ctx.world)
-    step_seconds: list[float] = []
-    while state.cursor.epoch < spec.grpo.epochs:
-        started = time.perf_counter()
-        batch = state.cursor.next_batch(ctx.prompts, spec.grpo.prompts_per_step, spec.seed)
-        timer = StepTimer()
-        step_metrics = adaptation_step(ctx, state.step + 1, batch, timer)
-        version = state.step + 1
-        with timer.phase("publish"):
-            if ctx.world.is_main:
-                ctx.store.publish_weights(version, ctx.learner.trainable_state(), kind=weights_kind(spec),
-                                          base_model=spec.model.path, dtype=dtype_name(ctx.learner.dtype))
-                protected = {v for v in (state.checkpoint_step, guard.healthy_version) if v}
-                ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
-            _barrier(ctx.world)
-        with timer.phase("sync"):
-            ctx.engine.load_version(version)
-        state.cursor.advance(len(batch), len(ctx.prompts))
-        state.step = version
-        step_seconds.append(time.perf_counter() - started)
-        state.elapsed_seconds += step_seconds[-1]
-        record = {"step": version, "epoch": state.cursor.epoch if state.cursor.position else state.cursor.epoch - 1,
-                  "prompt_ids": [p.id for p in batch], "weight_version": version, **_round(step_metrics),
-                  "seconds": _round(timer.seconds | {"step": step_seconds[-1]})}
-        every = spec.eval.every
-        if probe is not None and ctx.world.is_main and every and version % every == 0:
-            accuracy = probe()
-            if accuracy is not None:
-                record["subset_accuracy"] = round(accuracy, 4)
-        fired = guard.observe(version, step_metrics["entropy"], step_metrics["dominant_share"],
-                              step_metrics["response_length"], step_metrics["prompts"])
-        state.guard = {"first_length": guard.first_length, "streak": guard.streak,
-                       "healthy_version": guard.healthy_version}
-        if ctx.world.is_main:
-            state.events.append(record)
-            _append_event(ctx.events, record)
-            write_progress(ctx, state, step_seconds, record)
-            if metrics is not None:
-                metrics.observe(record)
-            progress.update(1)
-            progress.set_postfix(reward=f"{step_metrics['reward']:.3f}", entropy=f"{step_metrics['entropy']:.3f}",
-                                 len=f"{step_metrics['response_length']:.1f}", loss=f"{step_metrics['loss']:.4f}")
-        preempted = ctx.preemption.any_rank(ctx.world)
-        every = spec.storage.checkpoint_every
-        if preempted or (every and version % every == 0 and state.cursor.epoch < spec.grpo.epochs):
-            save_checkpoint(ctx, state)
-        if preempted:
-            progress.close()
-            raise Preempted(f"preempted after step {version}; checkpoint written")
-        if fired:
-            guard_fired_at = version
-            break
-    progress.close()
-    rollback = None
-    if guard_fired_at is not None:
-        rollback = guard.healthy_version
-        restore_version(ctx, rollback)
-        logger.warning("collapse_guard_fired", step=guard_fired_at, rolled_back_to=rollback or "base")
-    return {"steps": state.step, "total_steps": ctx.total_steps, "guard_fired_at": guard_fired_at,
-            "rolled_back_to": rollback}
-
-
-def save_checkpoint(ctx: RunContext, state: RunState) -> None:
-    from ttrv import checkpoint
-
-    state.checkpoint_step = state.step
-    checkpoint.save(ctx.store, ctx.learner.engine, state.step, state.to_json(), ctx.world.rank, ctx.world.size,
-                    lambda: _barrier(ctx.world))
-    if ctx.world.is_main:
-        checkpoint.prune(ctx.store, keep=2, world_size=ctx.world.size)
-
-
-def resume(ctx: RunContext) -> RunState | None:
-    """Continue from the newest complete checkpoint, if any: learner state, RNG, cursor, events; versions
-    published after the checkpoint (by the attempt that died) are deleted so `latest` cannot point past it."""
-    from ttrv import checkpoint
-
-    restored = checkpoint.load_latest(ctx.store, ctx.learner.engine, ctx.world.rank, ctx.world.size)
-    if restored is None:
-        return None
-    state = RunState.from_json(restored.state)
-    state.attempts += 1
-    if ctx.world.is_main:
-        for stale in [v for v in ctx.store.weight_versions() if v > state.step]:
-            ctx.store.delete_set(weights_prefix(stale))
-        _rewrite_events(ctx.events, state.events)
-    _barrier(ctx.world)
-    if state.step:
-        ctx.engine.load_version(state.step)
-    logger.info("resumed", step=state.step, epoch=state.cursor.epoch, position=state.cursor.position,
-                attempt=state.attempts)
-    return state
-
-
-def write_progress(ctx: RunContext, state: RunState, step_seconds: list[float], record: dict) -> None:
-    """progress.json in the run's store prefix, in the shape of Kubeflow's trainer status (KEP-2779): the
-    controller polls it for `kubectl get` columns."""
-    total = ctx.total_steps
-    recent = step_seconds[-10:]
-    ctx.store.put_json("progress.json", {
-        "progressPercentage": round(100.0 * state.step / total, 1) if total else 100.0,
-        "estimatedRemainingSeconds": round(sum(recent) / len(recent) * (total - state.step)),
-        "step": state.step, "totalSteps": total, "epoch": record["epoch"],
-        "weightVersion": record["weight_version"], "checkpointStep": state.checkpoint_step,
-        "baseAccuracy": state.before.get("accuracy"), "accuracy": None,
-        "metrics": {k: record[k] for k in ("reward", "entropy", "response_length", "loss", "valid_ratio")},
-        "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
-
-
-def restore_version(ctx: RunContext, version: int | None) -> None:
-    """Put the learner and the rollout engine back on a published version (None: the base weights), published
-    again under a fresh version number (rollout engines key loaded weights by path)."""
-    tensors = ctx.store.load_weights(version) if version else ctx.learner.base_trainable_state()
-    ctx.learner.load_trainable_state(tensors)
-    restored = ctx.total_steps + 1
-    if ctx.world.is_main:
-        ctx.store.publish_weights(restored, tensors, kind=weights_kind(ctx.spec), base_model=ctx.spec.model.path,
-                                  dtype=dtype_name(ctx.learner.dtype))
-    _barrier(ctx.world)
-    ctx.engine.load_version(restored)
-
-
-def weights_kind(spec: RunSpec) -> str:
-    return "lora" if spec.model.lora is not None else "full"
-
-
-def weights_prefix(step: int) -> str:
-    from ttrv.store import weights_prefix as prefix
-
-    return prefix(step)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-def _round(values: dict) -> dict:
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
-
-
-def _append_event(path: Path, record: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _rewrite_events(path: Path, events: list[dict]) -> None:
-    from ttrv.report import atomic_write
-
-    atomic_write(path, "".join(json.dumps(e) + "\n" for e in events).encode())
-
-
-def _barrier(world: World) -> None:
-    if world.size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _progress_bar(total: int, initial: int, world: World):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="adapt", unit="step", disable=not world.is_main,
-                file=sys.stderr, dynamic_ncols=True)
-
-
+# --------------------------------------------------------------------------------------------------- data
 def load_examples(spec: RunSpec) -> tuple[list[Example], list[Prompt], list[Example]]:
     """(test examples, adaptation prompts, held-out examples)."""
     data = spec.data
@@ -472,19 +67,11 @@ def init_distributed(world: World) -> None:
 
     if world.size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_threads(world: World) -> None:
@@ -507,37 +94,13 @@ def make_engine(spec: RunSpec, model_path: str, processor, store, device) -> Rol
                              "point TTRV_ROLLOUT_URL at it (the operator and `ttrv run` do this)")
         return ServiceEngine(url, spec, retry_seconds=float(os.environ.get("TTRV_ROLLOUT_RETRY_SECONDS", 600)))
     from ttrv.modeling import load_model
-    from ttrv.rollout.hf import HFEngine
-    from ttrv.weights import merge_lora
+    from ttrv.rollout.hf import HFEngine, lora_merger
 
     model = load_model(model_path, spec.model.dtype, device)
-    if spec.model.lora is None:
+    merge = lora_merger(model, spec.model.lora)
+    if merge is None:
         return HFEngine(model, processor, store.load_weights)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    scale = spec.model.lora.alpha / spec.model.lora.rank
-    return HFEngine(model, processor, lambda step: merge_lora(base, store.load_weights(step), scale))
-
-
-def subset_examples(test: list[Example], prompts: list[Prompt]) -> list[Example]:
-    """The labelled test examples of the adaptation prompts (for evaluation only)."""
-    by_id = {e.prompt.id: e for e in test}
-    return [by_id[p.id] for p in prompts if p.id in by_id]
-
-
-def evaluate_all(engine: RolloutEngine, spec: RunSpec, test: list[Example], prompts: list[Prompt],
-                 heldout: list[Example]) -> dict:
-    """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set."""
-    limit = spec.eval.limit
-    subset = subset_examples(test, prompts)
-    results = {"subset_accuracy": greedy_accuracy(engine, subset, spec)["accuracy"] if subset else None}
-    if spec.eval.full_test_set:
-        greedy = greedy_accuracy(engine, test[:limit], spec)
-        results |= {"accuracy": greedy["accuracy"], "valid_ratio": greedy["valid_ratio"],
-                    "response_length": greedy["response_length"]}
-        results |= majority_accuracy(engine, test[:limit], spec)
-    if heldout:
-        results["heldout_accuracy"] = greedy_accuracy(engine, heldout[:limit], spec)["accuracy"]
-    return results
+    return HFEngine(model, processor, lambda step: merge(store.load_weights(step)))
 
 
 class ModelError(ValueError):
@@ -594,15 +157,29 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
     if state is None:
         state = RunState()
         if world.is_main:
-            _rewrite_events(ctx.events, [])
+            rewrite_events(ctx.events, [])
             if spec.eval.before:
-                state.before = evaluate_all(engine, spec, test, prompts, heldout)
+                state.before = evaluate_all(ctx, state, EVALUATING_BEFORE, test, prompts, heldout)
                 logger.info("eval_before", **{k: v for k, v in state.before.items() if v is not None})
-        _barrier(world)
+        barrier(world)
     subset = subset_examples(test, prompts)
-    outcome = adapt(ctx, state, metrics, lambda: greedy_accuracy(engine, subset, spec)["accuracy"] if subset else None)
-    after = evaluate_all(engine, spec, test, prompts, heldout) if world.is_main and spec.eval.after else {}
-    _barrier(world)
+    probed: dict = {}  # the newest probe, {weight version served: subset accuracy}; rolling back serves another
+
+    def probe() -> float | None:
+        if not subset:
+            return None
+        accuracy = greedy_accuracy(engine, subset, spec)["accuracy"]
+        probed.clear()
+        probed[engine.weight_version] = accuracy
+        return accuracy
+
+    outcome = adapt(ctx, state, metrics, probe)
+    after = {}
+    if world.is_main and spec.eval.after:
+        # A probe after the last step measured these very weights on the subset: one greedy pass serves both.
+        after = evaluate_all(ctx, state, EVALUATING_AFTER, test, prompts, heldout, probed.get(engine.weight_version))
+        logger.info("eval_after", **{k: v for k, v in after.items() if v is not None})
+    barrier(world)
     report = {}
     if world.is_main:
         before = state.before
@@ -627,12 +204,11 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
         }
         write_report(out, report, state.events)
         store.put_json("report.json", report)
-        progress = store.get_json("progress.json") or {}
-        store.put_json("progress.json", progress | {"progressPercentage": 100.0, "estimatedRemainingSeconds": 0,
-                                                    "accuracy": report["final_accuracy"]})
+        write_progress(ctx, state, FINISHED, progressPercentage=100.0, estimatedRemainingSeconds=0,
+                       accuracy=report["final_accuracy"])
         logger.info("run_finished", report=str(out / "report.json"), base=report["base_accuracy"],
                     final=report["final_accuracy"])
-    _barrier(world)
+    barrier(world)
     return report
 
 
@@ -692,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         run(spec, Path(args.out), preemption)
     except Exception as error:  # noqa: BLE001 - every failure leaves through the exit-code contract
         code = exit_code_for(error)
-        retry = "retryable" if exitcodes.is_retryable(code) else "permanent"
+        retry = exitcodes.kind(code)
         logger.error("trainer_failed", exit_code=code, kind=retry, error=f"{type(error).__name__}: {error}")
         print(f"error ({retry}, exit {code}): {error}", file=sys.stderr)
         write_termination_message(f"{retry}, exit {code}: {error}")

@@ -14,11 +14,11 @@ from operators.conditions import is_true
 from operators.local.api import MemoryKube
 from operators.local.pods import LOOPBACK, LocalPod, image_env, pod_process, training_operator_env
 from ttrv import exitcodes
+from ttrv.fsutil import atomic_write
 from ttrv.labels import REPLICA_TYPE_LABEL, RUN_LABEL
 from ttrv.log import get_logger
 from ttrv.manifests import MASTER_PORT_NAME
-from ttrv.report import atomic_write
-from ttrv.rollout.vllm_server import free_port
+from ttrv.net import free_port
 
 logger = get_logger(__name__)
 

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ttrv.cli import EXIT_USAGE, experiment_of, naming_file
+from ttrv.cli import EXIT_USAGE, SET_HELP, experiment_of, naming_file, overrides, with_overrides
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -24,6 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                 "(default runs/<experiment>)")
     experiment_run.add_argument("-n", "--namespace", help="namespace of the experiment (default: its metadata, "
                                 "else default); part of each run's store prefix")
+    experiment_run.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     experiment_run.set_defaults(handler=cmd_experiment_run)
 
 
@@ -36,6 +37,7 @@ def cmd_experiment_run(args: argparse.Namespace) -> int:
     from operators.local.table import status_table
 
     metadata, spec = experiment_of(args)
+    spec = with_overrides(spec, overrides(args))
     out = Path(args.out or f"runs/{metadata['name']}")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the runs' processes as Ctrl-C does, not orphan them
     with naming_file(args.file):  # run_experiment checks the experiment before it writes anything

@@ -16,12 +16,12 @@ from operators.local.cluster import LocalCluster
 from operators.progress import ProgressReader
 from operators.reconcile import Context, reconcile_experiment, reconcile_run
 from ttrv.crds import API_VERSION
+from ttrv.fsutil import atomic_write
 from ttrv.labels import EXPERIMENT_LABEL
 from ttrv.local import EMBEDDED_BUCKET
 from ttrv.log import get_logger
 from ttrv.manifests import GPU, experiment_objects, resource_dump
 from ttrv.objectserver import EmbeddedS3
-from ttrv.report import atomic_write
 from ttrv.spec import (
     EXPERIMENT_FINISHED,
     RUN_FINISHED,

@@ -2,7 +2,8 @@
 
 A pod's command and env are translated, nothing else: the image's `ttrv` is this interpreter's `python -m ttrv.cli`;
 a path under a volume mount is the local folder of that volume; `--host 0.0.0.0` binds loopback; `--port` and the
-master port are free local ports (pods have an address each, local processes share one); the pod's cache folder
+master port, and a `*_PORT` variable naming a container port (TTRV_METRICS_PORT), are free local ports (pods have an
+address each, local processes share one); the pod's cache folder
 (its XDG_CACHE_HOME volume) is this machine's cache, its other emptyDirs are folders of its own. The host's
 environment stands for the image's, less what the cluster sets per pod. Resource requests are not enforced: every
 process sees this machine's CPUs and GPUs.
@@ -103,7 +104,7 @@ def pod_process(template: Mapping, folder: Path, config_maps: Mapping[str, Path]
     env = dict(base_env)
     for variable in container.get("env", []):
         if "value" in variable:
-            env[variable["name"]] = translate(variable["value"])
+            env[variable["name"]] = _local_port(variable["name"], variable["value"], ports) or translate(variable["value"])
             continue
         ref = variable.get("valueFrom", {}).get("secretKeyRef")
         if ref is None or ref["key"] not in secrets.get(ref["name"], {}):
@@ -138,6 +139,15 @@ def local_command(argv: Sequence[str], translate: Callable[[str], str], ports: M
             arg = str(ports[int(arg)])
         local.append(translate(arg))
     return entry + local
+
+
+def _local_port(name: str, value: str, ports: Mapping[int, int]) -> str | None:
+    """A `*_PORT` variable naming one of the container's own ports (TTRV_METRICS_PORT=9400) gets its local port:
+    in a cluster each pod listens on its own address, here every pod shares loopback, so two trainers asked to bind
+    9400 would collide."""
+    if name.endswith("_PORT") and value.isdigit() and int(value) in ports:
+        return str(ports[int(value)])
+    return None
 
 
 def _translator(mounts: Mapping[str, Path], hosts: Mapping[str, str]) -> Callable[[str], str]:

@@ -98,3 +98,25 @@ def test_open_store_refuses_the_uri(case: Case, tmp_path: Path, monkeypatch):
     uri = uri.format(tmp=tmp_path) if uri else uri
     code, message = refused(lambda: open_store(uri, endpoint or "http://127.0.0.1:1"))
     check(case, code, message, [name for name in files_under(tmp_path) if name != tmp_path.name])
+
+
+ENDPOINT_VARIABLE = cases("AWS_ENDPOINT_URL", [
+    ("credential-in-userinfo", f"http://key:{CREDENTIAL}@127.0.0.1:1", ("AWS_ENDPOINT_URL",),
+     "remove them and set AWS_ACCESS_KEY_ID"),
+    # An AWS secret key may hold a '/', which ends a URL's authority early: the rest must not pass as a path.
+    ("credential-with-slash", f"http://key:{CREDENTIAL[:8]}/{CREDENTIAL[8:]}@127.0.0.1:1", ("AWS_ENDPOINT_URL",),
+     "remove them and set AWS_ACCESS_KEY_ID"),
+    ("not-http", "ftp://127.0.0.1:1", ("AWS_ENDPOINT_URL", "'ftp://127.0.0.1:1'"),
+     "is not http(s)://host[:port] or host:port"),
+])
+
+
+@pytest.mark.parametrize("case", ENDPOINT_VARIABLE)
+def test_open_store_refuses_the_endpoint_from_the_environment(case: Case, tmp_path: Path, monkeypatch):
+    """Without storage.endpoint the endpoint comes from AWS_ENDPOINT_URL: it is checked as strictly, and the
+    message names the variable (the spec never held the value)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", case.input)
+    monkeypatch.chdir(tmp_path)
+    check(case, *refused(lambda: open_store("s3://bucket/x", retry_seconds=1)), files_under(tmp_path / "bucket"))

@@ -6,7 +6,6 @@ vote of every prompt, so the run ends where the unfaulted run of the same spec (
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ from trainer_util import SERVICE_SPEC, events, log_events
 
 from ttrv.local import EMBEDDED_BUCKET
 from ttrv.objectserver import EmbeddedS3
+from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, request_json
 from ttrv.store import open_store
 
 pytestmark = pytest.mark.fault
@@ -44,15 +44,10 @@ def serve_pid(spec_file: Path) -> int | None:
 
 def in_flight(url: str) -> int:
     """Requests the service holds now (its /health); 0 while it does not answer."""
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=2)
     try:
-        connection.request("GET", "/health")
-        return json.loads(connection.getresponse().read()).get("in_flight", 0)
-    except OSError:
+        return request_json(url, "GET", "/health", timeout=2)[1].get("in_flight", 0)
+    except TRANSPORT_ERRORS:
         return 0
-    finally:
-        connection.close()
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

@@ -10,12 +10,15 @@ Failures: connection errors, 5xx and 409 are retried with exponential backoff an
 per request (long enough for the service to restart and reload); then `RolloutUnavailableError`, which the trainer
 turns into its retryable exit code 171. A `generate` call returns every sample of every prompt or raises: never part
 of a batch. Other 4xx answers are bugs or misconfiguration and raise `RolloutError` at once.
+
+The person watching is told at once: the first failed request of an outage logs the warning `rollout_unavailable`
+with the service's reason (a service whose engine died answers 503 with the engine's own error), again every
+REPORT_EVERY seconds while it lasts where the reason changed, and `rollout_available` once a request succeeds again;
+not only after the whole retry budget, which is minutes long.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import random
 import threading
 import time
@@ -28,12 +31,15 @@ from ttrv import log
 from ttrv.data import Prompt
 from ttrv.rollout.base import Sample, sample_seed
 from ttrv.rollout.chat import openai_messages, samples_from_completion
+from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, request_json
 from ttrv.spec import RunSpec
 
 logger = log.get_logger(__name__)
 
-_RETRYABLE = (OSError, http.client.HTTPException, ValueError)
+_RETRYABLE = (*TRANSPORT_ERRORS, ValueError)
 """Refused, reset or timed-out connections, a connection closed mid-answer, and an answer cut short (bad JSON)."""
+REPORT_EVERY = 30.0
+"""Seconds between two `rollout_unavailable` warnings of one outage (the reason changes as the service restarts)."""
 
 
 class RolloutError(RuntimeError):
@@ -60,7 +66,6 @@ class ServiceEngine:
             raise ValueError(f"rollout service URL {url!r} is not http(s)://host:port; in a cluster it comes from "
                              "TTRV_ROLLOUT_URL")
         self.url = url.rstrip("/")
-        self._parts = parts
         self.model = spec.name
         self.max_staleness = spec.rollout.max_staleness
         self.retry_seconds = retry_seconds
@@ -69,6 +74,9 @@ class ServiceEngine:
         self.max_concurrency = max_concurrency
         self.weight_version: int | None = None
         self._target: int | None = None
+        self._outage_lock = threading.Lock()
+        self._outage: dict[str, Any] | None = None
+        """The outage under way: since (monotonic), the reason last reported and when."""
 
     # ------------------------------------------------------------------------------------------------- RolloutEngine
     def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
@@ -104,10 +112,12 @@ class ServiceEngine:
                 status, state = self._request("GET", "/weight_version", None, timeout=10)
             except _RETRYABLE as error:
                 problem = f"unreachable ({type(error).__name__}: {error})"
+                self._unavailable(problem)
             else:
                 served = state.get("weight_version") if status == 200 else None
                 if status != 200:
                     problem = f"HTTP {status}: {_message(state)}"
+                    self._unavailable(problem)
                 elif served is not None and served > step and self.max_staleness == 0:
                     # a resumed trainer has just withdrawn the versions after its checkpoint; the service drops
                     # them on its next look at the store
@@ -157,18 +167,23 @@ class ServiceEngine:
                 status, answer = self._request("POST", "/v1/chat/completions", body, timeout=self.request_timeout)
             except _RETRYABLE as error:
                 problem = f"{type(error).__name__}: {error}"
+                self._unavailable(f"unreachable ({problem})")
             else:
                 if status == 200:
                     version = answer.get("ttrv_weight_version")
                     if self._acceptable(version):
+                        self._available()
                         try:
                             return [sample for sample, _ in samples_from_completion(answer, n, logprobs=True)]
                         except ValueError as error:
                             raise RolloutError(f"the rollout service at {self.url} answered without what the "
                                                f"trainer needs: {error}") from None
                     problem = f"answered from weight version {version}, outside what was asked"
-                elif status == 409 or status >= 500:
+                elif status == 409:
                     problem = f"HTTP {status}: {_message(answer)}"
+                elif status >= 500:
+                    problem = f"HTTP {status}: {_message(answer)}"
+                    self._unavailable(problem)
                 else:
                     raise RolloutError(f"the rollout service at {self.url} refused the request: HTTP {status}: "
                                        f"{_message(answer)}")
@@ -177,26 +192,45 @@ class ServiceEngine:
             if now - first_failure >= self.retry_seconds:
                 raise RolloutUnavailableError(
                     f"the rollout service at {self.url} gave no usable answer for {self.retry_seconds:.0f} s "
-                    f"({attempt} attempts); last: {problem}. Check that its pod is running and read its log")
+                    f"({attempt} attempts); last: {problem}{self._first_reason(problem)}. Check that its pod is "
+                    "running and read its log")
             wait = delay * random.uniform(0.5, 1.5)
             logger.warning("rollout_request_retry", attempt=attempt, problem=problem, retry_in=round(wait, 2))
             if cancelled.wait(wait):
                 raise RolloutUnavailableError("cancelled: another prompt of the batch failed")
             delay = min(2 * delay, 5.0)
 
+    def _unavailable(self, reason: str) -> None:
+        """A request found the service unavailable: tell the person at the first failure of an outage, then every
+        REPORT_EVERY seconds where the reason changed (a restart: unreachable, then starting)."""
+        now = time.monotonic()
+        with self._outage_lock:
+            outage = self._outage
+            if outage is None:
+                outage = self._outage = {"since": now, "reason": None, "at": 0.0, "first": reason}
+            elif reason == outage["reason"] or now - outage["at"] < REPORT_EVERY:
+                return
+            outage.update(reason=reason, at=now)
+            seconds = round(now - outage["since"], 1)
+        logger.warning("rollout_unavailable", url=self.url, reason=reason, seconds=seconds,
+                       action=f"retrying each request for up to {self.retry_seconds:.0f} s")
+
+    def _first_reason(self, last: str) -> str:
+        """The outage's first reason, where the last one differs: a dead engine's error comes first, then only
+        refused connections while the service restarts."""
+        with self._outage_lock:
+            first = self._outage["first"] if self._outage else None
+        return f"; first: {first}" if first and first not in last else ""
+
+    def _available(self) -> None:
+        with self._outage_lock:
+            outage, self._outage = self._outage, None
+        if outage is not None:
+            logger.info("rollout_available", url=self.url, seconds=round(time.monotonic() - outage["since"], 1))
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
         """(status, decoded JSON) of one request on a connection of its own."""
-        connection_class = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(self._parts.hostname, self._parts.port, timeout=timeout)
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            connection.request(method, self._parts.path.rstrip("/") + path, body=data, headers=headers)
-            response = connection.getresponse()
-            payload = response.read()
-            return response.status, json.loads(payload) if payload else {}
-        finally:
-            connection.close()
+        return request_json(self.url, method, path, body, timeout)
 
 
 def _message(answer: Any) -> str:

@@ -1,9 +1,10 @@
 """The in-process Hugging Face rollout engine: batched sampling with the KV cache, all N votes of several prompts
-in one `generate` call. Used for local runs and as the rollout service's backend where vLLM is not installed."""
+in one `generate` call. Used for local runs and as the rollout service's serving engine where vLLM is not installed."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -11,6 +12,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ttrv.data import Prompt
 from ttrv.modeling import model_inputs
 from ttrv.rollout.base import Sample, sample_seed
+from ttrv.weights import merge_lora
+
+if TYPE_CHECKING:
+    from ttrv.spec import LoraSpec
 
 VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
@@ -96,6 +101,17 @@ class HFEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+def lora_merger(model, lora: LoraSpec | None) -> Callable[[dict], dict] | None:
+    """How a Hugging Face engine serves a LoRA version (model.lora; None without): the adapter's tensors (peft's)
+    merged into a copy of the model's weights taken now, the base, so that each version replaces the one before
+    instead of adding to it. The merged weights come back under the model's names, for `HFEngine.load_tensors`."""
+    if lora is None:
+        return None
+    base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    scale = lora.alpha / lora.rank
+    return lambda adapter: merge_lora(base, adapter, scale)
 
 
 class RowSampler(LogitsProcessor):

@@ -11,8 +11,8 @@ while the weights change and every answer names the version that produced it. Wh
 newest is loaded and the ones between skipped. A version the store refuses (corrupt, truncated) or the engine
 refuses (tensors that do not fit) is remembered and skipped until it is republished, and the previous version keeps
 serving. An engine that fails in the middle of a load serves unknown weights: the agent stops and reports itself
-broken (the service's /health fails, Kubernetes restarts the pod, and a fresh start loads the newest version that
-loads).
+broken (the service's /health fails and `ttrv serve` exits with ROLLOUT_ENGINE_DIED to be restarted, and a fresh
+start loads the newest version that loads).
 """
 
 from __future__ import annotations

