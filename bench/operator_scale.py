@@ -37,6 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from operators import experiments, metrics, runs  # noqa: E402
 from operators.local.api import MemoryKube  # noqa: E402
 from operators.reconcile import Context, now, reconcile_experiment, reconcile_run  # noqa: E402
+from ttrv.crds import API_VERSION  # noqa: E402
 from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, RUN_LABEL, TRAINER  # noqa: E402
 from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED  # noqa: E402
 
@@ -103,7 +104,7 @@ def cond(kind: str, status: bool = True, message: str = "", at: str = "2026-03-0
 
 
 def experiment_body(index: int, datasets: int, parallel: int) -> dict:
-    return {"apiVersion": "ttrv.io/v1alpha1", "kind": "Experiment",
+    return {"apiVersion": API_VERSION, "kind": "Experiment",
             "metadata": {"name": f"exp-{index:04d}", "namespace": f"team-{index % NS_COUNT:02d}"},
             "spec": {"storage": {"uri": "s3://ttrv/bench"}, "maxParallelRuns": parallel,
                      "rollout": {"backend": "service" if index % 2 else "inprocess"},
