@@ -1,8 +1,9 @@
 """Scale benchmark of the operator's reconcile logic: N experiments x M datasets, from creation to the end.
 
-What runs: the functions kopf calls (operators.ttrv_operator.reconcile_experiment and reconcile_run: read the
-objects, decide, write the plan), unchanged, against an in-memory API that stores objects as JSON text, so every
-read decodes and every write encodes as with a real client. The cluster's controllers are simulated, one step
+What runs: the reconcile loop the kopf handlers call (operators.reconcile.reconcile_experiment and reconcile_run:
+read the objects, decide, apply the plan), unchanged, with a Context of its own: the in-memory API of
+`ttrv experiment run --local` (operators/local/api.py), which stores objects as JSON text, so every read decodes
+and every write encodes as with a real client. The cluster's controllers are simulated, one step
 per tick: rollout Deployments become ready, PyTorchJobs start, their trainers' progress.json advances, and they
 succeed (3% fail with a permanent exit code, 5% restart once in place). Each tick the operator reconciles every
 unfinished run and experiment, as its poll timer would (kopf's change and child events add reconciles of the same
@@ -27,7 +28,6 @@ import resource
 import statistics
 import sys
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,84 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from operators import experiments, metrics, runs  # noqa: E402
-from operators import ttrv_operator as operator  # noqa: E402
-from operators.local import merge_patch  # noqa: E402
+from operators.local.api import MemoryKube  # noqa: E402
+from operators.reconcile import Context, now, reconcile_experiment, reconcile_run  # noqa: E402
+from ttrv.crds import API_VERSION  # noqa: E402
+from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, RUN_LABEL, TRAINER  # noqa: E402
+from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED  # noqa: E402
 
 NS_COUNT = 50
-
-
-INDEXED_LABELS = ("ttrv.io/experiment", "ttrv.io/run")
-
-
-class MemoryKube:
-    """The operator's API client (operators.kube.Kube) over dicts of JSON text: the API server's bookkeeping
-    (uids, generations, the status subresource, 409 on duplicates) without its network and storage."""
-
-    def __init__(self):
-        self.objects: dict[str, dict[tuple[str, str], str]] = defaultdict(dict)
-        # The API server filters its watch cache in memory; parsing every stored object per list would charge the
-        # operator for what this stand-in stores as JSON text, so the labels the operator selects on are indexed.
-        self.by_label: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
-        self.version = 0
-        self.writes = 0
-
-    def _store(self, kind: str, obj: dict) -> None:
-        self.version += 1
-        self.writes += 1
-        obj["metadata"]["resourceVersion"] = str(self.version)
-        meta = obj["metadata"]
-        self.objects[kind][(meta["namespace"], meta["name"])] = json.dumps(obj)
-        for key in INDEXED_LABELS:
-            value = (meta.get("labels") or {}).get(key)
-            if value:
-                self.by_label[(kind, meta["namespace"], key, value)].add(meta["name"])
-
-    def get(self, kind, namespace, name):
-        text = self.objects[kind].get((namespace, name))
-        return None if text is None else json.loads(text)
-
-    def list(self, kind, namespace, labels):
-        wanted = {key: value if isinstance(value, tuple) else (value,) for key, value in labels.items()}
-        key = next((key for key in INDEXED_LABELS if key in wanted), None)
-        names = {name for value in wanted[key] for name in self.by_label[(kind, namespace, key, value)]} if key \
-            else [n for (ns, n) in self.objects[kind] if ns == namespace]
-        found = [self.get(kind, namespace, name) for name in sorted(names)]
-        return [o for o in found if o and all(o["metadata"].get("labels", {}).get(k) in v for k, v in wanted.items())]
-
-    def create(self, obj):
-        kind, meta = obj["kind"], obj["metadata"]
-        if (meta["namespace"], meta["name"]) in self.objects[kind]:
-            return None
-        obj = json.loads(json.dumps(obj))
-        obj["metadata"].update(uid=str(uuid.uuid4()), generation=1)
-        if kind in ("Experiment", "AdaptationRun", "PyTorchJob", "Deployment"):  # status is a subresource
-            obj.pop("status", None)
-        self._store(kind, obj)
-        return obj
-
-    def patch(self, kind, namespace, name, patch, status=False):
-        current = self.get(kind, namespace, name)
-        if current is None:
-            return None
-        if status:
-            current["status"] = current.get("status") or {}
-            merge_patch(current["status"], patch["status"])
-        else:
-            before = json.dumps(current.get("spec"), sort_keys=True)
-            merge_patch(current, {k: v for k, v in patch.items() if k != "status"})
-            if json.dumps(current.get("spec"), sort_keys=True) != before:
-                current["metadata"]["generation"] += 1
-        self._store(kind, current)
-        return current
-
-    def delete(self, kind, namespace, name):
-        self.objects[kind].pop((namespace, name), None)
-
-    def close(self):
-        pass
-
-    def stored_bytes(self) -> int:
-        return sum(len(text) for table in self.objects.values() for text in table.values())
 
 
 class Cluster:
@@ -138,7 +67,7 @@ class Cluster:
             job = json.loads(text)
             uid = job["metadata"]["uid"]
             life = self.jobs.setdefault(uid, {"age": 0, "fate": self.rng.choices(
-                ("succeed", "fail", "restart"), (92, 3, 5))[0], "run": job["metadata"]["labels"]["ttrv.io/run"]})
+                ("succeed", "fail", "restart"), (92, 3, 5))[0], "run": job["metadata"]["labels"][RUN_LABEL]})
             if job["spec"]["runPolicy"].get("suspend") or life.get("done"):
                 continue
             life["age"] += 1
@@ -164,7 +93,7 @@ class Cluster:
     def trainer_exit(self, namespace: str, run: str, code: int) -> None:
         self.kube.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": f"{run}-trainer-master-0", "namespace": namespace,
-            "labels": {"ttrv.io/run": run, "app.kubernetes.io/component": "trainer"}},
+            "labels": {RUN_LABEL: run, COMPONENT_LABEL: TRAINER}},
             "status": {"phase": "Failed", "containerStatuses": [{"name": "pytorch", "state": {"terminated": {
                 "exitCode": code, "message": "bad spec"}}}]}})
 
@@ -175,7 +104,7 @@ def cond(kind: str, status: bool = True, message: str = "", at: str = "2026-03-0
 
 
 def experiment_body(index: int, datasets: int, parallel: int) -> dict:
-    return {"apiVersion": "ttrv.io/v1alpha1", "kind": "Experiment",
+    return {"apiVersion": API_VERSION, "kind": "Experiment",
             "metadata": {"name": f"exp-{index:04d}", "namespace": f"team-{index % NS_COUNT:02d}"},
             "spec": {"storage": {"uri": "s3://ttrv/bench"}, "maxParallelRuns": parallel,
                      "rollout": {"backend": "service" if index % 2 else "inprocess"},
@@ -203,9 +132,8 @@ def timed_reconciles(samples: dict[str, list[float]]):
 
 
 def drive(kube, cluster: Cluster, count: int, datasets: int, parallel: int, samples, max_ticks: int) -> int:
-    operator.RUNTIME = operator.Runtime(kube, False, cluster.read_progress)
     events = [0]
-    operator._post = lambda body, plan_events: events.__setitem__(0, events[0] + len(plan_events))
+    ctx = Context(kube, cluster.read_progress, post_event=lambda body, event: events.__setitem__(0, events[0] + 1))
     names = []
     for index in range(count):
         body = kube.create(experiment_body(index, datasets, parallel))
@@ -215,13 +143,13 @@ def drive(kube, cluster: Cluster, count: int, datasets: int, parallel: int, samp
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(1_800_000_000 + tick * 30))
             cluster.step(now)
             for (namespace, name), text in list(kube.objects["AdaptationRun"].items()):
-                if (json.loads(text).get("status") or {}).get("phase") not in runs.TERMINAL:
-                    operator.reconcile_run(namespace, name)
+                if (json.loads(text).get("status") or {}).get("phase") not in RUN_FINISHED:
+                    reconcile_run(ctx, namespace, name)
             unfinished = [(ns, n) for ns, n in names
                           if (kube.get("Experiment", ns, n).get("status") or {}).get("phase")
-                          not in operator.FINISHED_EXPERIMENT]
+                          not in EXPERIMENT_FINISHED]
             for namespace, name in unfinished:
-                operator.reconcile_experiment(namespace, name)
+                reconcile_experiment(ctx, namespace, name)
             if not unfinished:
                 return tick + 1
     raise SystemExit(f"not finished after {max_ticks} ticks")
@@ -233,9 +161,9 @@ def decision_samples(kube, rounds: int = 2000) -> dict[str, list[float]]:
     experiment_items = list(kube.objects["Experiment"].items())[:rounds]
     for (namespace, name), text in experiment_items:
         body = json.loads(text)
-        owned = kube.list("AdaptationRun", namespace, {"ttrv.io/experiment": name})
+        owned = kube.list("AdaptationRun", namespace, {EXPERIMENT_LABEL: name})
         started = time.perf_counter()
-        experiments.decide_experiment(experiments.Observed(body, owned, operator._now()))
+        experiments.decide_experiment(experiments.Observed(body, owned, now()))
         out["decide_experiment"].append((time.perf_counter() - started) * 1000)
     for (namespace, _name), text in list(kube.objects["AdaptationRun"].items())[:rounds]:
         run = json.loads(text)
@@ -244,7 +172,7 @@ def decision_samples(kube, rounds: int = 2000) -> dict[str, list[float]]:
         children = {o["kind"]: kube.get(o["kind"], namespace, o["metadata"]["name"]) for o in wanted}
         children = {k: v for k, v in children.items() if v is not None}
         started = time.perf_counter()
-        runs.decide_run(runs.Observed(run, operator._now(), children, desired=wanted))
+        runs.decide_run(runs.Observed(run, now(), children, desired=wanted))
         out["decide_run"].append((time.perf_counter() - started) * 1000)
     return out
 

@@ -30,7 +30,7 @@ import kopf  # noqa: E402
 import yaml  # noqa: E402
 from kube_standin import KubeStandIn, kubeconfig  # noqa: E402
 
-import operators.ttrv_operator as operator_module  # noqa: E402
+import operators.ttrv_operator  # noqa: E402, F401 - kopf.operator runs the handlers this module registers
 
 NS = "team-a"
 JOBS, RUNS, DEPLOYMENTS = "kubeflow.org/v1/pytorchjobs", "ttrv.io/v1alpha1/adaptationruns", "apps/v1/deployments"
@@ -122,7 +122,6 @@ def kubectl(server: str, *args: str) -> str:
 async def main() -> None:
     experiment = yaml.safe_load((ROOT / "examples/experiment-sixteen-kueue.yaml").read_text())
     progress: dict[str, dict] = {}
-    operator_module.read_progress = lambda uri, endpoint=None: progress.get(uri.rsplit("/", 1)[-1])
     async with KubeStandIn() as api, kmock.Server(api) as server:
         api.declare_cluster()
         url = str(server.url).rstrip("/")
@@ -130,7 +129,10 @@ async def main() -> None:
             handle.write(kubeconfig(url))
         os.environ["KUBECONFIG"] = handle.name
         stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready))
+        # The trainers' progress.json documents, handed to the operator in its memo in place of the object store.
+        memo = kopf.Memo(read_progress=lambda uri, endpoint=None: progress.get(uri.rsplit("/", 1)[-1]))
+        task = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready,
+                                                 memo=memo))
         await asyncio.wait_for(ready.wait(), 10)
         demo = Demo(api)
         await api.put_object("ttrv.io/v1alpha1/experiments", experiment)

@@ -1,4 +1,5 @@
-"""What both decision modules share: conditions with honest transition times, timestamps, durations, events."""
+"""What both decision modules share: the plan they return, conditions with honest transition times, timestamps,
+durations, events."""
 
 from __future__ import annotations
 
@@ -24,6 +25,26 @@ class Event:
     type: str  # Normal or Warning
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class Action:
+    """One write to the API, as a decision wants it."""
+
+    verb: str  # create, patch or delete
+    kind: str
+    name: str
+    body: Mapping | None = None  # the object to create, or the JSON merge patch
+
+
+@dataclass
+class Plan:
+    """What a decision (decide_experiment, decide_run) wants done about its object: operators/reconcile.py's
+    `apply` writes the object's whole status, then the actions in their order, then posts the events."""
+
+    actions: list[Action]
+    status: dict
+    events: list[Event]
 
 
 def rfc3339(moment: datetime) -> str:

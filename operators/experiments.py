@@ -1,7 +1,7 @@
 """What to do about one Experiment, decided from what the API shows; no I/O here.
 
-`decide_experiment(Observed) -> Plan`: which AdaptationRuns to create or patch, the spec to keep applying, the
-Experiment's whole status and the Events to post.
+`decide_experiment(Observed) -> Plan`: the actions (record the spec to keep applying in the Experiment's
+annotation, create or patch AdaptationRuns, in that order), the Experiment's whole status and the Events to post.
 
 - Scheduling: one AdaptationRun per dataset, created in the order of `spec.datasets` while fewer than
   `maxParallelRuns` runs are active (not Succeeded or Failed); the others wait Pending, with no object yet. A
@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from operators.conditions import Event, Want, set_conditions
+from operators.conditions import Action, Event, Plan, Want, set_conditions
 from ttrv.crds import API_VERSION
+from ttrv.labels import EXPERIMENT_LABEL
 from ttrv.manifests import adaptation_run, resource_dump, run_name
-from ttrv.spec import ExperimentSpec, SpecError, format_validation_error
+from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED, ExperimentSpec, SpecError, format_validation_error
 
 ACCEPTED_ANNOTATION = "ttrv.io/accepted-spec"
 MUTABLE_FIELDS = ("maxParallelRuns", "suspend")
-TERMINAL = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -48,17 +48,6 @@ class Observed:
     """`resolve_spec(experiment)`, when the caller has it already; None: resolved here."""
 
 
-@dataclass
-class Plan:
-    accepted_annotation: str | None
-    """The accepted spec to store in the annotation, when it changes."""
-    create: list[dict] = field(default_factory=list)
-    patch: list[tuple[str, dict]] = field(default_factory=list)
-    """(AdaptationRun name, merge patch)."""
-    status: dict = field(default_factory=dict)
-    events: list[Event] = field(default_factory=list)
-
-
 def decide_experiment(observed: Observed) -> Plan:
     experiment = observed.experiment
     meta = experiment["metadata"]
@@ -70,7 +59,7 @@ def decide_experiment(observed: Observed) -> Plan:
         status = _status_of_invalid(previous, invalid, observed.now, generation)
         if previous.get("message") != status["message"]:
             events.append(Event("Warning", "SpecInvalid", invalid))
-        return Plan(None, status=status, events=events)
+        return Plan([], status, events)
     assert accepted is not None
 
     runs = {run["spec"]["dataset"]: run for run in observed.runs
@@ -78,7 +67,7 @@ def decide_experiment(observed: Observed) -> Plan:
     taken = {run["metadata"]["name"]: run for run in observed.runs if not _owned_by(run, meta.get("uid"))}
     blocked = {d.name: _name_clash(meta["name"], d.name, taken) for d in accepted.datasets if d.name not in runs}
     blocked = {dataset: clash for dataset, clash in blocked.items() if clash is not None}
-    active = [d.name for d in accepted.datasets if d.name in runs and _phase(runs[d.name]) not in TERMINAL]
+    active = [d.name for d in accepted.datasets if d.name in runs and _phase(runs[d.name]) not in RUN_FINISHED]
     slots = 0 if accepted.suspend else max(0, accepted.max_parallel_runs - len(active))
 
     create, patch = [], []
@@ -92,7 +81,7 @@ def decide_experiment(observed: Observed) -> Plan:
             slots -= 1
             events.append(Event("Normal", "RunCreated", f"dataset {dataset.name} ({index} of "
                                 f"{len(accepted.datasets)}): created AdaptationRun {run['metadata']['name']}"))
-        elif run is not None and _phase(run) not in TERMINAL and \
+        elif run is not None and _phase(run) not in RUN_FINISHED and \
                 bool(run["spec"].get("suspend")) != accepted.suspend:
             patch.append((run["metadata"]["name"], {"spec": {"suspend": accepted.suspend}}))
     rows = [blocked[d.name] if d.name in blocked else _row(d.name, runs.get(d.name), accepted,
@@ -100,7 +89,11 @@ def decide_experiment(observed: Observed) -> Plan:
 
     status = _status(previous, rows, accepted, rejection, observed.now, generation)
     events += _events(previous, status, rejection, annotation, experiment)
-    return Plan(annotation, create, patch, status, events)
+    actions = [] if annotation is None else [Action("patch", "Experiment", meta["name"], {
+        "metadata": {"annotations": {ACCEPTED_ANNOTATION: annotation}}})]
+    actions += [Action("create", "AdaptationRun", run["metadata"]["name"], run) for run in create]
+    actions += [Action("patch", "AdaptationRun", name, body) for name, body in patch]
+    return Plan(actions, status, events)
 
 
 def unstarted_run_names(experiment: Mapping, accepted: ExperimentSpec | None,
@@ -188,7 +181,7 @@ def _name_clash(experiment: str, dataset: str, taken: Mapping[str, Mapping]) -> 
     holder = taken.get(name)
     if holder is None:
         return None
-    owner = (holder["metadata"].get("labels") or {}).get("ttrv.io/experiment")
+    owner = (holder["metadata"].get("labels") or {}).get(EXPERIMENT_LABEL)
     if owner == experiment:
         return {"name": dataset, "phase": "Pending", "progress": 0.0, "step": 0, "restarts": 0,
                 "message": f"waiting for AdaptationRun {name}, left by a deleted experiment of this name, to be "
@@ -263,7 +256,7 @@ def _status(previous: Mapping, rows: list[dict], spec: ExperimentSpec, rejection
         "datasetsRunning": running,
         "datasetsDone": done,
         "datasetsFailed": failed,
-        "progress": round(sum(100.0 if r["phase"] in TERMINAL else r["progress"] for r in rows) / total, 2),
+        "progress": round(sum(100.0 if r["phase"] in RUN_FINISHED else r["progress"] for r in rows) / total, 2),
         "baseAccuracy": _mean([r["baseAccuracy"] for r in scored]),
         "accuracy": _mean([r["accuracy"] for r in scored]),
         "datasets": rows,
@@ -299,7 +292,7 @@ def _events(previous: Mapping, status: Mapping, rejection: str | None, annotatio
             events.append(Event("Normal", "DatasetSucceeded", f"dataset {row['name']} succeeded{scores}"))
         elif row["phase"] == "Failed":
             events.append(Event("Warning", "DatasetFailed", f"dataset {row['name']} failed: {row.get('message', '')}"))
-    if status["phase"] != previous.get("phase") and status["phase"] in ("Succeeded", "PartiallySucceeded", "Failed"):
+    if status["phase"] != previous.get("phase") and status["phase"] in EXPERIMENT_FINISHED:
         events.append(Event("Normal" if status["phase"] == "Succeeded" else "Warning", f"Experiment{status['phase']}",
                             f"{status['datasetsDone'] - status['datasetsFailed']} of {status['datasetsTotal']} "
                             f"datasets succeeded"))

@@ -31,6 +31,8 @@ status write over one bad value.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -115,14 +117,63 @@ def parse_progress(document: Any) -> Progress:
 
 
 def read_progress(store_uri: str, endpoint: str | None = None) -> dict | None:
-    """The decoded progress.json of the run stored at `store_uri`, or None while its trainer has written none.
+    """The decoded progress.json of the run stored at `store_uri`, or None while its trainer has written none; one
+    store client opened and closed for this read (`ProgressReader` keeps them).
 
     This is the operator's only seam to the object store (ttrv.store, which brings credentials from
     AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the endpoint from `endpoint` or AWS_ENDPOINT_URL). The kopf tests
-    replace this function with a fake; the store's own tests cover what is behind it.
+    replace it with a fake; the store's own tests cover what is behind it.
     """
     # Imported on use: the operator schedules and reports runs without the store, and only this read needs it.
     from ttrv.store import open_store
 
     with open_store(store_uri, endpoint, retry_seconds=STORE_RETRY_SECONDS) as store:
         return store.get_json(PROGRESS_KEY)
+
+
+# What open_store reads from the environment to reach an S3 store: a client is kept per store and these values.
+_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "TTRV_S3_SECRET_DIR", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+class ProgressReader:
+    """`read_progress` for a long-lived caller: one client per S3 store (bucket, endpoint and credentials), opened
+    on the first read and kept until `close`. Opening a store builds a client and probes (or creates) its bucket;
+    the operator reads every unfinished run's progress at each poll, and those runs share a few buckets.
+
+    A run's store is `s3://<bucket>/<prefix>`; the client is the bucket's, and the run's progress.json is the key
+    `<prefix>/progress.json` in it. A file:// store has no client to keep: it is opened for each read."""
+
+    def __init__(self):
+        self._stores: dict[tuple, object] = {}
+        self._lock = threading.Lock()  # kopf reconciles in a thread pool
+
+    def __call__(self, store_uri: str, endpoint: str | None = None) -> dict | None:
+        from ttrv.store import check_key, open_store
+
+        scheme, _, rest = store_uri.partition("://") if isinstance(store_uri, str) else ("", "", "")
+        if scheme != "s3":
+            return read_progress(store_uri, endpoint)
+        bucket, _, prefix = rest.partition("/")
+        prefix = check_key(prefix.strip("/"), "storage.uri prefix", allow_empty=True)
+        key = (bucket, endpoint, *(os.environ.get(name) for name in _STORE_ENV))
+        with self._lock:
+            store = self._stores.get(key)
+        if store is None:  # opened outside the lock: an unreachable store must not hold up the others' reads
+            opened = open_store(f"s3://{bucket}", endpoint, workers=1, retry_seconds=STORE_RETRY_SECONDS)
+            with self._lock:
+                store = self._stores.setdefault(key, opened)
+            if store is not opened:  # another reconcile opened it meanwhile
+                opened.close()
+        return store.get_json(f"{prefix}/{PROGRESS_KEY}" if prefix else PROGRESS_KEY)
+
+    def __len__(self) -> int:
+        """How many store clients it holds."""
+        with self._lock:
+            return len(self._stores)
+
+    def close(self) -> None:
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            store.close()

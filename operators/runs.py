@@ -1,8 +1,8 @@
 """What to do about one AdaptationRun, decided from what the API shows; no I/O here.
 
 `decide_run(Observed) -> Plan`: the children to create, patch or delete, the run's whole status, and the Events
-to post. The handlers in ttrv_operator.py read the world, call this, and apply the plan; everything the next
-decision needs is in the API (the run's status included), so an operator restart loses nothing.
+to post. The reconcile loop (reconcile.py) reads the world, calls this, and applies the plan; everything the
+next decision needs is in the API (the run's status included), so an operator restart loses nothing.
 
 The rules, in the order they apply:
 
@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from operators.conditions import (
+    Action,
     Event,
+    Plan,
     Want,
     condition,
     human_duration,
@@ -46,10 +48,10 @@ from operators.conditions import (
 )
 from operators.progress import Progress
 from ttrv import exitcodes
+from ttrv.labels import REPLICA_TYPE_LABEL
 from ttrv.manifests import TRAINER_CONTAINER, run_children
-from ttrv.spec import AdaptationRunSpec, SpecError, parse_spec
+from ttrv.spec import RUN_FINISHED, AdaptationRunSpec, SpecError, parse_spec
 
-TERMINAL = ("Succeeded", "Failed")
 RETRY_BASE_SECONDS = 30
 RETRY_MAX_SECONDS = 600
 TRAINER = "PyTorchJob"
@@ -57,17 +59,6 @@ ROLLOUT = "Deployment"
 # What the training operator writes into a Failed condition when it gave up for a reason other than an exit code
 # (pkg/controller.v1/common/job.go): those failures are worth another PyTorchJob.
 _RETRYABLE_FAILURE_MARKERS = ("backoff limit", "deadline")
-_EXIT_MEANINGS = {
-    exitcodes.PERMANENT_FAILURE: "permanent failure",
-    exitcodes.BAD_SPEC: "bad spec",
-    exitcodes.BAD_DATA: "bad data",
-    exitcodes.BAD_MODEL: "bad model",
-    exitcodes.PREEMPTED: "terminated (SIGTERM)",
-    exitcodes.STORE_UNAVAILABLE: "object store unavailable",
-    exitcodes.ROLLOUT_UNAVAILABLE: "rollout service unavailable",
-    exitcodes.LOST_PEER: "lost a peer rank",
-    137: "killed (SIGKILL, often out of memory)",
-}
 
 
 @dataclass(frozen=True)
@@ -90,27 +81,12 @@ class Observed:
 
 
 @dataclass(frozen=True)
-class Action:
-    verb: str  # create, patch or delete
-    kind: str
-    name: str
-    body: Mapping | None = None  # the object to create, or the merge patch
-
-
-@dataclass
-class Plan:
-    actions: list[Action]
-    status: dict
-    events: list[Event]
-
-
-@dataclass(frozen=True)
 class Exit:
     code: int
     message: str
 
     def describe(self) -> str:
-        meaning = _EXIT_MEANINGS.get(self.code) or (f"signal {self.code - 128}" if self.code > 128 else "")
+        meaning = exitcodes.meaning(self.code)
         text = f"exit code {self.code}" + (f" ({meaning})" if meaning else "")
         return text + (f": {self.message.strip()}" if self.message.strip() else "")
 
@@ -142,7 +118,7 @@ def wants_workload(job: Mapping | None, kueue_enabled: bool) -> bool:
 
 def wants_progress(run: Mapping, job: Mapping | None) -> bool:
     """Progress is read while the trainer runs and once more as it ends (for the final accuracy)."""
-    if (run.get("status") or {}).get("phase") in TERMINAL or job is None:
+    if (run.get("status") or {}).get("phase") in RUN_FINISHED or job is None:
         return False
     conditions = job.get("status", {}).get("conditions")
     return any(is_true(conditions, kind) for kind in ("Running", "Restarting", "Succeeded", "Failed"))
@@ -195,7 +171,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         return _Outcome(phase, reason, message, actions, events, updates)
 
     # 1. Finished runs stay finished.
-    if previous.get("phase") in TERMINAL:
+    if previous.get("phase") in RUN_FINISHED:
         scale_rollout(0)
         if job is not None and not _finished(job):
             delete_job()
@@ -369,7 +345,7 @@ def _trainer_exit(pods: Sequence[Mapping]) -> Exit | None:
     """The trainer container's non-zero exit, master first: its code and termination message (the trainer writes
     /dev/termination-log; Kubernetes falls back to the log's tail)."""
     def master_first(pod: Mapping) -> int:
-        return 0 if pod.get("metadata", {}).get("labels", {}).get("training.kubeflow.org/replica-type") == "master" else 1
+        return 0 if pod.get("metadata", {}).get("labels", {}).get(REPLICA_TYPE_LABEL) == "master" else 1
 
     for pod in sorted(pods, key=master_first):
         for status in pod.get("status", {}).get("containerStatuses") or []:
@@ -453,7 +429,7 @@ def _status(o: Observed, spec: AdaptationRunSpec | None, previous: Mapping, outc
     generation = o.run["metadata"].get("generation")
     running = outcome.phase == "Running"
     ready = (running and outcome.reason == "TrainerRunning") or outcome.phase == "Succeeded"
-    finished = outcome.phase in TERMINAL
+    finished = outcome.phase in RUN_FINISHED
     wanted = [
         Want("Ready", ready, outcome.reason, outcome.message),
         Want("Running", running, outcome.reason, outcome.message),

@@ -3,7 +3,8 @@ stand-in (kube_standin.py) served over HTTP with a kubeconfig for it, the contro
 operator module under kopf in the test's event loop.
 
 The object store is replaced at the operator's one seam to it, `read_progress(store_uri, endpoint)`, by a dict of
-progress.json documents (an operator in a process of its own reads the real store instead).
+progress.json documents, handed to the operator in the memo it starts with (an operator in a process of its own
+reads the real store instead).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import kopf  # noqa: E402
 from kube_standin import KubeStandIn, kubeconfig  # noqa: E402
 from operator_fixtures import NS  # noqa: E402
 
-import operators.ttrv_operator as operator_module  # noqa: E402
+import operators.ttrv_operator  # noqa: E402, F401 - kopf.operator runs the handlers this module registers
 
 EXPERIMENTS = "ttrv.io/v1alpha1/experiments"
 RUNS = "ttrv.io/v1alpha1/adaptationruns"
@@ -143,19 +144,20 @@ async def cluster(monkeypatch, tmp_path, kueue: bool = False):
         path = tmp_path / "kubeconfig.json"
         path.write_text(kubeconfig(str(server.url).rstrip("/")))
         monkeypatch.setenv("KUBECONFIG", str(path))
-        world = Cluster(api)
-        monkeypatch.setattr(operator_module, "read_progress", world.read_progress)
-        yield world
+        yield Cluster(api)
 
 
 @contextlib.asynccontextmanager
-async def operator():
-    """The real operator module under kopf, in this event loop, until the block ends."""
+async def operator(world: Cluster):
+    """The real operator module under kopf, in this event loop, until the block ends, reading `world`'s progress
+    documents; yields the operator's memo (what its startup handler configured)."""
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready))
+    memo = kopf.Memo(read_progress=world.read_progress)
+    task = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready,
+                                             memo=memo))
     await asyncio.wait_for(ready.wait(), 10)
     try:
-        yield
+        yield memo
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)

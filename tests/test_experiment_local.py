@@ -1,4 +1,4 @@
-"""`ttrv experiment run --local`: an experiment's rendered objects executed on this machine (operators/local.py).
+"""`ttrv experiment run --local`: an experiment's rendered objects executed on this machine (operators/local/).
 
 End to end on the bundled tiny benchmark and model: the same dataset twice under two subset seeds stands for two
 datasets. Each run's trainer is `ttrv train` as the PyTorchJob runs it, with the training operator's env."""
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import yaml
 
-import operators.local as local
+from operators import reconcile
 from operators.conditions import parse_time
-from operators.runs import Action
+from operators.local import controller, pods
+from operators.local.cluster import LocalCluster
 from ttrv.manifests import ROLLOUT_PORT, adaptation_run, run_children
 from ttrv.objectserver import EmbeddedS3
 from ttrv.spec import ExperimentSpec
@@ -98,7 +99,7 @@ def test_one_failed_dataset_does_not_stop_the_other_and_a_preempted_trainer_resu
             super().__init__(*args, **kwargs)
             servers.append(self)
 
-    monkeypatch.setattr(local, "EmbeddedS3", RecordedS3)
+    monkeypatch.setattr(controller, "EmbeddedS3", RecordedS3)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     document = experiment("mixed", [{"name": "missing", "path": str(tmp_path / "absent.json")},
                                     {"name": "shapes", "path": SHAPES, "subsetSize": 8, "subsetSeed": 3}],
@@ -106,11 +107,11 @@ def test_one_failed_dataset_does_not_stop_the_other_and_a_preempted_trainer_resu
     spec = ExperimentSpec.model_validate(document["spec"])
     out = tmp_path / "out"
     finished: list[dict] = []
-    controller = threading.Thread(target=lambda: finished.append(
-        local.run_experiment({"name": "mixed"}, spec, out, poll_seconds=0.5)))
-    controller.start()
+    driver = threading.Thread(target=lambda: finished.append(
+        controller.run_experiment({"name": "mixed"}, spec, out, poll_seconds=0.5)))
+    driver.start()
     os.kill(trainer_pid(out / "mixed-shapes" / "mixed-shapes-spec" / "run.yaml"), signal.SIGTERM)
-    controller.join(timeout=600)
+    driver.join(timeout=600)
     assert finished, "the local experiment did not finish"
 
     overall = finished[0]["experiment"]["status"]
@@ -159,10 +160,10 @@ def test_each_restart_of_a_failing_trainer_counts_until_the_backoff_limit(tmp_pa
         container["command"] = ["/bin/sh", "-c", "exit 143"]
         return children
 
-    monkeypatch.setattr(local, "desired_children", always_preempted)
+    monkeypatch.setattr(reconcile, "desired_children", always_preempted)
     spec = ExperimentSpec.model_validate(experiment("flaky", [{"name": "shapes", "path": SHAPES}],
                                                     scheduling={"backoffLimit": 2})["spec"])
-    document = local.run_experiment({"name": "flaky"}, spec, tmp_path / "out", poll_seconds=0.2)
+    document = controller.run_experiment({"name": "flaky"}, spec, tmp_path / "out", poll_seconds=0.2)
 
     assert document["experiment"]["status"]["phase"] == "Failed"
     (run,) = document["runs"]
@@ -184,11 +185,11 @@ def test_pods_get_the_training_operators_env_the_secret_and_local_paths(tmp_path
         "storage": {"uri": "s3://ttrv", "endpoint": "http://127.0.0.1:9"},
     })
     run = adaptation_run({"name": "env", "namespace": "team-a"}, spec, "shapes")
-    cluster = local.LocalCluster(tmp_path, {"ttrv-s3": {"AWS_ACCESS_KEY_ID": "id-of-test",
+    cluster = LocalCluster(tmp_path, {"ttrv-s3": {"AWS_ACCESS_KEY_ID": "id-of-test",
                                                         "AWS_SECRET_ACCESS_KEY": "secret-of-test"}})
     children = {child["kind"]: child for child in run_children(run)}
     for child in children.values():
-        cluster.apply(Action("create", child["kind"], child["metadata"]["name"], child))
+        cluster.create(child)
     job, deployment = children["PyTorchJob"], children["Deployment"]
     master_port = cluster.ports[job["metadata"]["name"]][23456]
     serve_port = cluster.ports[deployment["metadata"]["name"]][ROLLOUT_PORT]
@@ -199,11 +200,11 @@ def test_pods_get_the_training_operators_env_the_secret_and_local_paths(tmp_path
 
     nodes = []
     for replica_type in ("Master", "Worker"):
-        injected = local.training_operator_env(job, replica_type, 0, master_port)
-        nodes.append(local.pod_process(job["spec"]["pytorchReplicaSpecs"][replica_type]["template"],
+        injected = pods.training_operator_env(job, replica_type, 0, master_port)
+        nodes.append(pods.pod_process(job["spec"]["pytorchReplicaSpecs"][replica_type]["template"],
                                        tmp_path / replica_type, cluster.config_maps, cluster.secrets,
                                        cluster.service_addresses(), cluster.ports[job["metadata"]["name"]],
-                                       injected, local.image_env(host)))
+                                       injected, pods.image_env(host)))
     for rank, node in enumerate(nodes):
         assert node.command == [sys.executable, "-m", "ttrv.cli", "train", "--spec", str(spec_file)]
         env = node.env
@@ -222,9 +223,9 @@ def test_pods_get_the_training_operators_env_the_secret_and_local_paths(tmp_path
         assert env["HF_HOME"] == str(tmp_path / "home" / ".cache" / "huggingface")
         assert node.empty_dirs == [pod / "tmp"]
 
-    serve = local.pod_process(deployment["spec"]["template"], tmp_path / "serve", cluster.config_maps,
+    serve = pods.pod_process(deployment["spec"]["template"], tmp_path / "serve", cluster.config_maps,
                               cluster.secrets, cluster.service_addresses(), cluster.ports[deployment["metadata"]["name"]],
-                              [], local.image_env(host))
+                              [], pods.image_env(host))
     assert serve.command == [sys.executable, "-m", "ttrv.cli", "serve", "--spec", str(spec_file),
                              "--host", "127.0.0.1", "--port", str(serve_port)]
     assert serve.readiness == ("/health", serve_port)
@@ -238,17 +239,17 @@ def test_each_local_trainer_gets_its_own_metrics_port(tmp_path):
     spec = ExperimentSpec.model_validate(experiment("ports", [{"name": "a", "path": SHAPES},
                                                               {"name": "b", "path": SHAPES}])["spec"]
                                          | {"storage": {"uri": "s3://ttrv"}})
-    cluster = local.LocalCluster(tmp_path, {"ttrv-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"}})
+    cluster = LocalCluster(tmp_path, {"ttrv-s3": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"}})
     ports = []
     for dataset in ("a", "b"):
         children = {child["kind"]: child for child in run_children(adaptation_run({"name": "ports"}, spec, dataset))}
         for child in children.values():
-            cluster.apply(Action("create", child["kind"], child["metadata"]["name"], child))
+            cluster.create(child)
         job = children["PyTorchJob"]
         template = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
         assert {"name": "TTRV_METRICS_PORT", "value": "9400"} in template["spec"]["containers"][0]["env"]
-        pod = local.pod_process(template, tmp_path / dataset, cluster.config_maps, cluster.secrets, {},
-                                cluster.ports[job["metadata"]["name"]], [], {})
+        pod = pods.pod_process(template, tmp_path / dataset, cluster.config_maps, cluster.secrets, {},
+                               cluster.ports[job["metadata"]["name"]], [], {})
         ports.append(pod.env["TTRV_METRICS_PORT"])
     assert len(set(ports)) == 2 and "9400" not in ports, ports
 
@@ -256,7 +257,7 @@ def test_each_local_trainer_gets_its_own_metrics_port(tmp_path):
 def test_a_checkout_under_tmp_keeps_its_interpreter(monkeypatch):
     """The pod's /tmp is a folder of the run; this machine's interpreter may also lie under /tmp (a clone there) and
     must not be moved into it. Only the container's own arguments are translated."""
-    monkeypatch.setattr(local.sys, "executable", "/tmp/clone/.venv/bin/python")
-    translate = local._translator({"/tmp": Path("/runs/pod/tmp")}, {})
-    command = local.local_command(["ttrv", "train", "--out", "/tmp/ttrv-out"], translate, {})
+    monkeypatch.setattr(pods.sys, "executable", "/tmp/clone/.venv/bin/python")
+    translate = pods._translator({"/tmp": Path("/runs/pod/tmp")}, {})
+    command = pods.local_command(["ttrv", "train", "--out", "/tmp/ttrv-out"], translate, {})
     assert command == ["/tmp/clone/.venv/bin/python", "-m", "ttrv.cli", "train", "--out", "/runs/pod/tmp/ttrv-out"]

@@ -55,13 +55,31 @@ KUEUE = {"scheduling": {"queueName": "gpu-a"}}
 def accepted(spec: dict) -> dict:
     """The annotation the operator writes when it accepts `spec` (computed by the operator itself)."""
     plan = decide_experiment(ExpObserved(experiment(spec), [], NOW))
-    return {ACCEPTED_ANNOTATION: plan.accepted_annotation}
+    return {ACCEPTED_ANNOTATION: annotation(plan)}
 
 
 def decide_exp(exp: dict, runs=()):
     plan = decide_experiment(ExpObserved(exp, list(runs), NOW))
     validate_object(exp | {"status": plan.status})  # whatever the operator reports fits the CRD
     return plan
+
+
+def created(plan) -> list[dict]:
+    """The AdaptationRuns an experiment's plan creates."""
+    return [a.body for a in plan.actions if (a.verb, a.kind) == ("create", "AdaptationRun")]
+
+
+def patched(plan) -> list[tuple[str, dict]]:
+    """(name, merge patch) of the AdaptationRuns an experiment's plan patches."""
+    return [(a.name, a.body) for a in plan.actions if (a.verb, a.kind) == ("patch", "AdaptationRun")]
+
+
+def annotation(plan) -> str | None:
+    """The accepted spec an experiment's plan records, if it records one: its first action."""
+    first = plan.actions[0] if plan.actions else None
+    if first is None or (first.verb, first.kind) != ("patch", "Experiment"):
+        return None
+    return first.body["metadata"]["annotations"][ACCEPTED_ANNOTATION]
 
 
 def rows(plan) -> list[tuple[str, str]]:
@@ -80,17 +98,17 @@ THREE = spec_document(datasets=[{"name": n, "path": f"/data/{n}.json"} for n in 
 def test_new_experiment_starts_only_the_first_run_and_records_its_spec():
     exp = experiment(THREE)
     plan = decide_exp(exp)
-    assert [run["metadata"]["name"] for run in plan.create] == ["exp-a"]
+    assert [run["metadata"]["name"] for run in created(plan)] == ["exp-a"]
     assert rows(plan) == [("a", "Queued"), ("b", "Pending"), ("c", "Pending")]
     assert plan.status["phase"] == "Pending"
     assert "waiting for a slot: 1 of 1 runs active" in plan.status["datasets"][1]["message"]
-    assert json.loads(plan.accepted_annotation)["datasets"][2]["name"] == "c"
+    assert json.loads(annotation(plan))["datasets"][2]["name"] == "c"
     assert [e.reason for e in plan.events] == ["RunCreated"]
     # the run belongs to the experiment, so deleting the experiment deletes it
-    assert plan.create[0]["metadata"]["ownerReferences"][0]["uid"] == exp["metadata"]["uid"]
+    assert created(plan)[0]["metadata"]["ownerReferences"][0]["uid"] == exp["metadata"]["uid"]
 
 
-@pytest.mark.parametrize("phases, created, phase", [
+@pytest.mark.parametrize("phases, new_runs, phase", [
     ({"a": "Running"}, [], "Running"),
     ({"a": "Queued"}, [], "Pending"),
     ({"a": "Succeeded"}, ["exp-b"], "Running"),
@@ -102,17 +120,17 @@ def test_new_experiment_starts_only_the_first_run_and_records_its_spec():
     ({"a": "Succeeded", "b": "Failed", "c": "Succeeded"}, [], "PartiallySucceeded"),
     ({"a": "Preempted"}, [], "Running"),
 ])
-def test_next_run_starts_when_one_finishes(phases, created, phase):
+def test_next_run_starts_when_one_finishes(phases, new_runs, phase):
     exp = experiment(THREE, annotations=accepted(THREE))
     plan = decide_exp(exp, [run_of(exp, d, phase=p) for d, p in phases.items()])
-    assert [run["metadata"]["name"] for run in plan.create] == created
+    assert [run["metadata"]["name"] for run in created(plan)] == new_runs
     assert plan.status["phase"] == phase
 
 
 def test_max_parallel_runs_starts_that_many_in_order():
     spec = THREE | {"maxParallelRuns": 2}
     plan = decide_exp(experiment(spec, annotations=accepted(spec)))
-    assert [run["spec"]["dataset"] for run in plan.create] == ["a", "b"]
+    assert [run["spec"]["dataset"] for run in created(plan)] == ["a", "b"]
     assert rows(plan)[2] == ("c", "Pending")
 
 
@@ -154,7 +172,7 @@ def test_runs_of_a_namesake_experiment_are_not_adopted_but_waited_for():
     stranger = run_of(exp, "a", phase="Running")
     stranger["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-experiment"
     plan = decide_exp(exp, [stranger])
-    assert [run["metadata"]["name"] for run in plan.create] == ["exp-b"]
+    assert [run["metadata"]["name"] for run in created(plan)] == ["exp-b"]
     row = plan.status["datasets"][0]
     assert (row["phase"], "run" in row) == ("Pending", False)
     assert "exp-a" in row["message"] and "garbage-collected" in row["message"]
@@ -172,7 +190,7 @@ def test_a_run_name_held_by_another_experiment_fails_that_dataset_with_the_fix()
     holder = run_of(other, "b", phase="Running")
     assert holder["metadata"]["name"] == "exp-a-b"
     plan = decide_exp(exp, [holder])
-    assert [run["metadata"]["name"] for run in plan.create] == ["exp-c"]
+    assert [run["metadata"]["name"] for run in created(plan)] == ["exp-c"]
     assert rows(plan) == [("a-b", "Failed"), ("c", "Queued")]
     message = plan.status["datasets"][0]["message"]
     assert "exp-a-b" in message and "experiment exp-a" in message and "rename" in message
@@ -185,7 +203,7 @@ def test_a_decision_over_its_own_result_changes_nothing():
     runs = [run_of(exp, "a", phase="Running", status={"progress": 10.0, "reason": "TrainerRunning"})]
     first = decide_exp(exp, runs)
     later = decide_experiment(ExpObserved(exp | {"status": first.status}, runs, NOW + timedelta(minutes=5)))
-    assert later.status == first.status and later.create == [] and later.patch == [] and later.events == []
+    assert later.status == first.status and created(later) == [] and patched(later) == [] and later.events == []
 
 
 # --- experiments: suspend and spec changes -------------------------------------------------------------------
@@ -195,11 +213,11 @@ def test_suspend_reaches_active_runs_only_and_starts_nothing():
     exp = experiment(spec, annotations=accepted(THREE))  # suspend is a change the operator accepts
     runs = [run_of(exp, "a", phase="Succeeded", suspend=False), run_of(exp, "b", phase="Running", suspend=False)]
     plan = decide_exp(exp, runs)
-    assert plan.patch == [("exp-b", {"spec": {"suspend": True}})]
-    assert plan.create == []
+    assert patched(plan) == [("exp-b", {"spec": {"suspend": True}})]
+    assert created(plan) == []
     assert plan.status["phase"] == "Suspended"
     assert conditions(plan.status)["Ready"] == ("False", "Suspended")
-    assert json.loads(plan.accepted_annotation)["suspend"] is True
+    assert json.loads(annotation(plan))["suspend"] is True
     assert rows(plan)[2] == ("c", "Pending") and plan.status["datasets"][2]["message"] == "the experiment is suspended"
 
 
@@ -207,15 +225,15 @@ def test_resume_unsuspends_the_runs():
     suspended = THREE | {"suspend": True}
     exp = experiment(THREE, annotations=accepted(suspended))
     plan = decide_exp(exp, [run_of(exp, "a", phase="Suspended", suspend=True)])
-    assert plan.patch == [("exp-a", {"spec": {"suspend": False}})]
+    assert patched(plan) == [("exp-a", {"spec": {"suspend": False}})]
 
 
 def test_allowed_change_is_applied_and_announced():
     spec = THREE | {"maxParallelRuns": 2}
     exp = experiment(spec, annotations=accepted(THREE), generation=2)
     plan = decide_exp(exp, [run_of(exp, "a", phase="Running")])
-    assert [run["spec"]["dataset"] for run in plan.create] == ["b"]
-    assert json.loads(plan.accepted_annotation)["maxParallelRuns"] == 2
+    assert [run["spec"]["dataset"] for run in created(plan)] == ["b"]
+    assert json.loads(annotation(plan))["maxParallelRuns"] == 2
     assert [e.reason for e in plan.events] == ["RunCreated", "SpecChangeAccepted"]
     assert "maxParallelRuns" in plan.events[1].message
     assert plan.status["observedGeneration"] == 2
@@ -228,7 +246,7 @@ def test_disallowed_change_is_rejected_whole_and_the_accepted_spec_stays():
     changed["grpo"] = {"lr": 1e-6}
     exp = experiment(changed, annotations=accepted(THREE), generation=2)
     plan = decide_exp(exp, [run_of(exp, "a", phase="Running")])
-    assert plan.accepted_annotation is None and plan.create == [] and plan.patch == []
+    assert annotation(plan) is None and created(plan) == [] and patched(plan) == []
     rejected = next(c for c in plan.status["conditions"] if c["type"] == "SpecChangeRejected")
     assert (rejected["status"], rejected["reason"]) == ("True", "SpecChangeRejected")
     assert rejected["message"].startswith("datasets[1].path, grpo.lr cannot change while the experiment exists")
@@ -244,7 +262,7 @@ def test_invalid_change_is_rejected_and_invalid_spec_fails_the_experiment():
     assert conditions(plan.status)["SpecChangeRejected"] == ("True", "SpecChangeRejected")
     assert "groupSize (8) > votes (4)" in plan.status["conditions"][-1]["message"]
     fresh = decide_exp(experiment(THREE | {"storage": {"uri": "file:///data"}}))
-    assert fresh.status["phase"] == "Failed" and fresh.create == [] and fresh.accepted_annotation is None
+    assert fresh.status["phase"] == "Failed" and created(fresh) == [] and annotation(fresh) is None
     assert conditions(fresh.status)["Ready"] == ("False", "SpecInvalid")
     assert "s3://bucket/prefix" in fresh.status["message"]
     assert [e.reason for e in fresh.events] == ["SpecInvalid"]

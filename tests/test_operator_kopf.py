@@ -6,7 +6,7 @@ events, finalizers. Nothing else runs in this "cluster": the tests play the trai
 conditions, trainer pods with exit codes), the kubelet (a rollout Deployment's readyReplicas) and Kueue (Workloads
 and the PyTorchJob's runPolicy.suspend) by writing those objects as those controllers would. The object store is
 replaced at the operator's one seam to it, `read_progress(store_uri, endpoint)`, by a dict of progress.json
-documents; the store's own tests cover what is behind that seam.
+documents (in the memo the tests start kopf with); the store's own tests cover what is behind that seam.
 
 What a real cluster would do differently is listed in kube_standin.py's docstring; the one that matters most
 here: Kueue's webhook would suspend a labelled job on create (the operator creates it suspended itself, so the
@@ -33,14 +33,13 @@ from kopf_util import (
 )
 from operator_fixtures import NS, PREEMPT_MESSAGE, QUOTA_MESSAGE
 
-import operators.ttrv_operator as operator_module
 from operators.experiments import ACCEPTED_ANNOTATION
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 
 async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path) as c, operator():
+    async with cluster(monkeypatch, tmp_path) as c, operator(c) as memo:
         await c.create_experiment(maxParallelRuns=1)
         await c.wait_phase("exp-mmmu", "Queued")
         assert c.get(JOBS, "exp-mmmu-trainer") is not None
@@ -81,7 +80,7 @@ async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkey
         assert "kopf" not in c.status(EXPERIMENTS, "exp")
         assert ACCEPTED_ANNOTATION in c.get(EXPERIMENTS, "exp")["metadata"]["annotations"]
 
-        port = operator_module.RUNTIME.metrics_server.server_port
+        port = memo.metrics_server.server_port
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert 'ttrv_operator_reconciles_total{kind="AdaptationRun",result="ok"}' in text
         assert 'ttrv_operator_reconcile_duration_seconds_count{kind="Experiment"}' in text
@@ -91,7 +90,7 @@ async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkey
 
 
 async def test_failures_fail_only_their_dataset(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path) as c, operator():
+    async with cluster(monkeypatch, tmp_path) as c, operator(c):
         await c.create_experiment(maxParallelRuns=3, datasets=[
             {"name": name, "path": f"/data/{name}.json"} for name in ("bad", "flaky", "store")])
         for run in ("exp-bad", "exp-flaky", "exp-store"):
@@ -136,7 +135,7 @@ async def test_failures_fail_only_their_dataset(monkeypatch, tmp_path):
 
 
 async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path, kueue=True) as c, operator():
+    async with cluster(monkeypatch, tmp_path, kueue=True) as c, operator(c):
         await c.create_experiment(scheduling={"queueName": "gpu-a"},
                                   datasets=[{"name": "mmmu", "path": "/data/mmmu.json"}])
         job = await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the trainer")
@@ -188,7 +187,7 @@ async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path):
 
 
 async def test_suspend_stops_every_child_and_resume_restarts_them(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path) as c, operator():
+    async with cluster(monkeypatch, tmp_path) as c, operator(c):
         await c.create_experiment(rollout={"backend": "service"}, datasets=[{"name": "mmmu", "path": "/data/m.json"}])
         await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("reason") == "WaitingForRollout", "the rollout wait")
         assert c.get(JOBS, "exp-mmmu-trainer") is None  # the trainer waits for the rollout service
@@ -214,7 +213,7 @@ async def test_suspend_stops_every_child_and_resume_restarts_them(monkeypatch, t
 
 
 async def test_a_disallowed_spec_change_is_rejected_and_nothing_half_applied(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path) as c, operator():
+    async with cluster(monkeypatch, tmp_path) as c, operator(c):
         await c.create_experiment(maxParallelRuns=1)
         await c.wait_phase("exp-mmmu", "Queued")
         accepted = c.get(EXPERIMENTS, "exp")["metadata"]["annotations"][ACCEPTED_ANNOTATION]
@@ -243,10 +242,12 @@ async def test_a_disallowed_spec_change_is_rejected_and_nothing_half_applied(mon
 
 async def test_an_operator_restart_loses_nothing_and_duplicates_nothing(monkeypatch, tmp_path):
     async with cluster(monkeypatch, tmp_path) as c:
-        async with operator():
+        async with operator(c):
             await c.create_experiment(rollout={"backend": "service"}, maxParallelRuns=2)
             for run in ("exp-mmmu", "exp-shapes"):
-                await c.wait(lambda run=run: c.status(RUNS, run).get("reason") == "WaitingForRollout", run)
+                # The status is written before the children are created (reconcile.apply): wait for the Deployment too.
+                await c.wait(lambda run=run: c.status(RUNS, run).get("reason") == "WaitingForRollout" and
+                             c.get(DEPLOYMENTS, f"{run}-rollout"), run)
             await c.rollout_ready("exp-mmmu")
             await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the first trainer")
             await c.job_conditions("exp-mmmu-trainer", condition("Restarting", reason="PyTorchJobRestarting"))
@@ -257,7 +258,7 @@ async def test_an_operator_restart_loses_nothing_and_duplicates_nothing(monkeypa
         await c.rollout_ready("exp-shapes")
         await c.job_conditions("exp-mmmu-trainer", condition("Running"))
 
-        async with operator():
+        async with operator(c):
             await c.wait(lambda: c.get(JOBS, "exp-shapes-trainer"), "the second trainer")
             await c.wait_phase("exp-mmmu", "Running")
             await c.job_conditions("exp-shapes-trainer", condition("Running"))
@@ -271,7 +272,7 @@ async def test_an_operator_restart_loses_nothing_and_duplicates_nothing(monkeypa
 
 
 async def test_deleting_the_experiment_deletes_everything_it_made(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path) as c, operator():
+    async with cluster(monkeypatch, tmp_path) as c, operator(c):
         await c.create_experiment(rollout={"backend": "service"}, maxParallelRuns=2)
         await c.wait(lambda: len(c.children()) == 2 + 2 * 4, "two runs and their children")
         assert c.get(EXPERIMENTS, "exp")["metadata"]["finalizers"] == ["ttrv.io/operator"]
@@ -283,7 +284,7 @@ async def test_a_run_name_another_experiment_holds_fails_only_that_dataset(monke
     """`exp-a` with dataset `b` and `exp` with dataset `a-b` both name their run `exp-a-b`: the later one's
     dataset fails with the fix (its create would be refused forever), its other dataset runs, and the run of
     `exp-a` is left alone. The operator finds the holder with a set-based label selector on the run name."""
-    async with cluster(monkeypatch, tmp_path) as c, operator():
+    async with cluster(monkeypatch, tmp_path) as c, operator(c):
         await c.create_experiment("exp-a", datasets=[{"name": "b", "path": "/data/b.json"}])
         await c.wait(lambda: c.get(RUNS, "exp-a-b"), "exp-a's run")
         await c.create_experiment(maxParallelRuns=2, datasets=[{"name": "a-b", "path": "/data/ab.json"},
@@ -297,7 +298,7 @@ async def test_a_run_name_another_experiment_holds_fails_only_that_dataset(monke
 
 
 async def test_a_spec_that_cannot_run_fails_the_experiment(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path) as c, operator():
+    async with cluster(monkeypatch, tmp_path) as c, operator(c):
         await c.create_experiment(rollout={"votes": 4, "groupSize": 8})
         await c.wait_phase("exp", "Failed", EXPERIMENTS)
         assert "groupSize (8) > votes (4)" in c.status(EXPERIMENTS, "exp")["message"]

@@ -1,15 +1,19 @@
 """`ttrv`: the command line. Each subcommand is a small function; errors exit non-zero with a message that names
-the field or file and the fix, never a traceback."""
+the field or file and the fix, never a traceback.
+
+Commands that live outside this package plug in through the entry-point group `ttrv.commands` (pyproject.toml):
+`ttrv experiment` runs the operator's reconcile loop, so it lives in operators/local/command.py, and ttrv never
+imports operators."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
@@ -121,14 +125,14 @@ def with_overrides(spec, items: list[str]):
     return parse_spec(document, type(spec), f"--set {' '.join(items)}")
 
 
-def _experiment(args: argparse.Namespace) -> tuple[dict, ExperimentSpec]:
+def experiment_of(args: argparse.Namespace) -> tuple[dict, ExperimentSpec]:
     """The Experiment of `args.file`, in the namespace `--namespace` names, if it names one."""
     metadata, spec = load_experiment(args.file)
     return dict(metadata) | ({"namespace": args.namespace} if args.namespace else {}), spec
 
 
 @contextmanager
-def _from_file(path: str) -> Iterator[None]:
+def naming_file(path: str) -> Iterator[None]:
     """A problem found in the Experiment after loading it still names its file."""
     try:
         yield
@@ -139,8 +143,8 @@ def _from_file(path: str) -> Iterator[None]:
 def cmd_render(args: argparse.Namespace) -> int:
     from ttrv.manifests import experiment_objects
 
-    metadata, spec = _experiment(args)
-    with _from_file(args.file):
+    metadata, spec = experiment_of(args)
+    with naming_file(args.file):
         objects = experiment_objects(metadata, spec)
     print(yaml.safe_dump_all(objects, sort_keys=False), end="")
     return 0
@@ -155,30 +159,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if code == 0 and report.exists():
         print(f"report: {report} and {report.with_suffix('.png')}")
     return code
-
-
-def cmd_experiment_run(args: argparse.Namespace) -> int:
-    if not args.local:
-        print("error: ttrv experiment run: only --local runs here; in a cluster the operator runs an Experiment "
-              "(`kubectl apply -f FILE`, or `helm install NAME charts/ttrv -f values.yaml`)", file=sys.stderr)
-        return EXIT_USAGE
-    # The local backend is a controller: it applies the operator's decisions (operators/), so it lives there and
-    # this entry point is the one place where ttrv reaches into operators.
-    from operators.local import run_experiment, status_table
-
-    metadata, spec = _experiment(args)
-    spec = with_overrides(spec, overrides(args))
-    out = Path(args.out or f"runs/{metadata['name']}")
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the runs' processes as Ctrl-C does, not orphan them
-    with _from_file(args.file):  # run_experiment checks the experiment before it writes anything
-        document = run_experiment(metadata, spec, out)
-    print(status_table(document))
-    print(f"status: {out / 'status.json'}")
-    return 0 if document["experiment"]["status"]["phase"] == "Succeeded" else 1
-
-
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -249,19 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     run.set_defaults(handler=cmd_run)
 
-    experiment = commands.add_parser("experiment", help="experiments: several datasets, one adaptation run each")
-    experiment_commands = experiment.add_subparsers(dest="experiment_command", required=True)
-    experiment_run = experiment_commands.add_parser(
-        "run", help="run an Experiment's objects as the cluster would, on this machine (--local)")
-    experiment_run.add_argument("file", help="an Experiment resource (or a bare experiment spec)")
-    experiment_run.add_argument("--local", action="store_true",
-                                help="run here: pods as local processes, the store on an embedded S3 server")
-    experiment_run.add_argument("--out", help="folder for status.json, the runs' files and the store "
-                                "(default runs/<experiment>)")
-    experiment_run.add_argument("-n", "--namespace", help="namespace of the experiment (default: its metadata, "
-                                "else default); part of each run's store prefix")
-    experiment_run.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
-    experiment_run.set_defaults(handler=cmd_experiment_run)
+    for plugin in entry_points(group="ttrv.commands"):  # `experiment` (operators/local/command.py)
+        plugin.load()(commands)
 
     serve = commands.add_parser(
         "serve", help="the rollout service: sample over HTTP from the newest weight version in the store")

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ttrv.labels import APP, NAME_LABEL
 from ttrv.spec import (
     NAME_PATTERN,
     AdaptationRunSpec,
@@ -161,7 +162,7 @@ def _crd(kind: str, plural: str, short_names: list[str], schema: dict, columns: 
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/name": "ttrv"}},
+        "metadata": {"name": f"{plural}.{GROUP}", "labels": {NAME_LABEL: APP}},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",

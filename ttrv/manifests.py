@@ -21,6 +21,20 @@ import yaml
 from pydantic import BaseModel
 
 from ttrv.crds import API_VERSION
+from ttrv.labels import (
+    APP,
+    COMPONENT_LABEL,
+    DATASET_LABEL,
+    EXPERIMENT_LABEL,
+    INSTANCE_LABEL,
+    MANAGED_BY_LABEL,
+    MANAGER,
+    NAME_LABEL,
+    QUEUE_LABEL,
+    ROLLOUT,
+    RUN_LABEL,
+    TRAINER,
+)
 from ttrv.spec import (
     AdaptationRunSpec,
     ExperimentSpec,
@@ -40,7 +54,6 @@ MASTER_PORT = 23456
 MASTER_PORT_NAME = "pytorchjob-port"
 TRAINER_CONTAINER = "pytorch"  # the training operator finds the container to configure by this name
 USER_ID = 1000
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU = "nvidia.com/gpu"
 # The training operator names pods and their Services `<job>-worker-<index>`, DNS labels of at most 63 characters:
 # `<run>-trainer-worker-` plus three digits leaves 44 for the run name.
@@ -68,15 +81,15 @@ def run_name(experiment: str, dataset: str) -> str:
 
 def labels(experiment: str, run: str, dataset: str, component: str | None = None) -> dict[str, str]:
     result = {
-        "app.kubernetes.io/name": "ttrv",
-        "app.kubernetes.io/instance": experiment,
-        "app.kubernetes.io/managed-by": "ttrv-operator",
-        "ttrv.io/experiment": experiment,
-        "ttrv.io/run": run,
-        "ttrv.io/dataset": dataset,
+        NAME_LABEL: APP,
+        INSTANCE_LABEL: experiment,
+        MANAGED_BY_LABEL: MANAGER,
+        EXPERIMENT_LABEL: experiment,
+        RUN_LABEL: run,
+        DATASET_LABEL: dataset,
     }
     if component:
-        result["app.kubernetes.io/component"] = component
+        result[COMPONENT_LABEL] = component
     return result
 
 
@@ -188,7 +201,7 @@ class _Context:
         return labels(self.spec.experiment, self.name, self.spec.dataset, component)
 
     def selector(self, component: str) -> dict[str, str]:
-        return {"app.kubernetes.io/name": "ttrv", "ttrv.io/run": self.name, "app.kubernetes.io/component": component}
+        return {NAME_LABEL: APP, RUN_LABEL: self.name, COMPONENT_LABEL: component}
 
     def metadata(self, name: str, component: str | None = None, extra_labels: dict | None = None) -> dict:
         return _metadata(name, self.namespace, self.labels(component) | (extra_labels or {}), self.run)
@@ -323,19 +336,19 @@ def _rollout_deployment(ctx: _Context) -> dict:
         "volumeMounts": _mounts(ctx),
         "securityContext": container_security_context(),
     }
-    selector = ctx.selector("rollout")
+    selector = ctx.selector(ROLLOUT)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         # Kueue (deployment integration) reads the queue label on the Deployment and copies it to the pods.
-        "metadata": ctx.metadata(ctx.rollout_name, "rollout", ctx.queue_labels),
+        "metadata": ctx.metadata(ctx.rollout_name, ROLLOUT, ctx.queue_labels),
         "spec": {
             "replicas": 0 if ctx.spec.suspend else 1,
             "selector": {"matchLabels": selector},
             # A rolling update would hold a second set of GPUs; the trainer waits out the restart instead.
             "strategy": {"type": "Recreate"},
             "template": {
-                "metadata": {"labels": ctx.labels("rollout")},
+                "metadata": {"labels": ctx.labels(ROLLOUT)},
                 "spec": _pod_spec(ctx, container, gpus),
             },
         },
@@ -346,10 +359,10 @@ def _rollout_service(ctx: _Context) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": ctx.metadata(ctx.rollout_name, "rollout"),
+        "metadata": ctx.metadata(ctx.rollout_name, ROLLOUT),
         "spec": {
             "type": "ClusterIP",
-            "selector": ctx.selector("rollout"),
+            "selector": ctx.selector(ROLLOUT),
             "ports": [{"name": "http", "port": ROLLOUT_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -358,16 +371,16 @@ def _rollout_service(ctx: _Context) -> dict:
 def _rollout_network_policy(ctx: _Context) -> dict:
     """Only this run's trainer pods reach the rollout pods, on the HTTP port; nothing else gets in. Both selectors
     name the run's whole identity: run names alone can coincide (experiment a-b with dataset c, a with b-c)."""
-    identity = {"ttrv.io/experiment": ctx.spec.experiment, "ttrv.io/dataset": ctx.spec.dataset}
+    identity = {EXPERIMENT_LABEL: ctx.spec.experiment, DATASET_LABEL: ctx.spec.dataset}
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": ctx.metadata(ctx.rollout_name, "rollout"),
+        "metadata": ctx.metadata(ctx.rollout_name, ROLLOUT),
         "spec": {
-            "podSelector": {"matchLabels": ctx.selector("rollout") | identity},
+            "podSelector": {"matchLabels": ctx.selector(ROLLOUT) | identity},
             "policyTypes": ["Ingress"],
             "ingress": [{
-                "from": [{"podSelector": {"matchLabels": ctx.selector("trainer") | identity}}],
+                "from": [{"podSelector": {"matchLabels": ctx.selector(TRAINER) | identity}}],
                 "ports": [{"protocol": "TCP", "port": ROLLOUT_PORT}],
             }],
         },
@@ -413,7 +426,7 @@ def _trainer_job(ctx: _Context) -> dict:
             # 1-127 fail the job at once.
             "restartPolicy": "ExitCode",
             "template": {
-                "metadata": {"labels": ctx.labels("trainer")},
+                "metadata": {"labels": ctx.labels(TRAINER)},
                 "spec": _pod_spec(ctx, container, res.gpus_per_node),
             },
         }
@@ -435,7 +448,7 @@ def _trainer_job(ctx: _Context) -> dict:
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": ctx.metadata(f"{ctx.name}-trainer", "trainer", ctx.queue_labels),
+        "metadata": ctx.metadata(f"{ctx.name}-trainer", TRAINER, ctx.queue_labels),
         "spec": {
             "nprocPerNode": str(res.nproc_per_node),
             "runPolicy": run_policy,

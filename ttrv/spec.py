@@ -528,6 +528,8 @@ RunPhase = Literal["Pending", "Queued", "Running", "Preempted", "Succeeded", "Fa
 rollout service, Kueue admission, its pods or a retry; Running: trainer running; Preempted: Kueue took the quota
 back after the trainer had started (it resumes from its newest checkpoint once re-admitted); Succeeded / Failed:
 finished; Suspended: the experiment is suspended."""
+RUN_FINISHED: tuple[RunPhase, ...] = ("Succeeded", "Failed")
+"""The terminal phases of a run: nothing changes a run once it has one."""
 
 RunStage = Literal["evaluating-before", "adapting", "evaluating-after", "finished"]
 """What a running trainer does, as its progress.json's `stage` says: evaluating-before: measuring the base model
@@ -538,6 +540,8 @@ ExperimentPhase = Literal["Pending", "Running", "Succeeded", "PartiallySucceeded
 """Pending: no run has started training yet; Running: at least one has; Succeeded: every dataset succeeded;
 PartiallySucceeded: every dataset finished and some failed; Failed: every dataset failed, or the spec cannot run;
 Suspended: `suspend: true`."""
+EXPERIMENT_FINISHED: tuple[ExperimentPhase, ...] = ("Succeeded", "PartiallySucceeded", "Failed")
+"""The phases of an experiment whose every dataset has finished (or whose spec cannot run)."""
 
 
 class AdaptationRunSpec(StrictModel):
