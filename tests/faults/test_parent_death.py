@@ -34,6 +34,10 @@ GONE_SECONDS = 60  # a step, a checkpoint and the S3 server's 2 s shutdown; a fe
 
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def descendants(pid: int) -> dict[int, str]:
     """Every process under `pid` (pid -> command line), read from /proc."""
     parents, commands = {}, {}
@@ -160,7 +164,9 @@ def test_kill_and_run_again_resumes_and_ends_as_an_uninterrupted_run(tmp_path, s
     wait_for(lambda: len(events(out)) >= 2, first, log)
     tree = descendants(first.pid)
     started.update(tree)
-    (trainer,) = [pid for pid, command_line in tree.items() if "-m ttrv.train" in command_line]
+    # Processes the trainer forks (compile or tokenizer workers) share its command line: the trainer is the first.
+    (trainer,) = [pid for pid, command_line in tree.items()
+                  if "-m ttrv.train" in command_line and "-m ttrv.train" not in tree.get(parent_of(pid), "")]
     os.kill(trainer, signal.SIGSTOP)  # mid-run, for as long as the test needs; it checkpoints once continued
 
     spec_written = (out / "run.yaml").stat().st_mtime_ns
@@ -223,7 +229,10 @@ def test_a_sigkilled_local_experiment_takes_its_pods_and_store_with_it(tmp_path,
     started.update(tree)
     for kind in ("-m ttrv.train", "ttrv.cli train", "weed mini", "ttrv.cli serve"):
         assert any(kind in command_line for command_line in tree.values()), (kind, tree)
-    (worker,) = [pid for pid, command_line in tree.items() if "-m ttrv.train" in command_line]
+    # The worker is torch elastic's child; processes it forks (compile or tokenizer workers) share its command line.
+    launcher = next(pid for pid, command_line in tree.items() if "ttrv.cli train" in command_line)
+    (worker,) = [pid for pid, command_line in descendants(launcher).items()
+                 if "-m ttrv.train" in command_line and parent_of(pid) == launcher]
     os.kill(worker, signal.SIGSTOP)  # mid-run for as long as the test needs (a tiny run is over in seconds)
 
     second = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
