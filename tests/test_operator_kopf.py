@@ -42,7 +42,8 @@ async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkey
     async with cluster(monkeypatch, tmp_path) as c, operator(c) as memo:
         await c.create_experiment(maxParallelRuns=1)
         await c.wait_phase("exp-mmmu", "Queued")
-        assert c.get(JOBS, "exp-mmmu-trainer") is not None
+        # A reconcile writes the run's status before its actions: the job follows the phase, not before it.
+        await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the trainer PyTorchJob")
         assert c.get(RUNS, "exp-shapes") is None  # waits for the slot
         store = "s3://ttrv/experiments/team-a/exp/mmmu"
         c.progress[store] = {"progressPercentage": 40.0, "estimatedRemainingSeconds": 4800, "step": 4,
