@@ -116,6 +116,7 @@ class Cluster:
 
     async def job_conditions(self, job: str, *conditions: dict) -> None:
         """The training operator's view of its job (conditions as it sets them)."""
+        await self.wait(lambda: self.get(JOBS, job), f"the job {job}")  # status is written before the actions
         await self.api.patch_object(JOBS, NS, job, {"status": {"conditions": [
             condition("Created", reason="PyTorchJobCreated"), *conditions]}}, subresource="status")
 
@@ -131,6 +132,9 @@ class Cluster:
             subresource="status")
 
     async def rollout_ready(self, run: str, ready: int = 1) -> None:
+        """The Deployment controller's view; a reconcile writes the run's status before it creates the
+        Deployment, so a test that saw the phase waits for the object too."""
+        await self.wait(lambda: self.get(DEPLOYMENTS, f"{run}-rollout"), f"the Deployment {run}-rollout")
         await self.api.patch_object(DEPLOYMENTS, NS, f"{run}-rollout", {"status": {"readyReplicas": ready}},
                                     subresource="status")
 
