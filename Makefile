@@ -51,7 +51,7 @@ $(HELM):
 
 helm: $(HELM)
 
-# CRDs and the chart's values schema are generated from ttrv/spec.py; tests fail when these files drift.
+# CRDs and the chart's values schema are generated from ttrv/spec/; tests fail when these files drift.
 generate: $(STAMP)
 	$(BIN)/ttrv spec crds --out k8s/crds
 	$(BIN)/ttrv spec crds --out charts/ttrv-operator/crds

@@ -1,4 +1,4 @@
-"""The generated CRDs and values schema: in sync with ttrv/spec.py, structural, and accepted by Kubernetes' schemas."""
+"""The generated CRDs and values schema: in sync with ttrv/spec/, structural, and accepted by Kubernetes' schemas."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ttrv.spec import AdaptationRunStatus, Condition, DatasetStatus, ExperimentS
 # Pure logic, no process or server: `make test-fast` runs these.
 pytestmark = pytest.mark.pure
 
-REGENERATE = "generated from ttrv/spec.py and stale; run `make generate` and commit the result"
+REGENERATE = "generated from ttrv/spec/ and stale; run `make generate` and commit the result"
 
 
 @pytest.mark.parametrize("name", sorted(crds()))

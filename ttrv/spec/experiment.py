@@ -1,0 +1,162 @@
+"""The Experiment's spec: several datasets, images, scheduling and volumes; `ExperimentSpec.run_spec` derives
+one `RunSpec` per dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    Field,
+    field_validator,
+)
+
+from ttrv.spec.base import (
+    NAME_PATTERN,
+    SUBDOMAIN_PATTERN,
+    PositiveInt,
+    SpecError,
+    StrictModel,
+    check_dns_label,
+    load_yaml,
+    parse_spec,
+)
+from ttrv.spec.run import AdaptationSettings, DataSpec, RunSpec
+
+
+class DatasetSpec(DataSpec):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    """Dataset name (DNS label): names its adaptation run."""
+
+
+class ImageSpec(StrictModel):
+    trainer: str = "ghcr.io/ttrv/ttrv-trainer:0.1.0"
+    """Image of the trainer pods (torch, DeepSpeed, transformers, ttrv)."""
+    rollout: str = "ghcr.io/ttrv/ttrv-trainer:0.1.0"
+    """Image of the rollout service (vLLM + ttrv); the same image by default."""
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """imagePullPolicy of all pods."""
+
+
+class S3SecretRef(StrictModel):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = "ttrv-s3"
+    """Secret holding the object-store credentials."""
+    access_key_key: str = "AWS_ACCESS_KEY_ID"
+    """Key of the access key id in that Secret."""
+    secret_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    """Key of the secret access key in that Secret."""
+
+
+# Where the pods mount their own volumes (manifests.py); a data volume there would hide them.
+RESERVED_MOUNT_PATHS = ("/etc/ttrv", "/tmp", "/cache", "/dev/shm")
+
+
+class VolumeSpec(StrictModel):
+    """A PersistentVolumeClaim mounted into the trainer and rollout pods: how dataset files, their images or a
+    model folder reach the pods (`datasets[].path`, `pathMap` and `model.path` then name paths under
+    `mountPath`)."""
+
+    claim_name: Annotated[str, Field(pattern=SUBDOMAIN_PATTERN)]
+    """Name of the PersistentVolumeClaim, in the experiment's namespace."""
+    mount_path: str
+    """Absolute path where the pods see it, e.g. /data."""
+    read_only: bool = True
+    """Mount read-only (the pods only read data and models)."""
+
+    @field_validator("mount_path")
+    @classmethod
+    def _usable_mount_path(cls, value: str) -> str:
+        if not value.startswith("/") or value.rstrip("/") == "" or ".." in value.split("/"):
+            raise ValueError(f"{value!r} must be an absolute path below / without '..', e.g. /data")
+        path = value.rstrip("/")
+        for reserved in RESERVED_MOUNT_PATHS:
+            if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/"):
+                raise ValueError(f"{value!r} overlaps {reserved}, which the pods use themselves; mount it "
+                                 "elsewhere, e.g. /data")
+        return path
+
+
+class Toleration(StrictModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class SchedulingSpec(StrictModel):
+    queue_name: str | None = None
+    """Kueue LocalQueue; when set, children carry kueue.x-k8s.io/queue-name and are created suspended."""
+    priority_class_name: str | None = None
+    """PriorityClass of the trainer and rollout pods."""
+    node_selector: dict[str, str] = {}
+    """Node labels the GPU pods must match."""
+    tolerations: list[Toleration] = [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    """Tolerations of the GPU pods."""
+    backoff_limit: Annotated[int, Field(ge=0)] = 3
+    """Restarts of a trainer after retryable exit codes (128-255) before its run fails; the operator counts them
+    (the training operator alone does not cap restarts under restartPolicy ExitCode)."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 3600
+    """How long a finished PyTorchJob is kept."""
+
+
+class ExperimentSpec(AdaptationSettings):
+    """An experiment: the same adaptation settings applied to each of its datasets."""
+
+    datasets: Annotated[list[DatasetSpec], Field(min_length=1)]
+    """One adaptation run per dataset."""
+    max_parallel_runs: PositiveInt = 1
+    """Adaptation runs active at once; the rest wait Pending, in order."""
+    suspend: bool = False
+    """Suspend every child (PyTorchJobs suspended, rollout services scaled to zero)."""
+    image: ImageSpec = ImageSpec()
+    scheduling: SchedulingSpec = SchedulingSpec()
+    s3_secret: S3SecretRef = S3SecretRef()
+    """Object-store credentials, by reference only."""
+    volumes: list[VolumeSpec] = []
+    """PersistentVolumeClaims mounted into every trainer and rollout pod (datasets, images, models)."""
+
+    @field_validator("volumes")
+    @classmethod
+    def _distinct_mount_paths(cls, value: list[VolumeSpec]) -> list[VolumeSpec]:
+        paths = [v.mount_path for v in value]
+        for path in paths:
+            nested = [other for other in paths if other != path and other.startswith(path + "/")]
+            if paths.count(path) > 1 or nested:
+                raise ValueError(f"mountPath {path} is used twice or holds another volume's mountPath; give each "
+                                 "volume its own folder")
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_dataset_names(cls, value: list[DatasetSpec]) -> list[DatasetSpec]:
+        names = [d.name for d in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dataset names must be unique; rename {', '.join(duplicates)}")
+        return value
+
+    def run_spec(self, dataset: str, storage_uri: str | None = None) -> RunSpec:
+        """The RunSpec of one dataset's adaptation run (its store prefix is `<storage.uri>/<dataset>`)."""
+        entry = next((d for d in self.datasets if d.name == dataset), None)
+        if entry is None:
+            raise SpecError(f"datasets: no dataset named {dataset!r}; known: {[d.name for d in self.datasets]}")
+        shared = {name: getattr(self, name) for name in AdaptationSettings.model_fields}
+        data = DataSpec(**entry.model_dump(exclude={"name"}))
+        storage = self.storage.model_copy(
+            update={"uri": storage_uri or f"{self.storage.uri.rstrip('/')}/{dataset}"}
+        )
+        return RunSpec(**(shared | {"storage": storage, "name": dataset, "data": data}))
+
+
+
+def load_experiment(path: str | Path) -> tuple[dict, ExperimentSpec]:
+    """An Experiment resource (apiVersion/kind/metadata/spec) or a bare spec; returns (metadata, spec)."""
+    document = load_yaml(path)
+    if isinstance(document, dict) and "kind" in document:
+        if document.get("kind") != "Experiment":
+            raise SpecError(f"{path}: kind: expected Experiment, got {document.get('kind')!r}; write "
+                            "apiVersion: ttrv.io/v1alpha1 and kind: Experiment")
+        metadata = document.get("metadata") or {}
+        check_dns_label(metadata.get("name", ""), f"{path}: metadata.name")
+        return metadata, parse_spec(document.get("spec"), ExperimentSpec, f"{path}: spec")
+    return {"name": Path(path).stem, "namespace": "default"}, parse_spec(document, ExperimentSpec, str(path))

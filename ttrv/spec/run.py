@@ -1,0 +1,283 @@
+"""One adaptation run's spec (`RunSpec`): what `ttrv run` and the trainer pod read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from ttrv.net import holds_userinfo
+from ttrv.spec.base import (
+    NAME_PATTERN,
+    PositiveInt,
+    Probability,
+    Quantity,
+    StrictModel,
+    load_yaml,
+    parse_spec,
+)
+
+
+class LoraSpec(StrictModel):
+    rank: PositiveInt = 16
+    """LoRA rank r."""
+    alpha: PositiveInt = 32
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Names of the language-model linear layers that get adapters."""
+
+
+class ModelSpec(StrictModel):
+    path: str = "ttrv://tiny-qwen2vl"
+    """Checkpoint folder: a local path, file://…, s3://bucket/prefix, a Hugging Face hub id, or ttrv://tiny-qwen2vl
+    (the tiny model that ships with ttrv)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter dtype: auto is bfloat16 on GPU and float32 on CPU."""
+    trainable: Literal["language", "all"] = "language"
+    """Which parts are updated: the language model only (vision tower frozen, as the reference does for
+    InternVL) or everything."""
+    lora: LoraSpec | None = None
+    """Train LoRA adapters instead of full weights; the adapter alone is published to the rollout service."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel of the trainer's model."""
+
+
+class DataSpec(StrictModel):
+    path: str
+    """Test-set file: reference JSON (a list of records), verl parquet or JSONL; ttrv://tiny-shapes/<split> for the
+    bundled benchmark."""
+    format: Literal["auto", "reference_json", "verl_parquet", "jsonl"] = "auto"
+    """File format; auto decides by extension and content."""
+    path_map: list[str] = []
+    """Image path-prefix rewrites OLD=NEW, applied in order (the reference's files carry absolute paths)."""
+    subset_size: PositiveInt | None = 20
+    """Size of the unlabeled adaptation subset drawn from the test set (reference: 20 or 500); null = all."""
+    subset_seed: int = 0
+    """Seed of the subset draw."""
+    single_example: bool = False
+    """Adapt on one randomly chosen example, repeated `singleExampleRepeats` times (the paper's extreme case)."""
+    single_example_repeats: PositiveInt = 4
+    """Copies of the single example in single-example mode."""
+    heldout_path: str | None = None
+    """Optional disjoint split, never adapted on, to measure generalisation."""
+
+    @field_validator("path_map")
+    @classmethod
+    def _path_map_pairs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            old, sep, new = item.partition("=")
+            if not sep or not old:
+                raise ValueError(f"{item!r} is not OLD=NEW; write e.g. '/data/authors/imagenet=/mnt/imagenet'")
+        return value
+
+
+class RolloutSpec(StrictModel):
+    votes: Annotated[int, Field(ge=2)] = 32
+    """N: answers sampled per prompt; each answer's reward is its share of these votes."""
+    group_size: PositiveInt = 16
+    """G: how many of the N samples per prompt are trained on (the first G)."""
+    temperature: Annotated[float, Field(gt=0.0, le=5.0)] = 1.0
+    """Sampling temperature of the votes."""
+    top_p: Probability = 1.0
+    """Nucleus sampling mass of the votes."""
+    max_new_tokens: PositiveInt = 1024
+    """Longest response sampled."""
+    backend: Literal["inprocess", "service"] = "inprocess"
+    """inprocess: the trainer samples with its own Hugging Face engine; service: it calls a separate rollout
+    service (`ttrv serve`, vLLM or Hugging Face) that loads each weight version from the store."""
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """Engine of the rollout service: auto takes vLLM where it is installed, else Hugging Face."""
+    max_staleness: Annotated[int, Field(ge=0, le=4)] = 0
+    """0: step k+1 samples from weight version k (on-policy); 1: one-step-off asynchronous rollout."""
+
+    @model_validator(mode="after")
+    def _group_within_votes(self) -> RolloutSpec:
+        if self.group_size > self.votes:
+            raise ValueError(
+                f"groupSize ({self.group_size}) > votes ({self.votes}): the trained group is taken from the votes; "
+                "set groupSize <= votes (reference: votes 32, groupSize 16)"
+            )
+        return self
+
+
+class RewardSpec(StrictModel):
+    extractor: Literal["choice", "numeric", "text"] = "choice"
+    """How an answer is read from a response: a multiple-choice letter, a number, or normalised free text."""
+    choices: Annotated[str, Field(pattern=r"^[A-Z]{2,26}$")] = "ABCD"
+    """Option letters for the choice extractor."""
+    entropy_weight: Annotated[float, Field(ge=0.0)] = 0.75
+    """w in r_j = count(a_j)/N - w * H_norm (reference 0.75)."""
+    entropy_mode: Literal["reference", "batch", "scale"] = "scale"
+    """How the entropy term acts: reference (per-group normalisation, which cancels it: the reference's behaviour),
+    scale (each prompt's group advantages times 1 - w * H_norm: updates from prompts whose votes disagree are
+    damped), batch (advantages normalised over the whole step's batch, so low-entropy prompts are favoured)."""
+    invalid_reward: float = -1.0
+    """Reward of a response with no readable answer (not counted as a vote class)."""
+
+
+class GRPOSpec(StrictModel):
+    lr: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-7
+    """Peak learning rate of AdamW."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.03
+    """Share of all optimiser steps spent in linear warm-up."""
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    """AdamW weight decay."""
+    grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
+    """Global gradient-norm clip."""
+    kl_coef: Annotated[float, Field(ge=0.0)] = 0.001
+    """Weight of the KL penalty to the frozen base model (0 disables the reference model)."""
+    kl_kind: Literal["low_var_kl", "kl", "mse"] = "low_var_kl"
+    """KL estimator: k3 (low_var_kl, clamped to [-10, 10]), k1 (kl) or k2 (mse)."""
+    clip_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """PPO ratio clip below 1."""
+    clip_high: Annotated[float, Field(gt=0.0)] = 0.2
+    """PPO ratio clip above 1."""
+    dual_clip: Annotated[float, Field(gt=1.0)] = 3.0
+    """Dual-clip constant c bounding the loss of negative-advantage tokens."""
+    epochs: PositiveInt = 2
+    """Passes over the adaptation subset."""
+    prompts_per_step: PositiveInt = 4
+    """Prompts per optimiser step (the reference uses one per GPU)."""
+    ppo_epochs: PositiveInt = 1
+    """Gradient passes over each step's batch."""
+    micro_batch_size: PositiveInt = 16
+    """Sequences per forward/backward on one rank."""
+
+
+class EvalSpec(StrictModel):
+    before: bool = True
+    """Evaluate the base model before adapting."""
+    after: bool = True
+    """Evaluate the adapted model at the end."""
+    full_test_set: bool = True
+    """Also evaluate on the whole test set (the reference's transductive setting), not only the subset."""
+    limit: PositiveInt | None = None
+    """Evaluate on at most this many prompts of each split (null = all)."""
+    maj_votes: Annotated[int, Field(ge=0)] = 0
+    """Votes for maj@N evaluation; 0 = rollout.votes."""
+    max_new_tokens: PositiveInt | None = None
+    """Longest greedy answer in evaluation; null = rollout.max_new_tokens."""
+    every: Annotated[int, Field(ge=0)] = 0
+    """Also evaluate greedy accuracy on the adaptation subset every this many steps (0 = never)."""
+
+
+class GuardSpec(StrictModel):
+    enabled: bool = True
+    """Stop and roll back to the last healthy weights when the policy collapses (label-free signals)."""
+    entropy_below: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02
+    """Collapse needs the mean vote entropy of a step at or below this..."""
+    dominant_answer_share: Probability = 0.9
+    """...and one answer to win this share of all votes across different prompts, or the response length to fall
+    below `lengthRatio` of its first-step value."""
+    length_ratio: Probability = 0.5
+    """Response-length collapse threshold relative to the first step."""
+    patience: PositiveInt = 2
+    """Consecutive collapsed steps before the guard fires."""
+
+
+# The value is not repeated: it holds a credential, and the message reaches logs and the resource's status.
+_NO_USERINFO = ("holds credentials (user:password@); remove them: the store reads them from AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY, in a cluster from the Secret named by s3Secret")
+
+
+class StorageSpec(StrictModel):
+    uri: str = "file://runs/store"
+    """Where weight versions, checkpoints and progress go: file:///path or s3://bucket/prefix. Credentials never go
+    here: they come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (a Secret in the cluster)."""
+    endpoint: str | None = None
+    """S3 endpoint (host:port or URL) for s3:// URIs; default from AWS_ENDPOINT_URL."""
+    keep_versions: PositiveInt = 3
+    """Weight versions kept; older ones are garbage-collected unless being loaded."""
+    checkpoint_every: Annotated[int, Field(ge=0)] = 10
+    """Full checkpoint every K steps (and on SIGTERM); 0 = only on SIGTERM and at the end."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value is not None and holds_userinfo(value):
+            raise ValueError(_NO_USERINFO)
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if scheme == "s3" and holds_userinfo(rest.split("/", 1)[0]):
+            raise ValueError(_NO_USERINFO)
+        if not sep or scheme not in ("file", "s3"):
+            raise ValueError(f"{value!r} has no known scheme; use file:///abs/path, file://rel/path or s3://bucket/prefix")
+        if scheme == "s3" and not rest.split("/", 1)[0]:
+            raise ValueError(f"{value!r} names no bucket; write s3://bucket/prefix")
+        if ".." in rest.split("/"):
+            raise ValueError(f"{value!r} contains '..'; write the store prefix without parent-directory steps")
+        return value
+
+
+class ResourcesSpec(StrictModel):
+    nodes: PositiveInt = 1
+    """Trainer nodes (PyTorchJob Master + nodes-1 Workers)."""
+    gpus_per_node: Annotated[int, Field(ge=0)] = 1
+    """GPUs per trainer node (nprocPerNode); 0 trains on CPU."""
+    processes_per_node: PositiveInt | None = None
+    """Data-parallel processes per node; default one per GPU (one on CPU)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of optimiser states to CPU memory."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing in the trainer's model."""
+    cpu: Quantity = "8"
+    """CPU request of each trainer pod."""
+    memory: Quantity = "64Gi"
+    """Memory request of each trainer pod."""
+    rollout_gpus: Annotated[int, Field(ge=0)] = 1
+    """GPUs of the rollout service (vLLM tensor-parallel size)."""
+    rollout_gpu_memory_utilization: Probability = 0.85
+    """Share of each rollout GPU that vLLM may take."""
+    rollout_cpu: Quantity | None = None
+    """CPU request of the rollout pod; default: `cpu`."""
+    rollout_memory: Quantity | None = None
+    """Memory request of the rollout pod; default: `memory`."""
+
+    @property
+    def nproc_per_node(self) -> int:
+        return self.processes_per_node or max(1, self.gpus_per_node)
+
+
+class AdaptationSettings(StrictModel):
+    """What every adaptation run of an experiment shares."""
+
+    seed: int = 0
+    """Seed of sampling, shuffling and initialisation."""
+    model: ModelSpec = ModelSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    reward: RewardSpec = RewardSpec()
+    grpo: GRPOSpec = GRPOSpec()
+    eval: EvalSpec = EvalSpec()
+    guard: GuardSpec = GuardSpec()
+    storage: StorageSpec = StorageSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+class RunSpec(AdaptationSettings):
+    """One adaptation run on one dataset."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = "ttrv-run"
+    """Run name (DNS label): names the store prefix and, in a cluster, the objects."""
+    data: DataSpec
+
+
+
+
+def load_run_spec(path: str | Path) -> RunSpec:
+    return parse_spec(load_yaml(path), RunSpec, str(path))
+
