@@ -48,7 +48,7 @@ def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = 
                      kind=exitcodes.kind(code))
         return code
     except SignalException as error:
-        return 128 + int(error.sigval)
+        return exitcodes.of_process(-int(error.sigval))  # the signal that stopped the launcher, as a shell says
     return exitcodes.OK
 
 
