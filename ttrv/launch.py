@@ -11,7 +11,6 @@ workers, which checkpoint and exit 143.
 from __future__ import annotations
 
 import os
-import sys
 
 from ttrv import exitcodes, lifetime
 from ttrv.log import get_logger
@@ -50,13 +49,3 @@ def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = 
     except SignalException as error:
         return exitcodes.of_process(-int(error.sigval))  # the signal that stopped the launcher, as a shell says
     return exitcodes.OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ttrv.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,7 +38,7 @@ def trainer_command(spec_file: Path, out: Path, nproc: int) -> list[str]:
     entry = ["--spec", str(spec_file), "--out", str(out)]
     if nproc == 1:
         return [sys.executable, "-m", "ttrv.train", *entry]
-    return [sys.executable, "-m", "ttrv.launch", "--standalone", f"--nproc-per-node={nproc}", *entry]
+    return [sys.executable, "-m", "ttrv.cli", "train", "--standalone", f"--nproc-per-node={nproc}", *entry]
 
 
 def wait_trainer(trainer: subprocess.Popen, rollout=None) -> int:
