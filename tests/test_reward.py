@@ -10,9 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ttrv.reward import (
+    extract_answer,
     extract_choice,
     extract_number,
     extract_text,
+    normalize_label,
     normalized_entropy,
     vote_rewards,
     vote_stats,
@@ -176,3 +178,18 @@ def test_the_readmes_worked_example_is_what_the_code_computes():
     assert float(step["h"]) == round(normalized_entropy(answers), 2)
     assert [-float(step[k]) for k in "cad"] == [round(rewards[i], 2) for i in (0, 9, 12)]
     assert rewards[-1] == -1.0
+
+
+@pytest.mark.parametrize(("extractor", "label", "prediction"), [
+    ("numeric", "3.50", "3.5"), ("numeric", "1,000", "1000"), ("text", "Yes", "yes"),
+    ("text", "a red car", "red car"), ("choice", "(B)", "B"), ("choice", "C", "C"),
+])
+def test_labels_pass_through_the_predictions_extractor(extractor, label, prediction):
+    """Evaluation compared raw labels with extracted predictions, so "3.50", "1,000", "Yes" and "a red car" were
+    counted wrong whatever the model answered (issue 16, item 6)."""
+    assert normalize_label(label, extractor) == extract_answer(prediction, extractor) == prediction
+
+
+def test_a_label_the_extractor_cannot_read_is_kept_and_none_stays_none():
+    assert normalize_label("  square ", "choice") == "square"
+    assert normalize_label(None, "numeric") is None

@@ -21,7 +21,7 @@ from typing import Literal
 
 from ttrv import log
 from ttrv.data import Example, Prompt
-from ttrv.reward import extract_answer, vote_stats
+from ttrv.reward import extract_answer, normalize_label, vote_stats
 from ttrv.rollout.base import RolloutEngine, Sample
 from ttrv.spec import RunSpec
 
@@ -75,7 +75,8 @@ def greedy_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: Ru
     outputs = generate_in_chunks(engine, [e.prompt for e in examples], n=1, temperature=0.0, top_p=1.0,
                                  max_new_tokens=max_tokens, advance=advance)
     answers = [extract_answer(o[0].text, spec.reward.extractor, spec.reward.choices) for o in outputs]
-    correct = [a is not None and a == e.answer for a, e in zip(answers, examples, strict=False)]
+    labels = [normalize_label(e.answer, spec.reward.extractor, spec.reward.choices) for e in examples]
+    correct = [a is not None and a == label for a, label in zip(answers, labels, strict=True)]
     return {
         "accuracy": sum(correct) / len(examples),
         "valid_ratio": sum(a is not None for a in answers) / len(examples),
@@ -98,7 +99,8 @@ def majority_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: 
                                  top_p=spec.rollout.top_p, max_new_tokens=max_tokens, seed=spec.seed,
                                  advance=advance)
     stats = [
-        vote_stats([extract_answer(s.text, spec.reward.extractor, spec.reward.choices) for s in samples], e.answer)
+        vote_stats([extract_answer(s.text, spec.reward.extractor, spec.reward.choices) for s in samples],
+                   normalize_label(e.answer, spec.reward.extractor, spec.reward.choices))
         for samples, e in zip(outputs, examples, strict=False)
     ]
     return {

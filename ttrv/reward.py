@@ -108,6 +108,15 @@ def extract_answer(text: str, extractor: str = "choice", choices: str = "ABCD") 
     raise ValueError(f"reward.extractor: unknown extractor {extractor!r}; use choice, numeric or text")
 
 
+def normalize_label(label: str | None, extractor: str = "choice", choices: str = "ABCD") -> str | None:
+    """A dataset's label in the form `extract_answer` gives a prediction, so that both sides of the comparison pass
+    through the same extractor: "3.50" and "1,000" match the predictions "3.5" and "1000", "Yes" matches "yes",
+    "a red car" matches "red car", "(B)" matches "B". A label the extractor reads nothing from is kept, stripped."""
+    if label is None:
+        return None
+    return extract_answer(label, extractor, choices) or label.strip()
+
+
 def normalized_entropy(answers: list[str | None]) -> float:
     """H_norm = -sum_k p_k log p_k / log K over the K distinct valid answers; 0 when K < 2."""
     counts = Counter(a for a in answers if a is not None)
