@@ -108,8 +108,12 @@ class RolloutSpec(StrictModel):
 
 
 class RewardSpec(StrictModel):
-    extractor: Literal["choice", "numeric", "text"] = "choice"
-    """How an answer is read from a response: a multiple-choice letter, a number, or normalised free text."""
+    extractor: Literal["choice", "numeric", "text", "reference"] = "choice"
+    """How an answer is read from a response: a multiple-choice letter, a number, normalised free text, or
+    reference: the TTRV reference's multiple-choice parsing (its `choice_answer_clean_gpqa`), where a response with
+    no letter votes with its raw text, so identical unreadable texts pool into a class that can win the vote. With
+    choice (ttrv's default) such a response gets `invalidReward` and no vote: a deviation from the reference, and on
+    tiny-shapes the source of the gain (README, "What the benchmark shows")."""
     choices: Annotated[str, Field(pattern=r"^[A-Z]{2,26}$")] = "ABCD"
     """Option letters for the choice extractor."""
     entropy_weight: Annotated[float, Field(ge=0.0)] = 0.75
@@ -119,7 +123,8 @@ class RewardSpec(StrictModel):
     scale (each prompt's group advantages times 1 - w * H_norm: updates from prompts whose votes disagree are
     damped), batch (advantages normalised over the whole step's batch, so low-entropy prompts are favoured)."""
     invalid_reward: float = -1.0
-    """Reward of a response with no readable answer (not counted as a vote class)."""
+    """Reward of a response with no readable answer (not counted as a vote class). The reference extractor reads an
+    answer from every response, so it never applies there."""
 
 
 class GRPOSpec(StrictModel):
