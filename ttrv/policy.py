@@ -59,7 +59,8 @@ class TrainBatch:
     attention_mask: torch.Tensor  # [B, L]
     target_mask: torch.Tensor  # [B, L-1] float
     per_token: dict[str, torch.Tensor]  # [B, L] each
-    vision: dict[str, torch.Tensor]
+    vision: dict[str, torch.Tensor]  # each: the sequences' blocks concatenated along dim 0
+    vision_rows: dict[str, torch.Tensor]  # [B] each: how many dim-0 rows of vision[key] each sequence has
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.per_token, **self.vision}
@@ -67,26 +68,26 @@ class TrainBatch:
     def to(self, device) -> TrainBatch:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
-                          move(self.per_token), move(self.vision))
+                          move(self.per_token), move(self.vision), self.vision_rows)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, rows: slice) -> TrainBatch:
-        """A micro-batch. Vision tensors are per-sequence blocks concatenated along dim 0, so they are sliced by
-        each sequence's share (image_grid_thw gives patch counts)."""
+        """A micro-batch. Every vision tensor the processor returned is sliced by the selected sequences' own rows:
+        Qwen-VL's pixel_values have one row per patch and image_grid_thw one per image, LLaVA's and InternVL-hf's
+        pixel_values one per image or tile, with image_sizes and the like beside them. (Slicing only when
+        image_grid_thw existed trained every other family without its image.)"""
         vision = {}
-        grid = self.vision.get("image_grid_thw")
-        if grid is not None:
-            patches = grid.prod(dim=1)
-            offsets = torch.cat([torch.zeros(1, dtype=patches.dtype), patches.cumsum(0)])
-            start, stop = offsets[rows.start].item(), offsets[rows.stop].item()
-            vision = {
-                "pixel_values": self.vision["pixel_values"][start:stop],
-                "image_grid_thw": grid[rows],
-            }
+        for key, tensor in self.vision.items():
+            counts = self.vision_rows[key]
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            vision[key] = tensor[offsets[rows.start].item():offsets[rows.stop].item()]
+        vision_rows = {key: counts[rows] for key, counts in self.vision_rows.items()}
+        vision = {key: tensor for key, tensor in vision.items() if len(tensor)}  # a text-only micro-batch
         per_token = {k: v[rows] for k, v in self.per_token.items()}
-        return TrainBatch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows], per_token, vision)
+        return TrainBatch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows], per_token, vision,
+                          {key: counts for key, counts in vision_rows.items() if key in vision})
 
 
 def collate(encoded: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], pad_id: int) -> TrainBatch:
@@ -106,8 +107,11 @@ def collate(encoded: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]]
         targets[b, prompt_len - 1 : prompt_len - 1 + len(r)] = 1.0
         for key, values in e.per_token.items():
             per_token[key][b, :prompt_len] = values
-    vision = {key: torch.cat([e.vision[key] for e in encoded], dim=0) for key in encoded[0].vision}
-    return TrainBatch(input_ids, attention, targets, per_token, vision)
+    keys = sorted({key for e in encoded for key in e.vision})  # text-only prompts add no rows
+    vision = {key: torch.cat([e.vision[key] for e in encoded if key in e.vision], dim=0) for key in keys}
+    vision_rows = {key: torch.tensor([len(e.vision[key]) if key in e.vision else 0 for e in encoded],
+                                     dtype=torch.long) for key in keys}
+    return TrainBatch(input_ids, attention, targets, per_token, vision, vision_rows)
 
 
 def token_log_probs(model, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
