@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ttrv.data import Prompt
 from ttrv.modeling import model_inputs
@@ -33,7 +33,16 @@ class HFEngine:
         self.weight_version: int | None = None
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = set(_as_list(model.generation_config.eos_token_id)) or {tokenizer.eos_token_id}
+        source = model.generation_config
+        self.eos_ids = set(_as_list(source.eos_token_id)) or {tokenizer.eos_token_id}
+        # Sample from exactly the distribution the trainer scores, softmax(logits / T) (policy.token_log_probs), as
+        # the vLLM path does with chat.NEUTRAL_SAMPLING: a checkpoint's generation_config (repetition_penalty,
+        # no_repeat_ngram_size, bad words, ...) shaped the votes here, and at repetition_penalty 1.05 the sampler's
+        # and the trainer's log-probs of the same tokens were 0.27 nats apart. transformers fills every generate()
+        # argument left None from model.generation_config (generation/utils.py, _prepare_generation_config), so the
+        # engine's model keeps only the ids that start, end and pad a sequence.
+        model.generation_config = GenerationConfig(bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id,
+                                                   pad_token_id=source.pad_token_id)
         # a sampled image/video placeholder would make the response unscorable (the model then expects pixels)
         self.suppress = [i for i in (getattr(model.config, name, None) for name in VISION_TOKEN_FIELDS)
                          if i is not None]
