@@ -89,7 +89,8 @@ class Learner:
         self.world = world
         self.device = training_device()
         self.dtype = torch_dtype(spec.model.dtype, self.device)
-        model = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation)
+        model = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation,
+                           spec.model.trust_remote_code)
         if spec.model.trainable == "language":
             for name, param in model.named_parameters():
                 if "visual" in name or "vision" in name:
@@ -106,7 +107,8 @@ class Learner:
                 target_modules=lora_target_pattern(lora.target_modules),
             ))
         elif spec.grpo.kl_coef > 0:
-            self.reference = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation)
+            self.reference = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation,
+                           spec.model.trust_remote_code)
             self.reference.requires_grad_(False)
         if spec.resources.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -217,7 +219,8 @@ class Learner:
         """The trainable weights as they were before adaptation: the initial adapter, or the base checkpoint's."""
         if self._initial_adapter is not None:
             return self._initial_adapter
-        base = load_model(self._model_path, self.spec.model.dtype, "cpu").state_dict()
+        base = load_model(self._model_path, self.spec.model.dtype, "cpu",
+                          trust_remote_code=self.spec.model.trust_remote_code).state_dict()
         return {name: base[name] for name in self.trainable_state()}
 
     def trainable_state_of(self, module) -> dict[str, torch.Tensor]:

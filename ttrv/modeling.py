@@ -83,17 +83,46 @@ def torch_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """The checkpoint's image-text-to-text model (Qwen2.5-VL, Qwen2-VL, ...) on `device`, in eval mode."""
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> PreTrainedModel:
+    """The checkpoint's image-text-to-text model (Qwen2.5-VL, Qwen2-VL, ...) on `device`, in eval mode.
+    `trust_remote_code` (the spec's model.trustRemoteCode) runs Python code shipped with the checkpoint."""
     model = AutoModelForImageTextToText.from_pretrained(
-        str(path), dtype=torch_dtype(dtype, device), attn_implementation=attn_implementation
+        str(path), dtype=torch_dtype(dtype, device), attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
     )
     logger.info("model.loaded", path=str(path), architecture=type(model).__name__, dtype=str(model.dtype),
                 device=str(device), parameters=sum(p.numel() for p in model.parameters()))
     return model.to(device).eval()
 
 
-def load_processor(path: str | Path) -> ProcessorMixin:
+def _processor_class(path: str | Path, config) -> type | None:
+    """The processor class the checkpoint names (processor_config.json's processor_class, which a checkpoint with
+    its own config class also names), else the one transformers maps its config type to."""
+    try:
+        named = ProcessorMixin.get_processor_dict(str(path))[0].get("processor_class")
+    except (OSError, ValueError):
+        named = None
+    return {cls.__name__: cls for cls in _IMAGE_ONLY}.get(named) or PROCESSOR_MAPPING.get(type(config), None)
+
+
+REMOTE_CODE_FIX = ("the checkpoint ships its own Python code (auto_map in config.json). Use its transformers-native "
+                   "conversion where there is one (InternVL3: OpenGVLab/InternVL3-2B-hf), or set "
+                   "model.trustRemoteCode: true if you trust its authors: that code runs in the trainer and the "
+                   "rollout service with their credentials")
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's config. A checkpoint with remote code and trust_remote_code off is refused by transformers
+    (its dynamic_module_utils asks for trust_remote_code=True); the message then names the spec field."""
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise ValueError(f"{path}: {REMOTE_CODE_FIX}") from None
+        raise
+
+
+def load_processor(path: str | Path, trust_remote_code: bool = False) -> ProcessorMixin:
     """The checkpoint's processor (tokenizer, image processor, chat template) through AutoProcessor.
 
     Qwen-VL processors insist on a video processor, and transformers' video processors need torchvision. Where
@@ -104,16 +133,16 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     Raises ValueError for a folder that is no image-text-to-text checkpoint, or whose tokenizer does not know the
     processor's image token: transformers builds an empty tokenizer when the tokenizer files are missing, and the
     first prompt would fail deep inside the processor."""
-    config = AutoConfig.from_pretrained(str(path))
-    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+    config = load_config(path, trust_remote_code)
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING and not trust_remote_code:
         raise ValueError(f"{path}: model_type {config.model_type!r} is not an image-text-to-text architecture "
-                         "(e.g. qwen2_5_vl, qwen2_vl)")
-    image_only = None if is_torchvision_available() else _IMAGE_ONLY.get(PROCESSOR_MAPPING.get(type(config), None))
+                         "(e.g. qwen2_5_vl, qwen2_vl, internvl, llava)")
+    image_only = None if is_torchvision_available() else _IMAGE_ONLY.get(_processor_class(path, config))
     if image_only is not None:
         processor = image_only.from_pretrained(str(path))
         processor.checkpoint_config = ProcessorMixin.get_processor_dict(str(path))[0]
     else:
-        processor = AutoProcessor.from_pretrained(str(path))
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     image_token = getattr(processor, "image_token", None)
     if image_token is not None and image_token not in processor.tokenizer.get_vocab():
         raise ValueError(f"{path}: the tokenizer has no {image_token} token (tokenizer.json / tokenizer_config.json "

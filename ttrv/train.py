@@ -96,7 +96,7 @@ def make_engine(spec: RunSpec, model_path: str, processor, store, device) -> Rol
     from ttrv.modeling import load_model
     from ttrv.rollout.hf import HFEngine, lora_merger
 
-    model = load_model(model_path, spec.model.dtype, device)
+    model = load_model(model_path, spec.model.dtype, device, trust_remote_code=spec.model.trust_remote_code)
     merge = lora_merger(model, spec.model.lora)
     if merge is None:
         return HFEngine(model, processor, store.load_weights)
@@ -117,7 +117,7 @@ def load_learner_and_engine(spec: RunSpec, model_path: str, store, world: World,
     # A ValueError while the processor loads is the folder's (no model_type, not a vision-language model, no
     # tokenizer); one from the learner or the engine is the spec's (a service rollout without TTRV_ROLLOUT_URL).
     try:
-        processor = load_processor(model_path)
+        processor = load_processor(model_path, spec.model.trust_remote_code)
     except (OSError, KeyError, ImportError, ValueError) as error:
         raise cannot_load(error) from None
     try:

@@ -149,6 +149,8 @@ def vllm_flags(spec: RunSpec, gpu: bool) -> list[str]:
     from ttrv.modeling import torch_dtype
 
     flags = ["--dtype", str(torch_dtype(spec.model.dtype, "cuda" if gpu else "cpu")).removeprefix("torch.")]
+    if spec.model.trust_remote_code:
+        flags += ["--trust-remote-code"]  # vllm/engine/arg_utils.py, ModelConfig.trust_remote_code
     if spec.model.lora is not None:
         flags += ["--enable-lora", "--max-lora-rank", str(spec.model.lora.rank), "--max-loras", "1"]
     if gpu:

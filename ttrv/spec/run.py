@@ -47,6 +47,10 @@ class ModelSpec(StrictModel):
     """Train LoRA adapters instead of full weights; the adapter alone is published to the rollout service."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel of the trainer's model."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the checkpoint (its config.json's auto_map), in the trainer and the rollout
+    service (vLLM's --trust-remote-code). A security choice: that code runs with the pods' credentials. Off by
+    default; prefer a transformers-native conversion (InternVL3: OpenGVLab/InternVL3-2B-hf needs none)."""
 
 
 class DataSpec(StrictModel):
