@@ -53,6 +53,18 @@ def test_reference_json_with_path_map(tmp_path, images):
     assert check_dataset(dataset) == []
 
 
+def test_prompts_with_more_options_than_reward_choices_load_as_they_are(tmp_path, images):
+    """The reference's MathVista file has a five-option prompt among four-option ones; each prompt's options are
+    its own (reward.choices is the fallback for prompts without option lines), so the file passes as it is."""
+    rows = records()
+    rows[0] |= {"prompt": PROMPT.replace("D. yellow", "D. yellow\nE. purple"), "answer": "E"}
+    path = tmp_path / "mathvista.json"
+    path.write_text(json.dumps(rows))
+    dataset = read_dataset(path, path_map=[f"/authors/machine/imgs={images}"])
+    assert check_dataset(dataset, choices="ABCD") == []
+    assert [e.prompt.choices("ABCD") for e in dataset.examples[:2]] == ["ABCDE", "ABCD"]
+
+
 def test_relative_image_paths_resolve_against_the_data_file(tmp_path, images):
     path = tmp_path / "test.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records(image_root="imgs")) + "\n")

@@ -74,8 +74,10 @@ def greedy_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: Ru
     max_tokens = spec.eval.max_new_tokens or spec.rollout.max_new_tokens
     outputs = generate_in_chunks(engine, [e.prompt for e in examples], n=1, temperature=0.0, top_p=1.0,
                                  max_new_tokens=max_tokens, advance=advance)
-    answers = [extract_answer(o[0].text, spec.reward.extractor, spec.reward.choices) for o in outputs]
-    labels = [normalize_label(e.answer, spec.reward.extractor, spec.reward.choices) for e in examples]
+    r = spec.reward
+    answers = [extract_answer(o[0].text, r.extractor, e.prompt.choices(r.choices))
+               for o, e in zip(outputs, examples, strict=True)]
+    labels = [normalize_label(e.answer, r.extractor, e.prompt.choices(r.choices)) for e in examples]
     correct = [a is not None and a == label for a, label in zip(answers, labels, strict=True)]
     return {
         "accuracy": sum(correct) / len(examples),
@@ -99,8 +101,9 @@ def majority_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: 
                                  top_p=spec.rollout.top_p, max_new_tokens=max_tokens, seed=spec.seed,
                                  advance=advance)
     stats = [
-        vote_stats([extract_answer(s.text, spec.reward.extractor, spec.reward.choices) for s in samples],
-                   normalize_label(e.answer, spec.reward.extractor, spec.reward.choices))
+        vote_stats([extract_answer(s.text, spec.reward.extractor, e.prompt.choices(spec.reward.choices))
+                    for s in samples], normalize_label(e.answer, spec.reward.extractor,
+                                                       e.prompt.choices(spec.reward.choices)))
         for samples, e in zip(outputs, examples, strict=False)
     ]
     return {

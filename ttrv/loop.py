@@ -98,10 +98,11 @@ class Scored:
     entropies: list[float]  # [P]
 
 
-def score(samples: list[list[Sample]], spec: RunSpec) -> Scored:
-    """Label-free: each prompt's N votes reward each other."""
+def score(prompts: list[Prompt], samples: list[list[Sample]], spec: RunSpec) -> Scored:
+    """Label-free: each prompt's N votes reward each other; answers are read against the prompt's own options."""
     r = spec.reward
-    answers = [[extract_answer(s.text, r.extractor, r.choices) for s in prompt_samples] for prompt_samples in samples]
+    answers = [[extract_answer(s.text, r.extractor, prompt.choices(r.choices)) for s in prompt_samples]
+               for prompt, prompt_samples in zip(prompts, samples, strict=True)]
     rewards = [vote_rewards(a, r.entropy_weight, r.invalid_reward) for a in answers]
     return Scored(answers, rewards, [normalized_entropy(a) for a in answers])
 
@@ -194,7 +195,7 @@ def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: Step
         samples = ctx.engine.generate(mine, spec.rollout.votes, spec.rollout.temperature, spec.rollout.top_p,
                                       spec.rollout.max_new_tokens, seed=spec.seed * 1_000_003 + step)
     with timer.phase("reward"):
-        scored = score(samples, spec)
+        scored = score(mine, samples, spec)
         advantages = step_advantages(ctx.world, [row[:g] for row in scored.rewards], scored.entropies, spec)
     with timer.phase("collate"):
         encoded = [ctx.encoder.encode(p) for p in mine for _ in range(g)]

@@ -57,8 +57,6 @@ DATA = cases("data file", [
      ("record 0", "<image>"), "add it where the image goes"),
     ("answer-not-an-option", ("bad.jsonl", jsonl(record(0, answer="E")), ()), ("record 0", "'E'"),
      "correct the answer or the prompt's option lines"),
-    ("option-outside-choices", ("bad.jsonl", jsonl(record(0, prompt=PROMPT + "\nF. hexagon")), ()),
-     ("record 0", "['F']", "reward.choices"), "outside reward.choices"),
     ("parquet-without-prompt-column", ("bad.parquet", parquet([{"question": "x", "answer": "B"}]), ()),
      ("bad.parquet", "'prompt'"), "write verl's layout"),
     ("parquet-garbage", ("bad.parquet", b"PAR1 this is not parquet", ()), ("bad.parquet",),
