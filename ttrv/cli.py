@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--format", default="auto", choices=["auto", "reference_json", "verl_parquet", "jsonl"])
     check.add_argument("--path-map", action="append", default=[], metavar="OLD=NEW",
                        help="rewrite image path prefixes (repeatable)")
-    check.add_argument("--choices", default="ABCD", help="valid option letters")
+    check.add_argument("--choices", default="ABCD", help="option letters of prompts that list no option lines "
+                       "(reward.choices); a prompt's own \"A. ...\" lines are its options")
     check.add_argument("--no-images", action="store_true", help="do not open the images")
     check.set_defaults(handler=cmd_data_check)
 
