@@ -37,6 +37,7 @@ from ttrv.policy import PromptEncoder, collate
 from ttrv.reward import extract_answer, normalized_entropy, vote_rewards
 from ttrv.rollout.base import RolloutEngine, Sample
 from ttrv.spec import RunSpec, RunStage
+from ttrv.splits import subset_examples
 
 logger = log.get_logger(__name__)
 
@@ -431,12 +432,6 @@ def _progress_bar(total: int, initial: int, world: World):
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
-def subset_examples(test: list[Example], prompts: list[Prompt]) -> list[Example]:
-    """The labelled test examples of the adaptation prompts (for evaluation only)."""
-    by_id = {e.prompt.id: e for e in test}
-    return [by_id[p.id] for p in prompts if p.id in by_id]
-
-
 def evaluate_all(ctx: RunContext, state: RunState, stage: str, test: list[Example], prompts: list[Prompt],
                  heldout: list[Example], subset_accuracy: float | None = None) -> dict:
     """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set (rank 0

@@ -36,26 +36,34 @@ from ttrv.loop import (
     resume,
     rewrite_events,
     steps_per_epoch,
-    subset_examples,
     write_progress,
 )
 from ttrv.net import free_port
 from ttrv.policy import PromptEncoder
 from ttrv.rollout.base import RolloutEngine
 from ttrv.spec import RunSpec
+from ttrv.splits import check_disjoint, setting, subset_examples
 
 logger = log.get_logger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------- data
 def load_examples(spec: RunSpec) -> tuple[list[Example], list[Prompt], list[Example]]:
-    """(test examples, adaptation prompts, held-out examples)."""
+    """(test examples, adaptation prompts, held-out examples); the held-out split checked disjoint from the
+    adaptation prompts (splits.check_disjoint)."""
     data = spec.data
-    test = require_images(read_dataset(benchmark.resolve(data.path), data.format, data.path_map)).examples
-    prompts = adaptation_prompts(test, data.subset_size, data.subset_seed, data.single_example,
-                                 data.single_example_repeats)
-    heldout = require_images(read_dataset(benchmark.resolve(data.heldout_path), data.format,
-                                          data.path_map)).examples if data.heldout_path else []
+
+    def read(path: str) -> list[Example]:
+        return require_images(read_dataset(benchmark.resolve(path), data.format, data.path_map)).examples
+
+    test = read(data.path)
+    if data.adapt_path:
+        prompts = [e.prompt for e in read(data.adapt_path)]
+    else:
+        prompts = adaptation_prompts(test, data.subset_size, data.subset_seed, data.single_example,
+                                     data.single_example_repeats)
+    heldout = read(data.heldout_path) if data.heldout_path else []
+    check_disjoint(prompts, heldout, data.heldout_path or "")
     return test, prompts, heldout
 
 
@@ -195,6 +203,7 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
             "base_pass_at_n": before.get("pass_at_n"), "final_pass_at_n": after.get("pass_at_n"),
             "maj_votes": before.get("votes") or after.get("votes"),
             "test_prompts": len(test), "adaptation_prompts": len(prompts), "heldout_prompts": len(heldout),
+            "setting": setting(test, prompts, heldout),
             **outcome,
             "attempts": state.attempts,
             "world_size": world.size,

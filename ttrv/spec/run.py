@@ -69,8 +69,19 @@ class DataSpec(StrictModel):
     """Adapt on one randomly chosen example, repeated `singleExampleRepeats` times (the paper's extreme case)."""
     single_example_repeats: PositiveInt = 4
     """Copies of the single example in single-example mode."""
+    adapt_path: str | None = None
+    """The adaptation prompts as a file (the reference's layout: `train.json`, a 20-prompt subset of `test.json`,
+    with `path` the test.json evaluated). Replaces the subset draw: subsetSize and singleExample then do not apply.
+    Adapting on prompts of the test set is transductive, and report.json's `setting` says so."""
     heldout_path: str | None = None
-    """Optional disjoint split, never adapted on, to measure generalisation."""
+    """Optional split never adapted on, to measure generalisation; checked to share no example (by id, and by
+    image + prompt text) with the adapted prompts."""
+
+    @model_validator(mode="after")
+    def _one_adaptation_source(self) -> DataSpec:
+        if self.adapt_path and self.single_example:
+            raise ValueError("data.adaptPath and data.singleExample both choose the adaptation prompts; set one")
+        return self
 
     @field_validator("path_map")
     @classmethod
