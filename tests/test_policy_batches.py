@@ -14,7 +14,7 @@ from transformers import CLIPImageProcessor, LlavaProcessor
 
 from ttrv import benchmark
 from ttrv.data import Prompt, read_dataset, require_images
-from ttrv.modeling import load_processor
+from ttrv.modeling import frozen, load_model, load_processor
 from ttrv.policy import PromptEncoder, collate
 from ttrv.weights import resolve_model
 
@@ -58,3 +58,26 @@ def test_each_micro_batch_carries_exactly_its_sequences_vision_rows(family):
         for key in keys:
             expected = torch.cat([e.vision[key] for e in with_image])
             assert torch.equal(part.vision[key], expected), (family.__name__, key, start, stop)
+
+
+@pytest.mark.parametrize(("trainable", "model_type", "name", "is_frozen"), [
+    ("language", "qwen2_5_vl", "model.visual.blocks.0.attn.qkv.weight", True),
+    ("language", "qwen2_5_vl", "model.visual.merger.mlp.0.weight", True),
+    ("language", "qwen2_5_vl", "model.language_model.layers.0.mlp.up_proj.weight", False),
+    ("reference", "qwen2_5_vl", "model.visual.blocks.0.attn.qkv.weight", False),  # the reference trains all
+    ("reference", "internvl", "model.vision_tower.encoder.layer.0.attention.q_proj.weight", True),
+    ("reference", "internvl_chat", "vision_model.encoder.layers.0.attn.qkv.weight", True),
+    ("reference", "internvl", "model.multi_modal_projector.linear_1.weight", False),  # mlp1 trains there
+    ("all", "internvl", "model.vision_tower.encoder.layer.0.attention.q_proj.weight", False),
+])
+def test_trainable_presets(trainable, model_type, name, is_frozen):
+    """model.trainable: reference freezes what the reference's fsdp_workers.py freezes (InternVL's vision_model)."""
+    assert frozen(name, trainable, model_type) is is_frozen
+
+
+def test_the_tiny_models_parameters_under_each_preset():
+    model = load_model(resolve_model("ttrv://tiny-qwen2vl"))
+    names = [name for name, _ in model.named_parameters()]
+    language = [n for n in names if not frozen(n, "language", model.config.model_type)]
+    assert 0 < len(language) < len(names)
+    assert all(not frozen(n, "reference", model.config.model_type) for n in names)

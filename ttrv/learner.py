@@ -16,7 +16,7 @@ import torch
 
 from ttrv import grpo
 from ttrv.log import get_logger
-from ttrv.modeling import load_model, torch_dtype
+from ttrv.modeling import frozen, load_model, torch_dtype
 from ttrv.policy import TrainBatch, token_log_probs
 from ttrv.spec import RunSpec
 
@@ -91,10 +91,9 @@ class Learner:
         self.dtype = torch_dtype(spec.model.dtype, self.device)
         model = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation,
                            spec.model.trust_remote_code)
-        if spec.model.trainable == "language":
-            for name, param in model.named_parameters():
-                if "visual" in name or "vision" in name:
-                    param.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if frozen(name, spec.model.trainable, model.config.model_type):
+                param.requires_grad_(False)
         self.reference = None
         if spec.model.lora is not None:
             from peft import LoraConfig, get_peft_model

@@ -72,6 +72,22 @@ class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
 _IMAGE_ONLY = {Qwen2VLProcessor: Qwen2VLImageOnlyProcessor, Qwen2_5_VLProcessor: Qwen2_5_VLImageOnlyProcessor}
 
 
+def frozen(name: str, trainable: str, model_type: str) -> bool:
+    """Whether `model.trainable` freezes the parameter `name` of a `model_type` checkpoint.
+    - all: nothing is frozen;
+    - language: every vision part (the tower and its projector/merger: names with "visual" or "vision");
+    - reference: as the TTRV reference (verl/workers/fsdp_workers.py, Akshit21112002/TTRV): InternVL's vision
+      encoder only (its `vision_model`; transformers' -hf conversion calls it `vision_tower`), the projector
+      trained; every other family, Qwen-VL included, trains everything."""
+    if trainable == "all":
+        return False
+    if trainable == "language":
+        return "visual" in name or "vision" in name
+    if trainable == "reference":
+        return model_type.startswith("internvl") and ("vision_model" in name or "vision_tower" in name)
+    raise ValueError(f"model.trainable: unknown setting {trainable!r}; use language, all or reference")
+
+
 def torch_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     """The parameter dtype for a `model.dtype` setting: auto is bfloat16 on GPU and float32 on CPU."""
     if dtype == "auto":

@@ -40,9 +40,12 @@ class ModelSpec(StrictModel):
     (the tiny model that ships with ttrv)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype: auto is bfloat16 on GPU and float32 on CPU."""
-    trainable: Literal["language", "all"] = "language"
-    """Which parts are updated: the language model only (vision tower frozen, as the reference does for
-    InternVL) or everything."""
+    trainable: Literal["language", "all", "reference"] = "language"
+    """Which parts are updated: language (every vision part frozen: the tower and its projector), all, or
+    reference (as the TTRV reference: InternVL's vision encoder frozen, every other family, Qwen-VL included,
+    trains everything). The default is language, unlike the reference for Qwen-VL: Qwen2.5-VL-7B's vision tower
+    (about 0.67B parameters) adds about 8 GB of fp32 master weights and Adam state, and the deviation is stated in
+    the README's table of deviations."""
     lora: LoraSpec | None = None
     """Train LoRA adapters instead of full weights; the adapter alone is published to the rollout service."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
