@@ -77,9 +77,9 @@ def save(store, engine, step: int, state: dict, rank: int, world_size: int, barr
         store.publish_set(rank_prefix(step, rank), files, {"step": step, "rank": rank})
     barrier()
     if rank == 0:
-        import json
+        from ttrv.fsutil import strict_json
 
-        document = json.dumps(state).encode()
+        document = strict_json(state, where="state.json").encode()
         store.publish_set(commit_prefix(step), {"state.json": document}, {"step": step, "world_size": world_size})
         logger.info("checkpoint_saved", step=step, world_size=world_size)
     barrier()

@@ -21,6 +21,7 @@ from pydantic.alias_generators import to_camel
 
 from ttrv import log
 from ttrv.data import DataError, check_dataset, read_dataset
+from ttrv.fsutil import strict_json
 from ttrv.lifetime import RunFolderError
 from ttrv.spec import ExperimentSpec, RunSpec, SpecError, load_experiment, load_run_spec, parse_spec
 
@@ -45,7 +46,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     }
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    print(json.dumps(summary))
+    print(strict_json(summary))
     return 1 if problems else 0
 
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ttrv import log
+from ttrv.fsutil import strict_json
 from ttrv.store.backend import Backend, Missing, Range, SizeMismatch, Source, as_source, wait_all
 from ttrv.store.errors import CorruptVersionError, SetNotFoundError, StoreConfigError, StoreError
 from ttrv.store.keys import MANIFEST, TEMPORARY, check_key, join_key, local_path
@@ -69,7 +70,7 @@ class Manifest:
             "meta": dict(meta),
             "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(files.items())},
         }
-        return json.dumps(document, indent=1).encode()
+        return strict_json(document, where=MANIFEST, indent=1).encode()
 
     @classmethod
     def decode(cls, prefix: str, data: bytes, where: str) -> Manifest:
@@ -156,7 +157,7 @@ class SetStore:
         """Replaces `key` atomically (rename on file://, one PUT on S3)."""
         check_key(key)
         try:
-            data = json.dumps(document, indent=1).encode()
+            data = strict_json(document, where=f"{self.url}/{key}", indent=1).encode()
         except (TypeError, ValueError) as error:
             raise StoreConfigError(f"document for {key!r} is not JSON-serialisable: {error}") from None
         self._backend.put(key, data)
