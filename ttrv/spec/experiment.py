@@ -15,7 +15,6 @@ from pydantic import (
 from ttrv.spec.base import (
     NAME_PATTERN,
     SUBDOMAIN_PATTERN,
-    PositiveInt,
     SpecError,
     StrictModel,
     check_dns_label,
@@ -112,10 +111,10 @@ class SchedulingSpec(StrictModel):
 class ExperimentSpec(AdaptationSettings):
     """An experiment: the same adaptation settings applied to each of its datasets."""
 
-    datasets: Annotated[list[DatasetSpec], Field(min_length=1)]
-    """One adaptation run per dataset."""
-    max_parallel_runs: PositiveInt = 1
-    """Adaptation runs active at once; the rest wait Pending, in order."""
+    datasets: Annotated[list[DatasetSpec], Field(min_length=1, max_length=1000)]
+    """One adaptation run per dataset (at most 1000: each is an AdaptationRun the operator reconciles)."""
+    max_parallel_runs: Annotated[int, Field(gt=0, le=1000)] = 1
+    """Adaptation runs active at once; the rest wait Pending, in order (at most 1000, as datasets)."""
     suspend: bool = False
     """Suspend every child (PyTorchJobs suspended, rollout services scaled to zero)."""
     image: ImageSpec = ImageSpec()
