@@ -184,10 +184,10 @@ def test_data_check_cli(tmp_path, images):
     summary = json.loads(ok.stdout)
     assert summary["records"] == 6 and summary["option_letters"] == ["A", "B", "C", "D"]
     missing = run_cli("data", "check", str(path))
-    assert missing.returncode == 1
+    assert missing.returncode == 3  # exitcodes.BAD_DATA, as the trainer on the same file
     assert "image not found" in missing.stderr and "Traceback" not in missing.stderr
     absent = run_cli("data", "check", str(tmp_path / "nope.json"))
-    assert absent.returncode == 1 and "no such data file" in absent.stderr
+    assert absent.returncode == 3 and "no such data file" in absent.stderr
 
 
 def test_cli_help():

@@ -19,8 +19,9 @@ from pathlib import Path
 import yaml
 from pydantic.alias_generators import to_camel
 
-from ttrv import log
+from ttrv import exitcodes, log
 from ttrv.data import DataError, check_dataset, read_dataset
+from ttrv.fsutil import strict_json
 from ttrv.lifetime import RunFolderError
 from ttrv.spec import ExperimentSpec, RunSpec, SpecError, load_experiment, load_run_spec, parse_spec
 
@@ -30,7 +31,12 @@ SET_HELP = ("override a spec field, e.g. --set grpo.epochs=1 (repeatable; dotted
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    dataset = read_dataset(args.file, args.format, args.path_map)
+    """Exits 3 (exitcodes.BAD_DATA, what the trainer exits with on the same file) when the file has a problem."""
+    try:
+        dataset = read_dataset(args.file, args.format, args.path_map)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exitcodes.BAD_DATA
     problems = check_dataset(dataset, args.choices, open_images=not args.no_images)
     letters = sorted({letter for p in dataset.prompts for letter in p.options})
     answers = sorted({e.answer for e in dataset.examples if e.answer is not None})
@@ -45,8 +51,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     }
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    print(json.dumps(summary))
-    return 1 if problems else 0
+    print(strict_json(summary))
+    return exitcodes.BAD_DATA if problems else 0
 
 
 def cmd_spec_schema(args: argparse.Namespace) -> int:

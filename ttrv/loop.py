@@ -13,7 +13,6 @@ One step, for a batch of unlabeled prompts (verl's `fit()` story, each phase tim
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -30,6 +29,7 @@ import torch
 from ttrv import exitcodes, log
 from ttrv.data import Example, Prompt
 from ttrv.evaluate import EvalProgress, evaluate, evaluation_passes
+from ttrv.fsutil import strict_json
 from ttrv.grpo import ttrv_advantages
 from ttrv.guard import CollapseGuard, dominant_share
 from ttrv.learner import Learner, World
@@ -408,7 +408,7 @@ def _round(values: dict) -> dict:
 
 def _append_event(path: Path, record: dict) -> None:
     with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(strict_json(record, where=str(path)) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -416,7 +416,7 @@ def _append_event(path: Path, record: dict) -> None:
 def rewrite_events(path: Path, events: list[dict]) -> None:
     from ttrv.fsutil import atomic_write
 
-    atomic_write(path, "".join(json.dumps(e) + "\n" for e in events).encode())
+    atomic_write(path, "".join(strict_json(e, where=str(path)) + "\n" for e in events).encode())
 
 
 def barrier(world: World) -> None:

@@ -27,7 +27,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
 from ttrv import log
-from ttrv.data import IMAGE_PLACEHOLDER, DataError, Prompt, load_image
+from ttrv.data import IMAGE_PLACEHOLDER, DataError, Prompt, load_image, placeholder_problem
 
 logger = log.get_logger(__name__)
 
@@ -168,15 +168,9 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> Process
 
 def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:
     """One user turn whose content is the prompt's text with an image part where `<image>` stood."""
+    if (problem := placeholder_problem(prompt)) is not None:
+        raise DataError(f"prompt {prompt.id}: {problem}")
     count = prompt.text.count(IMAGE_PLACEHOLDER)
-    if count > 1:
-        raise DataError(f"prompt {prompt.id}: {count} {IMAGE_PLACEHOLDER} placeholders but one image; keep one")
-    if count == 1 and prompt.image_path is None:
-        raise DataError(f"prompt {prompt.id}: has {IMAGE_PLACEHOLDER} but no image_path; add the image or drop "
-                        "the placeholder")
-    if count == 0 and prompt.image_path is not None:
-        raise DataError(f"prompt {prompt.id}: has an image but no {IMAGE_PLACEHOLDER} placeholder; add it where "
-                        "the image goes")
     before, _, after = prompt.text.partition(IMAGE_PLACEHOLDER)
     parts: list[dict[str, Any]] = [{"type": "text", "text": before}] if before else []
     if count:

@@ -22,10 +22,18 @@ from ttrv.spec.base import (
     parse_spec,
 )
 
+# Upper bounds of counts that size what is held in memory: generous (far above any published setting), but finite, so
+# that a typo or a hostile spec (votes: 100000000) is refused with its field named instead of exhausting the
+# trainer's or the rollout service's memory at start.
+MAX_VOTES = 1024
+MAX_TOKENS = 131_072
+MAX_SEED = 2**32 - 1
+
 
 class LoraSpec(StrictModel):
-    rank: PositiveInt = 16
-    """LoRA rank r."""
+    rank: Annotated[int, Field(gt=0, le=4096)] = 16
+    """LoRA rank r (at most 4096: two rank x hidden matrices per adapted layer, and no model is wider than that
+    would need)."""
     alpha: PositiveInt = 32
     """LoRA scaling numerator (scale = alpha / rank)."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -66,12 +74,13 @@ class DataSpec(StrictModel):
     """Image path-prefix rewrites OLD=NEW, applied in order (the reference's files carry absolute paths)."""
     subset_size: PositiveInt | None = 20
     """Size of the unlabeled adaptation subset drawn from the test set (reference: 20 or 500); null = all."""
-    subset_seed: int = 0
-    """Seed of the subset draw."""
+    subset_seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
+    """Seed of the subset draw (0 to 2^32-1)."""
     single_example: bool = False
     """Adapt on one randomly chosen example, repeated `singleExampleRepeats` times (the paper's extreme case)."""
-    single_example_repeats: PositiveInt = 4
-    """Copies of the single example in single-example mode."""
+    single_example_repeats: Annotated[int, Field(gt=0, le=10_000)] = 4
+    """Copies of the single example in single-example mode (at most 10000: each copy is a prompt of the adaptation
+    set, sampled `votes` times per epoch)."""
     adapt_path: str | None = None
     """The adaptation prompts as a file (the reference's layout: `train.json`, a 20-prompt subset of `test.json`,
     with `path` the test.json evaluated). Replaces the subset draw: subsetSize and singleExample then do not apply.
@@ -97,16 +106,18 @@ class DataSpec(StrictModel):
 
 
 class RolloutSpec(StrictModel):
-    votes: Annotated[int, Field(ge=2)] = 32
-    """N: answers sampled per prompt; each answer's reward is its share of these votes."""
-    group_size: PositiveInt = 16
-    """G: how many of the N samples per prompt are trained on (the first G)."""
+    votes: Annotated[int, Field(ge=2, le=MAX_VOTES)] = 32
+    """N: answers sampled per prompt; each answer's reward is its share of these votes (at most 1024, 32 times
+    the reference's 32: every vote is a sequence held until the step's rewards are known)."""
+    group_size: Annotated[int, Field(gt=0, le=MAX_VOTES)] = 16
+    """G: how many of the N samples per prompt are trained on (the first G; at most votes)."""
     temperature: Annotated[float, Field(gt=0.0, le=5.0)] = 1.0
     """Sampling temperature of the votes."""
     top_p: Probability = 1.0
     """Nucleus sampling mass of the votes."""
-    max_new_tokens: PositiveInt = 1024
-    """Longest response sampled."""
+    max_new_tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = 1024
+    """Longest response sampled (at most 131072, the longest context of current VLMs: the KV cache and the
+    training batch grow with it)."""
     backend: Literal["inprocess", "service"] = "inprocess"
     """inprocess: the trainer samples with its own Hugging Face engine; service: it calls a separate rollout
     service (`ttrv serve`, vLLM or Hugging Face) that loads each weight version from the store."""
@@ -166,14 +177,16 @@ class GRPOSpec(StrictModel):
     """PPO ratio clip above 1."""
     dual_clip: Annotated[float, Field(gt=1.0)] = 3.0
     """Dual-clip constant c bounding the loss of negative-advantage tokens."""
-    epochs: PositiveInt = 2
-    """Passes over the adaptation subset."""
-    prompts_per_step: PositiveInt = 4
-    """Prompts per optimiser step (the reference uses one per GPU)."""
-    ppo_epochs: PositiveInt = 1
-    """Gradient passes over each step's batch."""
-    micro_batch_size: PositiveInt = 16
-    """Sequences per forward/backward on one rank."""
+    epochs: Annotated[int, Field(gt=0, le=1000)] = 2
+    """Passes over the adaptation subset (at most 1000: test-time adaptation takes a few; each step's events and
+    weight version are kept)."""
+    prompts_per_step: Annotated[int, Field(gt=0, le=4096)] = 4
+    """Prompts per optimiser step (the reference uses one per GPU; at most 4096: a step holds prompts x votes
+    sampled sequences)."""
+    ppo_epochs: Annotated[int, Field(gt=0, le=100)] = 1
+    """Gradient passes over each step's batch (at most 100)."""
+    micro_batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
+    """Sequences per forward/backward on one rank (at most 4096: their activations are held at once)."""
 
 
 class EvalSpec(StrictModel):
@@ -185,10 +198,10 @@ class EvalSpec(StrictModel):
     """Also evaluate on the whole test set (the reference's transductive setting), not only the subset."""
     limit: PositiveInt | None = None
     """Evaluate on at most this many prompts of each split (null = all)."""
-    maj_votes: Annotated[int, Field(ge=0)] = 0
-    """Votes for maj@N evaluation; 0 = rollout.votes."""
-    max_new_tokens: PositiveInt | None = None
-    """Longest greedy answer in evaluation; null = rollout.max_new_tokens."""
+    maj_votes: Annotated[int, Field(ge=0, le=MAX_VOTES)] = 0
+    """Votes for maj@N evaluation; 0 = rollout.votes (at most 1024, as votes)."""
+    max_new_tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] | None = None
+    """Longest greedy answer in evaluation; null = rollout.max_new_tokens (at most 131072, as that)."""
     every: Annotated[int, Field(ge=0)] = 0
     """Also evaluate greedy accuracy on the adaptation subset every this many steps (0 = never)."""
 
@@ -218,8 +231,9 @@ class StorageSpec(StrictModel):
     here: they come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (a Secret in the cluster)."""
     endpoint: str | None = None
     """S3 endpoint (host:port or URL) for s3:// URIs; default from AWS_ENDPOINT_URL."""
-    keep_versions: PositiveInt = 3
-    """Weight versions kept; older ones are garbage-collected unless being loaded."""
+    keep_versions: Annotated[int, Field(gt=0, le=1000)] = 3
+    """Weight versions kept; older ones are garbage-collected unless being loaded (at most 1000: each is a full
+    copy of the trained weights in the store)."""
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     """Full checkpoint every K steps (and on SIGTERM); 0 = only on SIGTERM and at the end."""
 
@@ -246,12 +260,12 @@ class StorageSpec(StrictModel):
 
 
 class ResourcesSpec(StrictModel):
-    nodes: PositiveInt = 1
-    """Trainer nodes (PyTorchJob Master + nodes-1 Workers)."""
-    gpus_per_node: Annotated[int, Field(ge=0)] = 1
-    """GPUs per trainer node (nprocPerNode); 0 trains on CPU."""
-    processes_per_node: PositiveInt | None = None
-    """Data-parallel processes per node; default one per GPU (one on CPU)."""
+    nodes: Annotated[int, Field(gt=0, le=1024)] = 1
+    """Trainer nodes (PyTorchJob Master + nodes-1 Workers; at most 1024)."""
+    gpus_per_node: Annotated[int, Field(ge=0, le=64)] = 1
+    """GPUs per trainer node (nprocPerNode); 0 trains on CPU (at most 64, above any node built)."""
+    processes_per_node: Annotated[int, Field(gt=0, le=256)] | None = None
+    """Data-parallel processes per node; default one per GPU (one on CPU; at most 256: each loads the model)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
@@ -262,8 +276,8 @@ class ResourcesSpec(StrictModel):
     """CPU request of each trainer pod."""
     memory: Quantity = "64Gi"
     """Memory request of each trainer pod."""
-    rollout_gpus: Annotated[int, Field(ge=0)] = 1
-    """GPUs of the rollout service (vLLM tensor-parallel size)."""
+    rollout_gpus: Annotated[int, Field(ge=0, le=64)] = 1
+    """GPUs of the rollout service (vLLM tensor-parallel size; at most 64)."""
     rollout_gpu_memory_utilization: Probability = 0.85
     """Share of each rollout GPU that vLLM may take."""
     rollout_cpu: Quantity | None = None
@@ -279,8 +293,8 @@ class ResourcesSpec(StrictModel):
 class AdaptationSettings(StrictModel):
     """What every adaptation run of an experiment shares."""
 
-    seed: int = 0
-    """Seed of sampling, shuffling and initialisation."""
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
+    """Seed of sampling, shuffling and initialisation (0 to 2^32-1: every generator it seeds accepts it)."""
     model: ModelSpec = ModelSpec()
     rollout: RolloutSpec = RolloutSpec()
     reward: RewardSpec = RewardSpec()

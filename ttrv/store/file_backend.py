@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ttrv.store.backend import Backend, BufferSource, MiB, Missing, Range, SizeMismatch, Source
-from ttrv.store.errors import StoreError
-from ttrv.store.keys import LEASES, TEMPORARY
+from ttrv.store.errors import StoreConfigError, StoreError
+from ttrv.store.keys import LEASES, TEMPORARY, check_key, local_path
 
 
 class FileBackend(Backend):
@@ -24,7 +24,7 @@ class FileBackend(Backend):
         self.root, self.url = root, url
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        return local_path(self.root, key)
 
     def _fail(self, action: str, key: str, error: OSError) -> StoreError:
         hint = {
@@ -137,7 +137,11 @@ class FileBackend(Backend):
         for directory, _, names in os.walk(base):
             for name in names:
                 if not name.endswith(TEMPORARY):
-                    keys.append(Path(directory, name).relative_to(self.root).as_posix())
+                    key = Path(directory, name).relative_to(self.root).as_posix()
+                    try:
+                        keys.append(check_key(key))
+                    except StoreConfigError:
+                        continue  # not written through a store (a backslash, an overlong name): no object of it
         return keys
 
     def delete(self, keys: list[str]) -> None:
