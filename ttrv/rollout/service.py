@@ -53,7 +53,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import h11
 import uvicorn
@@ -147,7 +147,7 @@ class ImagePart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     role: str
-    content: str | list[TextPart | ImagePart]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
 
 class ChatRequestBase(BaseModel):
@@ -182,14 +182,25 @@ def chat_request_model(limits: ServiceLimits) -> type[ChatRequestBase]:
 
 def validation_message(error: ValidationError) -> str:
     """pydantic's errors as `field: what is wrong (got value)`, one per problem, the field first."""
-    problems = []
-    for problem in error.errors(include_url=False)[:5]:
-        where = ".".join(str(part) for part in problem["loc"]) or "the body"
+    problems: list[str] = []
+    for problem in error.errors(include_url=False):
+        where = ".".join(str(part) for part in problem["loc"] if _is_field(part)) or "the body"
         got = problem.get("input")
         shown = "" if problem["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {_short(got)})"
-        problems.append(f"{where}: {problem['msg']}{shown}")
-    more = error.error_count() - len(problems)
-    return "; ".join(problems) + (f"; and {more} more" if more > 0 else "")
+        line = f"{where}: {problem['msg']}{shown}"
+        if line not in problems:
+            problems.append(line)
+    more = len(problems) - 4
+    return "; ".join(problems[:4]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _is_field(part: str | int) -> bool:
+    """Whether a part of a pydantic error's location is a field or an index, not the name of a union's member
+    (`str`, `list[...]`, a model's class name, a discriminator's tag)."""
+    return isinstance(part, int) or (part.isidentifier() and part.islower() and part not in _TYPE_NAMES)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "text", "image_url"}
 
 
 def _short(value: Any) -> str:
