@@ -189,7 +189,9 @@ def model_inputs(processor: ProcessorMixin, prompts: list[Prompt], padding_side:
     """A padded batch (input_ids, attention_mask, pixel_values, image_grid_thw, ...) for `prompts`; left padding
     by default so that generation continues every row at the same position."""
     texts = [render_prompt(processor, p) for p in prompts]
-    images = [load_image(p.image_path) for p in prompts if p.image_path is not None]
+    # each file decoded once, however many rows repeat its prompt (a rollout repeats it once per vote)
+    decoded = {path: load_image(path) for path in dict.fromkeys(p.image_path for p in prompts) if path is not None}
+    images = [decoded[p.image_path] for p in prompts if p.image_path is not None]
     if images and len(images) != len(prompts):
         raise DataError("a batch mixes prompts with and without images; batch them separately")
     return processor(text=texts, images=images or None, padding=True, padding_side=padding_side,

@@ -19,6 +19,7 @@ not only after the whole retry budget, which is minutes long.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -29,9 +30,10 @@ from urllib.parse import urlsplit
 
 from ttrv import log
 from ttrv.data import Prompt
+from ttrv.rollout import jsonhttp
 from ttrv.rollout.base import Sample, sample_seed
 from ttrv.rollout.chat import openai_messages, samples_from_completion
-from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, request_json
+from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS
 from ttrv.spec import RunSpec
 
 logger = log.get_logger(__name__)
@@ -56,8 +58,9 @@ class ServiceEngine:
     name) and `rollout.maxStaleness`.
 
     retry_seconds: how long one request keeps retrying after its first failure. sync_timeout: how long
-    `load_version` waits for the service to serve the version. request_timeout: the socket timeout of one request
-    (a whole batch of long answers on a busy GPU). max_concurrency: prompts in flight at once."""
+    `load_version` waits for the service to serve the version. request_timeout: how long one request may wait for its
+    answer (a whole batch of long answers on a busy GPU). max_concurrency: prompts in flight at once, each on a
+    connection of a pool of as many, kept alive between requests (httpx, `jsonhttp.client`)."""
 
     def __init__(self, url: str, spec: RunSpec, *, retry_seconds: float = 600.0, sync_timeout: float = 600.0,
                  request_timeout: float = 1800.0, max_concurrency: int = 16):
@@ -72,6 +75,8 @@ class ServiceEngine:
         self.sync_timeout = sync_timeout
         self.request_timeout = request_timeout
         self.max_concurrency = max_concurrency
+        # a few more connections than prompts in flight: the /sync and /weight_version calls of load_version
+        self._http = jsonhttp.client(max_concurrency + 4)
         self.weight_version: int | None = None
         self._target: int | None = None
         self._outage_lock = threading.Lock()
@@ -140,7 +145,8 @@ class ServiceEngine:
             delay = min(2 * delay, 2.0)
 
     def close(self) -> None:
-        """Nothing to release: every request opens its own connection."""
+        """Closes the pooled connections."""
+        self._http.close()
 
     # -------------------------------------------------------------------------------------------------- requests
     def _body(self, prompt: Prompt, n: int, temperature: float, top_p: float, max_tokens: int,
@@ -229,8 +235,9 @@ class ServiceEngine:
             logger.info("rollout_available", url=self.url, seconds=round(time.monotonic() - outage["since"], 1))
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
-        """(status, decoded JSON) of one request on a connection of its own."""
-        return request_json(self.url, method, path, body, timeout)
+        """(status, decoded JSON) of one request on a pooled connection; ValueError when the answer is not JSON."""
+        status, payload = jsonhttp.send(self._http, self.url, method, path, body, timeout)
+        return status, json.loads(payload) if payload else {}
 
 
 def _message(answer: Any) -> str:
