@@ -4,13 +4,14 @@ and report.json's `setting` (issue 16, item 8). Real files: the bundled tiny-sha
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from ttrv import benchmark
-from ttrv.data import DataError, read_dataset
+from ttrv.data import DataError, load_image, read_dataset
 from ttrv.spec import RunSpec, SpecError, parse_spec
 from ttrv.splits import check_disjoint, setting, subset_examples
 from ttrv.train import load_examples
@@ -81,3 +82,17 @@ def test_the_held_out_split_of_the_bundled_benchmark_is_disjoint_from_its_test_s
     test = read_dataset(benchmark.resolve("ttrv://tiny-shapes/test")).examples
     heldout = read_dataset(benchmark.resolve("ttrv://tiny-shapes/heldout")).examples
     check_disjoint([e.prompt for e in test], heldout, "ttrv://tiny-shapes/heldout")
+
+
+def test_the_validation_split_shares_nothing_with_test_or_heldout():
+    """Hyper-parameters are chosen on tiny-shapes' validation split, never on test or held-out (issues 16, 19)."""
+    def pixels(split):
+        examples = read_dataset(benchmark.resolve(f"ttrv://tiny-shapes/{split}")).examples
+        return examples, {hashlib.sha256(load_image(e.prompt.image_path).tobytes()).hexdigest() for e in examples}
+
+    validation, validation_images = pixels("validation")
+    assert len(validation) == len(validation_images) == 400
+    for split in ("test", "heldout"):
+        other, images = pixels(split)
+        check_disjoint([e.prompt for e in other], validation, f"ttrv://tiny-shapes/{split}")
+        assert not validation_images & images  # no image of one split is an image of another
