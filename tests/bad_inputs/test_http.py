@@ -415,3 +415,17 @@ def test_base64_payload_over_the_body_limit_is_413(served, http):
     status, answer = post(http, body)
     assert status == 413 and "MiB" in answer["error"]["message"]
     assert served.images() == []
+
+
+def test_sync_reads_its_body_and_keeps_the_connection(served):
+    """The trainer's POST /sync carries {"step": k}: read (within the limit), so its pooled connection serves the
+    next call; one over the limit is refused and closed."""
+    connection = Raw(served.port)
+    try:
+        for step in (1, 2):
+            status, headers, _ = connection.send(request_bytes({"step": step}, path="/sync")).answer()
+            assert status == 202 and headers.get("connection") != "close"
+        status, _, _ = connection.send(request_bytes(b"", path="/sync", length=str(10**12))).answer()
+        assert status == 413 and connection.closed_within(5) is not None
+    finally:
+        connection.close()
