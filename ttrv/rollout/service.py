@@ -381,7 +381,15 @@ def build_app(service: RolloutService) -> FastAPI:
         return answer(*service.models())
 
     @app.post("/sync", summary="look at the store now (the trainer calls it right after publishing)")
-    async def sync() -> JSONResponse:
+    async def sync(request: Request) -> Response:
+        # the body ({"step": k} from the trainer) is read, within the limits, and not looked at: read whole, the
+        # connection stays open for the next call (BodyGuard closes one whose body was left unread)
+        try:
+            await read_body(request, limits)
+        except _BodyRefused as refused:
+            return answer(*service.error_answer(refused.error, now=True))
+        except ClientDisconnect:
+            return Response(status_code=499)
         return answer(*service.sync())
 
     schema = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
