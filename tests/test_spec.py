@@ -67,6 +67,7 @@ def test_dump_uses_camel_case():
         ({"data": {}}, "data.path", "required field is missing"),
         ({"name": "Not_A_DNS_Label"}, "name", "should match pattern"),
         ({"reward": {"choices": "A"}}, "reward.choices", "should match pattern"),
+        ({"resources": {"zeroStage": 0, "offloadOptimizer": True}}, "resources", "needs zeroStage 1, 2 or 3"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field, hint):

@@ -2,8 +2,8 @@
 GRPO update on one step's batch.
 
 On CPU DeepSpeed runs with its CPU accelerator (DS_ACCELERATOR=cpu), gloo, fp32; on GPU with NCCL and bf16. The
-optimiser is torch's AdamW handed to DeepSpeed as a client optimiser (ZeRO 1/2/3 shard its states), so the same
-code runs on both.
+optimiser is handed to DeepSpeed as a client optimiser (ZeRO 1/2/3 shard its states), so the same code runs on
+both: torch's AdamW, or DeepSpeed's CPU Adam when its states are offloaded (`make_optimizer`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
 
 def deepspeed_config(spec: RunSpec, micro_batch: int, accumulation: int, dtype: torch.dtype) -> dict:
     zero: dict = {"stage": spec.resources.zero_stage}
-    if spec.resources.offload_optimizer and spec.resources.zero_stage > 0:
+    if offloads_optimizer(spec):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -74,6 +74,33 @@ def deepspeed_config(spec: RunSpec, micro_batch: int, accumulation: int, dtype: 
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+
+
+def offloads_optimizer(spec: RunSpec) -> bool:
+    """ZeRO-Offload of the optimiser states: only a ZeRO stage partitions them, so stage 0 has nothing to offload."""
+    return spec.resources.offload_optimizer and spec.resources.zero_stage > 0
+
+
+def make_optimizer(spec: RunSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW over `params`: DeepSpeed's CPU Adam when the optimiser states are offloaded, else torch's.
+
+    With `offload_optimizer` DeepSpeed refuses any client optimiser that is not its CPU Adam (or CPU Lion):
+    `DeepSpeedEngine._configure_optimizer` (deepspeed/runtime/engine.py) raises ZeRORuntimeException unless
+    `zero_force_ds_cpu_optimizer` is false. That switch would keep torch's AdamW, but the offloaded step then runs
+    as plain torch ops on the CPU, which DeepSpeed's message itself calls poor performance, and ZeRO-3 keeps its
+    fused offload path (`deepspeed_adam_offload` in deepspeed/runtime/zero/stage3.py) for DeepSpeedCPUAdam only.
+    Letting DeepSpeed build the optimiser from the config (`_configure_basic_optimizer`) would choose CPU Adam
+    too, but would also replace torch's AdamW by FusedAdam when nothing is offloaded and take the LR scheduler's
+    optimiser out of our hands. So CPU Adam is built here, as a client optimiser that passes the check
+    (deepspeed/ops/adam/cpu_adam.py: `adamw_mode=True` is AdamW's decoupled weight decay, torch's formula). Its
+    C++ op is built by DeepSpeed's op builder on first use (JIT, cached under TORCH_EXTENSIONS_DIR) unless the
+    image prebuilt it."""
+    g = spec.grpo
+    if offloads_optimizer(spec):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=g.lr, weight_decay=g.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=g.lr, weight_decay=g.weight_decay)
 
 
 def lora_target_pattern(modules: list[str]) -> str:
@@ -115,7 +142,7 @@ class Learner:
         if not trainable:
             raise ValueError("model.trainable: no trainable parameters were found in this model")
         g = spec.grpo
-        optimizer = torch.optim.AdamW(trainable, lr=g.lr, weight_decay=g.weight_decay)
+        optimizer = make_optimizer(spec, trainable)
         optimizer_steps = total_steps * g.ppo_epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optimizer_steps, g.warmup_ratio,
                                                                               g.schedule))
@@ -129,6 +156,7 @@ class Learner:
             config=deepspeed_config(spec, self.micro_batch, self.accumulation, self.dtype),
         )
         log.info("learner_ready", trainable_params=sum(p.numel() for p in trainable), zero=spec.resources.zero_stage,
+                 optimizer=type(optimizer).__name__, offload=offloads_optimizer(spec),
                  micro_batch=self.micro_batch, accumulation=self.accumulation, world=world.size)
 
     @property

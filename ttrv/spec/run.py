@@ -285,6 +285,14 @@ class ResourcesSpec(StrictModel):
     rollout_memory: Quantity | None = None
     """Memory request of the rollout pod; default: `memory`."""
 
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> ResourcesSpec:
+        # ZeRO-Offload moves the partitioned optimiser states; stage 0 partitions none (DeepSpeed ignores the key)
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offloadOptimizer needs zeroStage 1, 2 or 3 (stage 0 keeps no optimiser partition to "
+                             "offload); set zeroStage: 2 or offloadOptimizer: false")
+        return self
+
     @property
     def nproc_per_node(self) -> int:
         return self.processes_per_node or max(1, self.gpus_per_node)
