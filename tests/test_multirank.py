@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from trainer_util import SPEC, events, final_weights
+from trainer_util import SPEC, events, final_weights, log_events, trainer, wait_for, write_spec
 
-from ttrv import checkpoint
+from ttrv import checkpoint, exitcodes
 from ttrv.modeling import load_model
 from ttrv.store import open_store
 from ttrv.weights import resolve_model
@@ -197,3 +199,26 @@ def test_evaluation_is_sharded_over_ranks_and_equals_one_rank(zero3_run):
             report["base_maj_accuracy"], report["base_pass_at_n"], report["heldout_base_accuracy"]) == (
         alone["subset_accuracy"], alone["accuracy"], alone["valid_ratio"], alone["maj_accuracy"],
         alone["pass_at_n"], alone["heldout_accuracy"])
+
+
+# --------------------------------------------------------------------------------------------------- SIGTERM
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("phase", ["learner_ready", "evaluation_pass_started"])
+def test_sigterm_ends_the_trainer_during_start_up(tmp_path, phase):
+    """SIGTERM after the learner loaded (the engine still loading) or during the first evaluation (400 prompts and
+    maj@32: minutes) ends the trainer within seconds, with the retryable preemption code; it used to be read only
+    between adaptation steps, so the phase ran to its end first."""
+    write_spec(tmp_path, eval={"before": True, "after": False, "majVotes": 32})
+    process = trainer(tmp_path)
+    try:
+        wait_for(lambda: log_events(tmp_path / "trainer.log", phase), 240, process)
+        process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == exitcodes.PREEMPTED, (tmp_path / "trainer.log").read_text()[-3000:]
+    assert time.monotonic() - sent < 30
+    assert log_events(tmp_path / "trainer.log", "trainer_interrupted")
+    assert not events(tmp_path)  # no step ran

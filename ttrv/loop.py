@@ -136,12 +136,22 @@ class Preempted(Exception):
     exitcodes.PREEMPTED."""
 
 
+class Interrupted(BaseException):  # noqa: N818 - named as KeyboardInterrupt, its kind
+    """SIGTERM outside the adaptation steps (start-up, evaluation, the report): nothing there is worth a checkpoint,
+    so the trainer leaves at once with exitcodes.PREEMPTED, and a restart repeats the phase. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way (ours or a library's) swallows it."""
+
+
 class PreemptionSignal:
-    """SIGTERM sets a flag that the loop reads between steps; every rank must agree before they checkpoint
-    together, so the flag is max-reduced across ranks."""
+    """SIGTERM during the adaptation steps sets a flag that the loop reads between steps (every rank must agree
+    before they checkpoint together, so the flag is max-reduced across ranks). In every other phase, model loading
+    and evaluation included, the handler raises Interrupted where the main thread is, so the trainer ends promptly
+    instead of finishing a phase of minutes first. Python runs the handler in the main thread between bytecodes
+    (a blocking system call is interrupted and, PEP 475, the handler's exception propagates from it)."""
 
     def __init__(self):
         self.received = False
+        self.deferred = False
 
     def install(self) -> None:
         import signal
@@ -150,7 +160,19 @@ class PreemptionSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = True
+        if not self.deferred:
+            logger.warning("sigterm_received", action=f"exit {exitcodes.PREEMPTED} now (no step to checkpoint)")
+            raise Interrupted("SIGTERM outside the adaptation steps")
         logger.warning("sigterm_received", action=f"checkpoint after this step, then exit {exitcodes.PREEMPTED}")
+
+    @contextmanager
+    def deferred_to_step_end(self):
+        """While adapting: SIGTERM only sets the flag, read after each step."""
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
 
     def any_rank(self, collectives: Collectives) -> bool:
         return collectives.any(self.received)
@@ -256,7 +278,8 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
     progress = _progress_bar(ctx.total_steps, state.step, ctx.world)
     if ctx.world.is_main:
         write_progress(ctx, state, ADAPTING)
-    guard_fired_at = _steps(ctx, state, guard, progress, metrics, probe)
+    with ctx.preemption.deferred_to_step_end():
+        guard_fired_at = _steps(ctx, state, guard, progress, metrics, probe)
     progress.close()
     rollback = None
     if guard_fired_at is not None:

@@ -27,6 +27,7 @@ from ttrv.loop import (
     EVALUATING_AFTER,
     EVALUATING_BEFORE,
     FINISHED,
+    Interrupted,
     Preempted,
     PreemptionSignal,
     RunContext,
@@ -284,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.PREEMPTED
     preemption = PreemptionSignal()
     preemption.install()
-    return _main(args, preemption)
+    try:
+        return _main(args, preemption)
+    except Interrupted:  # SIGTERM outside the steps: nothing to save, the restart repeats the phase
+        logger.warning("trainer_interrupted", exit_code=exitcodes.PREEMPTED, kind=exitcodes.kind(exitcodes.PREEMPTED))
+        return exitcodes.PREEMPTED
 
 
 def _main(args: argparse.Namespace, preemption: PreemptionSignal) -> int:
