@@ -222,3 +222,27 @@ def test_sigterm_ends_the_trainer_during_start_up(tmp_path, phase):
     assert time.monotonic() - sent < 30
     assert log_events(tmp_path / "trainer.log", "trainer_interrupted")
     assert not events(tmp_path)  # no step ran
+
+
+# --------------------------------------------------------------------------------------------------- accelerator
+@pytest.mark.parametrize(("environ", "cuda", "chosen"), [
+    ({}, True, "cuda"),  # `ttrv run` on a GPU machine: the policy trains on the GPU (it was forced to cpu)
+    ({}, False, "cpu"),
+    ({"DS_ACCELERATOR": "cpu"}, True, "cpu"),  # the user's choice stands
+    ({"DS_ACCELERATOR": "cuda"}, False, "cuda"),
+    ({"DS_ACCELERATOR": ""}, True, "cuda"),
+])
+def test_the_accelerator_is_chosen_from_the_hardware(environ, cuda, chosen):
+    from ttrv.launch import choose_accelerator
+
+    assert choose_accelerator(environ, cuda) == chosen
+
+
+def test_ttrv_run_passes_the_chosen_accelerator_to_its_processes(monkeypatch):
+    from ttrv import launch
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert launch.accelerator_env(os.environ)["DS_ACCELERATOR"] == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.accelerator_env(os.environ)["DS_ACCELERATOR"] == "cpu"
