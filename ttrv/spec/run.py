@@ -270,8 +270,9 @@ class ResourcesSpec(StrictModel):
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimiser states to CPU memory."""
-    gradient_checkpointing: bool = False
-    """Activation checkpointing in the trainer's model."""
+    gradient_checkpointing: bool = True
+    """Activation checkpointing in the trainer's model: activations are recomputed in the backward pass (on by
+    default, as verl's actor config has it: enable_gradient_checkpointing)."""
     cpu: Quantity = "8"
     """CPU request of each trainer pod."""
     memory: Quantity = "64Gi"
