@@ -158,8 +158,8 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optimizer_steps, g.warmup_ratio,
                                                                               g.schedule))
         self._model_path = model_path
-        self._initial_adapter = {k: v.clone() for k, v in self.trainable_state_of(model).items()} \
-            if spec.model.lora is not None else None
+        # on every rank, before DeepSpeed partitions anything: a roll-back to the base restores it on every rank
+        self._initial_adapter = _initial_adapter(model) if spec.model.lora is not None else None
         self.micro_batch = min(g.micro_batch_size, max(1, sequences_per_rank))
         self.accumulation = max(1, math.ceil(sequences_per_rank / self.micro_batch))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -313,6 +313,12 @@ class Learner:
 
     def _to_device(self, batch: TrainBatch) -> TrainBatch:
         return batch if self.device.type == "cpu" else batch.to(self.device)
+
+
+def _initial_adapter(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
