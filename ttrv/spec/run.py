@@ -286,8 +286,9 @@ class ResourcesSpec(StrictModel):
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimiser states to CPU memory."""
-    gradient_checkpointing: bool = False
-    """Activation checkpointing in the trainer's model."""
+    gradient_checkpointing: bool = True
+    """Activation checkpointing in the trainer's model: activations are recomputed in the backward pass (on by
+    default, as verl's actor config has it: enable_gradient_checkpointing)."""
     cpu: Quantity = "8"
     """CPU request of each trainer pod."""
     memory: Quantity = "64Gi"
@@ -300,6 +301,14 @@ class ResourcesSpec(StrictModel):
     """CPU request of the rollout pod; default: `cpu`."""
     rollout_memory: Quantity | None = None
     """Memory request of the rollout pod; default: `memory`."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> ResourcesSpec:
+        # ZeRO-Offload moves the partitioned optimiser states; stage 0 partitions none (DeepSpeed ignores the key)
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offloadOptimizer needs zeroStage 1, 2 or 3 (stage 0 keeps no optimiser partition to "
+                             "offload); set zeroStage: 2 or offloadOptimizer: false")
+        return self
 
     @property
     def nproc_per_node(self) -> int:
