@@ -8,6 +8,7 @@ both: torch's AdamW, or DeepSpeed's CPU Adam when its states are offloaded (`mak
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -247,6 +248,17 @@ class Learner:
         grad_norm = self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return stats
+
+    def weight_files(self) -> dict[str, bytes]:
+        """The files a weight version carries beside its tensors: for LoRA, peft's adapter_config.json (what
+        `PeftConfig.save_pretrained` writes, sets as sorted lists), which vLLM's /v1/load_lora_adapter and peft read.
+        Without it the store refuses a LoRA version, so a LoRA run failed at its first publish."""
+        if self.spec.model.lora is None:
+            return {}
+        config = {key: sorted(value) if isinstance(value, set) else value
+                  for key, value in self.module.peft_config["default"].to_dict().items()}
+        config["base_model_name_or_path"] = self.spec.model.path
+        return {"adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
 
     def trainable_state(self) -> dict[str, torch.Tensor] | None:
         """What a rollout engine needs to serve the current policy: the LoRA adapter (peft names), or the trainable

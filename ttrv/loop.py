@@ -303,8 +303,8 @@ def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, progress, met
         with timer.phase("publish"):
             tensors = ctx.learner.trainable_state()  # every rank: a collective under ZeRO-3; rank 0 gets them
             if ctx.world.is_main:
-                ctx.store.publish_weights(version, tensors, kind=weights_kind(spec),
-                                          base_model=spec.model.path, dtype=dtype_name(ctx.learner.dtype))
+                ctx.store.publish_weights(version, tensors, kind=weights_kind(spec), base_model=spec.model.path,
+                                          dtype=dtype_name(ctx.learner.dtype), extra_files=ctx.learner.weight_files())
                 protected = {v for v in (state.checkpoint_step, guard.healthy_version) if v}
                 ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
             del tensors
@@ -408,7 +408,7 @@ def restore_version(ctx: RunContext, version: int | None) -> None:
     restored = ctx.total_steps + 1
     if ctx.world.is_main:
         ctx.store.publish_weights(restored, tensors, kind=weights_kind(ctx.spec), base_model=ctx.spec.model.path,
-                                  dtype=dtype_name(ctx.learner.dtype))
+                                  dtype=dtype_name(ctx.learner.dtype), extra_files=ctx.learner.weight_files())
     ctx.collectives.barrier()
     ctx.engine.load_version(restored)
 
