@@ -25,7 +25,7 @@ from http_util import LIMITS, Raw, chat_body, png, request_bytes, served_in_proc
 
 import ttrv.modeling
 from bad_inputs.catalogue import Case, cases, check
-from ttrv.rollout.service import ServiceLimits
+from ttrv.rollout.api import ServiceLimits
 
 
 @pytest.fixture(scope="module")
