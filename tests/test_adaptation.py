@@ -94,3 +94,26 @@ def test_a_lora_run_publishes_adapters_the_rollout_service_loads(tmp_path):
               if '"weights_loaded"' in line]
     assert [e["step"] for e in loaded] == [1, 2, 3]
     assert [e["weight_version"] for e in events(out)] == [1, 2, 3]
+
+
+def test_ppo_mini_batches_take_an_optimiser_step_per_prompt_and_the_ratio_moves(tmp_path):
+    """grpo.miniBatchPrompts: 1, the reference's granularity (verl's ppo_mini_batch_size=1): every step of 4 prompts
+    takes 4 optimiser steps, the old log-probs come from before the first, so from the second on the ratio moves
+    away from 1 (approx_kl and, at this lr, clipfrac are non-zero). With one optimiser step per step (the default)
+    the ratio is 1 at the only forward: approx_kl and clipfrac are exactly 0."""
+    base = {"name": "mini", "seed": 3, "data": {"path": "ttrv://tiny-shapes/test", "subsetSize": 8},
+            "rollout": {"votes": 6, "groupSize": 4, "maxNewTokens": 3},
+            "grpo": {"lr": 1.0e-2, "epochs": 1, "promptsPerStep": 4, "microBatchSize": 8},
+            "eval": {"before": False, "after": False}, "resources": {"gpusPerNode": 0}}
+    runs = {}
+    for mini in (None, 1):
+        folder = tmp_path / str(mini)
+        folder.mkdir()
+        spec = base | {"grpo": base["grpo"] | ({"miniBatchPrompts": mini} if mini else {})}
+        result = ttrv_run(folder, spec)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mini] = events(folder / "out")
+    assert [e["optimizer_steps"] for e in runs[None]] == [1, 2]
+    assert [e["optimizer_steps"] for e in runs[1]] == [4, 8]
+    assert all(e["approx_kl"] == 0 and e["clipfrac"] == 0 for e in runs[None])
+    assert all(e["approx_kl"] != 0 for e in runs[1]) and any(e["clipfrac"] > 0 for e in runs[1])

@@ -155,14 +155,20 @@ class Learner:
         g = spec.grpo
         trainable_params = sum(p.numel() for p in trainable)  # counted before ZeRO-3 partitions them to empty
         optimizer = make_optimizer(spec, trainable)
-        optimizer_steps = total_steps * g.ppo_epochs
+        optimizer_steps = total_steps * g.ppo_epochs * math.ceil(
+            g.prompts_per_step / (g.mini_batch_prompts or g.prompts_per_step))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optimizer_steps, g.warmup_ratio,
                                                                               g.schedule))
         self._model_path = model_path
         # on every rank, before DeepSpeed partitions anything: a roll-back to the base restores it on every rank
         self._initial_adapter = _initial_adapter(model) if spec.model.lora is not None else None
-        self.micro_batch = min(g.micro_batch_size, max(1, sequences_per_rank))
-        self.accumulation = max(1, math.ceil(sequences_per_rank / self.micro_batch))
+        # PPO mini-batches: each rank splits its sequences into `mini_batches` equal parts, one optimiser step each,
+        # so a global mini-batch holds miniBatchPrompts prompts' worth of sequences, as verl's ppo_mini_batch_size
+        # (prompts x n, divided over the ranks: verl/workers/fsdp_workers.py)
+        self.mini_batches = math.ceil(g.prompts_per_step / (g.mini_batch_prompts or g.prompts_per_step))
+        self.mini_batch_rows = max(1, math.ceil(sequences_per_rank / self.mini_batches))
+        self.micro_batch = min(g.micro_batch_size, self.mini_batch_rows)
+        self.accumulation = max(1, math.ceil(self.mini_batch_rows / self.micro_batch))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(spec, self.micro_batch, self.accumulation, self.dtype),
@@ -172,7 +178,8 @@ class Learner:
                                f"{self.device}; set DS_ACCELERATOR to match the hardware (cpu or cuda)")
         log.info("learner_ready", trainable_params=trainable_params, zero=spec.resources.zero_stage,
                  optimizer=type(optimizer).__name__, offload=offloads_optimizer(spec),
-                 micro_batch=self.micro_batch, accumulation=self.accumulation, world=world.size)
+                 mini_batches=self.mini_batches, micro_batch=self.micro_batch, accumulation=self.accumulation,
+                 world=world.size)
 
     @property
     def module(self):
@@ -199,9 +206,10 @@ class Learner:
 
     @torch.no_grad()
     def old_log_probs(self, batch: TrainBatch) -> torch.Tensor | None:
-        """Log-probs before the update. With one gradient pass over the batch (ppoEpochs 1, one optimiser step) the
-        ratio is 1 at the only forward, so the detached current log-probs serve and this pass is skipped."""
-        if self.spec.grpo.ppo_epochs == 1:
+        """Log-probs before the update, once per rollout. With one optimiser step per rollout (ppoEpochs 1, one
+        mini-batch) the ratio is 1 at the only forward, so the detached current log-probs serve and this pass is
+        skipped; with several, every step after the first sees a moved policy, and the ratio and clipping act."""
+        if self.spec.grpo.ppo_epochs == 1 and self.mini_batches == 1:
             return None
         self.engine.eval()
         parts = [token_log_probs(self.engine, self._to_device(batch.select(r)), self.spec.rollout.temperature)
@@ -211,39 +219,51 @@ class Learner:
 
     def update(self, batch: TrainBatch, advantages: torch.Tensor, old: torch.Tensor | None,
                ref: torch.Tensor | None) -> dict[str, float]:
-        """ppoEpochs optimiser steps on this rank's sequences; every rank runs `accumulation` micro-batches per
-        optimiser step (padding with zero-weight passes) so DeepSpeed's gradient reduction stays in lockstep.
+        """ppoEpochs x mini_batches optimiser steps on this rank's sequences: each epoch walks the mini-batches (this
+        rank's share of miniBatchPrompts prompts' sequences), one optimiser step each; every rank runs
+        `accumulation` micro-batches per optimiser step (padding with zero-weight passes) so DeepSpeed's gradient
+        reduction stays in lockstep.
 
         The objective and its metrics are `grpo.ttrv_loss`; here it is only scheduled. Each micro-batch's
-        token-mean loss is weighted by its share of all ranks' response tokens of the step, times the world size
-        (`total_tokens`), so the gradient DeepSpeed averages over ranks is exactly the token-mean over every
-        response token of the step, however the tokens fall on ranks and micro-batches (DeepSpeed's division by
-        the accumulation steps is undone here). The metrics are token-weighted the same way."""
+        token-mean loss is weighted by its share of all ranks' response tokens of its mini-batch, times the world
+        size (`total_tokens`), so the gradient DeepSpeed averages over ranks is exactly the token-mean over every
+        response token of the mini-batch, however the tokens fall on ranks and micro-batches (DeepSpeed's division
+        by the accumulation steps is undone here). The metrics are token-weighted the same way, and averaged over
+        the optimiser steps (`clipfrac` is non-zero once the ratio moves: from the second step on)."""
         g = self.spec.grpo
         self.engine.train()
-        tokens = self.collectives.all_reduce(self.collectives.place(batch.target_mask.sum().reshape(1)))
-        total_tokens = tokens[0].clamp(min=1.0) / self.world.size
+        rows_total = len(batch)
+        parts = [slice(min(k * self.mini_batch_rows, rows_total), min((k + 1) * self.mini_batch_rows, rows_total))
+                 for k in range(self.mini_batches)]
+        tokens = self.collectives.all_reduce(self.collectives.place(
+            torch.stack([batch.target_mask[part].sum() for part in parts])))
+        steps = g.ppo_epochs * self.mini_batches
         stats: dict[str, float] = {}
         for _ in range(g.ppo_epochs):
-            slices = self._micro_batches(batch)
-            padded = slices + [slices[0]] * (self.accumulation - len(slices))
-            for index, rows in enumerate(padded):
-                mb = self._to_device(batch.select(rows))
-                # a padding pass counts no tokens: zero weight, so zero gradient and no share of the metrics
-                mask = mb.target_mask if index < len(slices) else torch.zeros_like(mb.target_mask)
-                log_prob = token_log_probs(self.engine, mb, self.spec.rollout.temperature)
-                old_mb = old[rows, : log_prob.shape[1]].to(log_prob) if old is not None else log_prob.detach()
-                ref_mb = ref[rows, : log_prob.shape[1]].to(log_prob) if ref is not None else None
-                loss, terms = grpo.ttrv_loss(log_prob, old_mb, ref_mb, advantages[rows].to(log_prob), mask,
-                                             total_tokens, g.clip_low, g.clip_high, g.dual_clip, g.kl_coef, g.kl_kind)
-                self.engine.backward(loss * self.accumulation)
-                self.engine.step()
-                w = float(terms.pop("weight")) / self.world.size
-                for key, value in terms.items():
-                    stats[key] = stats.get(key, 0.0) + w * float(value) / g.ppo_epochs
+            for part, part_tokens in zip(parts, tokens, strict=True):
+                total_tokens = part_tokens.clamp(min=1.0) / self.world.size
+                slices = [slice(s, min(s + self.micro_batch, part.stop))
+                          for s in range(part.start, part.stop, self.micro_batch)]
+                padded = slices + [slice(0, 1)] * (self.accumulation - len(slices))
+                for index, rows in enumerate(padded):
+                    mb = self._to_device(batch.select(rows))
+                    # a padding pass counts no tokens: zero weight, so zero gradient and no share of the metrics
+                    mask = mb.target_mask if index < len(slices) else torch.zeros_like(mb.target_mask)
+                    log_prob = token_log_probs(self.engine, mb, self.spec.rollout.temperature)
+                    old_mb = old[rows, : log_prob.shape[1]].to(log_prob) if old is not None else log_prob.detach()
+                    ref_mb = ref[rows, : log_prob.shape[1]].to(log_prob) if ref is not None else None
+                    loss, terms = grpo.ttrv_loss(log_prob, old_mb, ref_mb, advantages[rows].to(log_prob), mask,
+                                                 total_tokens, g.clip_low, g.clip_high, g.dual_clip, g.kl_coef,
+                                                 g.kl_kind)
+                    self.engine.backward(loss * self.accumulation)
+                    self.engine.step()
+                    w = float(terms.pop("weight")) / self.world.size
+                    for key, value in terms.items():
+                        stats[key] = stats.get(key, 0.0) + w * float(value) / steps
         # token-weighted shares of the step's metrics: their sum over ranks is the step's
         summed = self.collectives.all_reduce(self.collectives.tensor(list(stats.values())))
         stats |= dict(zip(stats, summed.tolist(), strict=True))
+        stats["optimizer_steps"] = self.engine.global_steps  # DeepSpeed's count of optimiser steps taken so far
         stats["lr"] = self.scheduler.get_last_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

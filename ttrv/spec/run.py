@@ -197,8 +197,21 @@ class GRPOSpec(StrictModel):
     sampled sequences)."""
     ppo_epochs: Annotated[int, Field(gt=0, le=100)] = 1
     """Gradient passes over each step's batch (at most 100)."""
+    mini_batch_prompts: Annotated[int, Field(gt=0, le=4096)] | None = None
+    """Prompts per optimiser step (PPO mini-batch): each step's batch is split into mini-batches of this many
+    prompts' sequences, one optimiser step each, with the old log-probs computed once per rollout, so the ratio
+    moves and clipping acts. null = promptsPerStep (one optimiser step per step: the ratio stays 1). The reference
+    uses 1 (verl's ppo_mini_batch_size=1: 8 optimiser steps per step of 8 prompts)."""
     micro_batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
     """Sequences per forward/backward on one rank (at most 4096: their activations are held at once)."""
+
+    @model_validator(mode="after")
+    def _mini_batch_within_step(self) -> GRPOSpec:
+        if self.mini_batch_prompts is not None and self.mini_batch_prompts > self.prompts_per_step:
+            raise ValueError(f"miniBatchPrompts ({self.mini_batch_prompts}) > promptsPerStep "
+                             f"({self.prompts_per_step}): a mini-batch is part of a step's prompts; set "
+                             "miniBatchPrompts <= promptsPerStep (the reference: 1)")
+        return self
 
 
 class EvalSpec(StrictModel):
