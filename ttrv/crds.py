@@ -209,6 +209,8 @@ def adaptation_run_crd() -> dict:
             _column("Phase", ".status.phase", "string",
                     "Pending, Queued, Running, Preempted, Succeeded, Failed or Suspended"),
             _column("Reason", ".status.reason", "string", "Why the run is in its phase", priority=1),
+            _column("Trainer", ".status.trainerApi", "string", "The trainer's API: trainjob or pytorchjob",
+                    priority=1),
             _column("Stage", ".status.stage", "string",
                     "What the running trainer does: evaluating-before, adapting, evaluating-after or finished"),
             _column("Progress", ".status.progress", "number", "Optimiser steps done, percent"),
