@@ -154,6 +154,25 @@ class Cluster:
         else:  # JobSet's FailedJobs condition, copied as Failed
             await self._trainjob_status(job, [metav1_condition("Failed", "FailedJobs", message, at)], failed=1)
 
+    def suspended(self, job: str) -> bool:
+        spec = self.get(self.jobs, job)["spec"]
+        return spec["suspend"] if self.trainer_api == "trainjob" else spec["runPolicy"]["suspend"]
+
+    async def kueue_suspend(self, job: str, suspend: bool) -> None:
+        """Kueue admits a job by unsuspending it and preempts it by suspending it (its jobframework's
+        Suspend/Unsuspend: spec.suspend of a TrainJob, runPolicy.suspend of a PyTorchJob); the training operator
+        then stops or starts the pods."""
+        if self.trainer_api == "pytorchjob":
+            await self.api.patch_object(JOBS, NS, job, {"spec": {"runPolicy": {"suspend": suspend}}})
+            if suspend:
+                await self.job_conditions(job, condition("Running", False, "PyTorchJobSuspended"),
+                                          condition("Suspended", True, "PyTorchJobSuspended"))
+        else:
+            await self.api.patch_object(TRAINJOBS, NS, job, {"spec": {"suspend": suspend}})
+            if suspend:  # trainjob_controller.go setSuspendedCondition; the JobSet's Jobs suspended
+                await self._trainjob_status(job, [metav1_condition("Suspended", "Suspended", "TrainJob is suspended")],
+                                            suspended=1)
+
     async def _trainjob_status(self, job: str, conditions: list[dict], **counts) -> None:
         await self.wait(lambda: self.get(TRAINJOBS, job), f"the TrainJob {job}")
         jobs = {"name": "node", "ready": 0, "succeeded": 0, "failed": 0, "active": 0, "suspended": 0} | counts

@@ -148,23 +148,25 @@ async def test_failures_fail_only_their_dataset(monkeypatch, tmp_path, trainer_a
         assert await c.wait_event("exp", "Warning", "ExperimentPartiallySucceeded") == "2 of 3 datasets succeeded"
 
 
-async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path, kueue=True) as c, operator(c):
+@APIS
+async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path, trainer_api):
+    async with cluster(monkeypatch, tmp_path, kueue=True, trainer_api=trainer_api) as c, operator(c):
         await c.create_experiment(scheduling={"queueName": "gpu-a"},
                                   datasets=[{"name": "mmmu", "path": "/data/mmmu.json"}])
-        job = await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the trainer")
-        assert job["spec"]["runPolicy"]["suspend"] is True  # Kueue admits it by unsuspending it
+        job = await c.wait(lambda: c.get(c.jobs, "exp-mmmu-trainer"), "the trainer")
+        assert c.suspended("exp-mmmu-trainer") is True  # Kueue admits it by unsuspending it
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-a"
 
         # Kueue: a Workload owned by the job, not admitted for lack of quota
         uid = job["metadata"]["uid"]
+        workload = f"{trainer_api}-exp-mmmu-trainer-1a2b3"
         await c.api.put_object(WORKLOADS, {
             "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload", "metadata": {
-                "name": "pytorchjob-exp-mmmu-trainer-1a2b3", "namespace": NS, "labels": {"kueue.x-k8s.io/job-uid": uid},
-                "ownerReferences": [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "exp-mmmu-trainer",
+                "name": workload, "namespace": NS, "labels": {"kueue.x-k8s.io/job-uid": uid},
+                "ownerReferences": [{"apiVersion": job["apiVersion"], "kind": job["kind"], "name": "exp-mmmu-trainer",
                                      "uid": uid, "controller": True}]},
             "spec": {"queueName": "gpu-a"}})
-        await c.api.patch_object(WORKLOADS, NS, "pytorchjob-exp-mmmu-trainer-1a2b3", {"status": {"conditions": [
+        await c.api.patch_object(WORKLOADS, NS, workload, {"status": {"conditions": [
             condition("QuotaReserved", False, "Pending", QUOTA_MESSAGE)]}}, subresource="status")
         await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("message") ==
                      f"waiting for Kueue (LocalQueue gpu-a): {QUOTA_MESSAGE}", "Kueue's reason, read at the next poll")
@@ -172,31 +174,34 @@ async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path):
 
         # admitted and running
         c.progress["s3://ttrv/experiments/team-a/exp/mmmu"] = {"step": 7, "checkpointStep": 6, "progressPercentage": 35.0}
-        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": False}}})
-        await c.job_conditions("exp-mmmu-trainer", condition("Running"))
+        await c.kueue_suspend("exp-mmmu-trainer", False)
+        await c.trainer_running("exp-mmmu-trainer")
         await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("step") == 7, "the run to report step 7")
+        await c.wait_phase("exp-mmmu", "Running")
 
         # preempted: Kueue evicts the Workload and suspends the job; the training operator stops the pods
-        await c.api.patch_object(WORKLOADS, NS, "pytorchjob-exp-mmmu-trainer-1a2b3", {"status": {"conditions": [
+        await c.api.patch_object(WORKLOADS, NS, workload, {"status": {"conditions": [
             condition("QuotaReserved", False, "Pending", PREEMPT_MESSAGE),
             condition("Evicted", True, "Preempted", PREEMPT_MESSAGE),
             condition("Preempted", True, "InClusterQueue", PREEMPT_MESSAGE)]}}, subresource="status")
-        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": True}}})
-        await c.job_conditions("exp-mmmu-trainer", condition("Running", False, "PyTorchJobSuspended"),
-                               condition("Suspended", True, "PyTorchJobSuspended"))
+        await c.kueue_suspend("exp-mmmu-trainer", True)
         await c.wait_phase("exp-mmmu", "Preempted")
         assert c.status(RUNS, "exp-mmmu")["message"] == (
             f"Kueue preempted the trainer: {PREEMPT_MESSAGE}; the trainer resumes from its checkpoint at step 6 "
             "when Kueue admits it again")
         # nothing reset: same job, same spec, the checkpoint left to the trainer
-        assert c.get(JOBS, "exp-mmmu-trainer")["metadata"]["uid"] == uid
-        assert c.get(JOBS, "exp-mmmu-trainer")["spec"]["runPolicy"]["suspend"] is True
+        assert c.get(c.jobs, "exp-mmmu-trainer")["metadata"]["uid"] == uid
+        assert c.suspended("exp-mmmu-trainer") is True
         assert c.status(RUNS, "exp-mmmu")["step"] == 7
         assert PREEMPT_MESSAGE in await c.wait_event("exp-mmmu", "Warning", "Preempted")
 
         # re-admitted
-        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": False}}})
-        await c.job_conditions("exp-mmmu-trainer", condition("Suspended", False, "PyTorchJobResumed"), condition("Running"))
+        await c.kueue_suspend("exp-mmmu-trainer", False)
+        if trainer_api == "pytorchjob":
+            await c.job_conditions("exp-mmmu-trainer", condition("Suspended", False, "PyTorchJobResumed"),
+                                   condition("Running"))
+        else:
+            await c.trainer_running("exp-mmmu-trainer")
         await c.wait_phase("exp-mmmu", "Running")
 
 
