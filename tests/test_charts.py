@@ -217,7 +217,8 @@ def test_notes_give_the_exact_commands(tmp_path):
         "kubectl -n team-a get experiments.ttrv.io sixteen -w",
         "kubectl -n team-a get adaptationruns -l ttrv.io/experiment=sixteen -o wide",
         "kubectl -n team-a describe experiments.ttrv.io sixteen",
-        "kubectl -n team-a get pytorchjobs,deployments,pods -l ttrv.io/experiment=sixteen,ttrv.io/dataset=imagenet-a",
+        "kubectl -n team-a get trainjobs,deployments,pods -l ttrv.io/experiment=sixteen,ttrv.io/dataset=imagenet-a",
+        "Workload is named trainjob-<run>-trainer-",
         "kubectl -n team-a logs -f -l ttrv.io/experiment=sixteen,ttrv.io/dataset=imagenet-a,"
         "app.kubernetes.io/component=trainer --max-log-requests=32",
         "app.kubernetes.io/component=rollout",
