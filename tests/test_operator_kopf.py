@@ -342,3 +342,40 @@ async def test_a_training_api_the_cluster_lacks_is_a_condition_with_the_fix(monk
         await asyncio.sleep(1.0)  # two polls: still nothing created, no GPUs held for a trainer that cannot exist
         assert c.get(c.jobs, "exp-mmmu-trainer") is None and c.get(DEPLOYMENTS, "exp-mmmu-rollout") is None
         assert c.status(RUNS, "exp-mmmu")["reason"] == "TrainerAPIMissing"
+
+
+@pytest.mark.parametrize("served, requested, expected", [
+    ("trainjob", "auto", ("trainjob", None)),
+    ("pytorchjob", "auto", ("pytorchjob", None)),
+    ("trainjob", "pytorchjob", (None, "pytorchjob")),
+])
+async def test_the_operator_discovers_the_training_apis_at_start_and_logs_its_choice(monkeypatch, tmp_path, served,
+                                                                                     requested, expected):
+    import io
+    import json
+
+    import kopf
+
+    from operators.kube import Kube
+    from operators.ttrv_operator import discover_trainer_apis
+    from ttrv import log
+
+    async with cluster(monkeypatch, tmp_path, trainer_api=served):
+        monkeypatch.setenv("TTRV_TRAINER_API", requested)
+        stream = io.StringIO()
+        log.configure(stream=stream)
+        kube = Kube.from_environment()
+        try:  # the client is synchronous and the stand-in serves from this event loop
+            apis, auto, runtime = await asyncio.to_thread(discover_trainer_apis, kube)
+            assert apis == frozenset({served})
+            assert auto == (None if requested == "auto" else requested)
+            assert (runtime.kind, runtime.name) == ("ClusterTrainingRuntime", "ttrv-trainer")
+            [line] = [json.loads(text[text.index("{"):]) for text in stream.getvalue().splitlines()
+                      if "trainer_apis_discovered" in text]
+            assert (line["served"], line["auto_choice"]) == ([served], expected[0])
+            assert line["level"] == ("info" if expected[0] else "warning")
+            monkeypatch.setenv("TTRV_TRAINER_API", "pytorchjobs")
+            with pytest.raises(kopf.PermanentError, match="TTRV_TRAINER_API: 'pytorchjobs'.*trainer.api"):
+                await asyncio.to_thread(discover_trainer_apis, kube)
+        finally:
+            kube.close()
