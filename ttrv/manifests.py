@@ -10,10 +10,13 @@ The trainer's two APIs (`scheduling.trainerApi`):
   typed models of Kubeflow's own `kubeflow-trainer-api` package (`_typed`), the way Kubeflow's SDK builds them.
 - `pytorchjob`: the v1 training operator (kubeflow.org/v1 PyTorchJob), for clusters that still run it.
 
-Plain dicts, not the typed models of the kubernetes / kubeflow-training clients: those models check little beyond
-required fields, and would make `ttrv render` need the cluster extras. The tests instead validate every object
-built here against the real schemas (kubernetes-validate in strict mode, the vendored PyTorchJob CRD, the
-generated ttrv CRDs), which rejects a misspelt field as a typed constructor would, and a wrong value as well.
+The core kinds and the PyTorchJob are plain dicts, not the typed models of the kubernetes / kubeflow-training
+clients: those models check little beyond required fields, and would make `ttrv render` need the cluster extras.
+Trainer v2's objects pass through `kubeflow-trainer-api` (a core dependency: pydantic models only), which fixes
+their shape but, like those, ignores unknown keys, so `_typed` insists on an exact round trip. The tests validate
+every object built here against the real schemas (kubernetes-validate in strict mode, the vendored PyTorchJob and
+Trainer v2 CRDs, the generated ttrv CRDs), which rejects a misspelt field as a typed constructor would, and a wrong
+value as well.
 """
 
 from __future__ import annotations
