@@ -377,7 +377,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         if _ran(job, previous):  # it ran, and Kueue suspended it again
             reason, message = _kueue_preemption(o.workload)
             return done("Preempted", reason, f"{message}; {resume_from} when Kueue admits it again")
-        reason, message = _kueue_pending(o.workload, spec.scheduling.queue_name, kind)
+        reason, message = _kueue_pending(o.workload, spec.scheduling.queue_name, kind, job, o.now)
         return done("Queued", reason, message)
 
     if _running(job):
@@ -468,13 +468,32 @@ def _trainer_exit(pods: Sequence[Mapping], kind: str = TRAINER) -> Exit | None:
     return None
 
 
-def _kueue_pending(workload: Mapping | None, queue: str | None, kind: str = TRAINER) -> tuple[str, str]:
+# Kueue makes a job's Workload within moments of its creation; none after this long means Kueue does not manage it.
+NO_WORKLOAD_SECONDS = 120
+KUEUE_FRAMEWORKS = {
+    "TrainJob": "trainer.kubeflow.org/trainjob",
+    # On by default in Kueue's shipped configuration up to v0.18; off from v0.19 (kubernetes-sigs/kueue#12606).
+    "PyTorchJob": "kubeflow.org/pytorchjob",
+}
+
+
+def _kueue_pending(workload: Mapping | None, queue: str | None, kind: str = TRAINER, job: Mapping | None = None,
+                   now: datetime | None = None) -> tuple[str, str]:
     """Kueue says why a Workload waits in its QuotaReserved condition (reason Pending, or Inadmissible when the
     queue is missing or stopped), e.g. "couldn't assign flavors to pod set master: insufficient quota ..."."""
     reserved = condition((workload or {}).get("status", {}).get("conditions"), "QuotaReserved")
     if reserved is not None and reserved.get("status") == "False" and reserved.get("message"):
         reason = "Inadmissible" if reserved.get("reason") == "Inadmissible" else "QuotaPending"
         return reason, f"waiting for Kueue (LocalQueue {queue}): {reserved['message']}"
+    created = parse_time((job or {}).get("metadata", {}).get("creationTimestamp"))
+    if workload is None and created is not None and now is not None and \
+            (now - created).total_seconds() >= NO_WORKLOAD_SECONDS:
+        framework = KUEUE_FRAMEWORKS.get(kind, kind)
+        since = " (off by default since Kueue v0.19: use scheduling.trainerApi trainjob)" if kind == "PyTorchJob" else ""
+        return "NoKueueWorkload", (
+            f"Kueue has made no Workload for {kind} {job['metadata']['name']} in "
+            f"{human_duration((now - created).total_seconds())}: enable the {framework} integration in Kueue's "
+            f"configuration (integrations.frameworks){since}, and check that LocalQueue {queue} exists")
     return "QuotaPending", f"the {kind} is suspended until Kueue admits it from LocalQueue {queue}"
 
 

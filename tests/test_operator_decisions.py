@@ -718,3 +718,21 @@ def test_kueue_tells_a_trainjob_preemption_by_the_runs_phase():
                          workload=workload(cond("Evicted", True, "Preempted", PREEMPT_MESSAGE)))
         assert plan.status["reason"] == expected, previous
         assert not [a for a in plan.actions if a.kind == "TrainJob"]  # Kueue's to unsuspend
+
+
+@pytest.mark.parametrize("api, framework", [("trainjob", "trainer.kubeflow.org/trainjob"),
+                                            ("pytorchjob", "kubeflow.org/pytorchjob")])
+def test_no_kueue_workload_for_long_says_which_integration_to_enable(api, framework):
+    """Kueue makes a Workload for every job of an integration it enables; a queued trainer with none after two
+    minutes is one Kueue does not manage (Kueue v0.19 no longer enables pytorchjob by default)."""
+    kueue = experiment(spec_document(**KUEUE))
+    run = run_of(kueue, "mmmu", phase="Queued", status={"trainerApi": api})
+    for age, reason in ((30, "QuotaPending"), (300, "NoKueueWorkload")):
+        child = trainjob(run, suspend=True) if api == "trainjob" else job(run, suspend=True)
+        child["metadata"]["creationTimestamp"] = ago(age)
+        plan = decide_tj(run, children={child["kind"]: child}, kueue_enabled=True, workload=None,
+                         served=frozenset({api}))
+        assert plan.status["reason"] == reason, age
+    assert f"enable the {framework} integration" in plan.status["message"]
+    assert "LocalQueue gpu-a" in plan.status["message"]
+    assert ("Kueue v0.19" in plan.status["message"]) == (api == "pytorchjob")
