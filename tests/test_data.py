@@ -53,6 +53,18 @@ def test_reference_json_with_path_map(tmp_path, images):
     assert check_dataset(dataset) == []
 
 
+def test_prompts_with_more_options_than_reward_choices_load_as_they_are(tmp_path, images):
+    """The reference's MathVista file has a five-option prompt among four-option ones; each prompt's options are
+    its own (reward.choices is the fallback for prompts without option lines), so the file passes as it is."""
+    rows = records()
+    rows[0] |= {"prompt": PROMPT.replace("D. yellow", "D. yellow\nE. purple"), "answer": "E"}
+    path = tmp_path / "mathvista.json"
+    path.write_text(json.dumps(rows))
+    dataset = read_dataset(path, path_map=[f"/authors/machine/imgs={images}"])
+    assert check_dataset(dataset, choices="ABCD") == []
+    assert [e.prompt.choices("ABCD") for e in dataset.examples[:2]] == ["ABCDE", "ABCD"]
+
+
 def test_relative_image_paths_resolve_against_the_data_file(tmp_path, images):
     path = tmp_path / "test.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records(image_root="imgs")) + "\n")
@@ -172,10 +184,10 @@ def test_data_check_cli(tmp_path, images):
     summary = json.loads(ok.stdout)
     assert summary["records"] == 6 and summary["option_letters"] == ["A", "B", "C", "D"]
     missing = run_cli("data", "check", str(path))
-    assert missing.returncode == 1
+    assert missing.returncode == 3  # exitcodes.BAD_DATA, as the trainer on the same file
     assert "image not found" in missing.stderr and "Traceback" not in missing.stderr
     absent = run_cli("data", "check", str(tmp_path / "nope.json"))
-    assert absent.returncode == 1 and "no such data file" in absent.stderr
+    assert absent.returncode == 3 and "no such data file" in absent.stderr
 
 
 def test_cli_help():

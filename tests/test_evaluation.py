@@ -12,8 +12,8 @@ import yaml
 from trainer_util import events, log_events, trainer, write_spec
 
 from ttrv import benchmark
-from ttrv.data import read_dataset, require_images
-from ttrv.evaluate import EvalProgress, evaluate, evaluation_passes, prompts_per_call
+from ttrv.data import Example, read_dataset, require_images
+from ttrv.evaluate import EvalProgress, evaluate, evaluation_passes, greedy_accuracy, prompts_per_call
 from ttrv.modeling import load_model, load_processor
 from ttrv.reward import extract_answer
 from ttrv.rollout.hf import HFEngine
@@ -139,3 +139,13 @@ def test_the_trainer_shows_its_evaluation_in_progress_json_and_its_log(tmp_path)
     probes = [e["subset_accuracy"] for e in events(tmp_path) if "subset_accuracy" in e]
     assert len(probes) == 1 and report["subset_final_accuracy"] is not None
     assert round(report["subset_final_accuracy"], 4) == probes[-1]
+
+
+def test_greedy_accuracy_reads_labels_through_the_extractor(engine, test_split):
+    """A label written "(B)" or " B " is the option B: the same model and answers score the same as with bare
+    letters (labels were compared raw with extracted predictions, issue 16 item 6)."""
+    examples = test_split[:24]
+    dressed = [Example(e.prompt, f" ({e.answer}) " if i % 2 else f"{e.answer} ") for i, e in enumerate(examples)]
+    plain, written = greedy_accuracy(engine, examples, spec()), greedy_accuracy(engine, dressed, spec())
+    assert plain["accuracy"] > 0  # the tiny model gets some right, so equal scores say something
+    assert written["accuracy"] == plain["accuracy"]

@@ -1,4 +1,4 @@
-"""Exit codes of the trainer pod's command (`ttrv train`, ttrv.launch) for each failure class, as the PyTorchJob
+"""Exit codes of the trainer pod's command (`ttrv train`, ttrv/launch.py) for each failure class, as the PyTorchJob
 `restartPolicy: ExitCode` contract reads them: 1-127 permanent (the training-operator fails the job), 128-255
 retryable (it restarts the pod, which resumes from its checkpoint).
 
@@ -39,7 +39,7 @@ def pod(folder: Path, spec: dict | str, nproc: int = 1, **env) -> subprocess.Pop
         "PET_MASTER_PORT": port, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "1", "RANK": "0",
         "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TTRV_METRICS_PORT": "0", **env,
     }
-    return subprocess.Popen([sys.executable, "-m", "ttrv.launch", "--spec", str(spec_file), "--out", str(folder)],
+    return subprocess.Popen([sys.executable, "-m", "ttrv.cli", "train", "--spec", str(spec_file), "--out", str(folder)],
                             env=environment, stdout=subprocess.DEVNULL, stderr=open(folder / "pod.log", "wb"),
                             start_new_session=True)
 

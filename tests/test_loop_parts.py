@@ -54,9 +54,20 @@ def test_cursor_resumes_mid_epoch():
 def test_score_is_label_free():
     spec = RunSpec.model_validate({"data": {"path": "x"}, "reward": {"entropyWeight": 0.0}})
     texts = [["A", "A", "blue", "B"]]
-    scored = score([[Sample(t, (1,)) for t in row] for row in texts], spec)
+    scored = score(prompts(1), [[Sample(t, (1,)) for t in row] for row in texts], spec)
     assert scored.answers == [["A", "A", None, "B"]]
     assert scored.rewards == [[0.5, 0.5, -1.0, 0.25]]
+
+
+def test_answers_are_read_against_each_prompts_own_options():
+    """An E is an answer where the prompt offers it, and reward.choices is only the fallback (the reference's
+    MathVista file mixes four- and five-option prompts; ttrv refused it)."""
+    spec = RunSpec.model_validate({"data": {"path": "x"}, "reward": {"entropyWeight": 0.0}})
+    five = Prompt("five", "Which?\nA. a\nB. b\nC. c\nD. d\nE. e", None)
+    two = Prompt("two", "Which?\nA. yes\nB. no", None)
+    bare = Prompt("bare", "Which letter?", None)
+    scored = score([five, two, bare], [[Sample(t, (1,)) for t in ("E", "C")]] * 3, spec)
+    assert scored.answers == [["E", "C"], [None, None], [None, "C"]]
 
 
 def test_dominant_share_counts_all_votes():

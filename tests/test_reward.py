@@ -6,13 +6,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttrv.reward import (
+    extract_answer,
     extract_choice,
     extract_number,
+    extract_reference_choice,
     extract_text,
+    normalize_label,
     normalized_entropy,
     vote_rewards,
     vote_stats,
@@ -176,3 +179,58 @@ def test_the_readmes_worked_example_is_what_the_code_computes():
     assert float(step["h"]) == round(normalized_entropy(answers), 2)
     assert [-float(step[k]) for k in "cad"] == [round(rewards[i], 2) for i in (0, 9, 12)]
     assert rewards[-1] == -1.0
+
+
+@pytest.mark.parametrize(("extractor", "label", "prediction"), [
+    ("numeric", "3.50", "3.5"), ("numeric", "1,000", "1000"), ("text", "Yes", "yes"),
+    ("text", "a red car", "red car"), ("choice", "(B)", "B"), ("choice", "C", "C"),
+])
+def test_labels_pass_through_the_predictions_extractor(extractor, label, prediction):
+    """Evaluation compared raw labels with extracted predictions, so "3.50", "1,000", "Yes" and "a red car" were
+    counted wrong whatever the model answered (issue 16, item 6)."""
+    assert normalize_label(label, extractor) == extract_answer(prediction, extractor) == prediction
+
+
+def test_a_label_the_extractor_cannot_read_is_kept_and_none_stays_none():
+    assert normalize_label("  square ", "choice") == "square"
+    assert normalize_label(None, "numeric") is None
+
+
+def _reference_choice_answer_clean_gpqa(pred: str):
+    """Verbatim from Akshit21112002/TTRV, verl/verl/utils/reward_score/ttrl/qwen/qwen_math_parser.py (the oracle)."""
+    pred = pred.strip("\n").rstrip(".").rstrip("/").strip(" ").lstrip(":")
+    # Clean the answer based on the dataset
+    tmp = re.findall(r"\b(A|B|C|D)\b", pred.upper())
+    if tmp:
+        pred = tmp
+    else:
+        pred = [pred.strip().strip(".")]
+    pred = pred[-1]
+    # Remove the period at the end, again!
+    pred = pred.rstrip(".").rstrip("/")
+    return pred
+
+
+@pytest.mark.parametrize("text", [
+    "B", "(C).", "The answer is D.", "a cat sits here", "square", "square", "", "  :B/ ", "I pick b, not c",
+    "chameleon.\n", "A. dog\nD is wrong", "ABCD", "E", "x/", "answer: (a)",
+])
+def test_the_reference_extractor_is_the_references_parsing(text):
+    assert extract_reference_choice(text) == _reference_choice_answer_clean_gpqa(text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ABCDEabcd .:/\n()xyz")), max_size=24))
+def test_the_reference_extractor_agrees_with_the_reference_on_any_text(text):
+    assert extract_reference_choice(text) == _reference_choice_answer_clean_gpqa(text)
+
+
+def test_under_the_reference_extractor_identical_unreadable_texts_pool_and_can_win():
+    """The deviation the README credits to ttrv: with the reference's parsing "square" is a vote class (and wins
+    here); with ttrv's choice extractor the same responses are unreadable and get invalidReward."""
+    responses = ["square", "square", "square", "B", "C"]
+    reference = [extract_answer(r, "reference") for r in responses]
+    assert vote_stats(reference).majority == "square"
+    assert vote_rewards(reference)[0] > vote_rewards(reference)[3]
+    ours = [extract_answer(r, "choice") for r in responses]
+    assert ours[:3] == [None] * 3 and vote_rewards(ours)[0] == -1.0

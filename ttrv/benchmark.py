@@ -14,13 +14,15 @@ The *source* domain (what the tiny base model is pre-trained on) has solid shape
 The *shifted* domain (what TTRV adapts to and is evaluated on, as ImageNet-Sketch/-R are for ImageNet) has
 smaller, jittered shapes on noisy tinted backgrounds. Splits of the shifted domain:
 
-    test     400 prompts: the adaptation subset is drawn from it (data.subsetSize), accuracy is measured on it
-    heldout  400 prompts from disjoint seeds: never adapted on, measures generalisation
+    test        400 prompts: the adaptation subset is drawn from it (data.subsetSize), accuracy is measured on it
+    heldout     400 prompts from disjoint seeds: never adapted on, measures generalisation
+    validation  400 prompts from disjoint seeds: where hyper-parameters and stopping rules are chosen, so that
+                neither test nor held-out numbers ever choose a setting (v2 added it; test and heldout are as in v1)
 
 and the source domain's `source` split (6000 labelled prompts) is what `ttrv.pretrain` trains the base on; half
 of its prompts list the options in a fixed order, which lets a tiny model learn to bind letters to options.
 
-`ttrv://tiny-shapes/<split>` resolves to `<cache>/tiny-shapes-v1/<split>.json` (reference JSON with relative
+`ttrv://tiny-shapes/<split>` resolves to `<cache>/tiny-shapes-v2/<split>.json` (reference JSON with relative
 image paths), materialised on first use into $TTRV_CACHE (default ~/.cache/ttrv), atomically.
 """
 
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = "tiny-shapes-v1"
+VERSION = "tiny-shapes-v2"
 IMAGE_SIZE = 56
 COLOURS = {"red": (215, 45, 45), "green": (40, 165, 70), "blue": (45, 85, 215), "yellow": (225, 195, 40)}
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -45,7 +47,8 @@ QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is show
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCD"
 # split: (size, seed offset, shifted domain, share of prompts with the options in canonical order); disjoint seeds
-SPLITS = {"source": (6000, 10_000, False, 0.5), "test": (400, 1_000, True, 0.0), "heldout": (400, 2_000, True, 0.0)}
+SPLITS = {"source": (6000, 10_000, False, 0.5), "test": (400, 1_000, True, 0.0), "heldout": (400, 2_000, True, 0.0),
+          "validation": (400, 3_000, True, 0.0)}
 
 
 @dataclass(frozen=True)

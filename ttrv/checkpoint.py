@@ -77,9 +77,9 @@ def save(store, engine, step: int, state: dict, rank: int, world_size: int, barr
         store.publish_set(rank_prefix(step, rank), files, {"step": step, "rank": rank})
     barrier()
     if rank == 0:
-        import json
+        from ttrv.fsutil import strict_json
 
-        document = json.dumps(state).encode()
+        document = strict_json(state, where="state.json").encode()
         store.publish_set(commit_prefix(step), {"state.json": document}, {"step": step, "world_size": world_size})
         logger.info("checkpoint_saved", step=step, world_size=world_size)
     barrier()
@@ -90,6 +90,7 @@ def load_latest(store, engine, rank: int, world_size: int) -> Restored | None:
     import json
 
     from ttrv.store import CorruptVersionError, SetNotFoundError
+    from ttrv.store.keys import local_path
 
     for step in reversed(committed_steps(store)):
         manifest, commit = store.read_set(commit_prefix(step))
@@ -108,7 +109,9 @@ def load_latest(store, engine, rank: int, world_size: int) -> Restored | None:
             folder.mkdir()
             for name, data in files.items():
                 if name != "rank_state.pt":
-                    (folder / name).write_bytes(bytes(data))
+                    path = local_path(folder, name, f"{rank_prefix(step, rank)}: files[{name!r}]")
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(bytes(data))
             engine.load_checkpoint(str(local), tag="ckpt", load_optimizer_states=True,
                                    load_lr_scheduler_states=True)
         finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 
@@ -20,8 +20,11 @@ from ttrv.spec import (
     NAME_PATTERN,
     AdaptationRunSpec,
     AdaptationRunStatus,
+    ExperimentPhase,
     ExperimentSpec,
     ExperimentStatus,
+    RunPhase,
+    RunStage,
 )
 
 GROUP = "ttrv.io"
@@ -188,17 +191,26 @@ def _crd(kind: str, plural: str, short_names: list[str], schema: dict, columns: 
     }
 
 
+def _one_of(literal: Any) -> str:
+    """A Literal's values as prose ("A, B or C"): the column's description says what the spec's type allows."""
+    values = get_args(literal)
+    return f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def _accuracy_columns(base: str, adapted: str, base_priority: int) -> list[dict]:
+    return [_column("Base", ".status.baseAccuracy", "number", base, priority=base_priority),
+            _column("Accuracy", ".status.accuracy", "number", adapted)]
+
+
 def experiment_crd() -> dict:
     return _crd("Experiment", "experiments", ["ttrvx"], _resource_schema(ExperimentSpec, ExperimentStatus, True), [
-        _column("Phase", ".status.phase", "string",
-                "Pending, Running, Succeeded, PartiallySucceeded, Failed or Suspended"),
+        _column("Phase", ".status.phase", "string", _one_of(ExperimentPhase)),
         _column("Running", ".status.datasetsRunning", "integer", "Datasets whose trainer is running"),
         _column("Done", ".status.datasetsDone", "integer", "Datasets whose run finished"),
         _column("Failed", ".status.datasetsFailed", "integer", "Datasets whose run failed"),
         _column("Total", ".status.datasetsTotal", "integer", "Datasets in the experiment"),
         _column("Progress", ".status.progress", "number", "Mean progress of the datasets, percent"),
-        _column("Base", ".status.baseAccuracy", "number", "Mean accuracy of the base model"),
-        _column("Accuracy", ".status.accuracy", "number", "Mean accuracy of the adapted models"),
+        *_accuracy_columns("Mean accuracy of the base model", "Mean accuracy of the adapted models", base_priority=0),
     ])
 
 
@@ -206,19 +218,17 @@ def adaptation_run_crd() -> dict:
     return _crd(
         "AdaptationRun", "adaptationruns", ["arun"], _resource_schema(AdaptationRunSpec, AdaptationRunStatus, False), [
             _column("Dataset", ".spec.dataset", "string", "Dataset of the run", priority=1),
-            _column("Phase", ".status.phase", "string",
-                    "Pending, Queued, Running, Preempted, Succeeded, Failed or Suspended"),
+            _column("Phase", ".status.phase", "string", _one_of(RunPhase)),
             _column("Reason", ".status.reason", "string", "Why the run is in its phase", priority=1),
             _column("Trainer", ".status.trainerApi", "string", "The trainer's API: trainjob or pytorchjob",
                     priority=1),
-            _column("Stage", ".status.stage", "string",
-                    "What the running trainer does: evaluating-before, adapting, evaluating-after or finished"),
+            _column("Stage", ".status.stage", "string", f"What the running trainer does: {_one_of(RunStage)}"),
             _column("Progress", ".status.progress", "number", "Optimiser steps done, percent"),
             _column("Step", ".status.step", "integer", "Optimiser steps done"),
             _column("Eval", ".status.evalProgress", "number", "Prompts of the evaluation in progress done, percent"),
             _column("ETA", ".status.eta", "string", "Estimated time left"),
-            _column("Base", ".status.baseAccuracy", "number", "Accuracy of the base model", priority=1),
-            _column("Accuracy", ".status.accuracy", "number", "Latest accuracy of the adapted model"),
+            *_accuracy_columns("Accuracy of the base model", "Latest accuracy of the adapted model",
+                              base_priority=1),
             _column("Weights", ".status.weightVersion", "integer", "Latest weight version published", priority=1),
             _column("Restarts", ".status.restarts", "integer", "Trainer restarts after retryable failures"),
         ],

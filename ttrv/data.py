@@ -15,8 +15,10 @@ verl parquet rows:
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import stat
 import struct
 from collections import Counter
 from collections.abc import Iterator
@@ -25,10 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 IMAGE_PLACEHOLDER = "<image>"
 MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300: larger is refused, not decoded (decompression-bomb guard)
+MAX_ASPECT_RATIO = 200
+"""The Qwen2-VL image processors refuse an image whose long side is over 200 times its short side (`smart_resize`
+in transformers/models/qwen2_vl/image_processing_qwen2_vl.py and image_processing_pil_qwen2_vl.py raise
+ValueError "absolute aspect ratio must be smaller than 200"): refused here, from the header, with the file named."""
+MAX_INT_DIGITS = 4300
+"""Python's int/str conversion limit (sys.get_int_max_str_digits(), PEP 651's follow-up in 3.11): `json.loads`
+raises ValueError on a longer integer literal; such a literal is kept as its digits (an id, an answer) instead."""
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[\.\)]\s+(\S.*)$", re.MULTILINE)
 
 
@@ -49,6 +59,12 @@ class Prompt:
     def options(self) -> dict[str, str]:
         """Option letter -> option text, read from the prompt's "A. ..." lines."""
         return dict(_OPTION_LINE.findall(self.text))
+
+    def choices(self, fallback: str) -> str:
+        """The option letters this prompt offers, in its order (A-E, two options, ...): the number of options varies
+        from prompt to prompt (the reference's MathVista file has an E among ABCD prompts). `fallback`, the spec's
+        reward.choices, for a prompt that lists no option lines."""
+        return "".join(self.options) or fallback
 
 
 @dataclass(frozen=True)
@@ -91,14 +107,53 @@ def resolve_image_path(raw: str, base: Path, path_map: list[tuple[str, str]]) ->
     return str(path if path.is_absolute() else (base / path))
 
 
+def regular_file(path: str | Path, what: str, fix: str) -> None:
+    """Refuses anything but a regular file (a FIFO, a device, a directory, a socket) from its `stat`, before it is
+    opened: reading a FIFO without a writer blocks for ever, a device may never end (/dev/zero) or act when opened.
+    Raises FileNotFoundError for a missing path (the caller names it), DataError otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot read {what} ({getattr(error, 'strerror', None) or error}); {fix}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "not a regular file")
+        raise DataError(f"{path}: {what} is {kind}, not a regular file; {fix}")
+
+
+def _open_regular(path: str | Path):
+    """A binary file object of the regular file `path`, refused from its `stat` as `regular_file` says, then opened
+    without blocking and checked again from the descriptor (the path may be swapped for a FIFO in between)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise DataError(f"{path}: not a regular file (it changed while being opened); replace the file")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _json_int(literal: str) -> int | str:
+    return int(literal) if len(literal.lstrip("-")) <= MAX_INT_DIGITS else literal
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_int=_json_int)
+
+
 def detect_format(path: Path) -> str:
     if path.suffix == ".parquet":
         return "verl_parquet"
     if path.suffix == ".jsonl":
         return "jsonl"
     if path.suffix == ".json":
-        with path.open("rb") as handle:
-            head = handle.read(4096).lstrip()
+        with _open_regular(path) as handle:
+            head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 BOM (Windows editors)
         return "reference_json" if head.startswith(b"[") else "jsonl"
     raise DataError(f"{path}: cannot tell the format from the extension; set data.format to reference_json, "
                     "verl_parquet or jsonl")
@@ -107,16 +162,18 @@ def detect_format(path: Path) -> str:
 def _records(path: Path, fmt: str) -> list[dict[str, Any]]:
     try:
         if fmt == "reference_json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _loads(path.read_text(encoding="utf-8-sig"))
             if not isinstance(data, list):
                 raise DataError(f"{path}: reference JSON must be a list of records, got {type(data).__name__}")
             return data
         if fmt == "jsonl":
             records = []
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            # Lines end at '\n' only: str.splitlines also splits at U+2028, U+0085 and other characters that JSON
+            # strings may hold unescaped (RFC 8259), which would cut a record in two.
+            for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        records.append(_loads(line))
                     except json.JSONDecodeError as error:
                         raise DataError(f"{path}:{number}: not valid JSON ({error.msg}); one object per line") from None
             return records
@@ -174,8 +231,10 @@ def _from_verl(row: dict[str, Any]) -> dict[str, Any]:
 def read_dataset(path: str | Path, fmt: str = "auto", path_map: list[str] | None = None) -> Dataset:
     """Read every record; malformed records raise DataError naming the file, record and field."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file; check data.path")
+    try:
+        regular_file(path, "the data file", "point data.path at a JSON, JSONL or parquet file")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file; check data.path") from None
     fmt = detect_format(path) if fmt == "auto" else fmt
     records = _records(path, fmt)
     if not records:
@@ -211,10 +270,15 @@ def read_dataset(path: str | Path, fmt: str = "auto", path_map: list[str] | None
 def _opened(path: str) -> Iterator[Image.Image]:
     """An image with only its header read; refuses missing, unreadable and oversized files with a DataError."""
     try:
-        with Image.open(path) as image:
+        regular_file(path, "the image", "point image_path at an image file")
+        with _open_regular(path) as handle, Image.open(handle) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise DataError(f"{path}: image is {image.width}x{image.height}, over {MAX_IMAGE_PIXELS} pixels; "
                                 "downscale it")
+            if max(image.size) > MAX_ASPECT_RATIO * max(min(image.size), 1) or min(image.size) == 0:
+                raise DataError(f"{path}: image is {image.width}x{image.height}, its long side over "
+                                f"{MAX_ASPECT_RATIO} times its short side (the Qwen2-VL processor refuses it); crop "
+                                "or pad it")
             yield image
     except DataError:
         raise
@@ -227,15 +291,50 @@ def _opened(path: str) -> Iterator[Image.Image]:
 
 
 def load_image(path: str) -> Image.Image:
-    """Open an image as RGB; refuses missing, unreadable and oversized files with a DataError."""
+    """Open an image as RGB, as it is meant to be seen: EXIF orientation applied (a phone's portrait photo is stored
+    sideways), transparency composited on white, 16-bit samples scaled to 8 bits (Pillow's convert("RGB") would
+    clip them: every value over 255 becomes white). Refuses missing, unreadable and oversized files with a
+    DataError."""
     with _opened(path) as image:
-        return image.convert("RGB")
+        try:
+            return to_rgb(ImageOps.exif_transpose(image))
+        except (OSError, ValueError, EOFError, SyntaxError, IndexError, struct.error) as error:
+            raise DataError(f"{path}: unreadable image ({type(error).__name__}); replace the file") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB (see `load_image`)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (PNG, TIFF): Pillow opens it as I;16 or as 32-bit I holding 0..65535.
+        samples = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(samples / 257.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def placeholder_problem(prompt: Prompt) -> str | None:
+    """What is wrong with the prompt's `<image>` placeholders for its image (one image, one placeholder), or None:
+    the rule the chat rendering (ttrv.modeling.chat_messages) holds every prompt to."""
+    count = prompt.text.count(IMAGE_PLACEHOLDER)
+    if count > 1:
+        return f"{count} {IMAGE_PLACEHOLDER} placeholders but one image; keep one"
+    if count == 1 and prompt.image_path is None:
+        return f"has {IMAGE_PLACEHOLDER} but no image_path; add the image or drop the placeholder"
+    if count == 0 and prompt.image_path is not None:
+        return f"prompt has no {IMAGE_PLACEHOLDER} placeholder; add it where the image goes"
+    return None
 
 
 def require_images(dataset: Dataset) -> Dataset:
-    """The dataset, once the header of every image it names reads: a trainer stops here, before it has written
-    anything, rather than at the step that first samples a missing image (a permanent failure mid-run)."""
+    """The dataset, once every prompt's placeholders fit its image and the header of every image it names reads:
+    a trainer stops here, before it has written anything, rather than at the step that first samples such a
+    record (a permanent failure mid-run)."""
     for index, example in enumerate(dataset.examples):
+        if (problem := placeholder_problem(example.prompt)) is not None:
+            raise DataError(f"{dataset.path}: record {index} (id {example.prompt.id}): {problem}")
         if example.prompt.image_path is not None:
             try:
                 with _opened(example.prompt.image_path):
@@ -253,6 +352,8 @@ def check_dataset(dataset: Dataset, choices: str = "ABCD", open_images: bool = T
         where = f"{dataset.path}: record {index} (id {prompt.id})"
         if IMAGE_PLACEHOLDER not in prompt.text:
             problems.append(f"{where}: prompt has no {IMAGE_PLACEHOLDER} placeholder; add it where the image goes")
+        elif (problem := placeholder_problem(prompt)) is not None and prompt.image_path is not None:
+            problems.append(f"{where}: {problem}")
         if prompt.image_path is None:
             problems.append(f"{where}: no image_path")
         elif open_images:
@@ -264,9 +365,6 @@ def check_dataset(dataset: Dataset, choices: str = "ABCD", open_images: bool = T
         if example.answer is not None and options and example.answer not in options:
             problems.append(f"{where}: answer {example.answer!r} is not among the options {sorted(options)}; "
                             "correct the answer or the prompt's option lines")
-        stray = sorted(set(options) - set(choices))
-        if stray:
-            problems.append(f"{where}: option letters {stray} are outside reward.choices {choices!r}")
     return problems
 
 

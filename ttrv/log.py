@@ -79,12 +79,19 @@ def configure(level: str | None = None, stream=None) -> None:
             *([] if console else [structlog.processors.format_exc_info]),
             _redact,
             structlog.dev.ConsoleRenderer(colors=_isatty(stream)) if console else
-            structlog.processors.JSONRenderer(sort_keys=False),
+            structlog.processors.JSONRenderer(_strict_line, sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
         logger_factory=(lambda *_: _BarSafeLogger(stream)) if console else structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def _strict_line(event: dict, **dumps: Any) -> str:
+    """One log line in strict JSON: a NaN or infinite field is written as null and named in `non_finite`."""
+    from ttrv.fsutil import strict_json
+
+    return strict_json(event, note="non_finite", **dumps)
 
 
 def get_logger(name: str):

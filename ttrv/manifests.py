@@ -53,6 +53,7 @@ from ttrv.spec import (
     parse_spec,
 )
 from ttrv.spec.experiment import ImageSpec
+from ttrv.spec.names import check_dns1035_label, check_label_key, check_label_value, check_object_name
 
 SPEC_DIR = "/etc/ttrv"
 SPEC_KEY = "run.yaml"
@@ -202,13 +203,36 @@ def adaptation_run(experiment_meta: Mapping, spec: ExperimentSpec, dataset: str)
         suspend=spec.suspend,
     )
     name = run_name(experiment, dataset)
+    # The run's name begins its children's names, among them Services (the rollout's, and the training operator's
+    # `<job>-master-0`), whose names must be DNS-1035 labels: a name that starts with a digit is refused here, at
+    # admission, rather than by the API server when the run creates its Service.
+    check_dns1035_label(experiment, "metadata.name",
+                        f"; it begins the names of its runs' Services (here {name}-rollout); rename the experiment "
+                        f"to start with a letter, e.g. 'exp-{experiment}'")
     owner = {"apiVersion": API_VERSION, "kind": "Experiment", "metadata": experiment_meta}
-    return {
+    run = {
         "apiVersion": API_VERSION,
         "kind": "AdaptationRun",
         "metadata": _metadata(name, namespace, labels(experiment, name, dataset), owner),
         "spec": resource_dump(body),
     }
+    check_names([run])
+    return run
+
+
+def check_names(objects: list[Mapping]) -> list[Mapping]:
+    """Each object's name valid for its kind, its labels' keys and values valid (ttrv.spec.names' rules): every
+    name here is derived from the experiment's, the datasets' and the scheduling fields, so a failure names the
+    object and the fix is to the field it came from."""
+    for obj in objects:
+        kind, metadata = obj["kind"], obj["metadata"]
+        where = f"{kind} {metadata['name']!r}"
+        check_object_name(kind, metadata["name"], f"{where}: metadata.name",
+                          "; shorten or rename the experiment or dataset it is derived from")
+        for key, value in metadata.get("labels", {}).items():
+            check_label_key(key, f"{where}: label")
+            check_label_value(value, f"{where}: label {key}")
+    return list(objects)
 
 
 def run_children(run: Mapping, trainer_api: str = PYTORCHJOB, runtime: RuntimeRef | None = None) -> list[dict]:
@@ -234,7 +258,7 @@ def run_children(run: Mapping, trainer_api: str = PYTORCHJOB, runtime: RuntimeRe
         raise SpecError(f"scheduling.trainerApi: {trainer_api!r} is not a training API; use one of "
                         f"{', '.join(TRAINER_APIS)}")
     # Builders reuse pieces (mounts, probes, the trainer container); the caller gets objects sharing nothing.
-    return json.loads(json.dumps(children))
+    return check_names(json.loads(json.dumps(children)))
 
 
 @dataclass(frozen=True)

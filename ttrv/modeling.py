@@ -27,7 +27,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
 from ttrv import log
-from ttrv.data import IMAGE_PLACEHOLDER, DataError, Prompt, load_image
+from ttrv.data import IMAGE_PLACEHOLDER, DataError, Prompt, load_image, placeholder_problem
 
 logger = log.get_logger(__name__)
 
@@ -72,6 +72,22 @@ class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
 _IMAGE_ONLY = {Qwen2VLProcessor: Qwen2VLImageOnlyProcessor, Qwen2_5_VLProcessor: Qwen2_5_VLImageOnlyProcessor}
 
 
+def frozen(name: str, trainable: str, model_type: str) -> bool:
+    """Whether `model.trainable` freezes the parameter `name` of a `model_type` checkpoint.
+    - all: nothing is frozen;
+    - language: every vision part (the tower and its projector/merger: names with "visual" or "vision");
+    - reference: as the TTRV reference (verl/workers/fsdp_workers.py, Akshit21112002/TTRV): InternVL's vision
+      encoder only (its `vision_model`; transformers' -hf conversion calls it `vision_tower`), the projector
+      trained; every other family, Qwen-VL included, trains everything."""
+    if trainable == "all":
+        return False
+    if trainable == "language":
+        return "visual" in name or "vision" in name
+    if trainable == "reference":
+        return model_type.startswith("internvl") and ("vision_model" in name or "vision_tower" in name)
+    raise ValueError(f"model.trainable: unknown setting {trainable!r}; use language, all or reference")
+
+
 def torch_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     """The parameter dtype for a `model.dtype` setting: auto is bfloat16 on GPU and float32 on CPU."""
     if dtype == "auto":
@@ -83,17 +99,46 @@ def torch_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
-               attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """The checkpoint's image-text-to-text model (Qwen2.5-VL, Qwen2-VL, ...) on `device`, in eval mode."""
+               attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> PreTrainedModel:
+    """The checkpoint's image-text-to-text model (Qwen2.5-VL, Qwen2-VL, ...) on `device`, in eval mode.
+    `trust_remote_code` (the spec's model.trustRemoteCode) runs Python code shipped with the checkpoint."""
     model = AutoModelForImageTextToText.from_pretrained(
-        str(path), dtype=torch_dtype(dtype, device), attn_implementation=attn_implementation
+        str(path), dtype=torch_dtype(dtype, device), attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
     )
     logger.info("model.loaded", path=str(path), architecture=type(model).__name__, dtype=str(model.dtype),
                 device=str(device), parameters=sum(p.numel() for p in model.parameters()))
     return model.to(device).eval()
 
 
-def load_processor(path: str | Path) -> ProcessorMixin:
+def _processor_class(path: str | Path, config) -> type | None:
+    """The processor class the checkpoint names (processor_config.json's processor_class, which a checkpoint with
+    its own config class also names), else the one transformers maps its config type to."""
+    try:
+        named = ProcessorMixin.get_processor_dict(str(path))[0].get("processor_class")
+    except (OSError, ValueError):
+        named = None
+    return {cls.__name__: cls for cls in _IMAGE_ONLY}.get(named) or PROCESSOR_MAPPING.get(type(config), None)
+
+
+REMOTE_CODE_FIX = ("the checkpoint ships its own Python code (auto_map in config.json). Use its transformers-native "
+                   "conversion where there is one (InternVL3: OpenGVLab/InternVL3-2B-hf), or set "
+                   "model.trustRemoteCode: true if you trust its authors: that code runs in the trainer and the "
+                   "rollout service with their credentials")
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's config. A checkpoint with remote code and trust_remote_code off is refused by transformers
+    (its dynamic_module_utils asks for trust_remote_code=True); the message then names the spec field."""
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise ValueError(f"{path}: {REMOTE_CODE_FIX}") from None
+        raise
+
+
+def load_processor(path: str | Path, trust_remote_code: bool = False) -> ProcessorMixin:
     """The checkpoint's processor (tokenizer, image processor, chat template) through AutoProcessor.
 
     Qwen-VL processors insist on a video processor, and transformers' video processors need torchvision. Where
@@ -104,16 +149,16 @@ def load_processor(path: str | Path) -> ProcessorMixin:
     Raises ValueError for a folder that is no image-text-to-text checkpoint, or whose tokenizer does not know the
     processor's image token: transformers builds an empty tokenizer when the tokenizer files are missing, and the
     first prompt would fail deep inside the processor."""
-    config = AutoConfig.from_pretrained(str(path))
-    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+    config = load_config(path, trust_remote_code)
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING and not trust_remote_code:
         raise ValueError(f"{path}: model_type {config.model_type!r} is not an image-text-to-text architecture "
-                         "(e.g. qwen2_5_vl, qwen2_vl)")
-    image_only = None if is_torchvision_available() else _IMAGE_ONLY.get(PROCESSOR_MAPPING.get(type(config), None))
+                         "(e.g. qwen2_5_vl, qwen2_vl, internvl, llava)")
+    image_only = None if is_torchvision_available() else _IMAGE_ONLY.get(_processor_class(path, config))
     if image_only is not None:
         processor = image_only.from_pretrained(str(path))
         processor.checkpoint_config = ProcessorMixin.get_processor_dict(str(path))[0]
     else:
-        processor = AutoProcessor.from_pretrained(str(path))
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     image_token = getattr(processor, "image_token", None)
     if image_token is not None and image_token not in processor.tokenizer.get_vocab():
         raise ValueError(f"{path}: the tokenizer has no {image_token} token (tokenizer.json / tokenizer_config.json "
@@ -123,15 +168,9 @@ def load_processor(path: str | Path) -> ProcessorMixin:
 
 def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:
     """One user turn whose content is the prompt's text with an image part where `<image>` stood."""
+    if (problem := placeholder_problem(prompt)) is not None:
+        raise DataError(f"prompt {prompt.id}: {problem}")
     count = prompt.text.count(IMAGE_PLACEHOLDER)
-    if count > 1:
-        raise DataError(f"prompt {prompt.id}: {count} {IMAGE_PLACEHOLDER} placeholders but one image; keep one")
-    if count == 1 and prompt.image_path is None:
-        raise DataError(f"prompt {prompt.id}: has {IMAGE_PLACEHOLDER} but no image_path; add the image or drop "
-                        "the placeholder")
-    if count == 0 and prompt.image_path is not None:
-        raise DataError(f"prompt {prompt.id}: has an image but no {IMAGE_PLACEHOLDER} placeholder; add it where "
-                        "the image goes")
     before, _, after = prompt.text.partition(IMAGE_PLACEHOLDER)
     parts: list[dict[str, Any]] = [{"type": "text", "text": before}] if before else []
     if count:
@@ -150,7 +189,9 @@ def model_inputs(processor: ProcessorMixin, prompts: list[Prompt], padding_side:
     """A padded batch (input_ids, attention_mask, pixel_values, image_grid_thw, ...) for `prompts`; left padding
     by default so that generation continues every row at the same position."""
     texts = [render_prompt(processor, p) for p in prompts]
-    images = [load_image(p.image_path) for p in prompts if p.image_path is not None]
+    # each file decoded once, however many rows repeat its prompt (a rollout repeats it once per vote)
+    decoded = {path: load_image(path) for path in dict.fromkeys(p.image_path for p in prompts) if path is not None}
+    images = [decoded[p.image_path] for p in prompts if p.image_path is not None]
     if images and len(images) != len(prompts):
         raise DataError("a batch mixes prompts with and without images; batch them separately")
     return processor(text=texts, images=images or None, padding=True, padding_side=padding_side,

@@ -59,7 +59,8 @@ class TrainBatch:
     attention_mask: torch.Tensor  # [B, L]
     target_mask: torch.Tensor  # [B, L-1] float
     per_token: dict[str, torch.Tensor]  # [B, L] each
-    vision: dict[str, torch.Tensor]
+    vision: dict[str, torch.Tensor]  # each: the sequences' blocks concatenated along dim 0
+    vision_rows: dict[str, torch.Tensor]  # [B] each: how many dim-0 rows of vision[key] each sequence has
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.per_token, **self.vision}
@@ -67,26 +68,26 @@ class TrainBatch:
     def to(self, device) -> TrainBatch:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device),
-                          move(self.per_token), move(self.vision))
+                          move(self.per_token), move(self.vision), self.vision_rows)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, rows: slice) -> TrainBatch:
-        """A micro-batch. Vision tensors are per-sequence blocks concatenated along dim 0, so they are sliced by
-        each sequence's share (image_grid_thw gives patch counts)."""
+        """A micro-batch. Every vision tensor the processor returned is sliced by the selected sequences' own rows:
+        Qwen-VL's pixel_values have one row per patch and image_grid_thw one per image, LLaVA's and InternVL-hf's
+        pixel_values one per image or tile, with image_sizes and the like beside them. (Slicing only when
+        image_grid_thw existed trained every other family without its image.)"""
         vision = {}
-        grid = self.vision.get("image_grid_thw")
-        if grid is not None:
-            patches = grid.prod(dim=1)
-            offsets = torch.cat([torch.zeros(1, dtype=patches.dtype), patches.cumsum(0)])
-            start, stop = offsets[rows.start].item(), offsets[rows.stop].item()
-            vision = {
-                "pixel_values": self.vision["pixel_values"][start:stop],
-                "image_grid_thw": grid[rows],
-            }
+        for key, tensor in self.vision.items():
+            counts = self.vision_rows[key]
+            offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+            vision[key] = tensor[offsets[rows.start].item():offsets[rows.stop].item()]
+        vision_rows = {key: counts[rows] for key, counts in self.vision_rows.items()}
+        vision = {key: tensor for key, tensor in vision.items() if len(tensor)}  # a text-only micro-batch
         per_token = {k: v[rows] for k, v in self.per_token.items()}
-        return TrainBatch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows], per_token, vision)
+        return TrainBatch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows], per_token, vision,
+                          {key: counts for key, counts in vision_rows.items() if key in vision})
 
 
 def collate(encoded: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], pad_id: int) -> TrainBatch:
@@ -106,19 +107,40 @@ def collate(encoded: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]]
         targets[b, prompt_len - 1 : prompt_len - 1 + len(r)] = 1.0
         for key, values in e.per_token.items():
             per_token[key][b, :prompt_len] = values
-    vision = {key: torch.cat([e.vision[key] for e in encoded], dim=0) for key in encoded[0].vision}
-    return TrainBatch(input_ids, attention, targets, per_token, vision)
+    keys = sorted({key for e in encoded for key in e.vision})  # text-only prompts add no rows
+    vision = {key: torch.cat([e.vision[key] for e in encoded if key in e.vision], dim=0) for key in keys}
+    vision_rows = {key: torch.tensor([len(e.vision[key]) if key in e.vision else 0 for e in encoded],
+                                     dtype=torch.long) for key in keys}
+    return TrainBatch(input_ids, attention, targets, per_token, vision, vision_rows)
 
 
-def token_log_probs(model, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token_{t+1} | tokens_<=t) for every position, [B, L-1]; only `batch.target_mask` positions matter.
+LOG_PROB_CHUNK = 256
+"""Positions whose logits are cast to fp32 together in token_log_probs."""
+
+
+def token_log_probs(model, batch: TrainBatch, temperature: float = 1.0, chunk: int = LOG_PROB_CHUNK) -> torch.Tensor:
+    """log pi(token_{t+1} | tokens_<=t), [B, L-1], at the positions from the batch's first response target on;
+    the positions before it (prompt and image tokens, never a target) are 0. Only `batch.target_mask` positions
+    matter.
 
     Logits are divided by the sampling temperature (verl does the same) so the ratio compares the distributions
-    the samples were drawn from. logsumexp avoids materialising a second [B, L, V] tensor.
+    the samples were drawn from. Memory: a VLM's sequence is mostly prompt and image tokens, and its full [B, L, V]
+    logits in fp32 are the trainer's largest tensor (about 38 GB for 16 sequences of 1.3k tokens at Qwen2.5's
+    152k vocabulary). The model is asked for logits from the first response position on only (`logits_to_keep`:
+    transformers' Qwen2_5_VLForConditionalGeneration.forward, as its causal LMs, applies the head to
+    `hidden_states[:, -logits_to_keep:]`; transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py), and those are cast
+    to fp32 `chunk` positions at a time; logsumexp avoids a second [B, chunk, V] tensor.
     """
-    logits = model(**batch.model_inputs()).logits
-    logits = logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    length = batch.input_ids.shape[1]
+    targets_at = batch.target_mask.any(dim=0).nonzero()
+    first = int(targets_at[0]) if len(targets_at) else length - 2  # no target at all: keep one position
+    logits = model(**batch.model_inputs(), logits_to_keep=length - first).logits[:, :-1]  # positions first..L-2
+    targets = batch.input_ids[:, first + 1 :]
+    parts = []
+    for start in range(0, logits.shape[1], chunk):
+        part = logits[:, start : start + chunk].float()
+        if temperature != 1.0:
+            part = part / temperature
+        target = targets[:, start : start + chunk].unsqueeze(-1)
+        parts.append(part.gather(-1, target).squeeze(-1) - torch.logsumexp(part, dim=-1))
+    return torch.nn.functional.pad(torch.cat(parts, dim=1), (first, 0))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ttrv.fsutil import atomic_write
+from ttrv.fsutil import atomic_write, strict_json
 
 
 def read_events(path: Path) -> list[dict]:
@@ -16,7 +16,7 @@ def read_events(path: Path) -> list[dict]:
 
 
 def write_report(out: Path, report: dict, events: list[dict]) -> Path:
-    atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(out / "report.json", (strict_json(report, where=str(out / "report.json"), indent=2) + "\n").encode())
     atomic_write(out / "report.png", plot(report, events))
     return out / "report.json"
 

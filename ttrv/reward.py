@@ -97,15 +97,38 @@ def extract_text(text: str) -> str | None:
     return body or None
 
 
+def extract_reference_choice(text: str, choices: str = "ABCD") -> str:
+    """The TTRV reference's multiple-choice parsing, `choice_answer_clean_gpqa` in
+    verl/utils/reward_score/ttrl/qwen/qwen_math_parser.py (Akshit21112002/TTRV), behaviour for behaviour: the last
+    option letter standing alone as a word in the upper-cased response (so "a cat" reads as A), else the response's
+    own stripped text. It never returns None: an unreadable response votes with its raw text, and identical texts
+    pool into one class (ttt_metrics.py counts `Counter(model_answers)` over whatever was extracted)."""
+    pred = (text or "").strip("\n").rstrip(".").rstrip("/").strip(" ").lstrip(":")
+    letters = re.findall(rf"\b({'|'.join(re.escape(c) for c in choices)})\b", pred.upper())
+    pred = letters[-1] if letters else pred.strip().strip(".")
+    return pred.rstrip(".").rstrip("/")
+
+
 def extract_answer(text: str, extractor: str = "choice", choices: str = "ABCD") -> str | None:
     """Dispatch on the spec's `reward.extractor`."""
     if extractor == "choice":
         return extract_choice(text, choices)
+    if extractor == "reference":
+        return extract_reference_choice(text, choices)
     if extractor == "numeric":
         return extract_number(text)
     if extractor == "text":
         return extract_text(text)
-    raise ValueError(f"reward.extractor: unknown extractor {extractor!r}; use choice, numeric or text")
+    raise ValueError(f"reward.extractor: unknown extractor {extractor!r}; use choice, numeric, text or reference")
+
+
+def normalize_label(label: str | None, extractor: str = "choice", choices: str = "ABCD") -> str | None:
+    """A dataset's label in the form `extract_answer` gives a prediction, so that both sides of the comparison pass
+    through the same extractor: "3.50" and "1,000" match the predictions "3.5" and "1000", "Yes" matches "yes",
+    "a red car" matches "red car", "(B)" matches "B". A label the extractor reads nothing from is kept, stripped."""
+    if label is None:
+        return None
+    return extract_answer(label, extractor, choices) or label.strip()
 
 
 def normalized_entropy(answers: list[str | None]) -> float:

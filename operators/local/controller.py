@@ -3,7 +3,6 @@ own reconcile loop (operators/reconcile.py) until every dataset has finished."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,7 +16,7 @@ from operators.progress import ProgressReader
 from operators.reconcile import Context, reconcile_experiment, reconcile_run
 from ttrv import lifetime
 from ttrv.crds import API_VERSION
-from ttrv.fsutil import atomic_write
+from ttrv.fsutil import atomic_write, strict_json
 from ttrv.labels import EXPERIMENT_LABEL
 from ttrv.local import EMBEDDED_BUCKET
 from ttrv.log import get_logger
@@ -185,7 +184,7 @@ class LocalController:
         }
 
     def _write_status(self) -> None:
-        text = json.dumps(self.document(), indent=2) + "\n"
+        text = strict_json(self.document(), where=str(self.out / "status.json"), indent=2) + "\n"
         if text != self._written:
             atomic_write(self.out / "status.json", text.encode())
             self._written = text

@@ -1,16 +1,25 @@
-"""Bad test-set files through `ttrv data check` (the CLI's `main` in this process): exit 1, every problem named by
-file (and record) with its fix, and the folder left as it was (the check only reads)."""
+"""Bad test-set files through `ttrv data check` (the CLI's `main` in this process): exit 3 (exitcodes.BAD_DATA, what
+the trainer exits with on the same file), every problem named by file (and record) with its fix, and the folder
+left as it was (the check only reads). What the check passes, the run accepts: the same rules refuse the same
+records (ttrv.data.placeholder_problem, the image checks of ttrv.data._opened)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from bad_inputs.catalogue import Case, cases, check, files_under
+from ttrv import exitcodes
+from ttrv.data import load_image, read_dataset
 
 PROMPT = "<image>\nWhich shape is shown? Options:\nA. circle\nB. square\nC. triangle\nD. star"
 
@@ -57,8 +66,6 @@ DATA = cases("data file", [
      ("record 0", "<image>"), "add it where the image goes"),
     ("answer-not-an-option", ("bad.jsonl", jsonl(record(0, answer="E")), ()), ("record 0", "'E'"),
      "correct the answer or the prompt's option lines"),
-    ("option-outside-choices", ("bad.jsonl", jsonl(record(0, prompt=PROMPT + "\nF. hexagon")), ()),
-     ("record 0", "['F']", "reward.choices"), "outside reward.choices"),
     ("parquet-without-prompt-column", ("bad.parquet", parquet([{"question": "x", "answer": "B"}]), ()),
      ("bad.parquet", "'prompt'"), "write verl's layout"),
     ("parquet-garbage", ("bad.parquet", b"PAR1 this is not parquet", ()), ("bad.parquet",),
@@ -68,6 +75,18 @@ DATA = cases("data file", [
     ("path-map-without-equals", ("bad.jsonl", jsonl(record(0)), ("--path-map", "/authors/imgs")),
      ("path map '/authors/imgs'",), "is not OLD=NEW"),
     ("file-missing", ("absent.json", None, ()), ("absent.json",), "no such data file; check data.path"),
+    # What the run refuses, the check refuses (the chat rendering, the Qwen2-VL processor's aspect-ratio limit).
+    ("two-image-placeholders", ("bad.jsonl", jsonl(record(0, prompt="<image> and <image>\n" + PROMPT[8:])), ()),
+     ("record 0", "2 <image> placeholders"), "keep one"),
+    ("image-extreme-aspect-ratio", ("bad.jsonl", jsonl(record(0, image_path="thin.png")), ()),
+     ("record 0", "thin.png", "1000x4", "200 times"), "crop or pad it"),
+    # Special files are refused from their stat, never opened for reading (a FIFO blocks, a device never ends).
+    ("image-is-a-directory", ("bad.jsonl", jsonl(record(0, image_path="folder.png")), ()),
+     ("record 0", "folder.png", "a directory"), "point image_path at an image file"),
+    ("image-is-a-device", ("bad.jsonl", jsonl(record(0, image_path="/dev/zero")), ()),
+     ("record 0", "/dev/zero", "a device"), "point image_path at an image file"),
+    ("file-is-a-directory", ("bad.json", lambda path: path.mkdir(), ()), ("bad.json", "a directory"),
+     "point data.path at a JSON, JSONL or parquet file"),
 ])
 
 
@@ -79,6 +98,7 @@ def images(tmp_path_factory):
     (folder / "truncated.png").write_bytes((folder / "ok.png").read_bytes()[:60])
     # 8000 x 8000 one-bit pixels: a few kB on disk, 64 megapixels (192 MB as RGB) once decoded
     Image.new("1", (8000, 8000)).save(folder / "huge.png")
+    Image.new("RGB", (1000, 4)).save(folder / "thin.png")  # 250:1, over the processor's 200
     return folder
 
 
@@ -87,6 +107,7 @@ def folder(tmp_path, images):
     """A folder with one good image beside the data file, and the bad images the cases name."""
     for image in images.iterdir():
         (tmp_path / image.name).write_bytes(image.read_bytes())
+    (tmp_path / "folder.png").mkdir()
     return tmp_path
 
 
@@ -104,3 +125,77 @@ def test_data_check_rejects_the_file(case: Case, folder, cli):
     code, _, stderr = cli("data", "check", str(path), *args)
     assert str(path) in stderr or "path map" in stderr, stderr
     check(case, code, stderr, sorted(set(files_under(folder)) - set(before)))
+    assert code == exitcodes.BAD_DATA, stderr
+
+
+FIFOS = cases("data file", [
+    ("image-is-a-fifo", "image", ("record 0 (id 0)", "pipe.png", "FIFO"), "point image_path at an image file"),
+    ("file-is-a-fifo", "data", ("pipe.jsonl", "FIFO"), "point data.path at a JSON, JSONL or parquet file"),
+])
+
+
+@pytest.mark.parametrize("case", FIFOS)
+def test_data_check_refuses_a_fifo_at_once(case: Case, folder):
+    """A FIFO without a writer blocks whoever opens it for reading: the check (a process of its own here, so that
+    a hang ends with the test's timeout rather than with the suite) refuses it from its stat, at once."""
+    os.mkfifo(folder / ("pipe.png" if case.input == "image" else "pipe.jsonl"))
+    path = folder / "test.jsonl"
+    path.write_text(jsonl(record(0, image_path="pipe.png")))
+    data = path if case.input == "image" else folder / "pipe.jsonl"
+    before = files_under(folder)
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, "-m", "ttrv.cli", "data", "check", str(data)], capture_output=True,
+                                text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ttrv data check opened the FIFO and hung ({time.monotonic() - started:.0f} s)")
+    check(case, result.returncode, result.stderr, sorted(set(files_under(folder)) - set(before)))
+    assert result.returncode == exitcodes.BAD_DATA, result.stderr
+
+
+def test_what_strict_json_holds_is_read_as_written(folder, cli):
+    """Accepted, and read as written: an integer of thousands of digits (over Python's int-str limit: json.loads
+    raises ValueError), a U+2028 or U+0085 inside a JSONL string (str.splitlines splits there), a .json file with
+    a UTF-8 BOM (read as JSONL when the BOM hides its '[')."""
+    big = "9" * 5000
+    (folder / "big.jsonl").write_text(f'{{"id": {big}, "prompt": {json.dumps(PROMPT)}, "image_path": "ok.png", '
+                                      '"answer": "B"}\n')
+    odd = PROMPT + "\u2028D2. \u0085more"
+    (folder / "odd.jsonl").write_text(json.dumps(record(0, prompt=odd), ensure_ascii=False) + "\n")
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([record(0), record(1)]).encode())
+    for name, records in (("big.jsonl", 1), ("odd.jsonl", 1), ("bom.json", 2)):
+        code, out, err = cli("data", "check", str(folder / name))
+        assert code == 0 and "Traceback" not in err, err
+        summary = json.loads(out)
+        assert summary["records"] == records and summary["format"] == ("reference_json" if name == "bom.json" else
+                                                                       "jsonl"), summary
+    assert read_dataset(folder / "big.jsonl").prompts[0].id == big
+    assert read_dataset(folder / "odd.jsonl").prompts[0].text == odd
+
+
+def test_images_are_converted_as_they_are_meant_to_be_seen(tmp_path):
+    """EXIF orientation applied (a phone stores a portrait photo sideways with Orientation=6), transparency
+    composited on white (dropping alpha shows the hidden colour, often black), 16-bit samples scaled to 8 bits
+    (Pillow's convert("RGB") clips them: mid-grey 32896 would become white)."""
+    sideways = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    sideways.save(tmp_path / "sideways.jpg", exif=exif)
+    assert load_image(str(tmp_path / "sideways.jpg")).size == (20, 40)
+
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    half = Image.new("RGBA", (4, 4), (0, 0, 0, 128))
+    half.save(tmp_path / "half.png")
+    assert load_image(str(tmp_path / "clear.png")).getpixel((0, 0)) == (255, 255, 255)
+    assert all(abs(c - 127) <= 1 for c in load_image(str(tmp_path / "half.png")).getpixel((0, 0)))
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    assert load_image(str(tmp_path / "palette.png")).getpixel((0, 0)) == (255, 255, 255)
+
+    Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert load_image(str(tmp_path / "grey16.png")).getpixel((0, 0)) == (128, 128, 128)
+    ramp = np.arange(0, 65536, 4096, dtype=np.uint16).reshape(4, 4)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    values = [load_image(str(tmp_path / "ramp16.png")).getpixel((x, y))[0] for y in range(4) for x in range(4)]
+    assert values == sorted(values) and len(set(values)) == 16  # monotone and distinct: scaled, not clipped

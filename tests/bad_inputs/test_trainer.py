@@ -7,6 +7,7 @@ seconds of imports, so further variants of the same failure run the same functio
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -61,6 +62,18 @@ def images_jsonl(folder: Path, missing: int) -> Path:
     path.write_text("".join(json.dumps({"id": str(i), "prompt": PROMPT, "image_path": f"{i}.png", "answer": "A"})
                             + "\n" for i in range(8)))
     return path
+
+
+def one_record(folder: Path, image: str, prompt: str = PROMPT, make=None) -> Path:
+    """A one-record test set whose image `image` is made by `make(path)` (a 28x28 PNG by default)."""
+    (make or (lambda path: Image.new("RGB", (28, 28)).save(path)))(folder / image)
+    path = folder / "test.jsonl"
+    path.write_text(json.dumps({"id": "0", "prompt": prompt, "image_path": image, "answer": "A"}) + "\n")
+    return path
+
+
+def examples_of(path: Path):
+    return load_examples(RunSpec.model_validate(BASE | {"data": {"path": str(path), "subsetSize": None}}))
 
 
 def bad_jsonl(folder: Path) -> Path:
@@ -147,6 +160,15 @@ IN_PROCESS = cases("trainer", [
     ("data-image-missing", lambda folder: load_examples(RunSpec.model_validate(
         BASE | {"data": {"path": str(images_jsonl(folder, missing=5)), "subsetSize": None}})),
      ("test.jsonl: record 5 (id 5)", "5.png"), "fix image_path or add a data.pathMap OLD=NEW rewrite"),
+    # Refused at start from the image's stat: a FIFO would block the trainer's open for ever.
+    ("data-image-is-a-fifo", lambda folder: examples_of(one_record(folder, "pipe.png", make=os.mkfifo)),
+     ("test.jsonl: record 0 (id 0)", "pipe.png", "FIFO"), "point image_path at an image file"),
+    # Refused at start, as data (exit 3, the record named), not by the processor at the first step (exit 2).
+    ("data-image-extreme-aspect-ratio", lambda folder: examples_of(
+        one_record(folder, "thin.png", make=lambda path: Image.new("RGB", (1000, 4)).save(path))),
+     ("test.jsonl: record 0 (id 0)", "thin.png", "1000x4"), "crop or pad it"),
+    ("data-two-image-placeholders", lambda folder: examples_of(one_record(folder, "0.png", "<image><image>" + PROMPT)),
+     ("test.jsonl: record 0 (id 0)", "3 <image> placeholders"), "keep one"),
     ("model-wrong-architecture", lambda folder: load_model_folder(model_folder(folder, write={"config.json": BERT})),
      ("model.path", "model_type 'bert'", "not an image-text-to-text architecture"), MODEL_FIX),
     ("model-without-processor-files", lambda folder: load_model_folder(
@@ -169,6 +191,7 @@ def load_model_folder(path: Path):
     return load_learner_and_engine(spec, str(path), None, None, [])
 
 
+@pytest.mark.timeout(120)  # a case that opens a FIFO blocks: it fails here instead of at the suite's 600 s
 @pytest.mark.parametrize("case", IN_PROCESS)
 def test_trainer_stops_before_any_work_with_its_permanent_code(case: Case, tmp_path):
     error = failure(lambda: case.input(tmp_path))

@@ -19,6 +19,7 @@ not only after the whole retry budget, which is minutes long.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -29,15 +30,18 @@ from urllib.parse import urlsplit
 
 from ttrv import log
 from ttrv.data import Prompt
+from ttrv.rollout import jsonhttp
 from ttrv.rollout.base import Sample, sample_seed
 from ttrv.rollout.chat import openai_messages, samples_from_completion
-from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS, request_json
+from ttrv.rollout.jsonhttp import TRANSPORT_ERRORS
 from ttrv.spec import RunSpec
 
 logger = log.get_logger(__name__)
 
 _RETRYABLE = (*TRANSPORT_ERRORS, ValueError)
 """Refused, reset or timed-out connections, a connection closed mid-answer, and an answer cut short (bad JSON)."""
+MAX_RETRY_AFTER = 30.0
+"""The longest wait a service's Retry-After makes a request take before it retries."""
 REPORT_EVERY = 30.0
 """Seconds between two `rollout_unavailable` warnings of one outage (the reason changes as the service restarts)."""
 
@@ -56,8 +60,9 @@ class ServiceEngine:
     name) and `rollout.maxStaleness`.
 
     retry_seconds: how long one request keeps retrying after its first failure. sync_timeout: how long
-    `load_version` waits for the service to serve the version. request_timeout: the socket timeout of one request
-    (a whole batch of long answers on a busy GPU). max_concurrency: prompts in flight at once."""
+    `load_version` waits for the service to serve the version. request_timeout: how long one request may wait for its
+    answer (a whole batch of long answers on a busy GPU). max_concurrency: prompts in flight at once, each on a
+    connection of a pool of as many, kept alive between requests (httpx, `jsonhttp.client`)."""
 
     def __init__(self, url: str, spec: RunSpec, *, retry_seconds: float = 600.0, sync_timeout: float = 600.0,
                  request_timeout: float = 1800.0, max_concurrency: int = 16):
@@ -72,6 +77,8 @@ class ServiceEngine:
         self.sync_timeout = sync_timeout
         self.request_timeout = request_timeout
         self.max_concurrency = max_concurrency
+        # a few more connections than prompts in flight: the /sync and /weight_version calls of load_version
+        self._http = jsonhttp.client(max_concurrency + 4)
         self.weight_version: int | None = None
         self._target: int | None = None
         self._outage_lock = threading.Lock()
@@ -140,7 +147,8 @@ class ServiceEngine:
             delay = min(2 * delay, 2.0)
 
     def close(self) -> None:
-        """Nothing to release: every request opens its own connection."""
+        """Closes the pooled connections."""
+        self._http.close()
 
     # -------------------------------------------------------------------------------------------------- requests
     def _body(self, prompt: Prompt, n: int, temperature: float, top_p: float, max_tokens: int,
@@ -163,8 +171,9 @@ class ServiceEngine:
         first_failure, delay, attempt = None, 0.5, 0
         while True:
             attempt += 1
+            retry_after = 0.0
             try:
-                status, answer = self._request("POST", "/v1/chat/completions", body, timeout=self.request_timeout)
+                status, answer, retry_after = self._chat(body)
             except _RETRYABLE as error:
                 problem = f"{type(error).__name__}: {error}"
                 self._unavailable(f"unreachable ({problem})")
@@ -194,7 +203,9 @@ class ServiceEngine:
                     f"the rollout service at {self.url} gave no usable answer for {self.retry_seconds:.0f} s "
                     f"({attempt} attempts); last: {problem}{self._first_reason(problem)}. Check that its pod is "
                     "running and read its log")
-            wait = delay * random.uniform(0.5, 1.5)
+            # a full service says when to come back (503 with Retry-After): not sooner, so the retries of many
+            # prompts do not keep it full
+            wait = max(delay * random.uniform(0.5, 1.5), min(retry_after, MAX_RETRY_AFTER))
             logger.warning("rollout_request_retry", attempt=attempt, problem=problem, retry_in=round(wait, 2))
             if cancelled.wait(wait):
                 raise RolloutUnavailableError("cancelled: another prompt of the batch failed")
@@ -228,9 +239,21 @@ class ServiceEngine:
         if outage is not None:
             logger.info("rollout_available", url=self.url, seconds=round(time.monotonic() - outage["since"], 1))
 
+    def _chat(self, body: dict[str, Any]) -> tuple[int, Any, float]:
+        """(status, decoded JSON, the answer's Retry-After in seconds or 0) of one chat request."""
+        response = self._http.post(f"{self.url}/v1/chat/completions", content=json.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json"},
+                                   timeout=jsonhttp.timeout(self.request_timeout))
+        try:
+            retry_after = float(response.headers.get("retry-after", 0))
+        except ValueError:  # an HTTP date, which ttrv serve never sends
+            retry_after = 0.0
+        return response.status_code, json.loads(response.content) if response.content else {}, retry_after
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
-        """(status, decoded JSON) of one request on a connection of its own."""
-        return request_json(self.url, method, path, body, timeout)
+        """(status, decoded JSON) of one request on a pooled connection; ValueError when the answer is not JSON."""
+        status, payload = jsonhttp.send(self._http, self.url, method, path, body, timeout)
+        return status, json.loads(payload) if payload else {}
 
 
 def _message(answer: Any) -> str:

@@ -7,7 +7,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from ttrv.data import Prompt
 from ttrv.modeling import model_inputs
@@ -33,25 +39,39 @@ class HFEngine:
         self.weight_version: int | None = None
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = set(_as_list(model.generation_config.eos_token_id)) or {tokenizer.eos_token_id}
+        source = model.generation_config
+        self.eos_ids = set(_as_list(source.eos_token_id)) or {tokenizer.eos_token_id}
+        # Sample from exactly the distribution the trainer scores, softmax(logits / T) (policy.token_log_probs), as
+        # the vLLM path does with chat.NEUTRAL_SAMPLING: a checkpoint's generation_config (repetition_penalty,
+        # no_repeat_ngram_size, bad words, ...) shaped the votes here, and at repetition_penalty 1.05 the sampler's
+        # and the trainer's log-probs of the same tokens were 0.27 nats apart. transformers fills every generate()
+        # argument left None from model.generation_config (generation/utils.py, _prepare_generation_config), so the
+        # engine's model keeps only the ids that start, end and pad a sequence.
+        model.generation_config = GenerationConfig(bos_token_id=source.bos_token_id, eos_token_id=source.eos_token_id,
+                                                   pad_token_id=source.pad_token_id)
         # a sampled image/video placeholder would make the response unscorable (the model then expects pixels)
         self.suppress = [i for i in (getattr(model.config, name, None) for name in VISION_TOKEN_FIELDS)
                          if i is not None]
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None = None) -> list[list[Sample]]:
+                 max_new_tokens: int, seed: int | None = None,
+                 stop: Callable[[], bool] | None = None) -> list[list[Sample]] | None:
+        """`stop`: asked before each chunk of prompts and at each new token; once it answers True nothing further
+        is sampled and the call returns None (the rollout service's clients all went away)."""
         greedy = temperature == 0
         if greedy and n != 1:
             raise ValueError("greedy decoding (temperature 0) gives one answer per prompt; set n=1")
         per_call = max(1, self.max_batch_sequences // n)
         results: list[list[Sample]] = []
         for start in range(0, len(prompts), per_call):
+            if stop is not None and stop():
+                return None
             results.extend(self._generate_chunk(prompts[start : start + per_call], n, temperature, top_p,
-                                                max_new_tokens, seed))
-        return results
+                                                max_new_tokens, seed, stop))
+        return None if stop is not None and stop() else results
 
-    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, seed) -> list[list[Sample]]:
+    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, seed, stop=None) -> list[list[Sample]]:
         tokenizer = self.processor.tokenizer
         # each prompt repeated n times: greedy decoding (which takes RowSampler's draw) has no num_return_sequences
         inputs = model_inputs(self.processor, [p for p in prompts for _ in range(n)]).to(self.model.device)
@@ -64,6 +84,7 @@ class HFEngine:
             logits_processor=LogitsProcessorList([sampler]) if sampler else None,
             max_new_tokens=max_new_tokens, return_dict_in_generate=True,
             output_scores=sampler is None, pad_token_id=self.pad_id, suppress_tokens=self.suppress or None,
+            stopping_criteria=StoppingCriteriaList([StopWhen(stop)]) if stop is not None else None,
         )
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         if sampler is not None:
@@ -112,6 +133,17 @@ def lora_merger(model, lora: LoraSpec | None) -> Callable[[dict], dict] | None:
     base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     scale = lora.alpha / lora.rank
     return lambda adapter: merge_lora(base, adapter, scale)
+
+
+class StopWhen(StoppingCriteria):
+    """Ends generation for every row once `stop()` answers True (transformers asks after each new token:
+    generation/utils.py, _sample, `unfinished_sequences & ~stopping_criteria(...)`)."""
+
+    def __init__(self, stop: Callable[[], bool]):
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool, device=input_ids.device)
 
 
 class RowSampler(LogitsProcessor):

@@ -24,46 +24,207 @@ to serve: the service answers 503 with the engine's own error for a few seconds,
 the trainer's retries read why, then `ttrv serve` exits with exitcodes.ROLLOUT_ENGINE_DIED, to be restarted (by its
 Deployment in a cluster, by `ttrv run` locally) rather than answer 503 forever. /health fails from the first moment,
 so the Deployment's liveness probe restarts a service that cannot exit.
+
+The HTTP layer is FastAPI (Starlette) on uvicorn, as vLLM's own OpenAI server is (vllm/entrypoints/openai/
+api_server.py re-exports vllm/entrypoints/launchers/launcher.py, whose serve_http builds a uvicorn.Config around a
+FastAPI app with header limits, and vllm/entrypoints/launchers/api_server/entry.py passes timeout_keep_alive). What
+uvicorn does not bound, this module does (`ServiceLimits`): the time a connection may take to send its headers and
+its body, the body's size whatever Content-Length says (or chunked), the chat requests held at once (more get 503
+with Retry-After), and every field of a request (`ChatRequest`, pydantic: finite numbers, ranges, upper limits on n,
+max_tokens and image pixels; a violation answers 400 naming the field). The OpenAPI description is GET /openapi.json.
+The engine's work runs in threads, so the event loop keeps answering /health while a batch samples; a client that
+disconnects cancels its request (no further votes are sampled for it).
 """
+
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import h11
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ttrv import exitcodes, log
-from ttrv.rollout.serving import ServiceError, ServingEngine, choose_engine
+from ttrv.data import MAX_IMAGE_PIXELS
+from ttrv.rollout.serving import Cancelled, ServiceError, ServingEngine, choose_engine
 from ttrv.rollout.sync import SyncAgent
 from ttrv.spec import RunSpec
 
 logger = log.get_logger(__name__)
 
-MAX_BODY_BYTES = 64 << 20
 DEATH_GRACE_SECONDS = 5.0
 """How long a service whose engine died keeps answering 503 with the reason before it exits (longer while requests
 are still being answered, up to DEATH_DRAIN_SECONDS): the trainer's retries come every few seconds."""
 DEATH_DRAIN_SECONDS = 30.0
+CHAT_PATH = "/v1/chat/completions"
+
+
+# ------------------------------------------------------------------------------------------------------ limits
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request, one connection and the whole service may take. Each can be set in the environment of
+    `ttrv serve` as TTRV_SERVE_<NAME> (e.g. TTRV_SERVE_MAX_N=512)."""
+
+    max_body_bytes: int = 64 << 20
+    """A chat request's body (a prompt with its image as base64); larger answers 413, whatever Content-Length says."""
+    max_n: int = 256
+    """Samples per request (the trainer sends its votes per prompt, 32 by default)."""
+    max_tokens: int = 32768
+    """max_tokens / max_completion_tokens of a request."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Pixels of a request's image, read from its header before it is decoded (the trainer's own limit)."""
+    max_in_flight: int = 512
+    """Chat requests held at once (being sampled or waiting for the engine); more answer 503 with Retry-After."""
+    max_connections: int = 2048
+    """Open connections (uvicorn's limit_concurrency): past it uvicorn itself answers 503."""
+    header_seconds: float = 30.0
+    """A connection must send a request's headers within this (uvicorn bounds only the wait between requests)."""
+    body_seconds: float = 60.0
+    """A request's body must arrive within this once its headers have; else 408 and the connection is closed."""
+    keep_alive_seconds: float = 5.0
+    """An idle kept-alive connection is closed after this (uvicorn's timeout_keep_alive; vLLM's default too)."""
+    shutdown_seconds: float = 20.0
+    """On SIGTERM, how long the requests in flight may take to finish (uvicorn's timeout_graceful_shutdown)."""
+    retry_after_seconds: int = 2
+    """The Retry-After of a 503 for a full service."""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServiceLimits:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            name = f"TTRV_SERVE_{field.name.upper()}"
+            if name in environ:
+                kind = int if field.type == "int" else float
+                try:
+                    values[field.name] = kind(environ[name])
+                except ValueError:
+                    raise ValueError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got "
+                                     f"{environ[name]!r}") from None
+                if not values[field.name] > 0:
+                    raise ValueError(f"{name}: must be above 0, got {environ[name]!r}")
+        return cls(**values)
+
+
+# -------------------------------------------------------------------------------------------- request models
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    url: str = Field(description="data:image/...;base64,... (images are sent inline; nothing is fetched)")
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: str
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+
+
+class ChatRequestBase(BaseModel):
+    """A chat-completion request as OpenAI and vLLM define it, with ttrv's `ttrv_weight_version`. Fields this model
+    does not name pass on to the engine (vLLM takes many; the Hugging Face engine refuses them by name). Whether
+    `messages` is one user turn, as the trainer sends, the engine checks (after the weight version, so a trainer
+    with a stale version is told so first)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = Field(None, description="the run's name, or absent")
+    messages: list[Message]
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0 decodes greedily (then n: 1)")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    logprobs: bool | None = None
+    return_token_ids: bool | None = None
+    stream: bool | None = None
+    ttrv_weight_version: int | None = Field(None, ge=0, description=(
+        "pins the weight version (a step; null: the base model): another one served answers 409"))
+
+
+def chat_request_model(limits: ServiceLimits) -> type[ChatRequestBase]:
+    """ChatRequestBase with the limits of this service on n, max_tokens and max_completion_tokens (so that the
+    OpenAPI description states them)."""
+    return create_model(
+        "ChatRequest", __base__=ChatRequestBase,
+        n=(int | None, Field(None, ge=1, le=limits.max_n)),
+        max_tokens=(int | None, Field(None, ge=1, le=limits.max_tokens)),
+        max_completion_tokens=(int | None, Field(None, ge=1, le=limits.max_tokens)),
+    )
+
+
+def validation_message(error: ValidationError) -> str:
+    """pydantic's errors as `field: what is wrong (got value)`, one per problem, the field first."""
+    problems: list[str] = []
+    for problem in error.errors(include_url=False):
+        where = ".".join(str(part) for part in problem["loc"] if _is_field(part)) or "the body"
+        got = problem.get("input")
+        shown = "" if problem["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {_short(got)})"
+        line = f"{where}: {problem['msg']}{shown}"
+        if line not in problems:
+            problems.append(line)
+    more = len(problems) - 4
+    return "; ".join(problems[:4]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _is_field(part: str | int) -> bool:
+    """Whether a part of a pydantic error's location is a field or an index, not the name of a union's member
+    (`str`, `list[...]`, a model's class name, a discriminator's tag)."""
+    return isinstance(part, int) or (part.isidentifier() and part.islower() and part not in _TYPE_NAMES)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "text", "image_url"}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------- service
 class RolloutService:
     """The engine, the sync agent and the HTTP routes, without the socket (`serve` adds it)."""
 
-    def __init__(self, spec: RunSpec, engine: ServingEngine, agent: SyncAgent):
+    def __init__(self, spec: RunSpec, engine: ServingEngine, agent: SyncAgent, limits: ServiceLimits | None = None,
+                 work: Path | None = None):
         self.spec = spec
         self.model_id = spec.name
         self.engine = engine
         self.agent = agent
+        self.limits = limits or ServiceLimits()
+        self.work = work
         self.started = False
         self.dead: str | None = None
         """Why the service will never answer again (set by `serve` once it found the engine dead); it then exits."""
+        self.in_flight = 0
+        """Chat requests held now (read and changed on the event loop only)."""
 
     def death(self) -> str | None:
         """Why the engine can never serve again (None: it may): it died, or a reload failed midway."""
@@ -92,13 +253,14 @@ class RolloutService:
         state = {"engine": self.engine.name, "weight_version": self.agent.version,
                  "in_flight": self.agent.lock.readers}
         if problem:
-            return 503, {"status": "dead" if self.dead else "unavailable", "reason": problem, **state}
+            return 503, {"status": "dead" if self.dead else "unavailable", "reason": self.scrub(problem), **state}
         return 200, {"status": "ok", **state}
 
     def weight_version(self) -> tuple[int, dict]:
-        refused = {str(step): reason for step, (_, reason) in sorted(self.agent.refused.items())}
+        refused = {str(step): self.scrub(reason) for step, (_, reason) in sorted(self.agent.refused.items())}
+        store_error = self.agent.last_error and self.scrub(self.agent.last_error)
         return 200, {"weight_version": self.agent.version, "engine": self.engine.name, "refused": refused,
-                     "store_error": self.agent.last_error}
+                     "store_error": store_error}
 
     def models(self) -> tuple[int, dict]:
         return 200, {"object": "list", "data": [{
@@ -109,18 +271,16 @@ class RolloutService:
         self.agent.wake()
         return 202, {"weight_version": self.agent.version}
 
-    def chat(self, body: Any) -> tuple[int, dict]:
+    def chat(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> tuple[int, dict]:
+        """A validated request (`chat_request_model`'s fields as sent) -> (status, answer). Blocks: runs in a thread.
+        Raises Cancelled when `cancelled` is set (the client went away) before the engine answered."""
         version = self.agent.version
         try:
-            if not isinstance(body, dict):
-                raise ServiceError(400, "the body must be a JSON object (a chat-completion request)")
             if body.get("model") not in (None, self.model_id):
                 raise ServiceError(404, f"model: {body['model']!r} is not served here; this service serves "
                                         f"{self.model_id!r} (the run's name)", "not_found_error")
             pinned = "ttrv_weight_version" in body
             wanted = body.pop("ttrv_weight_version", None)
-            if wanted is not None and (isinstance(wanted, bool) or not isinstance(wanted, int)):
-                raise ServiceError(400, f"ttrv_weight_version: expected a step (integer) or null, got {wanted!r}")
             problem = self.problem()
             if problem:
                 raise ServiceError(503, problem, "server_error")
@@ -131,24 +291,39 @@ class RolloutService:
                     raise ServiceError(409, f"ttrv_weight_version: this service serves {_version_name(version)}, "
                                             f"not {_version_name(wanted)}; wait for GET /weight_version to report "
                                             "it", "conflict_error")
-                answer = self.engine.complete(body)
+                answer = self.engine.complete(body, cancelled)
+        except Cancelled:
+            raise
         except ServiceError as error:
             if error.status >= 500:
                 logger.warning("rollout_request_failed", status=int(error.status), error=error.message)
-            return error_answer(error, version)
+            return self.error_answer(error, version)
         except Exception as error:  # noqa: BLE001 - an engine failure answers 500; the service keeps serving
             logger.error("rollout_request_crashed", error=f"{type(error).__name__}: {error}", exc_info=True)
             failure = ServiceError(500, f"the {self.engine.name} engine failed: {type(error).__name__}: {error}",
                                    "server_error")
-            return error_answer(failure, version)
+            return self.error_answer(failure, version)
         return 200, {**answer, "model": self.model_id, "ttrv_weight_version": version}
 
+    def error_answer(self, error: ServiceError, version: int | None = None, *, now: bool = False) -> tuple[int, dict]:
+        """Every error answer of the service: its status and OpenAI's error shape, with the served weight version
+        (the one the request met; `now`: the one served now) as every answer of the service carries it. The
+        message names no folder of this machine."""
+        return error_answer(error, self.agent.version if now else version, self.scrub)
 
-def error_answer(error: ServiceError, version: int | None) -> tuple[int, dict]:
-    """Every error answer of the service: its status and OpenAI's error shape, with the served weight version (the
-    one the request met) as every answer of the service carries it."""
+    def scrub(self, text: str) -> str:
+        """`text` without this machine's folders (the work folder, the model's, the temporary folder, ...): a
+        request's answer tells the client what was wrong, not where this service keeps its files."""
+        folders = {str(self.work) if self.work else "", tempfile.gettempdir(), str(Path.home()), os.getcwd(),
+                   self.spec.model.path if self.spec.model.path.startswith("/") else ""}
+        for folder in sorted(filter(lambda f: len(f) > 1, folders), key=len, reverse=True):
+            text = re.sub(re.escape(folder.rstrip("/")) + r"(/[^\s:'\"]*)?", "<server path>", text)
+        return text
+
+
+def error_answer(error: ServiceError, version: int | None, scrub=lambda text: text) -> tuple[int, dict]:
     status = int(error.status)
-    return status, {"error": {"message": error.message, "type": error.kind, "param": None, "code": status},
+    return status, {"error": {"message": scrub(error.message), "type": error.kind, "param": None, "code": status},
                     "ttrv_weight_version": version}
 
 
@@ -156,77 +331,322 @@ def _version_name(version: int | None) -> str:
     return "the base model (weight version null)" if version is None else f"weight version {version}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+# ------------------------------------------------------------------------------------------------------- app
+class _BodyRefused(Exception):
+    def __init__(self, error: ServiceError):
+        super().__init__(error.message)
+        self.error = error
 
-    def do_GET(self) -> None:
-        service = self.server.service
-        routes = {"/health": service.health, "/weight_version": service.weight_version, "/v1/models": service.models}
-        route = routes.get(self.path.split("?", 1)[0])
-        self._send(*(route() if route else self._not_found()))
 
-    def do_POST(self) -> None:
-        service = self.server.service
-        path = self.path.split("?", 1)[0]
-        if path == "/sync":
-            self._send(*service.sync())
-            return
-        if path != "/v1/chat/completions":
-            self._send(*self._not_found())
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            self._send(*self._refuse(ServiceError(413, f"the request is over {MAX_BODY_BYTES >> 20} MiB; send "
-                                                       "smaller images")))
-            return
+def build_app(service: RolloutService) -> FastAPI:
+    """The ASGI app of the service: its routes, the request model's validation and the limits on bodies and on
+    requests held at once. `serve` runs it on uvicorn; tests may too."""
+    limits = service.limits
+    request_model = chat_request_model(limits)
+    # One thread per request held: each waits on the engine (the Hugging Face engine's one sampling thread, or
+    # vLLM's server), so the event loop never blocks.
+    pool = ThreadPoolExecutor(limits.max_in_flight, thread_name_prefix="ttrv-request")
+    app = FastAPI(title="ttrv serve", description="The rollout service of a ttrv run (OpenAI chat completions with "
+                  "ttrv_weight_version).", version="1", docs_url=None, redoc_url=None)
+    app.state.service, app.state.pool = service, pool
+
+    def answer(status: int, document: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(document, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (404 no route, 405 wrong method) in the service's error shape
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        message = (f"no route {request.method} {request.url.path}; see `ttrv serve --help`" if error.status_code == 404
+                   else f"{request.method} {request.url.path}: {error.detail}")
+        return answer(*service.error_answer(ServiceError(error.status_code, message, kind), now=True))
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, error: Exception) -> JSONResponse:
+        logger.error("http_request_crashed", path=request.url.path, error=f"{type(error).__name__}: {error}",
+                     exc_info=error)
+        failure = ServiceError(500, f"internal error: {type(error).__name__}", "server_error")
+        return answer(*service.error_answer(failure, now=True))
+
+    @app.get("/health", summary="200 once the engine is up and the store read; 503 before, or when broken")
+    async def health() -> JSONResponse:
+        return answer(*service.health())
+
+    @app.get("/weight_version", summary="the served version, and the versions refused with why")
+    async def weight_version() -> JSONResponse:
+        return answer(*service.weight_version())
+
+    @app.get("/v1/models", summary="the one model served (id: the run's name)")
+    async def models() -> JSONResponse:
+        return answer(*service.models())
+
+    @app.post("/sync", summary="look at the store now (the trainer calls it right after publishing)")
+    async def sync(request: Request) -> Response:
+        # the body ({"step": k} from the trainer) is read, within the limits, and not looked at: read whole, the
+        # connection stays open for the next call (BodyGuard closes one whose body was left unread)
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except ValueError as error:
-            self._send(*self._refuse(ServiceError(400, f"the body is not JSON: {error}")))
-            return
-        self._send(*service.chat(body))
+            await read_body(request, limits)
+        except _BodyRefused as refused:
+            return answer(*service.error_answer(refused.error, now=True))
+        except ClientDisconnect:
+            return Response(status_code=499)
+        return answer(*service.sync())
 
-    def _not_found(self) -> tuple[int, dict]:
-        return self._refuse(ServiceError(404, f"no route {self.command} {self.path}; see `ttrv serve --help`",
-                                         "not_found_error"))
+    schema = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+    app.openapi_schema = None
+    chat_components = schema.pop("$defs", {})
 
-    def _refuse(self, error: ServiceError) -> tuple[int, dict]:
-        """An answer refused before the service looked at it, with the version served now."""
-        return error_answer(error, self.server.service.agent.version)
+    @app.post(CHAT_PATH, summary="n samples of one prompt, with token_ids and log-probs", openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}})
+    async def chat(request: Request) -> Response:
+        if service.in_flight >= limits.max_in_flight:
+            error = ServiceError(503, f"the service holds {limits.max_in_flight} requests already; retry after "
+                                      f"{limits.retry_after_seconds} s", "server_error")
+            return answer(*service.error_answer(error, now=True),
+                          headers={"Retry-After": str(limits.retry_after_seconds)})
+        service.in_flight += 1
+        try:
+            return await _chat(request)
+        finally:
+            service.in_flight -= 1
 
-    def _send(self, status: int, document: dict) -> None:
-        data = json.dumps(document).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    async def _chat(request: Request) -> Response:
+        try:
+            raw = await read_body(request, limits)
+        except _BodyRefused as refused:
+            return answer(*service.error_answer(refused.error, now=True))
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody reads it
+        try:
+            document = json.loads(raw or b"null")
+        except ValueError as error:  # UnicodeDecodeError too
+            return answer(*service.error_answer(ServiceError(400, f"the body is not JSON: {error}"), now=True))
+        if not isinstance(document, dict):
+            error = ServiceError(400, "the body must be a JSON object (a chat-completion request)")
+            return answer(*service.error_answer(error, now=True))
+        try:
+            request_model.model_validate(document)
+        except ValidationError as error:
+            return answer(*service.error_answer(ServiceError(400, validation_message(error)), now=True))
+        # The body as sent (validated): extra fields are the engine's to take or refuse.
+        cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(pool, service.chat, document, cancelled)
+        # As vLLM's with_cancellation (vllm/entrypoints/serve/utils/api_utils.py): the body is read, so the next
+        # message of the connection can only be http.disconnect.
+        disconnect = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([work, disconnect], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                cancelled.set()
+                logger.info("rollout_request_cancelled", reason="the client disconnected")
+            disconnect.cancel()
+        try:
+            status, document = await work
+        except Cancelled:
+            return Response(status_code=499)
+        return answer(status, document)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
-        logger.debug("http_request", client=self.client_address[0], line=format % args)
+    original_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = original_openapi()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(chat_components)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # The trainer opens one connection per prompt at once; the default backlog of 5 refuses some under load.
-    request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], service: RolloutService):
-        super().__init__(address, _Handler)
-        self.service = service
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-def serve(spec: RunSpec, host: str, port: int) -> int:
+async def read_body(request: Request, limits: ServiceLimits) -> bytes:
+    """The request's body, refused (413) as soon as it is over the limit, whatever its Content-Length says or
+    without one (chunked), and refused (408) when it does not arrive within limits.body_seconds."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        # h11 already refuses a Content-Length that is not a decimal number (h11/_readers.py, via
+        # _headers.normalize_and_validate); another server protocol might not
+        if not declared.isdigit():
+            raise _BodyRefused(ServiceError(400, f"Content-Length: {declared!r} is not a byte count"))
+        if int(declared) > limits.max_body_bytes:
+            raise _BodyRefused(_too_large(limits))
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise _BodyRefused(_too_large(limits))
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), limits.body_seconds)
+    except asyncio.TimeoutError:
+        raise _BodyRefused(ServiceError(408, f"the body did not arrive within {limits.body_seconds:g} s "
+                                             "(a Content-Length larger than the body sent?)")) from None
+    return b"".join(chunks)
+
+
+def _too_large(limits: ServiceLimits) -> ServiceError:
+    return ServiceError(413, f"the request is over {limits.max_body_bytes >> 20} MiB; send smaller images")
+
+
+class BodyGuard:
+    """ASGI middleware: an answer sent before its request's body was read whole closes the connection, so that
+    uvicorn does not go on reading (and dropping) a body of any length (uvicorn/protocols/http/h11_impl.py,
+    handle_events: Data after our response are skipped, not refused). h11 closes the connection after an answer
+    that says `Connection: close` (h11/_connection.py, _keep_alive)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"read": not _expects_body(scope)}
+
+        async def watched_receive():
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["read"] = True
+            return message
+
+        async def guarded_send(message):
+            if message["type"] == "http.response.start" and not state["read"]:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, watched_receive, guarded_send)
+
+
+def _expects_body(scope) -> bool:
+    headers = dict(scope["headers"])
+    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for a request's headers: uvicorn times out only the idle wait after
+    an answer (timeout_keep_alive, armed in on_response_complete and dropped at the first byte received), so a
+    connection that sends nothing, or half a request line, would be held for ever (uvicorn/protocols/http/
+    h11_impl.py). Malformed headers are answered 400 by uvicorn itself (handle_events, send_400_response)."""
+
+    header_seconds = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        self._cancel_header_deadline()
+        self._header_deadline = self.loop.call_later(self.header_seconds, self._headers_too_slow)
+
+    def _cancel_header_deadline(self) -> None:
+        handle = getattr(self, "_header_deadline", None)
+        if handle is not None:
+            handle.cancel()
+            self._header_deadline = None
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # a request's headers are in: its body has a deadline of its own
+            self._cancel_header_deadline()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            logger.info("http_connection_dropped", reason=f"no request within {self.header_seconds:g} s")
+            self.transport.close()
+
+
+def uvicorn_server(app, limits: ServiceLimits) -> uvicorn.Server:
+    """uvicorn set up as vLLM sets it up (vllm/entrypoints/launchers/launcher.py, serve_http; timeout_keep_alive
+    from api_server/entry.py), with the h11 protocol and the limits of `limits`; no signal handlers of its own
+    (it runs beside the thread that handles them, as vLLM's NoSignalServer does)."""
+    protocol = type("Protocol", (_Protocol,), {"header_seconds": limits.header_seconds})
+    config = uvicorn.Config(BodyGuard(app), http=protocol, lifespan="off", log_config=None, access_log=False,
+                            timeout_keep_alive=max(1, round(limits.keep_alive_seconds)),
+                            limit_concurrency=limits.max_connections,
+                            timeout_graceful_shutdown=max(1, round(limits.shutdown_seconds)),
+                            h11_max_incomplete_event_size=64 * 1024, backlog=2048)
+    return uvicorn.Server(config)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound before the engine starts, as vLLM binds its port before the engine is set up
+    (launcher.py, setup_server): a port in use fails at once, in this thread."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class HTTPThread:
+    """uvicorn serving `app` on `sock` in a thread of its own (its own event loop); `stop` is the graceful shutdown
+    SIGTERM asks for: no new connections, the requests in flight answered (up to limits.shutdown_seconds)."""
+
+    def __init__(self, app, sock: socket.socket, limits: ServiceLimits):
+        self.server = uvicorn_server(app, limits)
+        self.sock = sock
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="ttrv-http",
+                                       daemon=True)
+
+    def start(self, timeout: float = 30.0) -> HTTPThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+
+# ------------------------------------------------------------------------------------------------------- serve
+def serve(spec: RunSpec, host: str, port: int, limits: ServiceLimits | None = None) -> int:
     """Run the service until SIGTERM or SIGINT (exit code 0) or until its engine dies (ROLLOUT_ENGINE_DIED)."""
     from ttrv.store import open_store
     from ttrv.weights import resolve_model
 
+    limits = limits or ServiceLimits.from_env()
+    sock = listening_socket(host, port)
     work = Path(tempfile.mkdtemp(prefix="ttrv-serve-"))
     store = open_store(spec.storage.uri, spec.storage.endpoint)
-    engine = choose_engine(spec, resolve_model(spec.model.path), work)
+    engine = choose_engine(spec, resolve_model(spec.model.path), work, limits.max_image_pixels)
     agent = SyncAgent(store, engine.load, work / "weights")
-    service = RolloutService(spec, engine, agent)
-    httpd = _Server((host, port), service)
+    service = RolloutService(spec, engine, agent, limits, work)
+    app = build_app(service)
+    http = HTTPThread(app, sock, limits)
 
     def stop(signum, _frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -235,12 +655,11 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    http_thread = threading.Thread(target=httpd.serve_forever, name="ttrv-http", daemon=True)
-    http_thread.start()
-    logger.info("serve_listening", host=host, port=httpd.server_address[1], engine=engine.name, model=spec.model.path,
-                store=spec.storage.uri)
     code = exitcodes.OK
     try:
+        http.start()
+        logger.info("serve_listening", host=host, port=http.port, engine=engine.name, model=spec.model.path,
+                    store=spec.storage.uri)
         engine.start()
         service.started = True
         agent.start()
@@ -254,10 +673,12 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
                 time.sleep(0.5)
         code = _die(service, death)
     except _Stopping as stopping:
-        logger.info("serve_stopping", signal=str(stopping))
+        logger.info("serve_stopping", signal=str(stopping), grace_seconds=limits.shutdown_seconds)
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        # uvicorn's graceful shutdown: the listener closes, the requests in flight are answered (the engine still
+        # runs), then the engine stops.
+        http.stop(limits.shutdown_seconds + 5)
+        app.state.pool.shutdown(wait=False, cancel_futures=True)
         agent.stop()
         engine.close()
         store.close()

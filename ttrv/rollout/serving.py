@@ -8,17 +8,21 @@ machines without vLLM. `choose_engine` picks one for a spec (rollout.engine). Th
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import io
 import threading
 import time
 import uuid
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
 
-from ttrv.data import DataError, Prompt
+from PIL import Image
+
+from ttrv.data import MAX_IMAGE_PIXELS, DataError, Prompt
 from ttrv.rollout.chat import NEUTRAL_SAMPLING, prompt_from_messages
 from ttrv.rollout.sync import VersionRefused
 from ttrv.rollout.vllm_process import VLLMError, VLLMProcess, vllm_available, vllm_flags, vllm_python
@@ -38,14 +42,18 @@ class ServiceError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
+class Cancelled(Exception):
+    """The request's client went away before its answer: nothing to answer."""
+
+
 class ServingEngine(Protocol):
     name: str
 
     def start(self) -> None: ...
 
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    def complete(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
         """A chat-completion request (validated only as far as the engine needs) -> the OpenAI answer; raises
-        ServiceError."""
+        ServiceError, or Cancelled once `cancelled` is set (its client went away) before the answer."""
         ...
 
     def load(self, step: int, path: Path, kind: str) -> None:
@@ -73,7 +81,9 @@ class VLLMServingEngine:
     def start(self) -> None:
         self.server.start()
 
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    def complete(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
+        # vLLM cancels a request whose connection closes (vllm/entrypoints/serve/utils/api_utils.py,
+        # with_cancellation); this call holds its connection until vLLM answers, so `cancelled` is not looked at.
         try:
             return self.server.post("/v1/chat/completions", {**NEUTRAL_SAMPLING, **body,
                                                               "model": self.server.served_model})
@@ -113,19 +123,39 @@ HF_FIELDS = {"model", "messages", "n", "temperature", "top_p", "max_tokens", "ma
              "return_token_ids", "stream", "seed"}
 
 
+class _Request:
+    """A request waiting for, or in, a batch; its image file (if any) is removed by whoever drops it last: the
+    sampling thread once its batch is sampled, or the request itself when it leaves the queue first."""
+
+    def __init__(self, key: tuple, prompt: Prompt, cancelled: threading.Event | None):
+        self.key, self.prompt, self.cancelled = key, prompt, cancelled
+        self.future: Future = Future()
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled is not None and self.cancelled.is_set()
+
+    def discard_image(self) -> None:
+        if self.prompt.image_path is not None:
+            Path(self.prompt.image_path).unlink(missing_ok=True)
+
+
 class HFServingEngine:
     """The in-process Hugging Face engine. Requests that arrive while a batch is being sampled queue up, and those
-    that share sampling settings are sampled together as the next batch (one `generate` call)."""
+    that share sampling settings are sampled together as the next batch (one `generate` call). A cancelled request
+    leaves the queue; a batch whose requests are all cancelled stops at its next token."""
 
     name = "hf"
 
-    def __init__(self, spec: RunSpec, model_path: str, image_dir: Path):
+    def __init__(self, spec: RunSpec, model_path: str, image_dir: Path, max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.spec = spec
         self.model_path = model_path
         self.image_dir = image_dir
+        self.max_image_pixels = max_image_pixels
         self.engine = None
         self.merge = None
-        self._pending: deque[tuple[tuple, Prompt, Future]] = deque()
+        self.stopped_early = 0
+        """Batches stopped before their end because every request in them was cancelled."""
+        self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._worker: threading.Thread | None = None
@@ -137,8 +167,9 @@ class HFServingEngine:
         from ttrv.rollout.hf import HFEngine, lora_merger
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(self.model_path, self.spec.model.dtype, device)
-        self.engine = HFEngine(model, load_processor(self.model_path))
+        trust = self.spec.model.trust_remote_code
+        model = load_model(self.model_path, self.spec.model.dtype, device, trust_remote_code=trust)
+        self.engine = HFEngine(model, load_processor(self.model_path, trust))
         self.merge = lora_merger(model, self.spec.model.lora)
         self._worker = threading.Thread(target=self._run, name="ttrv-hf-batches", daemon=True)
         self._worker.start()
@@ -159,7 +190,7 @@ class HFServingEngine:
         except ValueError as error:
             raise VersionRefused(str(error)) from None
 
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    def complete(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
         unsupported = sorted(key for key, value in body.items() if key not in HF_FIELDS and value is not None
                              and not (key in NEUTRAL_SAMPLING and value in (NEUTRAL_SAMPLING[key], -1)))
         if unsupported:
@@ -179,31 +210,56 @@ class HFServingEngine:
         except ValueError as error:
             raise ServiceError(400, str(error)) from None
         seed = _field(body, "seed", int, None, minimum=0)
+        image_path = self._image_file(image) if image is not None else None
         # a seeded request's samples depend on its seed alone (the engine seeds each row from the prompt id), not on
         # the requests it happens to be batched with
-        prompt = Prompt(f"seed:{seed}" if seed is not None else uuid.uuid4().hex, text,
-                        self._image_file(image) if image is not None else None)
-        future: Future = Future()
+        prompt = Prompt(f"seed:{seed}" if seed is not None else uuid.uuid4().hex, text, image_path)
+        request = _Request((n, temperature, top_p, max_tokens, 0 if seed is not None else None), prompt, cancelled)
         with self._cond:
             if self._closed:
+                request.discard_image()
                 raise ServiceError(503, "the service is stopping", "server_error")
-            key = (n, temperature, top_p, max_tokens, 0 if seed is not None else None)
-            self._pending.append((key, prompt, future))
+            self._pending.append(request)
             self._cond.notify()
         try:
-            samples = future.result()
+            samples = self._wait(request)
         except (DataError, ValueError) as error:  # an unreadable image, greedy with n > 1
-            raise ServiceError(400, str(error)) from None
+            message = str(error)
+            if image_path is not None:
+                message = message.replace(image_path, "messages[0].content: the image")
+            raise ServiceError(400, message) from None
         return self._answer(samples, bool(body.get("logprobs")))
 
+    def _wait(self, request: _Request):
+        while True:
+            if request.cancelled is None:
+                return request.future.result()
+            try:
+                return request.future.result(timeout=0.25)  # a cancelled request leaves the queue within this
+            except FutureTimeout:  # the builtin TimeoutError only from Python 3.11 on
+                if not request.cancelled.is_set():
+                    continue
+            with self._cond:
+                if request in self._pending:  # not sampled yet: it leaves the queue, its image with it
+                    self._pending.remove(request)
+                    request.discard_image()
+            raise Cancelled()
+
     def _image_file(self, data: bytes) -> str:
-        """The image as a file named by its content, the form the engine's processor loads (and checks); written
-        once, as prompts come back every step."""
-        path = self.image_dir / hashlib.sha256(data).hexdigest()
-        if not path.exists():
-            staged = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-            staged.write_bytes(data)
-            staged.replace(path)
+        """The image as a file of this request's own, the form the engine's processor loads; only its header is
+        read here (its size against max_image_pixels), the pixels are decoded once, by the batch that samples it.
+        Removed once the request is sampled or dropped."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise ServiceError(400, f"messages[0].content: the image is not an image file Pillow reads "
+                                    f"({type(error).__name__}); send a PNG or JPEG") from None
+        if width * height > self.max_image_pixels:
+            raise ServiceError(400, f"messages[0].content: the image is {width}x{height}, over this service's "
+                                    f"{self.max_image_pixels} pixels; downscale it")
+        path = self.image_dir / f"{uuid.uuid4().hex}.image"
+        path.write_bytes(data)
         return str(path)
 
     def _run(self) -> None:
@@ -212,20 +268,31 @@ class HFServingEngine:
                 while not self._pending and not self._closed:
                     self._cond.wait()
                 if self._closed:
-                    for _, _, future in self._pending:
-                        future.set_exception(ServiceError(503, "the service is stopping", "server_error"))
+                    for request in self._pending:
+                        request.discard_image()
+                        request.future.set_exception(ServiceError(503, "the service is stopping", "server_error"))
+                    self._pending.clear()
                     return
-                key = self._pending[0][0]
-                batch = [item for item in self._pending if item[0] == key]
-                self._pending = deque(item for item in self._pending if item[0] != key)
+                key = self._pending[0].key
+                batch = [request for request in self._pending if request.key == key]
+                self._pending = deque(request for request in self._pending if request.key != key)
             try:
-                results = self.engine.generate([prompt for _, prompt, _ in batch], *key)
+                results = self.engine.generate([request.prompt for request in batch], *key,
+                                               stop=functools.partial(_all_cancelled, batch))
             except Exception as error:  # noqa: BLE001 - each request of the batch gets the error
-                for _, _, future in batch:
-                    future.set_exception(error)
+                for request in batch:
+                    request.future.set_exception(error)
             else:
-                for (_, _, future), samples in zip(batch, results, strict=True):
-                    future.set_result(samples)
+                if results is None:
+                    self.stopped_early += 1
+                    for request in batch:
+                        request.future.set_exception(Cancelled())
+                else:
+                    for request, samples in zip(batch, results, strict=True):
+                        request.future.set_result(samples)
+            finally:
+                for request in batch:
+                    request.discard_image()
 
     def _answer(self, samples, logprobs: bool) -> dict[str, Any]:
         tokenizer = self.engine.processor.tokenizer
@@ -254,6 +321,10 @@ class HFServingEngine:
             self._worker.join()
 
 
+def _all_cancelled(batch: list[_Request]) -> bool:
+    return all(request.is_cancelled() for request in batch)
+
+
 def _field(body: dict, name: str, kind: type, default, minimum: float) -> Any:
     value = body.get(name)
     if value is None:
@@ -265,7 +336,8 @@ def _field(body: dict, name: str, kind: type, default, minimum: float) -> Any:
     return kind(value)
 
 
-def choose_engine(spec: RunSpec, model_path: str, work: Path) -> ServingEngine:
+def choose_engine(spec: RunSpec, model_path: str, work: Path,
+                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> ServingEngine:
     """rollout.engine: vllm, hf, or auto (vLLM where a Python with vLLM is configured, else Hugging Face)."""
     import torch
 
@@ -277,4 +349,4 @@ def choose_engine(spec: RunSpec, model_path: str, work: Path) -> ServingEngine:
         # vLLM's log goes with the work folder; the errors that need it (failed start, dead server) quote its tail.
         return VLLMServingEngine(spec, model_path, work / "vllm.log", torch.cuda.is_available())
     (work / "images").mkdir()
-    return HFServingEngine(spec, model_path, work / "images")
+    return HFServingEngine(spec, model_path, work / "images", max_image_pixels)

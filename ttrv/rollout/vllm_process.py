@@ -1,8 +1,8 @@
 """A vLLM OpenAI server as a child process, and the few calls the rollout needs from it.
 
 The server runs in its own Python (vLLM pins its own torch): the `.venv-vllm` that `make vllm` builds on a CPU
-machine, or the image's Python in a cluster. This side only speaks HTTP on 127.0.0.1 with the standard library, so
-it runs in the trainer's environment.
+machine, or the image's Python in a cluster. This side only speaks HTTP on 127.0.0.1 (ttrv.rollout.jsonhttp, on
+httpx), so it runs in the trainer's environment.
 
 Weight versions reach the server in one of two ways, each as one protocol step:
 - LoRA: `load_lora(name, path)` registers the adapter under a new name (`/v1/load_lora_adapter`), makes it the
@@ -149,6 +149,8 @@ def vllm_flags(spec: RunSpec, gpu: bool) -> list[str]:
     from ttrv.modeling import torch_dtype
 
     flags = ["--dtype", str(torch_dtype(spec.model.dtype, "cuda" if gpu else "cpu")).removeprefix("torch.")]
+    if spec.model.trust_remote_code:
+        flags += ["--trust-remote-code"]  # vllm/engine/arg_utils.py, ModelConfig.trust_remote_code
     if spec.model.lora is not None:
         flags += ["--enable-lora", "--max-lora-rank", str(spec.model.lora.rank), "--max-loras", "1"]
     if gpu:

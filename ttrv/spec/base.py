@@ -114,4 +114,7 @@ def load_yaml(path: str | Path) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML; fix it where shown: {error}") from None
+    except ValueError as error:  # an integer over Python's int-str limit (4300 digits) raises from PyYAML's int()
+        raise SpecError(f"{path}: a number in the file cannot be read ({str(error).split(':')[0]}); write a "
+                        "number of a sensible size") from None
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     Field,
     field_validator,
 )
@@ -14,14 +15,29 @@ from pydantic import (
 from ttrv.spec.base import (
     NAME_PATTERN,
     SUBDOMAIN_PATTERN,
-    PositiveInt,
     SpecError,
     StrictModel,
     check_dns_label,
     load_yaml,
     parse_spec,
 )
+from ttrv.spec.names import (
+    check_dns1123_subdomain,
+    check_image_reference,
+    check_label_key,
+    check_label_value,
+    check_mount_path,
+)
 from ttrv.spec.run import AdaptationSettings, DataSpec, RunSpec
+
+ImageReference = Annotated[str, AfterValidator(check_image_reference)]
+LabelKey = Annotated[str, AfterValidator(check_label_key)]
+LabelValue = Annotated[str, AfterValidator(check_label_value)]
+
+
+def _queue_name(value: str) -> str:
+    """A Kueue LocalQueue's name, which is also the value of the kueue.x-k8s.io/queue-name label on the children."""
+    return check_label_value(check_dns1123_subdomain(value))
 
 
 class DatasetSpec(DataSpec):
@@ -30,9 +46,9 @@ class DatasetSpec(DataSpec):
 
 
 class ImageSpec(StrictModel):
-    trainer: str = "ghcr.io/ttrv/ttrv-trainer:0.1.0"
+    trainer: ImageReference = "ghcr.io/ttrv/ttrv-trainer:0.1.0"
     """Image of the trainer pods (torch, DeepSpeed, transformers, ttrv)."""
-    rollout: str = "ghcr.io/ttrv/ttrv-trainer:0.1.0"
+    rollout: ImageReference = "ghcr.io/ttrv/ttrv-trainer:0.1.0"
     """Image of the rollout service (vLLM + ttrv); the same image by default."""
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """imagePullPolicy of all pods."""
@@ -66,29 +82,22 @@ class VolumeSpec(StrictModel):
     @field_validator("mount_path")
     @classmethod
     def _usable_mount_path(cls, value: str) -> str:
-        if not value.startswith("/") or value.rstrip("/") == "" or ".." in value.split("/"):
-            raise ValueError(f"{value!r} must be an absolute path below / without '..', e.g. /data")
-        path = value.rstrip("/")
-        for reserved in RESERVED_MOUNT_PATHS:
-            if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/"):
-                raise ValueError(f"{value!r} overlaps {reserved}, which the pods use themselves; mount it "
-                                 "elsewhere, e.g. /data")
-        return path
+        return check_mount_path(value, reserved=RESERVED_MOUNT_PATHS)
 
 
 class Toleration(StrictModel):
-    key: str | None = None
+    key: LabelKey | None = None
     operator: Literal["Exists", "Equal"] = "Exists"
-    value: str | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
 class SchedulingSpec(StrictModel):
-    queue_name: str | None = None
+    queue_name: Annotated[str, AfterValidator(_queue_name)] | None = None
     """Kueue LocalQueue; when set, children carry kueue.x-k8s.io/queue-name and are created suspended."""
-    priority_class_name: str | None = None
+    priority_class_name: Annotated[str, AfterValidator(check_dns1123_subdomain)] | None = None
     """PriorityClass of the trainer and rollout pods."""
-    node_selector: dict[str, str] = {}
+    node_selector: dict[LabelKey, LabelValue] = {}
     """Node labels the GPU pods must match."""
     tolerations: list[Toleration] = [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
     """Tolerations of the GPU pods."""
@@ -106,10 +115,10 @@ class SchedulingSpec(StrictModel):
 class ExperimentSpec(AdaptationSettings):
     """An experiment: the same adaptation settings applied to each of its datasets."""
 
-    datasets: Annotated[list[DatasetSpec], Field(min_length=1)]
-    """One adaptation run per dataset."""
-    max_parallel_runs: PositiveInt = 1
-    """Adaptation runs active at once; the rest wait Pending, in order."""
+    datasets: Annotated[list[DatasetSpec], Field(min_length=1, max_length=1000)]
+    """One adaptation run per dataset (at most 1000: each is an AdaptationRun the operator reconciles)."""
+    max_parallel_runs: Annotated[int, Field(gt=0, le=1000)] = 1
+    """Adaptation runs active at once; the rest wait Pending, in order (at most 1000, as datasets)."""
     suspend: bool = False
     """Suspend every child (PyTorchJobs suspended, rollout services scaled to zero)."""
     image: ImageSpec = ImageSpec()

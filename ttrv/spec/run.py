@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     Field,
     field_validator,
     model_validator,
 )
 
-from ttrv.net import holds_userinfo
+from ttrv.net import control_character, holds_userinfo, parse_endpoint
 from ttrv.spec.base import (
     NAME_PATTERN,
     PositiveInt,
@@ -22,10 +23,29 @@ from ttrv.spec.base import (
     parse_spec,
 )
 
+# Upper bounds of counts that size what is held in memory: generous (far above any published setting), but finite, so
+# that a typo or a hostile spec (votes: 100000000) is refused with its field named instead of exhausting the
+# trainer's or the rollout service's memory at start.
+MAX_VOTES = 1024
+MAX_TOKENS = 131_072
+MAX_SEED = 2**32 - 1
+
+
+def _plain_text(value: str) -> str:
+    """A path or URI without control characters: a NUL ends it early where it meets the OS (open() raises
+    ValueError), a newline splits it in logs and in the pod's YAML."""
+    if (bad := control_character(value)) is not None:
+        raise ValueError(f"{value!r} holds the control character {bad}; write the path without it")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_plain_text)]
+
 
 class LoraSpec(StrictModel):
-    rank: PositiveInt = 16
-    """LoRA rank r."""
+    rank: Annotated[int, Field(gt=0, le=4096)] = 16
+    """LoRA rank r (at most 4096: two rank x hidden matrices per adapted layer, and no model is wider than that
+    would need)."""
     alpha: PositiveInt = 32
     """LoRA scaling numerator (scale = alpha / rank)."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -35,38 +55,57 @@ class LoraSpec(StrictModel):
 
 
 class ModelSpec(StrictModel):
-    path: str = "ttrv://tiny-qwen2vl"
+    path: PathText = "ttrv://tiny-qwen2vl"
     """Checkpoint folder: a local path, file://…, s3://bucket/prefix, a Hugging Face hub id, or ttrv://tiny-qwen2vl
     (the tiny model that ships with ttrv)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype: auto is bfloat16 on GPU and float32 on CPU."""
-    trainable: Literal["language", "all"] = "language"
-    """Which parts are updated: the language model only (vision tower frozen, as the reference does for
-    InternVL) or everything."""
+    trainable: Literal["language", "all", "reference"] = "language"
+    """Which parts are updated: language (every vision part frozen: the tower and its projector), all, or
+    reference (as the TTRV reference: InternVL's vision encoder frozen, every other family, Qwen-VL included,
+    trains everything). The default is language, unlike the reference for Qwen-VL: Qwen2.5-VL-7B's vision tower
+    (about 0.67B parameters) adds about 8 GB of fp32 master weights and Adam state, and the deviation is stated in
+    the README's table of deviations."""
     lora: LoraSpec | None = None
     """Train LoRA adapters instead of full weights; the adapter alone is published to the rollout service."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel of the trainer's model."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the checkpoint (its config.json's auto_map), in the trainer and the rollout
+    service (vLLM's --trust-remote-code). A security choice: that code runs with the pods' credentials. Off by
+    default; prefer a transformers-native conversion (InternVL3: OpenGVLab/InternVL3-2B-hf needs none)."""
 
 
 class DataSpec(StrictModel):
-    path: str
+    path: PathText
     """Test-set file: reference JSON (a list of records), verl parquet or JSONL; ttrv://tiny-shapes/<split> for the
     bundled benchmark."""
     format: Literal["auto", "reference_json", "verl_parquet", "jsonl"] = "auto"
     """File format; auto decides by extension and content."""
-    path_map: list[str] = []
+    path_map: list[PathText] = []
     """Image path-prefix rewrites OLD=NEW, applied in order (the reference's files carry absolute paths)."""
     subset_size: PositiveInt | None = 20
     """Size of the unlabeled adaptation subset drawn from the test set (reference: 20 or 500); null = all."""
-    subset_seed: int = 0
-    """Seed of the subset draw."""
+    subset_seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
+    """Seed of the subset draw (0 to 2^32-1)."""
     single_example: bool = False
     """Adapt on one randomly chosen example, repeated `singleExampleRepeats` times (the paper's extreme case)."""
-    single_example_repeats: PositiveInt = 4
-    """Copies of the single example in single-example mode."""
-    heldout_path: str | None = None
-    """Optional disjoint split, never adapted on, to measure generalisation."""
+    single_example_repeats: Annotated[int, Field(gt=0, le=10_000)] = 4
+    """Copies of the single example in single-example mode (at most 10000: each copy is a prompt of the adaptation
+    set, sampled `votes` times per epoch)."""
+    adapt_path: PathText | None = None
+    """The adaptation prompts as a file (the reference's layout: `train.json`, a 20-prompt subset of `test.json`,
+    with `path` the test.json evaluated). Replaces the subset draw: subsetSize and singleExample then do not apply.
+    Adapting on prompts of the test set is transductive, and report.json's `setting` says so."""
+    heldout_path: PathText | None = None
+    """Optional split never adapted on, to measure generalisation; checked to share no example (by id, and by
+    image + prompt text) with the adapted prompts."""
+
+    @model_validator(mode="after")
+    def _one_adaptation_source(self) -> DataSpec:
+        if self.adapt_path and self.single_example:
+            raise ValueError("data.adaptPath and data.singleExample both choose the adaptation prompts; set one")
+        return self
 
     @field_validator("path_map")
     @classmethod
@@ -79,16 +118,18 @@ class DataSpec(StrictModel):
 
 
 class RolloutSpec(StrictModel):
-    votes: Annotated[int, Field(ge=2)] = 32
-    """N: answers sampled per prompt; each answer's reward is its share of these votes."""
-    group_size: PositiveInt = 16
-    """G: how many of the N samples per prompt are trained on (the first G)."""
+    votes: Annotated[int, Field(ge=2, le=MAX_VOTES)] = 32
+    """N: answers sampled per prompt; each answer's reward is its share of these votes (at most 1024, 32 times
+    the reference's 32: every vote is a sequence held until the step's rewards are known)."""
+    group_size: Annotated[int, Field(gt=0, le=MAX_VOTES)] = 16
+    """G: how many of the N samples per prompt are trained on (the first G; at most votes)."""
     temperature: Annotated[float, Field(gt=0.0, le=5.0)] = 1.0
     """Sampling temperature of the votes."""
     top_p: Probability = 1.0
     """Nucleus sampling mass of the votes."""
-    max_new_tokens: PositiveInt = 1024
-    """Longest response sampled."""
+    max_new_tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = 1024
+    """Longest response sampled (at most 131072, the longest context of current VLMs: the KV cache and the
+    training batch grow with it)."""
     backend: Literal["inprocess", "service"] = "inprocess"
     """inprocess: the trainer samples with its own Hugging Face engine; service: it calls a separate rollout
     service (`ttrv serve`, vLLM or Hugging Face) that loads each weight version from the store."""
@@ -108,8 +149,12 @@ class RolloutSpec(StrictModel):
 
 
 class RewardSpec(StrictModel):
-    extractor: Literal["choice", "numeric", "text"] = "choice"
-    """How an answer is read from a response: a multiple-choice letter, a number, or normalised free text."""
+    extractor: Literal["choice", "numeric", "text", "reference"] = "choice"
+    """How an answer is read from a response: a multiple-choice letter, a number, normalised free text, or
+    reference: the TTRV reference's multiple-choice parsing (its `choice_answer_clean_gpqa`), where a response with
+    no letter votes with its raw text, so identical unreadable texts pool into a class that can win the vote. With
+    choice (ttrv's default) such a response gets `invalidReward` and no vote: a deviation from the reference, and on
+    tiny-shapes the source of the gain (README, "What the benchmark shows")."""
     choices: Annotated[str, Field(pattern=r"^[A-Z]{2,26}$")] = "ABCD"
     """Option letters for the choice extractor."""
     entropy_weight: Annotated[float, Field(ge=0.0)] = 0.75
@@ -119,7 +164,8 @@ class RewardSpec(StrictModel):
     scale (each prompt's group advantages times 1 - w * H_norm: updates from prompts whose votes disagree are
     damped), batch (advantages normalised over the whole step's batch, so low-entropy prompts are favoured)."""
     invalid_reward: float = -1.0
-    """Reward of a response with no readable answer (not counted as a vote class)."""
+    """Reward of a response with no readable answer (not counted as a vote class). The reference extractor reads an
+    answer from every response, so it never applies there."""
 
 
 class GRPOSpec(StrictModel):
@@ -143,14 +189,16 @@ class GRPOSpec(StrictModel):
     """PPO ratio clip above 1."""
     dual_clip: Annotated[float, Field(gt=1.0)] = 3.0
     """Dual-clip constant c bounding the loss of negative-advantage tokens."""
-    epochs: PositiveInt = 2
-    """Passes over the adaptation subset."""
-    prompts_per_step: PositiveInt = 4
-    """Prompts per optimiser step (the reference uses one per GPU)."""
-    ppo_epochs: PositiveInt = 1
-    """Gradient passes over each step's batch."""
-    micro_batch_size: PositiveInt = 16
-    """Sequences per forward/backward on one rank."""
+    epochs: Annotated[int, Field(gt=0, le=1000)] = 2
+    """Passes over the adaptation subset (at most 1000: test-time adaptation takes a few; each step's events and
+    weight version are kept)."""
+    prompts_per_step: Annotated[int, Field(gt=0, le=4096)] = 4
+    """Prompts per optimiser step (the reference uses one per GPU; at most 4096: a step holds prompts x votes
+    sampled sequences)."""
+    ppo_epochs: Annotated[int, Field(gt=0, le=100)] = 1
+    """Gradient passes over each step's batch (at most 100)."""
+    micro_batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
+    """Sequences per forward/backward on one rank (at most 4096: their activations are held at once)."""
 
 
 class EvalSpec(StrictModel):
@@ -162,10 +210,10 @@ class EvalSpec(StrictModel):
     """Also evaluate on the whole test set (the reference's transductive setting), not only the subset."""
     limit: PositiveInt | None = None
     """Evaluate on at most this many prompts of each split (null = all)."""
-    maj_votes: Annotated[int, Field(ge=0)] = 0
-    """Votes for maj@N evaluation; 0 = rollout.votes."""
-    max_new_tokens: PositiveInt | None = None
-    """Longest greedy answer in evaluation; null = rollout.max_new_tokens."""
+    maj_votes: Annotated[int, Field(ge=0, le=MAX_VOTES)] = 0
+    """Votes for maj@N evaluation; 0 = rollout.votes (at most 1024, as votes)."""
+    max_new_tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] | None = None
+    """Longest greedy answer in evaluation; null = rollout.max_new_tokens (at most 131072, as that)."""
     every: Annotated[int, Field(ge=0)] = 0
     """Also evaluate greedy accuracy on the adaptation subset every this many steps (0 = never)."""
 
@@ -195,8 +243,9 @@ class StorageSpec(StrictModel):
     here: they come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (a Secret in the cluster)."""
     endpoint: str | None = None
     """S3 endpoint (host:port or URL) for s3:// URIs; default from AWS_ENDPOINT_URL."""
-    keep_versions: PositiveInt = 3
-    """Weight versions kept; older ones are garbage-collected unless being loaded."""
+    keep_versions: Annotated[int, Field(gt=0, le=1000)] = 3
+    """Weight versions kept; older ones are garbage-collected unless being loaded (at most 1000: each is a full
+    copy of the trained weights in the store)."""
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     """Full checkpoint every K steps (and on SIGTERM); 0 = only on SIGTERM and at the end."""
 
@@ -205,11 +254,15 @@ class StorageSpec(StrictModel):
     def _no_credentials(cls, value: str | None) -> str | None:
         if value is not None and holds_userinfo(value):
             raise ValueError(_NO_USERINFO)
+        if value is not None:
+            parse_endpoint(value)  # a bad port or character is named here, not by the S3 client at the first call
         return value
 
     @field_validator("uri")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
+        if (bad := control_character(value)) is not None:
+            raise ValueError(f"{value!r} holds the control character {bad}; write the URI without it")
         scheme, sep, rest = value.partition("://")
         if scheme == "s3" and holds_userinfo(rest.split("/", 1)[0]):
             raise ValueError(_NO_USERINFO)
@@ -223,30 +276,39 @@ class StorageSpec(StrictModel):
 
 
 class ResourcesSpec(StrictModel):
-    nodes: PositiveInt = 1
-    """Trainer nodes (PyTorchJob Master + nodes-1 Workers)."""
-    gpus_per_node: Annotated[int, Field(ge=0)] = 1
-    """GPUs per trainer node (nprocPerNode); 0 trains on CPU."""
-    processes_per_node: PositiveInt | None = None
-    """Data-parallel processes per node; default one per GPU (one on CPU)."""
+    nodes: Annotated[int, Field(gt=0, le=1024)] = 1
+    """Trainer nodes (PyTorchJob Master + nodes-1 Workers; at most 1024)."""
+    gpus_per_node: Annotated[int, Field(ge=0, le=64)] = 1
+    """GPUs per trainer node (nprocPerNode); 0 trains on CPU (at most 64, above any node built)."""
+    processes_per_node: Annotated[int, Field(gt=0, le=256)] | None = None
+    """Data-parallel processes per node; default one per GPU (one on CPU; at most 256: each loads the model)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimiser states to CPU memory."""
-    gradient_checkpointing: bool = False
-    """Activation checkpointing in the trainer's model."""
+    gradient_checkpointing: bool = True
+    """Activation checkpointing in the trainer's model: activations are recomputed in the backward pass (on by
+    default, as verl's actor config has it: enable_gradient_checkpointing)."""
     cpu: Quantity = "8"
     """CPU request of each trainer pod."""
     memory: Quantity = "64Gi"
     """Memory request of each trainer pod."""
-    rollout_gpus: Annotated[int, Field(ge=0)] = 1
-    """GPUs of the rollout service (vLLM tensor-parallel size)."""
+    rollout_gpus: Annotated[int, Field(ge=0, le=64)] = 1
+    """GPUs of the rollout service (vLLM tensor-parallel size; at most 64)."""
     rollout_gpu_memory_utilization: Probability = 0.85
     """Share of each rollout GPU that vLLM may take."""
     rollout_cpu: Quantity | None = None
     """CPU request of the rollout pod; default: `cpu`."""
     rollout_memory: Quantity | None = None
     """Memory request of the rollout pod; default: `memory`."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> ResourcesSpec:
+        # ZeRO-Offload moves the partitioned optimiser states; stage 0 partitions none (DeepSpeed ignores the key)
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offloadOptimizer needs zeroStage 1, 2 or 3 (stage 0 keeps no optimiser partition to "
+                             "offload); set zeroStage: 2 or offloadOptimizer: false")
+        return self
 
     @property
     def nproc_per_node(self) -> int:
@@ -256,8 +318,8 @@ class ResourcesSpec(StrictModel):
 class AdaptationSettings(StrictModel):
     """What every adaptation run of an experiment shares."""
 
-    seed: int = 0
-    """Seed of sampling, shuffling and initialisation."""
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
+    """Seed of sampling, shuffling and initialisation (0 to 2^32-1: every generator it seeds accepts it)."""
     model: ModelSpec = ModelSpec()
     rollout: RolloutSpec = RolloutSpec()
     reward: RewardSpec = RewardSpec()

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ttrv.store.backend import Backend, BufferSource, MiB, Missing, Range, SizeMismatch, Source
-from ttrv.store.errors import StoreError
-from ttrv.store.keys import LEASES, TEMPORARY
+from ttrv.store.errors import StoreConfigError, StoreError
+from ttrv.store.keys import LEASES, TEMPORARY, check_key, local_path
 
 
 class FileBackend(Backend):
@@ -23,7 +24,7 @@ class FileBackend(Backend):
         self.root, self.url = root, url
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        return local_path(self.root, key)
 
     def _fail(self, action: str, key: str, error: OSError) -> StoreError:
         hint = {
@@ -87,29 +88,34 @@ class FileBackend(Backend):
         future = pool.submit(self._write, key, source)
         return future.result
 
-    def _read_into(self, key: str, size: int, out: memoryview) -> None:
+    @contextlib.contextmanager
+    def _reading(self, action: str, key: str) -> Iterator[None]:
+        """An object that is not there is Missing (its version is incomplete); any other OSError is a StoreError."""
         try:
-            with open(self._path(key), "rb", buffering=0) as handle:
-                actual = os.fstat(handle.fileno()).st_size
-                if actual != size:
-                    raise SizeMismatch(key, actual)
-                view = out[:size]
-                while view:
-                    read = handle.readinto(view)
-                    if not read:
-                        raise SizeMismatch(key, size - len(view))
-                    view = view[read:]
+            yield
         except FileNotFoundError:
             raise Missing(key) from None
         except OSError as error:
-            raise self._fail("read", key, error) from None
+            raise self._fail(action, key, error) from None
+
+    def _read_into(self, key: str, size: int, out: memoryview) -> None:
+        with self._reading("read", key), open(self._path(key), "rb", buffering=0) as handle:
+            actual = os.fstat(handle.fileno()).st_size
+            if actual != size:
+                raise SizeMismatch(key, actual)
+            view = out[:size]
+            while view:
+                read = handle.readinto(view)
+                if not read:
+                    raise SizeMismatch(key, size - len(view))
+                view = view[read:]
 
     def download(self, key: str, size: int, out: memoryview, pool: ThreadPoolExecutor) -> list[Range]:
         return [(pool.submit(self._read_into, key, size, out), 0, size)]
 
     def _link_or_copy(self, key: str, size: int, path: Path) -> None:
         source = self._path(key)
-        try:
+        with self._reading("copy", key):
             actual = source.stat().st_size
             if actual != size:
                 raise SizeMismatch(key, actual)
@@ -119,10 +125,6 @@ class FileBackend(Backend):
                 os.link(source, path)
             except OSError:
                 shutil.copyfile(source, path)
-        except FileNotFoundError:
-            raise Missing(key) from None
-        except OSError as error:
-            raise self._fail("copy", key, error) from None
 
     def fetch_file(self, key: str, size: int, path: Path, pool: ThreadPoolExecutor) -> list[Range]:
         return [(pool.submit(self._link_or_copy, key, size, path), 0, size)]
@@ -135,7 +137,11 @@ class FileBackend(Backend):
         for directory, _, names in os.walk(base):
             for name in names:
                 if not name.endswith(TEMPORARY):
-                    keys.append(Path(directory, name).relative_to(self.root).as_posix())
+                    key = Path(directory, name).relative_to(self.root).as_posix()
+                    try:
+                        keys.append(check_key(key))
+                    except StoreConfigError:
+                        continue  # not written through a store (a backslash, an overlong name): no object of it
         return keys
 
     def delete(self, keys: list[str]) -> None:

@@ -5,6 +5,9 @@ segments, absolute paths and backslashes are refused), so a caller cannot read o
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ttrv.store.errors import StoreConfigError
 
 MANIFEST = "manifest.json"
@@ -12,6 +15,12 @@ TEMPORARY = ".ttrv-tmp"
 """Suffix of a file:// object or a fetched directory being written; listings skip it."""
 WEIGHTS = "weights"
 LEASES = f"{WEIGHTS}/leases"
+MAX_KEY_BYTES = 1024
+"""S3's limit on an object key (UTF-8 bytes, https://docs.aws.amazon.com/AmazonS3/latest/userguide/object-keys.html);
+a store prefix is part of the key, so a name this long can already not be stored on S3."""
+MAX_SEGMENT_BYTES = 255
+"""NAME_MAX of Linux file systems (ext4, xfs; <linux/limits.h>): a longer segment cannot be a file name in a
+file:// store or a fetch folder."""
 
 
 def check_key(key: str, field: str = "key", allow_empty: bool = False) -> str:
@@ -30,7 +39,24 @@ def check_key(key: str, field: str = "key", allow_empty: bool = False) -> str:
         raise StoreConfigError(
             f"{field}: {key!r} has an empty, '.' or '..' segment; keys cannot leave their prefix, write 'a/b'"
         )
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES or any(
+            len(part.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES for part in key.split("/")):
+        raise StoreConfigError(f"{field}: {key[:40]!r}... is too long; keys have at most {MAX_KEY_BYTES} bytes and "
+                               f"{MAX_SEGMENT_BYTES} bytes between two '/', use shorter names")
     return key
+
+
+def local_path(root: Path, name: str, field: str = "key") -> Path:
+    """`root/name` for a store name `name`: the one place a name from a store (a key, or a file of a manifest that
+    anyone with write access to the store prefix may have written) meets a local folder. The name is checked as a
+    key (relative, no '..', '.' or empty segment, no backslash or NUL, bounded), and the joined path is checked to
+    lie below `root` once normalised, so that no name can make a reader write or read outside its folder."""
+    check_key(name, field)
+    path = root.joinpath(*name.split("/"))
+    base = os.path.normpath(root)
+    if os.path.commonpath([base, os.path.normpath(path)]) != base or os.path.normpath(path) == base:
+        raise StoreConfigError(f"{field}: {name!r} leaves {root}; keys cannot leave their prefix, write 'a/b'")
+    return path
 
 
 def join_key(*parts: str) -> str:

@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ttrv import log
+from ttrv.fsutil import strict_json
 from ttrv.store.backend import Backend, Missing, Range, SizeMismatch, Source, as_source, wait_all
 from ttrv.store.errors import CorruptVersionError, SetNotFoundError, StoreConfigError, StoreError
-from ttrv.store.keys import MANIFEST, TEMPORARY, check_key, join_key
+from ttrv.store.keys import MANIFEST, TEMPORARY, check_key, join_key, local_path
 
 logger = log.get_logger(__name__)
 
@@ -69,7 +70,7 @@ class Manifest:
             "meta": dict(meta),
             "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(files.items())},
         }
-        return json.dumps(document, indent=1).encode()
+        return strict_json(document, where=MANIFEST, indent=1).encode()
 
     @classmethod
     def decode(cls, prefix: str, data: bytes, where: str) -> Manifest:
@@ -77,11 +78,49 @@ class Manifest:
             document = json.loads(data)
             if document.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format is {document.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-            files = {name: FileEntry(int(e["size"]), str(e["sha256"])) for name, e in document["files"].items()}
+            if not isinstance(document["files"], dict):
+                raise TypeError("'files' is not an object")
+            if len(document["files"]) > MAX_FILES:
+                raise ValueError(f"{len(document['files'])} files, more than {MAX_FILES}")
+            files = {check_file_name(name): FileEntry(check_size(e["size"]), check_sha256(e["sha256"]))
+                     for name, e in document["files"].items()}
+            folders = {"/".join(name.split("/")[:depth]) for name in files for depth in range(1, name.count("/") + 1)}
+            if clash := sorted(folders & files.keys()):
+                raise ValueError(f"{clash[0]!r} is listed as a file and as a folder of another file")
             return cls(prefix, files, dict(document["meta"]), str(document["created"]), bytes(data))
         except (ValueError, KeyError, TypeError, AttributeError) as error:
+            # The manifest is what anyone with write access to the store prefix wrote: its names are checked here
+            # (and again by `local_path` where they meet a folder), so a hostile one is refused before any transfer.
             raise CorruptVersionError(
                 f"{where}: unreadable manifest ({error}); delete the set and publish it again") from None
+
+
+MAX_FILES = 100_000
+"""Files one set may list: far above any model's shards (a 1 TB model in 512 MiB shards has ~2000), small enough
+that a hostile manifest cannot make a reader allocate without bound."""
+
+
+def check_file_name(name: Any) -> str:
+    """A file name of a manifest: a key relative to its set (`check_key`'s rules), and not the manifest itself."""
+    try:
+        check_key(name, "name")
+    except StoreConfigError as error:
+        raise ValueError(f"file {str(name)[:80]!r} is not a relative name inside the set: {error}") from None
+    if name == MANIFEST:
+        raise ValueError(f"file {name!r} is the manifest's own name")
+    return name
+
+
+def check_size(size: Any) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"size {size!r} is not a non-negative integer")
+    return size
+
+
+def check_sha256(digest: Any) -> str:
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"sha256 {str(digest)[:80]!r} is not 64 lowercase hex digits")
+    return digest
 
 
 def _sha256_file(path: Path) -> str:
@@ -118,7 +157,7 @@ class SetStore:
         """Replaces `key` atomically (rename on file://, one PUT on S3)."""
         check_key(key)
         try:
-            data = json.dumps(document, indent=1).encode()
+            data = strict_json(document, where=f"{self.url}/{key}", indent=1).encode()
         except (TypeError, ValueError) as error:
             raise StoreConfigError(f"document for {key!r} is not JSON-serialisable: {error}") from None
         self._backend.put(key, data)
@@ -293,14 +332,15 @@ class SetStore:
 
         def digest(name: str, ranges: list[Range]) -> str:
             wait_all(future for future, _, _ in ranges)
-            return _sha256_file(temporary / name)
+            return _sha256_file(local_path(temporary, name))
 
         try:
             temporary.mkdir(parents=True)
             for name, entry in manifest.files.items():
-                (temporary / name).parent.mkdir(parents=True, exist_ok=True)
-                transfers[name] = self._backend.fetch_file(join_key(manifest.prefix, name), entry.size,
-                                                           temporary / name, self._pool)
+                path = local_path(temporary, name, f"{manifest.prefix}/{MANIFEST}: files[{name!r}]")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                transfers[name] = self._backend.fetch_file(join_key(manifest.prefix, name), entry.size, path,
+                                                           self._pool)
             self._verify(manifest, transfers, digest)
             (temporary / MANIFEST).write_bytes(manifest.raw)
             try:

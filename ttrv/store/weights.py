@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ttrv import log
 from ttrv.store.backend import BufferSource, MiB, Source, as_source
-from ttrv.store.errors import StoreConfigError, StoreError
+from ttrv.store.errors import CorruptVersionError, StoreConfigError, StoreError
 from ttrv.store.keys import LEASES, MANIFEST, WEIGHTS, check_key, parse_step, weights_prefix
 from ttrv.store.sets import Manifest, SetStore
 from ttrv.store.shards import SafetensorsSource, parse_safetensors, plan_shards, tensor_bytes
@@ -147,10 +147,10 @@ class Store(SetStore):
         """Downloads and verifies version `step` into `dest_dir/v{step:06d}-{digest}` and returns that path. The
         path names the exact bytes (vLLM caches adapters by path), so a republished step gets a new one; a path
         fetched before is returned at once. The local copy is a cache: it is not fsynced."""
-        prefix = weights_prefix(step)
+        weights_prefix(step)  # refuses a bad step before a lease is written for it
         started = time.monotonic()
         with self.lease(step):
-            manifest = self._require_manifest(prefix)
+            manifest = self._require_version(step)
             path = Path(dest_dir) / f"v{step:06d}-{manifest.digest[:12]}"
             self._fetch(manifest, path)
         self._log_read(manifest, started, str(path))
@@ -161,13 +161,44 @@ class Store(SetStore):
         prefix = weights_prefix(step)
         started = time.monotonic()
         with self.lease(step):
-            manifest = self._require_manifest(prefix)
+            manifest = self._require_version(step)
             buffers = self._read(manifest)
         tensors: dict[str, torch.Tensor] = {}
-        for name in manifest.meta.get("shards", []):
+        for name in manifest.meta["shards"]:
             tensors.update(parse_safetensors(buffers[name], f"{self.url}/{prefix}/{name}"))
         self._log_read(manifest, started, "memory")
         return tensors
+
+    def _require_version(self, step: int) -> Manifest:
+        """The manifest of weight version `step`, whose metadata agrees with its files as `publish_weights` writes
+        them: a manifest rewritten by hand or by another tool (a "full" version without shards, a shard it does not
+        list) is refused as corrupt before anything is transferred, instead of being served as if it held weights."""
+        prefix = weights_prefix(step)
+        manifest = self._require_manifest(prefix)
+        meta, files = manifest.meta, manifest.files
+        kind, shards = meta.get("kind"), meta.get("shards")
+        problem = None
+        if meta.get("step") != step:
+            problem = f"meta.step is {meta.get('step')!r}, not {step}"
+        elif kind not in ("full", "lora"):
+            problem = f"meta.kind is {kind!r}, neither 'full' nor 'lora'"
+        elif meta.get("dtype") not in WEIGHT_DTYPES:
+            problem = f"meta.dtype is {meta.get('dtype')!r}, not one of {list(WEIGHT_DTYPES)}"
+        elif not isinstance(shards, list) or not shards or not all(isinstance(name, str) for name in shards):
+            problem = f"meta.shards is {shards!r}: a {kind} version lists at least one safetensors shard"
+        elif missing := [name for name in shards if name not in files]:
+            problem = f"meta.shards names {missing[:3]}, which the version's files do not hold"
+        elif [name for name in shards if not name.endswith(".safetensors")]:
+            problem = f"meta.shards {shards[:3]} are not all .safetensors files"
+        elif kind == "lora" and (shards != ["adapter_model.safetensors"] or "adapter_config.json" not in files):
+            problem = "a lora version holds adapter_model.safetensors and adapter_config.json (peft's layout)"
+        elif kind == "full" and len(shards) > 1 and "model.safetensors.index.json" not in files:
+            problem = f"{len(shards)} shards without model.safetensors.index.json"
+        if problem is not None:
+            raise CorruptVersionError(f"{self.url}/{prefix}: the manifest's metadata does not agree with its files "
+                                      f"({problem}); this version cannot be loaded, publish it again or load another "
+                                      "one")
+        return manifest
 
     def gc_weights(self, keep: int, in_use: Iterable[int] = ()) -> list[int]:
         """Deletes weight versions except the newest `keep`, those in `in_use` and those leased by a reader;
