@@ -36,6 +36,7 @@ KINDS = {
     "Deployment": Kind("apps", "v1", "deployments"),
     "NetworkPolicy": Kind("networking.k8s.io", "v1", "networkpolicies"),
     "PyTorchJob": Kind("kubeflow.org", "v1", "pytorchjobs"),
+    "TrainJob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
     # v1beta1 is served by every Kueue that has the pytorchjob integration (v0.15 still serves it next to v1beta2).
     "Workload": Kind("kueue.x-k8s.io", "v1beta1", "workloads"),
 }
@@ -91,6 +92,18 @@ class Kube:
                 answer = {}
             raise KubeError(method, path, error.status, answer.get("reason") or error.reason or "",
                             answer.get("message") or str(error.body or "")) from None
+
+    def serves(self, kind: str) -> bool:
+        """Whether the API server serves `kind` (its group/version's discovery document lists the resource)."""
+        spec = KINDS[kind]
+        path = f"/apis/{spec.group}/{spec.version}" if spec.group else f"/api/{spec.version}"
+        try:
+            resources = self._call("GET", path).get("resources") or []
+        except KubeError as error:
+            if error.status in (404, 503):  # the group/version is not installed, or its aggregated server is down
+                return False
+            raise
+        return any(resource.get("name") == spec.plural for resource in resources)
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
         try:

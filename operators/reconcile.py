@@ -23,9 +23,17 @@ from operators.experiments import Observed as ExperimentObserved
 from operators.experiments import decide_experiment, resolve_spec, unstarted_run_names
 from operators.progress import Progress, parse_progress
 from operators.runs import Observed as RunObserved
-from operators.runs import decide_run, desired_children, wants_pods, wants_progress, wants_workload
+from operators.runs import (
+    decide_run,
+    desired_children,
+    run_trainer_api,
+    wants_pods,
+    wants_progress,
+    wants_workload,
+)
 from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, JOB_UID_LABEL, RUN_LABEL, TRAINER
 from ttrv.log import get_logger
+from ttrv.manifests import PYTORCHJOB, TRAINER_KINDS, RuntimeRef
 from ttrv.spec import SpecError
 
 logger = get_logger("ttrv.operator")
@@ -95,6 +103,14 @@ class Context:
     kueue_enabled: bool = False
     post_event: Callable[[Mapping, Event], None] = log_event
     locks: Locks = field(default_factory=Locks)
+    trainer_apis: frozenset[str] = frozenset({PYTORCHJOB})
+    """The training APIs the API server serves (the operator asks at start: ttrv_operator.discover_trainer_apis)."""
+    runtime: RuntimeRef = field(default_factory=RuntimeRef)
+    """The training runtime every TrainJob references."""
+    pinned_api: str | None = None
+    """A trainer API every run uses, whatever it asks: the local stand-in, which runs either as local processes."""
+    auto_api: str | None = None
+    """The operator's choice for runs that ask `auto` (None: TrainJob when served, else PyTorchJob)."""
 
 
 def now() -> datetime:
@@ -127,8 +143,9 @@ def reconcile_run(ctx: Context, namespace: str, name: str) -> None:
         run = api.get("AdaptationRun", namespace, name)
         if run is None or run["metadata"].get("deletionTimestamp"):
             return
+        trainer_api = run_trainer_api(run, ctx.trainer_apis, ctx.pinned_api, ctx.auto_api)
         try:
-            wanted = desired_children(run, ctx.kueue_enabled)
+            wanted = desired_children(run, ctx.kueue_enabled, trainer_api, ctx.runtime)
         except SpecError:
             wanted = []  # decide_run reports the spec's problem in the run's status
         children = {}
@@ -136,12 +153,13 @@ def reconcile_run(ctx: Context, namespace: str, name: str) -> None:
             found = api.get(obj["kind"], namespace, obj["metadata"]["name"])
             if found is not None:
                 children[obj["kind"]] = found
-        job = children.get("PyTorchJob")
+        job = children.get(TRAINER_KINDS[trainer_api]) if trainer_api else None
         pods = api.list("Pod", namespace, {RUN_LABEL: name, COMPONENT_LABEL: TRAINER}) if wants_pods(job) else ()
         workload = _workload(api, namespace, job) if wants_workload(job, ctx.kueue_enabled) else None
         progress = _progress(ctx, run) if wants_progress(run, job) else None
         before = (run.get("status") or {}).get("phase")
-        plan = decide_run(RunObserved(run, now(), children, workload, pods, progress, ctx.kueue_enabled, wanted))
+        plan = decide_run(RunObserved(run, now(), children, workload, pods, progress, ctx.kueue_enabled, wanted,
+                                      ctx.trainer_apis, ctx.runtime, ctx.pinned_api, ctx.auto_api))
         apply(ctx, run, plan)
     # The experiment's table and scheduling follow a run's phase at once; progress waits for its poll.
     if plan.status["phase"] != before:
@@ -149,7 +167,8 @@ def reconcile_run(ctx: Context, namespace: str, name: str) -> None:
 
 
 def _workload(api: Api, namespace: str, job: dict) -> dict | None:
-    """The Kueue Workload of a PyTorchJob: Kueue labels it with the job's uid and makes the job its owner."""
+    """The Kueue Workload of a PyTorchJob or TrainJob: Kueue labels it with the job's uid and makes the job its
+    owner (the same for every integration: pkg/controller/jobframework)."""
     uid = job["metadata"].get("uid")
     for workload in api.list("Workload", namespace, {JOB_UID_LABEL: uid}):
         if any(ref.get("uid") == uid for ref in workload["metadata"].get("ownerReferences") or []):

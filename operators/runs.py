@@ -6,6 +6,11 @@ next decision needs is in the API (the run's status included), so an operator re
 
 The rules, in the order they apply:
 
+0. The trainer's API (run_trainer_api): the one the run's status names once chosen, else scheduling.trainerApi,
+   `auto` read from what the API server serves (TrainJob first). A run whose API is not served waits in Queued,
+   reason TrainerAPIMissing, with the fix in its message; nothing is created for it. TrainJob and PyTorchJob are
+   read alike below (a TrainJob's Complete is a PyTorchJob's Succeeded, its spec.suspend runPolicy.suspend); the
+   differences are noted where they matter.
 1. A finished run stays finished: its PyTorchJob may be garbage-collected (ttlSecondsAfterFinished) and must not
    come back. Its rollout service stays at zero replicas, and a trainer the operator gave up on is deleted.
 2. The trainer's end decides: PyTorchJob Succeeded → Succeeded; Failed with a permanent exit code (1-127, see
@@ -14,7 +19,8 @@ The rules, in the order they apply:
    (runPolicy.suspend) or, when Kueue manages it, deleted, because Kueue unsuspends any suspended job whose
    Workload is admitted. Either way the pods get SIGTERM, the trainer checkpoints, and it resumes from its newest
    checkpoint later.
-4. Retryable failures. With `restartPolicy: ExitCode` the training operator restarts a replica that exits
+4. Retryable failures. A TrainJob's runtime fails its Job on the first non-zero exit (ttrv.manifests.training_runtime),
+   so a TrainJob only ever fails whole and takes the path of a failed PyTorchJob below: a new one after a backoff. With `restartPolicy: ExitCode` the training operator restarts a replica that exits
    128-255 in place, but (v1.9) it never counts those restarts against runPolicy.backoffLimit
    (kubeflow/trainer#2045), so the operator keeps the budget: each restart it sees (a new Restarting condition)
    counts, and past `scheduling.backoffLimit` the run fails and its PyTorchJob is deleted. A PyTorchJob that
@@ -49,12 +55,21 @@ from operators.conditions import (
 from operators.progress import Progress
 from ttrv import exitcodes
 from ttrv.labels import REPLICA_TYPE_LABEL
-from ttrv.manifests import TRAINER_CONTAINER, run_children
+from ttrv.manifests import (
+    PYTORCHJOB,
+    TRAINER_CONTAINER,
+    TRAINER_KINDS,
+    TRAINJOB,
+    TRAINJOB_CONTAINER,
+    RuntimeRef,
+    resolve_trainer_api,
+    run_children,
+)
 from ttrv.spec import RUN_FINISHED, AdaptationRunSpec, SpecError, parse_spec
 
 RETRY_BASE_SECONDS = 30
 RETRY_MAX_SECONDS = 600
-TRAINER = "PyTorchJob"
+TRAINER = "PyTorchJob"  # the v1 kind; TRAINER_KINDS names both
 ROLLOUT = "Deployment"
 # What the training operator writes into a Failed condition when it gave up for a reason other than an exit code
 # (pkg/controller.v1/common/job.go): those failures are worth another PyTorchJob.
@@ -77,7 +92,15 @@ class Observed:
     """The trainer's progress.json, while it runs and when it ends."""
     kueue_enabled: bool = False
     desired: Sequence[Mapping] | None = None
-    """`desired_children(run, kueue_enabled)`, when the handler has built them already (None: built here)."""
+    """`desired_children(run, kueue_enabled, api)`, when the handler has built them already (None: built here)."""
+    trainer_apis: frozenset[str] = frozenset({PYTORCHJOB})
+    """The training APIs the API server serves (the operator's discovery at start)."""
+    runtime: RuntimeRef = RuntimeRef()
+    """The training runtime TrainJobs reference."""
+    pinned_api: str | None = None
+    """An API every run uses whatever it asks (the local stand-in runs either as local processes)."""
+    auto_api: str | None = None
+    """What runs that ask `auto` get (the operator's TTRV_TRAINER_API); None: TrainJob if served, else PyTorchJob."""
 
 
 @dataclass(frozen=True)
@@ -102,14 +125,69 @@ def effective_run(run: Mapping, kueue_enabled: bool) -> dict:
     return result
 
 
-def desired_children(run: Mapping, kueue_enabled: bool) -> list[dict]:
-    """The run's children as the builders make them (names and kinds are what the handler reads)."""
-    return run_children(effective_run(run, kueue_enabled))
+def desired_children(run: Mapping, kueue_enabled: bool, trainer_api: str | None = PYTORCHJOB,
+                     runtime: RuntimeRef | None = None) -> list[dict]:
+    """The run's children as the builders make them (names and kinds are what the handler reads); with no trainer
+    API (none served), every child but the trainer."""
+    children = run_children(effective_run(run, kueue_enabled), trainer_api or PYTORCHJOB, runtime)
+    return children if trainer_api else [child for child in children if child["kind"] not in TRAINER_KINDS.values()]
+
+
+def run_trainer_api(run: Mapping, served: frozenset[str], pinned: str | None = None,
+                    auto: str | None = None) -> str | None:
+    """The trainer API of a run: pinned, else the one its status records (a run never changes API midway), else
+    scheduling.trainerApi, `auto` being the operator's choice `auto` when it made one. None when that API is not
+    served."""
+    if pinned:
+        return pinned
+    recorded = (run.get("status") or {}).get("trainerApi")
+    if recorded in TRAINER_KINDS:
+        return recorded if recorded in served else None
+    requested = ((run.get("spec") or {}).get("scheduling") or {}).get("trainerApi") or "auto"
+    return resolve_trainer_api(auto if requested == "auto" and auto else requested, served)
+
+
+def _missing_api_message(run: Mapping, served: frozenset[str]) -> str:
+    recorded = (run.get("status") or {}).get("trainerApi")
+    requested = recorded or ((run.get("spec") or {}).get("scheduling") or {}).get("trainerApi") or "auto"
+    served_text = " and ".join(TRAINER_KINDS[api] for api in sorted(served)) or "neither"
+    if requested == "auto":
+        return ("the API server serves no training API: install Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 "
+                "TrainJob, with the operator chart's ClusterTrainingRuntime) or the v1 training operator "
+                "(kubeflow.org/v1 PyTorchJob), then restart the ttrv operator, which looks when it starts")
+    group = "trainer.kubeflow.org/v1alpha1 TrainJobs (Kubeflow Trainer v2)" if requested == TRAINJOB else \
+        "kubeflow.org/v1 PyTorchJobs (the v1 training operator)"
+    other = PYTORCHJOB if requested == TRAINJOB else TRAINJOB
+    where = "the run's status records trainerApi" if recorded else "scheduling.trainerApi is"
+    return (f"{where} {requested}, but the API server does not serve {group} (it serves {served_text}): install "
+            f"it and restart the ttrv operator, or set scheduling.trainerApi: {other} or auto in the Experiment")
 
 
 def wants_pods(job: Mapping | None) -> bool:
     conditions = (job or {}).get("status", {}).get("conditions")
     return is_true(conditions, "Failed") or is_true(conditions, "Restarting")
+
+
+def trainer_kind(job: Mapping | None) -> str:
+    return (job or {}).get("kind") or TRAINER
+
+
+def _succeeded(job: Mapping) -> dict | None:
+    """The trainer's success condition: PyTorchJob Succeeded, TrainJob Complete (kubeflow/trainer
+    pkg/apis/trainer/v1alpha1/trainjob_types.go TrainJobComplete, copied from the JobSet's Completed condition by
+    pkg/runtime/framework/plugins/jobset/jobset.go Status)."""
+    conditions = job.get("status", {}).get("conditions")
+    kind = "Complete" if trainer_kind(job) == "TrainJob" else "Succeeded"
+    return condition(conditions, kind) if is_true(conditions, kind) else None
+
+
+def _running(job: Mapping) -> bool:
+    """PyTorchJob: its Running condition. A TrainJob has none (Suspended, Complete, Failed only): it runs while
+    unsuspended with a ready child Job (status.jobsStatus[].ready counts Jobs whose pods are all ready or done)."""
+    if trainer_kind(job) != "TrainJob":
+        return is_true(job.get("status", {}).get("conditions"), "Running")
+    return not _suspended(job) and not _finished(job) and any(
+        (entry.get("ready") or 0) > 0 for entry in job.get("status", {}).get("jobsStatus") or [])
 
 
 def wants_workload(job: Mapping | None, kueue_enabled: bool) -> bool:
@@ -121,7 +199,7 @@ def wants_progress(run: Mapping, job: Mapping | None) -> bool:
     if (run.get("status") or {}).get("phase") in RUN_FINISHED or job is None:
         return False
     conditions = job.get("status", {}).get("conditions")
-    return any(is_true(conditions, kind) for kind in ("Running", "Restarting", "Succeeded", "Failed"))
+    return _running(job) or _finished(job) or is_true(conditions, "Restarting")
 
 
 # --- the decision ------------------------------------------------------------------------------------------------
@@ -152,11 +230,13 @@ class _Outcome:
 
 
 def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome:
-    built = o.desired if o.desired is not None else desired_children(o.run, o.kueue_enabled)
+    api = run_trainer_api(o.run, o.trainer_apis, o.pinned_api, o.auto_api)
+    built = o.desired if o.desired is not None else desired_children(o.run, o.kueue_enabled, api, o.runtime)
     desired = {obj["kind"]: obj for obj in built}
-    job = o.children.get(TRAINER)
+    kind = TRAINER_KINDS[api] if api else TRAINER
+    job = o.children.get(kind)
     deployment = o.children.get(ROLLOUT)
-    job_name = desired[TRAINER]["metadata"]["name"]
+    job_name = f"{o.run['metadata']['name']}-trainer"
     actions: list[Action] = []
     events: list[Event] = []
 
@@ -165,10 +245,14 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
             actions.append(Action("patch", ROLLOUT, deployment["metadata"]["name"], {"spec": {"replicas": replicas}}))
 
     def delete_job() -> None:
-        actions.append(Action("delete", TRAINER, job_name))
+        actions.append(Action("delete", kind, job_name))
+
+    def suspend_job(suspend: bool) -> None:
+        body = {"spec": {"suspend": suspend}} if kind == "TrainJob" else {"spec": {"runPolicy": {"suspend": suspend}}}
+        actions.append(Action("patch", kind, job_name, body))
 
     def done(phase: str, reason: str, message: str, **updates) -> _Outcome:
-        return _Outcome(phase, reason, message, actions, events, updates)
+        return _Outcome(phase, reason, message, actions, events, ({"trainerApi": api} if api else {}) | updates)
 
     # 1. Finished runs stay finished.
     if previous.get("phase") in RUN_FINISHED:
@@ -177,9 +261,15 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
             delete_job()
         return done(previous["phase"], previous.get("reason", ""), previous.get("message", ""))
 
+    # 0. No training API to run the trainer with: the fix, and nothing created (a rollout
+    # service would hold GPUs for a trainer that cannot exist).
+    if api is None:
+        scale_rollout(0)
+        return done("Queued", "TrainerAPIMissing", _missing_api_message(o.run, o.trainer_apis))
+
     # Children other than the trainer exist whatever happens next (the rollout Deployment starts at zero
     # replicas when the run is suspended: the builder reads spec.suspend).
-    missing = [obj for kind, obj in desired.items() if kind != TRAINER and kind not in o.children]
+    missing = [obj for child, obj in desired.items() if child != kind and child not in o.children]
     if missing:
         actions += [Action("create", obj["kind"], obj["metadata"]["name"], obj) for obj in missing]
         events.append(Event("Normal", "Created", "created " + ", ".join(
@@ -189,11 +279,11 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
     resume_from = _resume_note(o, previous)
 
     # 2. The trainer's end decides.
-    if job is not None and is_true(conditions, "Succeeded"):
+    succeeded = _succeeded(job) if job is not None else None
+    if succeeded is not None:
         scale_rollout(0)
-        finished_at = condition(conditions, "Succeeded").get("lastTransitionTime") or rfc3339(o.now)
-        return done("Succeeded", "TrainerSucceeded", f"PyTorchJob {job_name} succeeded",
-                    completionTime=finished_at)
+        finished_at = succeeded.get("lastTransitionTime") or rfc3339(o.now)
+        return done("Succeeded", "TrainerSucceeded", f"{kind} {job_name} succeeded", completionTime=finished_at)
     failure = _failure(job, o.pods) if job is not None and is_true(conditions, "Failed") else None
     if failure is not None and failure.permanent:
         scale_rollout(0)
@@ -209,7 +299,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
             if managed or failure is not None:
                 delete_job()
             elif not _suspended(job):
-                actions.append(Action("patch", TRAINER, job_name, {"spec": {"runPolicy": {"suspend": True}}}))
+                suspend_job(True)
         return done("Suspended", "Suspended", f"the experiment is suspended; {resume_from} when it resumes")
 
     if "Deployment" in desired:
@@ -222,7 +312,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         uid = job["metadata"].get("uid")
         if previous.get("lastRestart") == uid:  # counted already; its deletion is under way
             delete_job()
-            return done("Queued", "Retrying", f"deleting the failed PyTorchJob {job_name} to start a new one")
+            return done("Queued", "Retrying", f"deleting the failed {kind} {job_name} to start a new one")
         if restarts >= limit:
             scale_rollout(0)
             delete_job()
@@ -239,7 +329,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
                         f"and {resume_from}", exitCode=failure.exit_code)
         delete_job()
         events.append(Event("Warning", "TrainerRetry",
-                            f"trainer failed with {failure.describe()}; starting a new PyTorchJob "
+                            f"trainer failed with {failure.describe()}; starting a new {kind} "
                             f"(restart {restarts + 1} of {limit})"))
         return done("Queued", "Retrying", f"starting a new trainer (restart {restarts + 1} of {limit}); "
                     f"{resume_from}", restarts=restarts + 1, lastRestart=uid, exitCode=failure.exit_code)
@@ -251,7 +341,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         updates: dict = {}
         if stamp != previous.get("lastRestart"):
             restarts += 1
-            exit_ = _trainer_exit(o.pods)
+            exit_ = _trainer_exit(o.pods, kind)
             updates = {"restarts": restarts, "lastRestart": stamp}
             if exit_ is not None:
                 updates["exitCode"] = exit_.code
@@ -275,25 +365,25 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
             return done("Queued", "WaitingForRollout",
                         f"rollout service {desired['Deployment']['metadata']['name']} has {ready} of 1 replicas "
                         "ready; the trainer starts once it is ready")
-        actions.append(Action("create", TRAINER, job_name, desired[TRAINER]))
+        actions.append(Action("create", kind, job_name, desired[kind]))
         queued = f"; waiting for Kueue to admit it from LocalQueue {spec.scheduling.queue_name}" if managed else ""
-        return done("Queued", "TrainerCreated", f"created PyTorchJob {job_name}{queued}")
+        return done("Queued", "TrainerCreated", f"created {kind} {job_name}{queued}")
 
     # 6. A suspended trainer: resumed by the operator, or held by Kueue.
     if _suspended(job):
         if not managed:
-            actions.append(Action("patch", TRAINER, job_name, {"spec": {"runPolicy": {"suspend": False}}}))
-            return done("Queued", "Resuming", f"unsuspending PyTorchJob {job_name}; {resume_from}")
-        if condition(conditions, "Running") is not None:  # it ran, and Kueue suspended it again
+            suspend_job(False)
+            return done("Queued", "Resuming", f"unsuspending {kind} {job_name}; {resume_from}")
+        if _ran(job, previous):  # it ran, and Kueue suspended it again
             reason, message = _kueue_preemption(o.workload)
             return done("Preempted", reason, f"{message}; {resume_from} when Kueue admits it again")
-        reason, message = _kueue_pending(o.workload, spec.scheduling.queue_name)
+        reason, message = _kueue_pending(o.workload, spec.scheduling.queue_name, kind, job, o.now)
         return done("Queued", reason, message)
 
-    if is_true(conditions, "Running"):
+    if _running(job):
         started = previous.get("startTime") or job.get("status", {}).get("startTime") or rfc3339(o.now)
-        return done("Running", "TrainerRunning", f"PyTorchJob {job_name} is running", startTime=started)
-    return done("Queued", "WaitingForPods", f"PyTorchJob {job_name} is admitted; waiting for its pods to start")
+        return done("Running", "TrainerRunning", f"{kind} {job_name} is running", startTime=started)
+    return done("Queued", "WaitingForPods", f"{kind} {job_name} is admitted; waiting for its pods to start")
 
 
 def retry_delay(restarts: int) -> int:
@@ -304,12 +394,22 @@ def retry_delay(restarts: int) -> int:
 # --- reading the children ----------------------------------------------------------------------------------------
 
 def _finished(job: Mapping) -> bool:
-    conditions = job.get("status", {}).get("conditions")
-    return is_true(conditions, "Succeeded") or is_true(conditions, "Failed")
+    return _succeeded(job) is not None or is_true(job.get("status", {}).get("conditions"), "Failed")
 
 
 def _suspended(job: Mapping) -> bool:
+    if trainer_kind(job) == "TrainJob":
+        return bool(job.get("spec", {}).get("suspend"))
     return bool(job.get("spec", {}).get("runPolicy", {}).get("suspend"))
+
+
+def _ran(job: Mapping, previous: Mapping) -> bool:
+    """Whether a suspended trainer had started: a PyTorchJob keeps its Running condition (False) once it ran. A
+    TrainJob's conditions do not tell (Suspended flips True/Resumed/True again, trainjob_controller.go
+    setSuspendedCondition), so the run's own status does: it was Running, or Preempted already."""
+    if trainer_kind(job) == "TrainJob":
+        return previous.get("phase") in ("Running", "Preempted")
+    return condition(job.get("status", {}).get("conditions"), "Running") is not None
 
 
 def _ready(deployment: Mapping | None) -> bool:
@@ -332,7 +432,7 @@ def _failure(job: Mapping, pods: Sequence[Mapping]) -> _Failure:
     operator's message (under ExitCode, a replica failure fails the job only for a permanent exit code)."""
     failed = condition(job.get("status", {}).get("conditions"), "Failed") or {}
     message = failed.get("message", "")
-    exit_ = _trainer_exit(pods)
+    exit_ = _trainer_exit(pods, trainer_kind(job))
     if exit_ is not None:
         return _Failure(not exitcodes.is_retryable(exit_.code), exit_.code, exit_.describe(),
                         failed.get("lastTransitionTime"))
@@ -341,15 +441,25 @@ def _failure(job: Mapping, pods: Sequence[Mapping]) -> _Failure:
                     failed.get("lastTransitionTime"))
 
 
-def _trainer_exit(pods: Sequence[Mapping]) -> Exit | None:
+# The Job controller labels each pod of an Indexed Job with its completion index (Kubernetes 1.28+); JobSet's
+# node job is Indexed, and Trainer's torch plugin makes index 0 the master (PET_NODE_RANK from it).
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+
+
+def _trainer_exit(pods: Sequence[Mapping], kind: str = TRAINER) -> Exit | None:
     """The trainer container's non-zero exit, master first: its code and termination message (the trainer writes
     /dev/termination-log; Kubernetes falls back to the log's tail)."""
+    container = TRAINJOB_CONTAINER if kind == "TrainJob" else TRAINER_CONTAINER
+
     def master_first(pod: Mapping) -> int:
-        return 0 if pod.get("metadata", {}).get("labels", {}).get(REPLICA_TYPE_LABEL) == "master" else 1
+        labels = pod.get("metadata", {}).get("labels", {})
+        master = labels.get(COMPLETION_INDEX_LABEL) == "0" if kind == "TrainJob" else \
+            labels.get(REPLICA_TYPE_LABEL) == "master"
+        return 0 if master else 1
 
     for pod in sorted(pods, key=master_first):
         for status in pod.get("status", {}).get("containerStatuses") or []:
-            if status.get("name") != TRAINER_CONTAINER:
+            if status.get("name") != container:
                 continue
             for state in (status.get("state"), status.get("lastState")):
                 terminated = (state or {}).get("terminated")
@@ -358,14 +468,33 @@ def _trainer_exit(pods: Sequence[Mapping]) -> Exit | None:
     return None
 
 
-def _kueue_pending(workload: Mapping | None, queue: str | None) -> tuple[str, str]:
+# Kueue makes a job's Workload within moments of its creation; none after this long means Kueue does not manage it.
+NO_WORKLOAD_SECONDS = 120
+KUEUE_FRAMEWORKS = {
+    "TrainJob": "trainer.kubeflow.org/trainjob",
+    # On by default in Kueue's shipped configuration up to v0.18; off from v0.19 (kubernetes-sigs/kueue#12606).
+    "PyTorchJob": "kubeflow.org/pytorchjob",
+}
+
+
+def _kueue_pending(workload: Mapping | None, queue: str | None, kind: str = TRAINER, job: Mapping | None = None,
+                   now: datetime | None = None) -> tuple[str, str]:
     """Kueue says why a Workload waits in its QuotaReserved condition (reason Pending, or Inadmissible when the
     queue is missing or stopped), e.g. "couldn't assign flavors to pod set master: insufficient quota ..."."""
     reserved = condition((workload or {}).get("status", {}).get("conditions"), "QuotaReserved")
     if reserved is not None and reserved.get("status") == "False" and reserved.get("message"):
         reason = "Inadmissible" if reserved.get("reason") == "Inadmissible" else "QuotaPending"
         return reason, f"waiting for Kueue (LocalQueue {queue}): {reserved['message']}"
-    return "QuotaPending", f"the PyTorchJob is suspended until Kueue admits it from LocalQueue {queue}"
+    created = parse_time((job or {}).get("metadata", {}).get("creationTimestamp"))
+    if workload is None and created is not None and now is not None and \
+            (now - created).total_seconds() >= NO_WORKLOAD_SECONDS:
+        framework = KUEUE_FRAMEWORKS.get(kind, kind)
+        since = " (off by default since Kueue v0.19: use scheduling.trainerApi trainjob)" if kind == "PyTorchJob" else ""
+        return "NoKueueWorkload", (
+            f"Kueue has made no Workload for {kind} {job['metadata']['name']} in "
+            f"{human_duration((now - created).total_seconds())}: enable the {framework} integration in Kueue's "
+            f"configuration (integrations.frameworks){since}, and check that LocalQueue {queue} exists")
+    return "QuotaPending", f"the {kind} is suspended until Kueue admits it from LocalQueue {queue}"
 
 
 def _kueue_preemption(workload: Mapping | None) -> tuple[str, str]:
@@ -393,7 +522,7 @@ _PROGRESS_FIELDS = {
     "total_steps": "totalSteps", "weight_version": "weightVersion", "checkpoint_step": "checkpointStep",
     "base_accuracy": "baseAccuracy", "accuracy": "accuracy",
 }
-_KEPT = ("storeUri", "step", "totalSteps", "progress", "estimatedRemainingSeconds", "eta", "weightVersion",
+_KEPT = ("trainerApi", "storeUri", "step", "totalSteps", "progress", "estimatedRemainingSeconds", "eta", "weightVersion",
          "checkpointStep", "baseAccuracy", "accuracy", "restarts", "lastRestart", "exitCode", "startTime",
          "completionTime", "stage", "evalPromptsDone", "evalPromptsTotal", "evalProgress")
 # What the trainer is doing now: only meaningful while it runs.

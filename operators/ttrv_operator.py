@@ -7,6 +7,11 @@ Configuration, from the environment:
     TTRV_KUEUE_ENABLED  true: runs with scheduling.queueName are Kueue's (queue label, created suspended, the
                         Workload's conditions read for Queued/Preempted); false: queueName is ignored
     TTRV_METRICS_PORT   Prometheus metrics port (default 9400)
+    TTRV_TRAINER_API    the trainer's API for runs whose scheduling.trainerApi is auto: auto (default: TrainJob when
+                        the API server serves trainer.kubeflow.org/v1alpha1 trainjobs, else PyTorchJob), trainjob
+                        or pytorchjob. Decided once, at start, from API discovery, and logged (trainer_apis_discovered)
+    TTRV_TRAINING_RUNTIME_KIND, TTRV_TRAINING_RUNTIME_NAME   the runtime TrainJobs reference (default
+                        ClusterTrainingRuntime ttrv-trainer, the operator chart's)
     TTRV_POLL_SECONDS   how often each unfinished Experiment and AdaptationRun is reconciled and its trainer's
                         progress.json read (default 30)
     TTRV_LOG_LEVEL      structlog level (default info)
@@ -43,6 +48,7 @@ from operators.reconcile import Context, log_event, reconcile_experiment, reconc
 from ttrv import log
 from ttrv.crds import GROUP, VERSION
 from ttrv.labels import MANAGED_BY, RUN_LABEL
+from ttrv.manifests import RUNTIME_NAME, TRAINER_APIS, TRAINER_KINDS, RuntimeRef, resolve_trainer_api
 from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED, ExperimentPhase, RunPhase
 
 POLL_SECONDS = float(os.environ.get("TTRV_POLL_SECONDS", "30"))
@@ -70,6 +76,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     selector = ",".join(f"{key}={value}" for key, value in MANAGED_BY.items())
     # Only the operator's own PyTorchJobs and Deployments stream in, not every one in the cluster.
     settings.watching.label_selectors["kubeflow.org", "v1", "pytorchjobs"] = selector
+    settings.watching.label_selectors["trainer.kubeflow.org", "v1alpha1", "trainjobs"] = selector
     settings.watching.label_selectors["apps", "v1", "deployments"] = selector
     kueue = os.environ.get("TTRV_KUEUE_ENABLED", "false").strip().lower() in ("1", "true", "yes")
     port = int(os.environ.get("TTRV_METRICS_PORT", "9400"))
@@ -78,9 +85,32 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     injected = memo.get("read_progress")  # an embedding caller's stand-in for the object store
     memo.progress_reader = None if injected else ProgressReader()
     memo.kube = Kube.from_environment()
-    memo.context = Context(memo.kube, injected or memo.progress_reader, kueue, post_event=_post_event)
+    served, auto, runtime = discover_trainer_apis(memo.kube)
+    memo.context = Context(memo.kube, injected or memo.progress_reader, kueue, post_event=_post_event,
+                           trainer_apis=served, runtime=runtime, auto_api=auto)
     logger.info("operator_configured", kueue_enabled=kueue, metrics_port=server.server_port,
                 poll_seconds=POLL_SECONDS)
+
+
+def discover_trainer_apis(kube: Kube) -> tuple[frozenset[str], str | None, RuntimeRef]:
+    """The training APIs the API server serves, the one runs asking `auto` get (TTRV_TRAINER_API), and the runtime
+    TrainJobs reference. Asked once, at start: installing or removing a training operator needs an operator
+    restart, which the missing-API condition of a run says."""
+    requested = os.environ.get("TTRV_TRAINER_API", "auto").strip().lower() or "auto"
+    if requested not in ("auto", *TRAINER_APIS):
+        raise kopf.PermanentError(f"TTRV_TRAINER_API: {requested!r} is not auto, trainjob or pytorchjob; set the "
+                                  "operator chart's trainer.api to one of them")
+    kind = os.environ.get("TTRV_TRAINING_RUNTIME_KIND", "ClusterTrainingRuntime").strip()
+    if kind not in ("ClusterTrainingRuntime", "TrainingRuntime"):
+        raise kopf.PermanentError(f"TTRV_TRAINING_RUNTIME_KIND: {kind!r} is not ClusterTrainingRuntime or "
+                                  "TrainingRuntime; set the operator chart's trainer.runtime.kind")
+    runtime = RuntimeRef(kind, os.environ.get("TTRV_TRAINING_RUNTIME_NAME", RUNTIME_NAME).strip() or RUNTIME_NAME)
+    served = frozenset(api for api in TRAINER_APIS if kube.serves(TRAINER_KINDS[api]))
+    choice = resolve_trainer_api(requested, served)
+    (logger.info if choice else logger.warning)(
+        "trainer_apis_discovered", served=sorted(served), requested=requested, auto_choice=choice,
+        runtime_kind=runtime.kind, runtime_name=runtime.name)
+    return served, None if requested == "auto" else requested, runtime
 
 
 @kopf.on.cleanup()
@@ -149,6 +179,7 @@ def adaptation_run(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
 
 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels=MANAGED_BY)
+@kopf.on.event("trainer.kubeflow.org", "v1alpha1", "trainjobs", labels=MANAGED_BY)
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
 def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_) -> None:
     """The training operator, Kueue or the kubelet changed a trainer or a rollout service: decide again now

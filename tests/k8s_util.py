@@ -25,6 +25,8 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 CRD_FILES = {
     "ttrv.io": [ROOT / "k8s/crds/ttrv.io_experiments.yaml", ROOT / "k8s/crds/ttrv.io_adaptationruns.yaml"],
     "kubeflow.org": [ROOT / "k8s/vendor/kubeflow.org_pytorchjobs.yaml"],
+    "trainer.kubeflow.org": [ROOT / f"k8s/vendor/trainer.kubeflow.org_{plural}.yaml"
+                             for plural in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")],
     "monitoring.coreos.com": [ROOT / "k8s/vendor/monitoring.coreos.com_servicemonitors.yaml"],
 }
 
@@ -93,6 +95,13 @@ def pod_templates(obj: dict) -> list[tuple[str, dict]]:
     if kind == "PyTorchJob":
         return [(f"{name}/{replica}", spec["template"])
                 for replica, spec in obj["spec"]["pytorchReplicaSpecs"].items()]
+    if kind in ("ClusterTrainingRuntime", "TrainingRuntime", "JobSet"):
+        jobset = obj["spec"]["template"]["spec"] if kind != "JobSet" else obj["spec"]
+        return [(f"{name}/{job['name']}", job["template"]["spec"]["template"]) for job in jobset["replicatedJobs"]]
+    if kind == "TrainJob":  # ttrv's runtime's template with the TrainJob's patches
+        from ttrv.manifests import training_runtime
+
+        return [(f"{name}/node", trainjob_pod_template(obj, training_runtime()))]
     return []
 
 
@@ -167,3 +176,53 @@ def helm_template(chart: str, release: str, *args: str, namespace: str = "team-a
 def is_pod_selected(selector: dict, template: dict) -> bool:
     labels = template["metadata"].get("labels", {})
     return all(labels.get(key) == value for key, value in selector.items())
+
+
+def _merge_by(base: list, patch: list, key: str) -> list:
+    """A strategic merge of two lists of objects keyed by `key` (as for volumes, containers, volumeMounts)."""
+    merged = [dict(item) for item in base]
+    for item in patch:
+        found = next((m for m in merged if m.get(key) == item.get(key)), None)
+        if found is None:
+            merged.append(dict(item))
+        else:
+            found.update({k: v for k, v in item.items() if k != "volumeMounts"})
+            if "volumeMounts" in item:
+                found["volumeMounts"] = _merge_by(found.get("volumeMounts", []), item["volumeMounts"], "mountPath")
+    return merged
+
+
+def trainjob_pod_template(trainjob: dict, runtime: dict) -> dict:
+    """The pod template Kubeflow Trainer makes for a TrainJob's trainer node from its runtime: the runtime's
+    `node` template, the TrainJob's runtimePatches merged in (kubeflow/trainer pkg/runtime/core/trainingruntime.go
+    mergeRuntimePatches: a strategic merge, lists by name, volumeMounts by mountPath), then spec.trainer's image,
+    command, env and resourcesPerNode on the `node` container (plugins/jobset/builder.go Trainer). The PET_*
+    variables and the port 29500 that the torch plugin adds are left out: they are Kubeflow's, not ttrv's."""
+    import copy
+
+    jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    node = copy.deepcopy(next(job for job in jobs if job["name"] == "node")["template"]["spec"]["template"])
+    for patch in trainjob["spec"].get("runtimePatches") or []:
+        for job in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+            if job["name"] != "node":
+                continue
+            template = job["template"]["spec"]["template"]
+            labels = template.get("metadata", {}).get("labels", {})
+            node.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+            spec = node["spec"]
+            for field, value in template.get("spec", {}).items():
+                if field in ("volumes", "containers", "initContainers", "imagePullSecrets"):
+                    spec[field] = _merge_by(spec.get(field, []), value, "name")
+                elif field == "nodeSelector":
+                    spec[field] = spec.get(field, {}) | value
+                else:
+                    spec[field] = value
+    trainer = trainjob["spec"].get("trainer") or {}
+    container = next(c for c in node["spec"]["containers"] if c["name"] == "node")
+    for field in ("image", "command", "args"):
+        if field in trainer:
+            container[field] = trainer[field]
+    if "resourcesPerNode" in trainer:
+        container["resources"] = trainer["resourcesPerNode"]
+    container["env"] = _merge_by(container.get("env", []), trainer.get("env", []), "name")
+    return node

@@ -28,6 +28,8 @@ import operators.ttrv_operator  # noqa: E402, F401 - kopf.operator runs the hand
 EXPERIMENTS = "ttrv.io/v1alpha1/experiments"
 RUNS = "ttrv.io/v1alpha1/adaptationruns"
 JOBS = "kubeflow.org/v1/pytorchjobs"
+TRAINJOBS = "trainer.kubeflow.org/v1alpha1/trainjobs"
+JOBS_OF = {"pytorchjob": JOBS, "trainjob": TRAINJOBS}
 DEPLOYMENTS = "apps/v1/deployments"
 PODS = "v1/pods"
 WORKLOADS = "kueue.x-k8s.io/v1beta1/workloads"
@@ -41,6 +43,12 @@ def login_to_the_standin(**kwargs):
     return kopf.login_with_kubeconfig(**kwargs)
 
 
+def metav1_condition(kind: str, reason: str, message: str = "", at: str | None = None, status: bool = True) -> dict:
+    """A condition as metav1.Condition has it (TrainJob's): no lastUpdateTime, a reason required."""
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message,
+            "lastTransitionTime": at or now()}
+
+
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -52,10 +60,13 @@ def condition(kind: str, status: bool = True, reason: str = "", message: str = "
 
 
 class Cluster:
-    """The stand-in, the fake store, and the controllers the tests play."""
+    """The stand-in, the fake store, and the controllers the tests play. `trainer_api` is the one training API the
+    stand-in serves (trainjob: Kubeflow Trainer v2's CRDs only; pytorchjob: the v1 training operator's only)."""
 
-    def __init__(self, api: KubeStandIn):
+    def __init__(self, api: KubeStandIn, trainer_api: str = "pytorchjob"):
         self.api = api
+        self.trainer_api = trainer_api
+        self.jobs = JOBS_OF[trainer_api]
         self.progress: dict[str, dict] = {}
         self.store_reads: list[str] = []
 
@@ -80,7 +91,7 @@ class Cluster:
     def children(self) -> dict[str, str]:
         """Every child object by kind/name → uid."""
         return {f"{resource}/{obj['metadata']['name']}": obj["metadata"]["uid"]
-                for resource in CHILDREN + (RUNS,) for obj in self.api.items(resource, NS)}
+                for resource in CHILDREN[:-1] + (self.jobs, RUNS) for obj in self.api.items(resource, NS)}
 
     async def wait_event(self, name: str, kind: str, reason: str) -> str:
         """kopf posts Events in the background: wait for one, return its message."""
@@ -120,15 +131,69 @@ class Cluster:
         await self.api.patch_object(JOBS, NS, job, {"status": {"conditions": [
             condition("Created", reason="PyTorchJobCreated"), *conditions]}}, subresource="status")
 
+    # The training operator of either API, as the tests play it (trainer_* below work with the API served).
+    async def trainer_running(self, job: str) -> None:
+        """PyTorchJob: its Running condition. TrainJob: its JobSet's node Job ready (jobsStatus, as Kubeflow
+        Trainer copies it from the JobSet: plugins/jobset/jobset.go Status); a TrainJob has no Running condition."""
+        if self.trainer_api == "pytorchjob":
+            await self.job_conditions(job, condition("Running", reason="PyTorchJobRunning"))
+        else:
+            await self._trainjob_status(job, [], ready=1)
+
+    async def trainer_succeeded(self, job: str) -> None:
+        if self.trainer_api == "pytorchjob":
+            await self.job_conditions(job, condition("Running", False), condition("Succeeded"))
+        else:  # the JobSet's Completed condition, copied as Complete
+            await self._trainjob_status(job, [metav1_condition("Complete", "AllJobsCompleted", "jobset completed")],
+                                        succeeded=1)
+
+    async def trainer_failed(self, job: str, message: str, at: str | None = None) -> None:
+        if self.trainer_api == "pytorchjob":
+            await self.job_conditions(job, condition("Running", False), condition(
+                "Failed", reason="PyTorchJobFailed", message=message, at=at))
+        else:  # JobSet's FailedJobs condition, copied as Failed
+            await self._trainjob_status(job, [metav1_condition("Failed", "FailedJobs", message, at)], failed=1)
+
+    def suspended(self, job: str) -> bool:
+        spec = self.get(self.jobs, job)["spec"]
+        return spec["suspend"] if self.trainer_api == "trainjob" else spec["runPolicy"]["suspend"]
+
+    async def kueue_suspend(self, job: str, suspend: bool) -> None:
+        """Kueue admits a job by unsuspending it and preempts it by suspending it (its jobframework's
+        Suspend/Unsuspend: spec.suspend of a TrainJob, runPolicy.suspend of a PyTorchJob); the training operator
+        then stops or starts the pods."""
+        if self.trainer_api == "pytorchjob":
+            await self.api.patch_object(JOBS, NS, job, {"spec": {"runPolicy": {"suspend": suspend}}})
+            if suspend:
+                await self.job_conditions(job, condition("Running", False, "PyTorchJobSuspended"),
+                                          condition("Suspended", True, "PyTorchJobSuspended"))
+        else:
+            await self.api.patch_object(TRAINJOBS, NS, job, {"spec": {"suspend": suspend}})
+            if suspend:  # trainjob_controller.go setSuspendedCondition; the JobSet's Jobs suspended
+                await self._trainjob_status(job, [metav1_condition("Suspended", "Suspended", "TrainJob is suspended")],
+                                            suspended=1)
+
+    async def _trainjob_status(self, job: str, conditions: list[dict], **counts) -> None:
+        await self.wait(lambda: self.get(TRAINJOBS, job), f"the TrainJob {job}")
+        jobs = {"name": "node", "ready": 0, "succeeded": 0, "failed": 0, "active": 0, "suspended": 0} | counts
+        if counts.get("ready"):
+            jobs["active"] = 1
+        await self.api.patch_object(TRAINJOBS, NS, job, {"status": {"conditions": conditions, "jobsStatus": [jobs]}},
+                                    subresource="status")
+
     async def trainer_pod(self, run: str, exit_code: int, message: str = "") -> None:
         """A trainer pod whose container exited (the kubelet's report)."""
-        name = f"{run}-trainer-master-0"
+        if self.trainer_api == "pytorchjob":
+            name, container = f"{run}-trainer-master-0", "pytorch"
+            labels = {"training.kubeflow.org/replica-type": "master"}
+        else:  # JobSet's pod of node job 0, index 0; the container Kubeflow Trainer's torch plugin configures
+            name, container = f"{run}-trainer-node-0-0-x7k2p", "node"
+            labels = {"batch.kubernetes.io/job-completion-index": "0", "jobset.sigs.k8s.io/jobset-name": f"{run}-trainer"}
         await self.api.put_object(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": name, "namespace": NS, "labels": {
-                "ttrv.io/run": run, "app.kubernetes.io/component": "trainer",
-                "training.kubeflow.org/replica-type": "master"}}, "spec": {"containers": []}})
+                "ttrv.io/run": run, "app.kubernetes.io/component": "trainer"} | labels}, "spec": {"containers": []}})
         await self.api.patch_object(PODS, NS, name, {"status": {"phase": "Failed", "containerStatuses": [{
-            "name": "pytorch", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}},
+            "name": container, "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}},
             subresource="status")
 
     async def rollout_ready(self, run: str, ready: int = 1) -> None:
@@ -140,15 +205,15 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(monkeypatch, tmp_path, kueue: bool = False):
+async def cluster(monkeypatch, tmp_path, kueue: bool = False, trainer_api: str = "pytorchjob"):
     monkeypatch.setenv("TTRV_KUEUE_ENABLED", "true" if kueue else "false")
     monkeypatch.setenv("TTRV_METRICS_PORT", "0")
     async with KubeStandIn() as api, kmock.Server(api) as server:
-        api.declare_cluster()
+        api.declare_cluster(trainer_apis=(trainer_api,))
         path = tmp_path / "kubeconfig.json"
         path.write_text(kubeconfig(str(server.url).rstrip("/")))
         monkeypatch.setenv("KUBECONFIG", str(path))
-        yield Cluster(api)
+        yield Cluster(api, trainer_api)
 
 
 @contextlib.asynccontextmanager

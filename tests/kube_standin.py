@@ -8,8 +8,9 @@ over HTTP as to a cluster. `KubeStandIn` adds what the operator's logic depends 
   change, and metadata.generation bumped when (and only when) `spec` changes; a no-op patch changes nothing;
 - the status subresource of the kinds that have one: writes to the object leave `status` alone, writes to
   `/status` change only `status`, and `status` is dropped on create;
-- schema validation of custom resources: ttrv's CRDs (k8s/crds) and the vendored PyTorchJob CRD (k8s/vendor)
-  are enforced on every write, and a violation is answered 422 with nothing stored. Unknown fields are
+- schema validation of custom resources: ttrv's CRDs (k8s/crds) and the vendored training CRDs (k8s/vendor:
+  PyTorchJob, and Kubeflow Trainer v2's TrainJob, TrainingRuntime and ClusterTrainingRuntime) are enforced on
+  every write (CEL rules, x-kubernetes-validations, are not evaluated), and a violation is answered 422 with nothing stored. Unknown fields are
   rejected too (where a real API server prunes them silently, which is how kopf's `status.kopf` would vanish);
 - a failed JSON-patch `test` (kopf's optimistic lock on resourceVersion) is a 422, as kopf expects;
 - label selectors (equality and `in` terms) on list and watch, field selectors on list (kubectl describe's events);
@@ -103,8 +104,9 @@ class KubeStandIn(kmock.KubernetesEmulator):
                 schema=version["schema"]["openAPIV3Schema"], columns=version.get("additionalPrinterColumns", ()),
                 short_names=names.get("shortNames", ()))
 
-    def declare_cluster(self) -> None:
-        """Everything the operator, kopf and kubectl touch."""
+    def declare_cluster(self, trainer_apis: Iterable[str] = ("pytorchjob",)) -> None:
+        """Everything the operator, kopf and kubectl touch; of the training APIs, only `trainer_apis` (trainjob:
+        Kubeflow Trainer v2's CRDs, pytorchjob: the v1 training operator's), as a cluster serves what is installed."""
         self.declare("v1/namespaces", "Namespace", namespaced=False)
         self.declare("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition",
                      namespaced=False)
@@ -115,7 +117,7 @@ class KubeStandIn(kmock.KubernetesEmulator):
         self.declare("apps/v1/deployments", "Deployment", status=True)
         self.declare("networking.k8s.io/v1/networkpolicies", "NetworkPolicy")
         self.declare("kueue.x-k8s.io/v1beta1/workloads", "Workload", status=True)
-        for crd in _crds():
+        for crd in _crds() + tuple(crd for api in trainer_apis for crd in _training_crds(api)):
             self.declare_crd(crd)
 
     # --- reads ---------------------------------------------------------------------------------------------------
@@ -368,10 +370,26 @@ class KubeStandIn(kmock.KubernetesEmulator):
                 "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
 
 
+TRAINING_CRDS = {
+    "pytorchjob": ("kubeflow.org_pytorchjobs.yaml",),
+    "trainjob": ("trainer.kubeflow.org_trainjobs.yaml", "trainer.kubeflow.org_trainingruntimes.yaml",
+                 "trainer.kubeflow.org_clustertrainingruntimes.yaml"),
+}
+
+
 @functools.cache
 def _crds() -> tuple[dict, ...]:
-    """ttrv's generated CRDs and the vendored PyTorchJob CRD, parsed once per process (the latter is 8,000 lines)."""
-    paths = (*sorted((ROOT / "k8s/crds").glob("*.yaml")), ROOT / "k8s/vendor/kubeflow.org_pytorchjobs.yaml")
+    """ttrv's generated CRDs, parsed once per process."""
+    return _load(*sorted((ROOT / "k8s/crds").glob("*.yaml")))
+
+
+@functools.cache
+def _training_crds(api: str) -> tuple[dict, ...]:
+    """The vendored CRDs of one training API, parsed once per process (they are thousands of lines)."""
+    return _load(*(ROOT / "k8s/vendor" / name for name in TRAINING_CRDS[api]))
+
+
+def _load(*paths) -> tuple[dict, ...]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     return tuple(crd for path in paths for crd in yaml.load_all(path.read_text(), Loader=loader))
 

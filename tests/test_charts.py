@@ -17,14 +17,16 @@ from k8s_util import (
     validate_object,
 )
 
-from ttrv.manifests import experiment_objects
+from ttrv.manifests import TRAINER_APIS, experiment_objects, training_runtime
 from ttrv.spec import ExperimentSpec, RolloutSpec, load_experiment, parse_spec
 
 VALUES = sorted(p.name for p in (ROOT / "examples").glob("values-*.yaml"))
 OPERATOR_VARIANTS = {
     "defaults": [],
     "everything": ["--set", "minio.enabled=true", "--set", "kueue.enabled=true",
-                   "--set", "metrics.serviceMonitor.enabled=true"],
+                   "--set", "metrics.serviceMonitor.enabled=true", "--set", "trainer.runtime.create=true"],
+    "namespaced-runtime": ["--set", "trainer.runtime.kind=TrainingRuntime", "--set", "trainer.runtime.create=true",
+                           "--set", "trainer.runtime.namespaces={team-a,team-b}"],
 }
 
 
@@ -51,11 +53,12 @@ def test_ttrv_chart_renders_the_example_experiment(values):
     assert experiment["metadata"]["name"] == metadata["name"]
     assert experiment["metadata"]["namespace"] == "team-a"
     assert parse_spec(experiment["spec"], ExperimentSpec) == spec
-    # What the operator makes of the installed Experiment is valid and restricted too.
-    for obj in experiment_objects(experiment["metadata"], spec):
-        validate_object(obj)
-        for where, template in pod_templates(obj):
-            assert security_problems(where, template) == []
+    # What the operator makes of the installed Experiment is valid and restricted too, with either trainer API.
+    for api in TRAINER_APIS:
+        for obj in experiment_objects(experiment["metadata"], spec, api):
+            validate_object(obj)
+            for where, template in pod_templates(obj):
+                assert security_problems(where, template) == []
 
 
 def test_release_name_names_the_experiment_by_default():
@@ -106,6 +109,7 @@ RESOURCES = {
     "Service": ("", "services"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "PyTorchJob": ("kubeflow.org", "pytorchjobs"),
+    "TrainJob": ("trainer.kubeflow.org", "trainjobs"),
 }
 MANAGE = {"get", "list", "watch", "create", "patch", "delete"}
 READ = {"get", "list", "watch"}
@@ -140,7 +144,8 @@ def granted(kueue: bool) -> dict[tuple[str, str], set[str]]:
 def test_rbac_grants_exactly_what_the_operator_creates_and_reads(kueue):
     spec = ExperimentSpec.model_validate({
         "storage": {"uri": "s3://b"}, "rollout": {"backend": "service"}, "datasets": [{"name": "d", "path": "x"}]})
-    created = {obj["kind"] for obj in experiment_objects({"name": "e", "namespace": "n"}, spec)}
+    created = {obj["kind"] for api in TRAINER_APIS
+               for obj in experiment_objects({"name": "e", "namespace": "n"}, spec, api)}
     assert created == set(RESOURCES), "a builder makes a new kind: give it a rule in the ClusterRole and here"
     expected = {RESOURCES[kind]: MANAGE for kind in created} | FIXED | (KUEUE if kueue else {})
     grants = granted(kueue)
@@ -212,7 +217,8 @@ def test_notes_give_the_exact_commands(tmp_path):
         "kubectl -n team-a get experiments.ttrv.io sixteen -w",
         "kubectl -n team-a get adaptationruns -l ttrv.io/experiment=sixteen -o wide",
         "kubectl -n team-a describe experiments.ttrv.io sixteen",
-        "kubectl -n team-a get pytorchjobs,deployments,pods -l ttrv.io/experiment=sixteen,ttrv.io/dataset=imagenet-a",
+        "kubectl -n team-a get trainjobs,deployments,pods -l ttrv.io/experiment=sixteen,ttrv.io/dataset=imagenet-a",
+        "Workload is named trainjob-<run>-trainer-",
         "kubectl -n team-a logs -f -l ttrv.io/experiment=sixteen,ttrv.io/dataset=imagenet-a,"
         "app.kubernetes.io/component=trainer --max-log-requests=32",
         "app.kubernetes.io/component=rollout",
@@ -274,6 +280,39 @@ def test_operator_reads_every_setting_the_chart_gives_it():
     (deployment,) = [obj for obj in objects if obj["kind"] == "Deployment"]
     names = {item["name"] for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     settings = {name for name in names if name.startswith("TTRV_")}
-    assert settings == {"TTRV_LOG_LEVEL", "TTRV_METRICS_PORT", "TTRV_KUEUE_ENABLED", "TTRV_POLL_SECONDS"}
+    assert settings == {"TTRV_LOG_LEVEL", "TTRV_METRICS_PORT", "TTRV_KUEUE_ENABLED", "TTRV_POLL_SECONDS",
+                        "TTRV_TRAINER_API", "TTRV_TRAINING_RUNTIME_KIND", "TTRV_TRAINING_RUNTIME_NAME"}
     for name in settings:
         assert name in operators.ttrv_operator.__doc__, f"{name} is set by the chart but not documented as read"
+
+
+# --- the training runtime ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, served, expected", [
+    ([], [], []),  # no Trainer v2 in the cluster: nothing a helm install would fail on
+    ([], ["trainer.kubeflow.org/v1alpha1/ClusterTrainingRuntime"], [("ClusterTrainingRuntime", None)]),
+    (["--set", "trainer.runtime.create=true"], [], [("ClusterTrainingRuntime", None)]),
+    (["--set", "trainer.runtime.create=false"], ["trainer.kubeflow.org/v1alpha1/ClusterTrainingRuntime"], []),
+    (["--set", "trainer.runtime.kind=TrainingRuntime"], ["trainer.kubeflow.org/v1alpha1/TrainingRuntime"],
+     [("TrainingRuntime", "ttrv-system")]),
+    (["--set", "trainer.runtime.kind=TrainingRuntime", "--set", "trainer.runtime.namespaces={a,b}",
+      "--set", "trainer.runtime.create=true"], [], [("TrainingRuntime", "a"), ("TrainingRuntime", "b")]),
+])
+def test_operator_chart_ships_the_runtime_the_builders_make(args, served, expected):
+    """The chart's runtime is ttrv.manifests.training_runtime, field for field (the builders' TrainJobs reference
+    it by kind and name), and it is installed only where the cluster serves its kind, unless forced."""
+    api_versions = [arg for version in served for arg in ("--api-versions", version)]
+    objects = helm_template("ttrv-operator", "ttrv-operator", *args, *api_versions, namespace="ttrv-system")
+    runtimes = [obj for obj in objects if obj["kind"] in ("ClusterTrainingRuntime", "TrainingRuntime")]
+    assert [(obj["kind"], obj["metadata"].get("namespace")) for obj in runtimes] == expected
+    for runtime in runtimes:
+        validate_object(runtime)
+        built = training_runtime(runtime["kind"], "ttrv-trainer", runtime["metadata"].get("namespace"))
+        assert runtime["spec"] == built["spec"]
+        assert runtime["metadata"]["labels"].items() >= built["metadata"]["labels"].items()
+
+
+def test_a_wrong_runtime_kind_fails_naming_the_value():
+    result = helm("template", "x", "charts/ttrv-operator", "--set", "trainer.runtime.kind=Runtime", check=False)
+    assert result.returncode != 0
+    assert "trainer.runtime.kind" in result.stderr and "ClusterTrainingRuntime or TrainingRuntime" in result.stderr

@@ -133,8 +133,8 @@ def test_names_short_names_and_columns():
     assert [c["name"] for c in _version("ttrv.io_experiments.yaml")["additionalPrinterColumns"]] == [
         "Phase", "Running", "Done", "Failed", "Total", "Progress", "Base", "Accuracy", "Age"]
     assert [c["name"] for c in _version("ttrv.io_adaptationruns.yaml")["additionalPrinterColumns"]] == [
-        "Dataset", "Phase", "Reason", "Stage", "Progress", "Step", "Eval", "ETA", "Base", "Accuracy", "Weights",
-        "Restarts", "Age"]
+        "Dataset", "Phase", "Reason", "Trainer", "Stage", "Progress", "Step", "Eval", "ETA", "Base", "Accuracy",
+        "Weights", "Restarts", "Age"]
     for crd in (experiment, run):
         assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
 
@@ -195,8 +195,28 @@ def test_vendored_pytorchjob_crd_is_the_given_one_unchanged():
         assert vendored == shared.read_bytes()
 
 
+# sha256 of kubeflow/trainer's CRDs as given in ../shared/k8s-crds/ (main at 8c0f505, after v2.3.0).
+TRAINER_CRD_SHA256 = {
+    "trainer.kubeflow.org_trainjobs.yaml": "b04c5e3f7480ea3b38e9b557cf4f5817be19dceb2f52ae580397184f9f95468f",
+    "trainer.kubeflow.org_clustertrainingruntimes.yaml":
+        "3669c2bd23f6f3f371743a8913cca1aabfaec16bbe85d2f51cdd903f1e68bb65",
+    "trainer.kubeflow.org_trainingruntimes.yaml": "4dc9b8e0f6fff0bfd6b406c411774a12e39427887e51d294abdb8004f918b431",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINER_CRD_SHA256))
+def test_vendored_trainer_crds_are_the_given_ones_unchanged(name):
+    vendored = (ROOT / "k8s/vendor" / name).read_bytes()
+    assert hashlib.sha256(vendored).hexdigest() == TRAINER_CRD_SHA256[name]
+    shared = ROOT.parent / "shared" / "k8s-crds" / name
+    if shared.exists():
+        assert vendored == shared.read_bytes()
+
+
 def test_every_crd_in_the_repo_has_a_validator():
-    assert {kind for _, kind in crd_validators()} == {"Experiment", "AdaptationRun", "PyTorchJob", "ServiceMonitor"}
+    assert {kind for _, kind in crd_validators()} == {
+        "Experiment", "AdaptationRun", "PyTorchJob", "ServiceMonitor", "TrainJob", "TrainingRuntime",
+        "ClusterTrainingRuntime"}
 
 
 def test_values_schema_is_json_schema_with_chart_keys():

@@ -153,7 +153,7 @@ def trainer_pid(spec_path: Path, timeout: float = 300) -> int:
 def test_each_restart_of_a_failing_trainer_counts_until_the_backoff_limit(tmp_path, monkeypatch):
     """A trainer that exits 143 at once, every time: the training operator's in-place restarts, each counted by
     decide_run, until the run fails past scheduling.backoffLimit and the experiment with it."""
-    def always_preempted(run, kueue_enabled):
+    def always_preempted(run, kueue_enabled, *_):  # desired_children(run, kueue, api, runtime)
         children = run_children(run)
         job = next(child for child in children if child["kind"] == "PyTorchJob")
         container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]

@@ -18,17 +18,22 @@ from k8s_util import (
     is_pod_selected,
     pod_templates,
     security_problems,
+    trainjob_pod_template,
     validate_object,
 )
 
 from ttrv.manifests import (
     RUN_NAME_MAX,
+    RuntimeRef,
+    _typed,
     adaptation_run,
     experiment_objects,
+    resolve_trainer_api,
     resource_dump,
     run_children,
     run_name,
     run_store_uri,
+    training_runtime,
 )
 from ttrv.spec import (
     RESERVED_MOUNT_PATHS,
@@ -406,3 +411,136 @@ def test_render_bad_spec_exits_1_naming_the_field(tmp_path, document, message):
     assert result.stdout == ""
     assert result.stderr.startswith(f"error: {path}: ")
     assert re.search(message, result.stderr), result.stderr
+
+
+# --- Kubeflow Trainer v2: the TrainJob and its runtime -------------------------------------------------------------
+
+def trainjob_children(spec: ExperimentSpec, dataset: str = "mmmu", runtime: RuntimeRef | None = None) -> dict:
+    run = adaptation_run(META, spec, dataset)
+    run["metadata"]["uid"] = "7f1e8b52-0000-4000-8000-000000000001"
+    return {obj["kind"]: obj for obj in run_children(run, "trainjob", runtime)}
+
+
+@pytest.mark.parametrize("requested, served, chosen", [
+    ("auto", None, "trainjob"),
+    ("auto", frozenset({"trainjob", "pytorchjob"}), "trainjob"),
+    ("auto", frozenset({"pytorchjob"}), "pytorchjob"),
+    ("auto", frozenset(), None),
+    ("pytorchjob", frozenset({"trainjob", "pytorchjob"}), "pytorchjob"),
+    ("pytorchjob", frozenset({"trainjob"}), None),
+    ("trainjob", None, "trainjob"),
+])
+def test_trainer_api_resolution(requested, served, chosen):
+    assert resolve_trainer_api(requested, served) == chosen
+
+
+@pytest.mark.parametrize("overrides", [{}, SERVICE, SERVICE | GPU8, {"resources": {"gpusPerNode": 0}},
+                                       SERVICE | {"scheduling": {"queueName": "q", "nodeSelector": {"gpu": "h"}}}])
+def test_every_trainjob_child_is_valid_owned_and_labelled(overrides):
+    kids = trainjob_children(experiment(**overrides))
+    assert "PyTorchJob" not in kids
+    for child in kids.values():
+        validate_object(child)
+        assert child["metadata"]["ownerReferences"][0]["kind"] == "AdaptationRun"
+    job = kids["TrainJob"]
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"
+
+
+@pytest.mark.parametrize("overrides", [SERVICE | GPU8, {"resources": {"gpusPerNode": 0}},
+                                       SERVICE | {"volumes": [{"claimName": "data", "mountPath": "/data"}],
+                                                  "scheduling": {"nodeSelector": {"gpu": "h100"}}}])
+def test_trainjob_pod_is_the_pytorchjob_pod(overrides):
+    """What the trainer runs does not depend on the API: the pod Kubeflow Trainer makes from ttrv's runtime and the
+    TrainJob's patches has the PyTorchJob master's command, env, mounts, volumes, resources, placement, labels and
+    security; only the container's name (Kubeflow's `node`) and the launcher's port differ."""
+    spec = experiment(**overrides)
+    pod = trainjob_pod_template(trainjob_children(spec)["TrainJob"], training_runtime())
+    master = children(spec)["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    ours, theirs = pod["spec"]["containers"][0], master["spec"]["containers"][0]
+    assert ours["name"] == "node" and theirs["name"] == "pytorch"
+    for field in ("image", "imagePullPolicy", "command", "resources", "securityContext", "terminationMessagePolicy"):
+        assert ours[field] == theirs[field], field
+    assert env_of(ours) == env_of(theirs)
+    def by_name(items: list[dict]) -> dict:
+        return {item["name"]: item for item in items}
+
+    assert by_name(ours["volumeMounts"]) == by_name(theirs["volumeMounts"])
+    assert by_name(pod["spec"]["volumes"]) == by_name(master["spec"]["volumes"])
+    assert [p for p in ours["ports"] if p["name"] == "metrics"] == [p for p in theirs["ports"] if p["name"] == "metrics"]
+    assert pod["metadata"]["labels"] == master["metadata"]["labels"]
+    for field in ("securityContext", "automountServiceAccountToken", "nodeSelector", "tolerations"):
+        assert pod["spec"].get(field) == master["spec"].get(field), field
+    assert security_problems("TrainJob", pod) == []
+    # The runtime's Job fails on the trainer's first non-zero exit; the operator applies the exit-code contract.
+    assert pod["spec"]["restartPolicy"] == "Never"
+
+
+def test_trainjob_shape():
+    job = trainjob_children(experiment(**SERVICE | GPU8))["TrainJob"]
+    assert job["metadata"]["name"] == "exp-mmmu-trainer"
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                         "name": "ttrv-trainer"}
+    trainer = job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (3, 8)
+    assert trainer["command"] == ["ttrv", "train", "--spec", "/etc/ttrv/run.yaml"]
+    assert job["spec"]["suspend"] is False
+    [patch] = job["spec"]["runtimePatches"]
+    assert patch["manager"] == "ttrv.io/operator"
+    # The webhook refuses env for the `node` container in a patch: env travels only in spec.trainer.env.
+    for replicated in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+        for container in replicated["template"]["spec"]["template"]["spec"]["containers"]:
+            assert "env" not in container
+    # Reserved torchrun variables are Kubeflow's to set (the torch plugin's webhook rejects them).
+    assert not [name for name in env_of(trainer) if name.startswith("PET_")]
+
+
+def test_trainjob_kueue_label_suspend_and_namespaced_runtime():
+    spec = experiment(**SERVICE | {"scheduling": {"queueName": "team-q"}})
+    job = trainjob_children(spec, runtime=RuntimeRef("TrainingRuntime", "team-runtime"))["TrainJob"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-q"
+    assert job["spec"]["suspend"] is True
+    assert job["spec"]["runtimeRef"]["kind"] == "TrainingRuntime"
+    assert job["spec"]["runtimeRef"]["name"] == "team-runtime"
+    suspended = trainjob_children(experiment(suspend=True))["TrainJob"]
+    assert suspended["spec"]["suspend"] is True
+
+
+@pytest.mark.parametrize("kind, namespace", [("ClusterTrainingRuntime", None), ("TrainingRuntime", "team-a")])
+def test_training_runtime_is_valid_and_restricted(kind, namespace):
+    runtime = training_runtime(kind, namespace=namespace)
+    validate_object(runtime)
+    assert (runtime["kind"], runtime["metadata"].get("namespace")) == (kind, namespace)
+    for where, template in pod_templates(runtime):
+        assert security_problems(where, template) == []
+    [job] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert job["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    assert job["template"]["spec"]["backoffLimit"] == 0
+
+
+def test_a_field_trainjob_lacks_fails_by_name():
+    with pytest.raises(ValueError, match=r"spec\.trainer\.numProcsPerNode"):
+        _typed("TrainerV1alpha1TrainJob", {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+                                           "metadata": {"name": "x"},
+                                           "spec": {"runtimeRef": {"name": "r"}, "trainer": {"numProcsPerNode": 2}}})
+
+
+@pytest.mark.parametrize("api", ["trainjob", "pytorchjob"])
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("experiment-*.yaml")))
+def test_render_examples_with_each_trainer_api(example, api):
+    result = render(f"examples/{example}", "--trainer-api", api)
+    assert result.returncode == 0, result.stderr
+    objects = list(yaml.safe_load_all(result.stdout))
+    metadata, spec = load_experiment(ROOT / "examples" / example)
+    assert objects == experiment_objects(metadata, spec, api)
+    kinds = {obj["kind"] for obj in objects}
+    assert ("TrainJob" in kinds, "PyTorchJob" in kinds) == (api == "trainjob", api == "pytorchjob")
+    for obj in objects:
+        validate_object(obj)
+        for where, template in pod_templates(obj):
+            assert security_problems(where, template) == []
+
+
+def test_an_example_uses_trainjob():
+    apis = {load_experiment(path)[1].scheduling.trainer_api for path in (ROOT / "examples").glob("experiment-*.yaml")}
+    assert "trainjob" in apis

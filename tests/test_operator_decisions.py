@@ -625,3 +625,114 @@ def test_read_progress_reads_what_the_store_holds(tmp_path):
     with store.open_store(uri) as writer:
         writer.put_json("progress.json", {"step": 4, "progressPercentage": 50.0})
     assert parse_progress(read_progress(uri)) == Progress(percentage=50.0, step=4)
+
+
+# --- Kubeflow Trainer v2: the TrainJob path ----------------------------------------------------------------------
+
+TRAINJOB_SERVED = frozenset({"trainjob"})
+
+
+def trainjob(run: dict, *conditions: dict, suspend: bool = False, ready: int = 0, uid: str = "tj-uid-1") -> dict:
+    """A TrainJob as Kubeflow Trainer reports it: metav1 conditions (Complete, Failed, Suspended) and jobsStatus."""
+    name = f"{run['metadata']['name']}-trainer"
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": "team-a", "uid": uid, "labels": {"ttrv.io/run": run["metadata"]["name"]}},
+        "spec": {"runtimeRef": {"name": "ttrv-trainer"}, "suspend": suspend},
+        "status": {"conditions": [{k: v for k, v in c.items() if k != "lastUpdateTime"} for c in conditions],
+                   "jobsStatus": [{"name": "node", "ready": ready, "succeeded": 0, "failed": 0, "active": ready,
+                                   "suspended": int(suspend)}]},
+    }
+
+
+def node_pod(exit_code: int, message: str = "", index: str = "0") -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"x-node-0-{index}", "labels": {"batch.kubernetes.io/job-completion-index": index}},
+            "status": {"phase": "Failed", "containerStatuses": [{
+                "name": "node", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}}
+
+
+def decide_tj(run: dict, **observed):
+    plan = decide_run(Observed(run, NOW, trainer_apis=observed.pop("served", TRAINJOB_SERVED), **observed))
+    validate_object(run | {"status": plan.status})
+    return plan
+
+
+def test_auto_picks_the_served_api_creates_a_trainjob_and_records_it():
+    run = run_of(experiment(), "mmmu")
+    plan = decide_tj(run)
+    [create] = [a for a in plan.actions if a.verb == "create" and a.kind == "TrainJob"]
+    validate_object(create.body)
+    assert not [a for a in plan.actions if a.kind == "PyTorchJob"]
+    assert (plan.status["reason"], plan.status["trainerApi"]) == ("TrainerCreated", "trainjob")
+    assert plan.status["message"] == "created TrainJob exp-mmmu-trainer"
+
+
+def test_a_run_keeps_its_recorded_api_when_both_are_served():
+    run = run_of(experiment(), "mmmu", phase="Queued", status={"trainerApi": "pytorchjob"})
+    plan = decide_tj(run, served=frozenset({"trainjob", "pytorchjob"}))
+    assert [a.kind for a in plan.actions if a.verb == "create"][-1] == "PyTorchJob"
+    assert plan.status["trainerApi"] == "pytorchjob"
+
+
+@pytest.mark.parametrize("requested, served, fix", [
+    ("auto", frozenset(), "install Kubeflow Trainer v2"),
+    ("trainjob", frozenset({"pytorchjob"}), "or set scheduling.trainerApi: pytorchjob"),
+])
+def test_no_served_api_creates_nothing_and_says_the_fix(requested, served, fix):
+    run = run_of(experiment(spec_document(scheduling={"trainerApi": requested}, **SERVICE)), "mmmu")
+    plan = decide_tj(run, served=served)
+    assert plan.actions == []
+    assert (plan.status["phase"], plan.status["reason"]) == ("Queued", "TrainerAPIMissing")
+    assert fix in plan.status["message"] and "restart the ttrv operator" in plan.status["message"]
+
+
+def test_trainjob_running_complete_and_suspend_patch():
+    run = run_of(experiment(), "mmmu", phase="Queued", status={"trainerApi": "trainjob"})
+    assert decide_tj(run, children={"TrainJob": trainjob(run)}).status["reason"] == "WaitingForPods"
+    assert decide_tj(run, children={"TrainJob": trainjob(run, ready=1)}).status["reason"] == "TrainerRunning"
+    done = decide_tj(run, children={"TrainJob": trainjob(run, cond("Complete", reason="AllJobsCompleted"))})
+    assert (done.status["phase"], done.status["message"]) == ("Succeeded", "TrainJob exp-mmmu-trainer succeeded")
+    suspended = run_of(experiment(), "mmmu", phase="Running", status={"trainerApi": "trainjob"}, suspend=True)
+    plan = decide_tj(suspended, children={"TrainJob": trainjob(suspended, ready=1)})
+    assert [(a.verb, a.kind, a.body) for a in plan.actions if a.kind == "TrainJob"] == \
+        [("patch", "TrainJob", {"spec": {"suspend": True}})]
+    assert plan.status["phase"] == "Suspended"
+
+
+@pytest.mark.parametrize("code, phase, reason", [(3, "Failed", "TrainerFailed"), (170, "Queued", "RetryBackoff")])
+def test_a_failed_trainjob_follows_the_exit_code_of_node_zero(code, phase, reason):
+    run = run_of(experiment(), "mmmu", phase="Running", status={"trainerApi": "trainjob"})
+    job_ = trainjob(run, cond("Failed", reason="FailedJobs", message="jobset failed due to one or more job failures",
+                              at=ago(5)))
+    pods = [node_pod(137, index="1"), node_pod(code, "why")]  # rank 0's code decides, as the master's does
+    plan = decide_tj(run, children={"TrainJob": job_}, pods=pods)
+    assert (plan.status["phase"], plan.status["reason"], plan.status["exitCode"]) == (phase, reason, code)
+
+
+def test_kueue_tells_a_trainjob_preemption_by_the_runs_phase():
+    kueue = experiment(spec_document(**KUEUE))
+    for previous, expected in (("Queued", "QuotaPending"), ("Running", "Preempted")):
+        run = run_of(kueue, "mmmu", phase=previous, status={"trainerApi": "trainjob"})
+        plan = decide_tj(run, children={"TrainJob": trainjob(run, suspend=True)}, kueue_enabled=True,
+                         workload=workload(cond("Evicted", True, "Preempted", PREEMPT_MESSAGE)))
+        assert plan.status["reason"] == expected, previous
+        assert not [a for a in plan.actions if a.kind == "TrainJob"]  # Kueue's to unsuspend
+
+
+@pytest.mark.parametrize("api, framework", [("trainjob", "trainer.kubeflow.org/trainjob"),
+                                            ("pytorchjob", "kubeflow.org/pytorchjob")])
+def test_no_kueue_workload_for_long_says_which_integration_to_enable(api, framework):
+    """Kueue makes a Workload for every job of an integration it enables; a queued trainer with none after two
+    minutes is one Kueue does not manage (Kueue v0.19 no longer enables pytorchjob by default)."""
+    kueue = experiment(spec_document(**KUEUE))
+    run = run_of(kueue, "mmmu", phase="Queued", status={"trainerApi": api})
+    for age, reason in ((30, "QuotaPending"), (300, "NoKueueWorkload")):
+        child = trainjob(run, suspend=True) if api == "trainjob" else job(run, suspend=True)
+        child["metadata"]["creationTimestamp"] = ago(age)
+        plan = decide_tj(run, children={child["kind"]: child}, kueue_enabled=True, workload=None,
+                         served=frozenset({api}))
+        assert plan.status["reason"] == reason, age
+    assert f"enable the {framework} integration" in plan.status["message"]
+    assert "LocalQueue gpu-a" in plan.status["message"]
+    assert ("Kueue v0.19" in plan.status["message"]) == (api == "pytorchjob")

@@ -38,18 +38,25 @@ from operators.experiments import ACCEPTED_ANNOTATION
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 
-async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path) as c, operator(c) as memo:
+# The stand-in serves one training API, as a cluster with only Kubeflow Trainer v2 or only the v1 training operator
+# installed: the operator finds it by discovery (scheduling.trainerApi is auto) and runs every trainer with it.
+APIS = pytest.mark.parametrize("trainer_api", ["trainjob", "pytorchjob"])
+
+
+@APIS
+async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkeypatch, tmp_path, trainer_api):
+    async with cluster(monkeypatch, tmp_path, trainer_api=trainer_api) as c, operator(c) as memo:
         await c.create_experiment(maxParallelRuns=1)
         await c.wait_phase("exp-mmmu", "Queued")
         # A reconcile writes the run's status before its actions: the job follows the phase, not before it.
-        await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the trainer PyTorchJob")
+        await c.wait(lambda: c.get(c.jobs, "exp-mmmu-trainer"), "the trainer job")
+        assert c.status(RUNS, "exp-mmmu")["trainerApi"] == trainer_api
         assert c.get(RUNS, "exp-shapes") is None  # waits for the slot
         store = "s3://ttrv/experiments/team-a/exp/mmmu"
         c.progress[store] = {"progressPercentage": 40.0, "estimatedRemainingSeconds": 4800, "step": 4,
                              "totalSteps": 10, "weightVersion": 4, "checkpointStep": 4, "baseAccuracy": 0.25,
                              "accuracy": 0.4, "metrics": {"reward/mean": 0.3}}
-        await c.job_conditions("exp-mmmu-trainer", condition("Running", reason="PyTorchJobRunning"))
+        await c.trainer_running("exp-mmmu-trainer")
         await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("step") == 4, "progress of exp-mmmu")
         run = c.status(RUNS, "exp-mmmu")
         assert (run["phase"], run["progress"], run["eta"], run["weightVersion"], run["accuracy"]) == \
@@ -59,10 +66,11 @@ async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkey
         assert c.phase("exp", EXPERIMENTS) == "Running"
 
         c.progress[store] |= {"progressPercentage": 100.0, "step": 10, "accuracy": 0.55}
-        await c.job_conditions("exp-mmmu-trainer", condition("Succeeded", reason="PyTorchJobSucceeded"))
+        await c.trainer_succeeded("exp-mmmu-trainer")
         await c.wait_phase("exp-mmmu", "Succeeded")
-        await c.wait(lambda: c.get(JOBS, "exp-shapes-trainer"), "the second dataset's trainer")
-        await c.job_conditions("exp-shapes-trainer", condition("Running"), condition("Succeeded"))
+        await c.wait(lambda: c.get(c.jobs, "exp-shapes-trainer"), "the second dataset's trainer")
+        await c.trainer_running("exp-shapes-trainer")
+        await c.trainer_succeeded("exp-shapes-trainer")
         await c.wait_phase("exp", "Succeeded", EXPERIMENTS)
 
         status = c.status(EXPERIMENTS, "exp")
@@ -90,44 +98,49 @@ async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkey
                      "the runs-by-phase gauge")
 
 
-async def test_failures_fail_only_their_dataset(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path) as c, operator(c):
+@APIS
+async def test_failures_fail_only_their_dataset(monkeypatch, tmp_path, trainer_api):
+    async with cluster(monkeypatch, tmp_path, trainer_api=trainer_api) as c, operator(c):
         await c.create_experiment(maxParallelRuns=3, datasets=[
             {"name": name, "path": f"/data/{name}.json"} for name in ("bad", "flaky", "store")])
         for run in ("exp-bad", "exp-flaky", "exp-store"):
-            await c.wait(lambda run=run: c.get(JOBS, f"{run}-trainer"), f"{run}'s trainer")
-            await c.job_conditions(f"{run}-trainer", condition("Running"))
+            await c.wait(lambda run=run: c.get(c.jobs, f"{run}-trainer"), f"{run}'s trainer")
+            await c.trainer_running(f"{run}-trainer")
 
         # permanent: exit code 3, with the trainer's termination message
         await c.trainer_pod("exp-bad", 3, "data: /data/bad.json: no such file")
-        await c.job_conditions("exp-bad-trainer", condition("Running", False), condition(
-            "Failed", reason="PyTorchJobFailed", message='job "exp-bad-trainer" is failing because "Master" replica(s) failed.'))
+        await c.trainer_failed("exp-bad-trainer", 'job "exp-bad-trainer" is failing because "Master" replica(s) failed.')
         await c.wait_phase("exp-bad", "Failed")
         assert c.status(RUNS, "exp-bad")["message"] == \
             "trainer failed with exit code 3 (bad data): data: /data/bad.json: no such file"
         assert "exit code 3 (bad data)" in await c.wait_event("exp-bad", "Warning", "TrainerFailed")
 
-        # retryable, restarted in place by the training operator: counted
-        await c.job_conditions("exp-flaky-trainer", condition("Restarting", reason="PyTorchJobRestarting"))
-        await c.wait(lambda: c.status(RUNS, "exp-flaky").get("restarts") == 1, "the restart to be counted")
-        await c.job_conditions("exp-flaky-trainer", condition("Running"), condition("Succeeded"))
+        # retryable, restarted in place by the training operator: counted. (Only PyTorchJobs restart in place: a
+        # TrainJob's runtime fails its Job on the first non-zero exit, the path of exp-store below.)
+        if trainer_api == "pytorchjob":
+            await c.job_conditions("exp-flaky-trainer", condition("Restarting", reason="PyTorchJobRestarting"))
+            await c.wait(lambda: c.status(RUNS, "exp-flaky").get("restarts") == 1, "the restart to be counted")
+            await c.job_conditions("exp-flaky-trainer", condition("Running"), condition("Succeeded"))
+        else:
+            await c.trainer_succeeded("exp-flaky-trainer")
 
         # retryable, the job itself failed a while ago: the operator starts a new one
-        old_uid = c.get(JOBS, "exp-store-trainer")["metadata"]["uid"]
+        old_uid = c.get(c.jobs, "exp-store-trainer")["metadata"]["uid"]
         await c.trainer_pod("exp-store", 170, "s3 endpoint unreachable")
         long_ago = (datetime.now(timezone.utc) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        await c.job_conditions("exp-store-trainer", condition(
-            "Failed", reason="PyTorchJobFailed", message="Job exp-store-trainer has failed because it has reached "
-            "the specified backoff limit", at=long_ago))
-        await c.wait(lambda: (c.get(JOBS, "exp-store-trainer") or {}).get("metadata", {}).get("uid", old_uid) != old_uid,
-                     "a new trainer for exp-store")
+        await c.trainer_failed("exp-store-trainer", "Job exp-store-trainer has failed because it has reached "
+                               "the specified backoff limit", at=long_ago)
+        await c.wait(lambda: (c.get(c.jobs, "exp-store-trainer") or {}).get("metadata", {}).get("uid", old_uid)
+                     != old_uid, "a new trainer for exp-store")
         assert (c.status(RUNS, "exp-store")["restarts"], c.status(RUNS, "exp-store")["exitCode"]) == (1, 170)
-        await c.job_conditions("exp-store-trainer", condition("Running"), condition("Succeeded"))
+        await c.trainer_running("exp-store-trainer")
+        await c.trainer_succeeded("exp-store-trainer")
 
         await c.wait_phase("exp", "PartiallySucceeded", EXPERIMENTS)
         status = c.status(EXPERIMENTS, "exp")
+        flaky_restarts = 1 if trainer_api == "pytorchjob" else 0
         assert [(d["name"], d["phase"], d["restarts"]) for d in status["datasets"]] == \
-            [("bad", "Failed", 0), ("flaky", "Succeeded", 1), ("store", "Succeeded", 1)]
+            [("bad", "Failed", 0), ("flaky", "Succeeded", flaky_restarts), ("store", "Succeeded", 1)]
         assert (status["datasetsFailed"], status["datasetsDone"]) == (1, 3)
         failed = next(x for x in status["conditions"] if x["type"] == "Failed")
         assert failed["status"] == "True" and "bad: trainer failed with exit code 3" in failed["message"]
@@ -135,23 +148,25 @@ async def test_failures_fail_only_their_dataset(monkeypatch, tmp_path):
         assert await c.wait_event("exp", "Warning", "ExperimentPartiallySucceeded") == "2 of 3 datasets succeeded"
 
 
-async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path):
-    async with cluster(monkeypatch, tmp_path, kueue=True) as c, operator(c):
+@APIS
+async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path, trainer_api):
+    async with cluster(monkeypatch, tmp_path, kueue=True, trainer_api=trainer_api) as c, operator(c):
         await c.create_experiment(scheduling={"queueName": "gpu-a"},
                                   datasets=[{"name": "mmmu", "path": "/data/mmmu.json"}])
-        job = await c.wait(lambda: c.get(JOBS, "exp-mmmu-trainer"), "the trainer")
-        assert job["spec"]["runPolicy"]["suspend"] is True  # Kueue admits it by unsuspending it
+        job = await c.wait(lambda: c.get(c.jobs, "exp-mmmu-trainer"), "the trainer")
+        assert c.suspended("exp-mmmu-trainer") is True  # Kueue admits it by unsuspending it
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-a"
 
         # Kueue: a Workload owned by the job, not admitted for lack of quota
         uid = job["metadata"]["uid"]
+        workload = f"{trainer_api}-exp-mmmu-trainer-1a2b3"
         await c.api.put_object(WORKLOADS, {
             "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload", "metadata": {
-                "name": "pytorchjob-exp-mmmu-trainer-1a2b3", "namespace": NS, "labels": {"kueue.x-k8s.io/job-uid": uid},
-                "ownerReferences": [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "exp-mmmu-trainer",
+                "name": workload, "namespace": NS, "labels": {"kueue.x-k8s.io/job-uid": uid},
+                "ownerReferences": [{"apiVersion": job["apiVersion"], "kind": job["kind"], "name": "exp-mmmu-trainer",
                                      "uid": uid, "controller": True}]},
             "spec": {"queueName": "gpu-a"}})
-        await c.api.patch_object(WORKLOADS, NS, "pytorchjob-exp-mmmu-trainer-1a2b3", {"status": {"conditions": [
+        await c.api.patch_object(WORKLOADS, NS, workload, {"status": {"conditions": [
             condition("QuotaReserved", False, "Pending", QUOTA_MESSAGE)]}}, subresource="status")
         await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("message") ==
                      f"waiting for Kueue (LocalQueue gpu-a): {QUOTA_MESSAGE}", "Kueue's reason, read at the next poll")
@@ -159,31 +174,34 @@ async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path):
 
         # admitted and running
         c.progress["s3://ttrv/experiments/team-a/exp/mmmu"] = {"step": 7, "checkpointStep": 6, "progressPercentage": 35.0}
-        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": False}}})
-        await c.job_conditions("exp-mmmu-trainer", condition("Running"))
+        await c.kueue_suspend("exp-mmmu-trainer", False)
+        await c.trainer_running("exp-mmmu-trainer")
         await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("step") == 7, "the run to report step 7")
+        await c.wait_phase("exp-mmmu", "Running")
 
         # preempted: Kueue evicts the Workload and suspends the job; the training operator stops the pods
-        await c.api.patch_object(WORKLOADS, NS, "pytorchjob-exp-mmmu-trainer-1a2b3", {"status": {"conditions": [
+        await c.api.patch_object(WORKLOADS, NS, workload, {"status": {"conditions": [
             condition("QuotaReserved", False, "Pending", PREEMPT_MESSAGE),
             condition("Evicted", True, "Preempted", PREEMPT_MESSAGE),
             condition("Preempted", True, "InClusterQueue", PREEMPT_MESSAGE)]}}, subresource="status")
-        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": True}}})
-        await c.job_conditions("exp-mmmu-trainer", condition("Running", False, "PyTorchJobSuspended"),
-                               condition("Suspended", True, "PyTorchJobSuspended"))
+        await c.kueue_suspend("exp-mmmu-trainer", True)
         await c.wait_phase("exp-mmmu", "Preempted")
         assert c.status(RUNS, "exp-mmmu")["message"] == (
             f"Kueue preempted the trainer: {PREEMPT_MESSAGE}; the trainer resumes from its checkpoint at step 6 "
             "when Kueue admits it again")
         # nothing reset: same job, same spec, the checkpoint left to the trainer
-        assert c.get(JOBS, "exp-mmmu-trainer")["metadata"]["uid"] == uid
-        assert c.get(JOBS, "exp-mmmu-trainer")["spec"]["runPolicy"]["suspend"] is True
+        assert c.get(c.jobs, "exp-mmmu-trainer")["metadata"]["uid"] == uid
+        assert c.suspended("exp-mmmu-trainer") is True
         assert c.status(RUNS, "exp-mmmu")["step"] == 7
         assert PREEMPT_MESSAGE in await c.wait_event("exp-mmmu", "Warning", "Preempted")
 
         # re-admitted
-        await c.api.patch_object(JOBS, NS, "exp-mmmu-trainer", {"spec": {"runPolicy": {"suspend": False}}})
-        await c.job_conditions("exp-mmmu-trainer", condition("Suspended", False, "PyTorchJobResumed"), condition("Running"))
+        await c.kueue_suspend("exp-mmmu-trainer", False)
+        if trainer_api == "pytorchjob":
+            await c.job_conditions("exp-mmmu-trainer", condition("Suspended", False, "PyTorchJobResumed"),
+                                   condition("Running"))
+        else:
+            await c.trainer_running("exp-mmmu-trainer")
         await c.wait_phase("exp-mmmu", "Running")
 
 
@@ -304,3 +322,60 @@ async def test_a_spec_that_cannot_run_fails_the_experiment(monkeypatch, tmp_path
         await c.wait_phase("exp", "Failed", EXPERIMENTS)
         assert "groupSize (8) > votes (4)" in c.status(EXPERIMENTS, "exp")["message"]
         assert c.api.items(RUNS, NS) == []
+
+
+@pytest.mark.parametrize("served, requested, fix", [
+    ("pytorchjob", "trainjob", "install it and restart the ttrv operator, or set scheduling.trainerApi: pytorchjob"),
+    ("trainjob", "pytorchjob", "install it and restart the ttrv operator, or set scheduling.trainerApi: trainjob"),
+])
+async def test_a_training_api_the_cluster_lacks_is_a_condition_with_the_fix(monkeypatch, tmp_path, served, requested,
+                                                                           fix):
+    async with cluster(monkeypatch, tmp_path, trainer_api=served) as c, operator(c):
+        await c.create_experiment(scheduling={"trainerApi": requested}, rollout={"backend": "service"},
+                                  datasets=[{"name": "mmmu", "path": "/data/mmmu.json"}])
+        await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("reason") == "TrainerAPIMissing", "TrainerAPIMissing")
+        status = c.status(RUNS, "exp-mmmu")
+        assert status["phase"] == "Queued" and fix in status["message"]
+        assert "trainerApi" not in status
+        ready = next(x for x in status["conditions"] if x["type"] == "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "TrainerAPIMissing")
+        await asyncio.sleep(1.0)  # two polls: still nothing created, no GPUs held for a trainer that cannot exist
+        assert c.get(c.jobs, "exp-mmmu-trainer") is None and c.get(DEPLOYMENTS, "exp-mmmu-rollout") is None
+        assert c.status(RUNS, "exp-mmmu")["reason"] == "TrainerAPIMissing"
+
+
+@pytest.mark.parametrize("served, requested, expected", [
+    ("trainjob", "auto", ("trainjob", None)),
+    ("pytorchjob", "auto", ("pytorchjob", None)),
+    ("trainjob", "pytorchjob", (None, "pytorchjob")),
+])
+async def test_the_operator_discovers_the_training_apis_at_start_and_logs_its_choice(monkeypatch, tmp_path, served,
+                                                                                     requested, expected):
+    import io
+    import json
+
+    import kopf
+
+    from operators.kube import Kube
+    from operators.ttrv_operator import discover_trainer_apis
+    from ttrv import log
+
+    async with cluster(monkeypatch, tmp_path, trainer_api=served):
+        monkeypatch.setenv("TTRV_TRAINER_API", requested)
+        stream = io.StringIO()
+        log.configure(stream=stream)
+        kube = Kube.from_environment()
+        try:  # the client is synchronous and the stand-in serves from this event loop
+            apis, auto, runtime = await asyncio.to_thread(discover_trainer_apis, kube)
+            assert apis == frozenset({served})
+            assert auto == (None if requested == "auto" else requested)
+            assert (runtime.kind, runtime.name) == ("ClusterTrainingRuntime", "ttrv-trainer")
+            [line] = [json.loads(text[text.index("{"):]) for text in stream.getvalue().splitlines()
+                      if "trainer_apis_discovered" in text]
+            assert (line["served"], line["auto_choice"]) == ([served], expected[0])
+            assert line["level"] == ("info" if expected[0] else "warning")
+            monkeypatch.setenv("TTRV_TRAINER_API", "pytorchjobs")
+            with pytest.raises(kopf.PermanentError, match="TTRV_TRAINER_API: 'pytorchjobs'.*trainer.api"):
+                await asyncio.to_thread(discover_trainer_apis, kube)
+        finally:
+            kube.close()

@@ -400,7 +400,7 @@ def _validate(folder: Path, result: Result):
 @check("ttrv render examples/experiment-one-gpu.yaml")
 def _render_one(folder: Path, result: Result):
     kinds = [o["kind"] for o in yaml.safe_load_all(result.stdout)]
-    assert {"AdaptationRun", "ConfigMap", "PyTorchJob"} <= set(kinds), kinds
+    assert {"AdaptationRun", "ConfigMap", "TrainJob"} <= set(kinds), kinds  # the example asks trainerApi: trainjob
 
 
 @check("ttrv render examples/experiment-sixteen-kueue.yaml")

@@ -214,7 +214,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     metadata, spec = experiment_of(args)
     with naming_file(args.file):
-        objects = experiment_objects(metadata, spec)
+        objects = experiment_objects(metadata, spec, args.trainer_api)
     print(yaml.safe_dump_all(objects, sort_keys=False), end="")
     return 0
 
@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         "render", help="print every object the controller creates for an Experiment, as a YAML stream")
     render.add_argument("file", help="an Experiment resource (or a bare experiment spec)")
     render.add_argument("-n", "--namespace", help="namespace of the experiment (default: its metadata, else default)")
+    render.add_argument("--trainer-api", choices=["trainjob", "pytorchjob"],
+                        help="the trainer's API (default: the spec's scheduling.trainerApi; auto renders TrainJob)")
     render.set_defaults(handler=cmd_render)
     run = commands.add_parser("run", help="adapt on one dataset on this machine (the embedded default)")
     run.add_argument("spec", help="run spec (YAML), e.g. examples/tiny.yaml")

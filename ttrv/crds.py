@@ -220,6 +220,8 @@ def adaptation_run_crd() -> dict:
             _column("Dataset", ".spec.dataset", "string", "Dataset of the run", priority=1),
             _column("Phase", ".status.phase", "string", _one_of(RunPhase)),
             _column("Reason", ".status.reason", "string", "Why the run is in its phase", priority=1),
+            _column("Trainer", ".status.trainerApi", "string", "The trainer's API: trainjob or pytorchjob",
+                    priority=1),
             _column("Stage", ".status.stage", "string", f"What the running trainer does: {_one_of(RunStage)}"),
             _column("Progress", ".status.progress", "number", "Optimiser steps done, percent"),
             _column("Step", ".status.step", "integer", "Optimiser steps done"),

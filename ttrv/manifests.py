@@ -1,13 +1,22 @@
 """Pure builders of an experiment's Kubernetes objects: spec and metadata in, plain dicts out.
 
 The operator and `ttrv render` call the same functions (KubeRay style): `adaptation_run` makes one dataset's
-AdaptationRun from its Experiment, `run_children` the objects that run owns (ConfigMap, PyTorchJob and, for a
-service rollout, the rollout Deployment, Service and NetworkPolicy).
+AdaptationRun from its Experiment, `run_children` the objects that run owns (ConfigMap, the trainer: a TrainJob or a
+PyTorchJob, and, for a service rollout, the rollout Deployment, Service and NetworkPolicy), `training_runtime` the
+ClusterTrainingRuntime (or namespaced TrainingRuntime) that every ttrv TrainJob references.
 
-Plain dicts, not the typed models of the kubernetes / kubeflow-training clients: those models check little beyond
-required fields, and would make `ttrv render` need the cluster extras. The tests instead validate every object
-built here against the real schemas (kubernetes-validate in strict mode, the vendored PyTorchJob CRD, the
-generated ttrv CRDs), which rejects a misspelt field as a typed constructor would, and a wrong value as well.
+The trainer's two APIs (`scheduling.trainerApi`):
+- `trainjob`: Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob on a JobSet). Its objects go through the
+  typed models of Kubeflow's own `kubeflow-trainer-api` package (`_typed`), the way Kubeflow's SDK builds them.
+- `pytorchjob`: the v1 training operator (kubeflow.org/v1 PyTorchJob), for clusters that still run it.
+
+The core kinds and the PyTorchJob are plain dicts, not the typed models of the kubernetes / kubeflow-training
+clients: those models check little beyond required fields, and would make `ttrv render` need the cluster extras.
+Trainer v2's objects pass through `kubeflow-trainer-api` (a core dependency: pydantic models only), which fixes
+their shape but, like those, ignores unknown keys, so `_typed` insists on an exact round trip. The tests validate
+every object built here against the real schemas (kubernetes-validate in strict mode, the vendored PyTorchJob and
+Trainer v2 CRDs, the generated ttrv CRDs), which rejects a misspelt field as a typed constructor would, and a wrong
+value as well.
 """
 
 from __future__ import annotations
@@ -15,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel
@@ -42,6 +52,7 @@ from ttrv.spec import (
     check_dns_label,
     parse_spec,
 )
+from ttrv.spec.experiment import ImageSpec
 from ttrv.spec.names import check_dns1035_label, check_label_key, check_label_value, check_object_name
 
 SPEC_DIR = "/etc/ttrv"
@@ -59,6 +70,36 @@ GPU = "nvidia.com/gpu"
 # The training operator names pods and their Services `<job>-worker-<index>`, DNS labels of at most 63 characters:
 # `<run>-trainer-worker-` plus three digits leaves 44 for the run name.
 RUN_NAME_MAX = 44
+
+TRAINJOB = "trainjob"
+PYTORCHJOB = "pytorchjob"
+TRAINER_KINDS = {TRAINJOB: "TrainJob", PYTORCHJOB: "PyTorchJob"}
+TRAINER_APIS = tuple(TRAINER_KINDS)
+TRAINER_API_GROUP = "trainer.kubeflow.org"
+TRAINER_API_VERSION = f"{TRAINER_API_GROUP}/v1alpha1"
+# Kubeflow Trainer's torch plugin finds the trainer container by this name in the replicated job labelled
+# trainjob-ancestor-step=trainer, and gives it the PET_* variables that `ttrv train`'s launcher reads
+# (kubeflow/trainer pkg/constants/constants.go: Node = "node", AncestorTrainer = "trainer";
+# pkg/runtime/framework/plugins/torch/torch.go: EnforceMLPolicy).
+TRAINJOB_CONTAINER = "node"
+TRAINJOB_REPLICATED_JOB = "node"
+ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
+RUNTIME_NAME = "ttrv-trainer"
+# The manager key of ttrv's entry in a TrainJob's spec.runtimePatches (a map keyed by manager, so Kueue's own entry,
+# kueue.x-k8s.io/manager, sits beside it; trainjob_types.go RuntimePatch). It must be a domain-prefixed path
+# (pkg/runtime/framework/plugins/jobset/jobset.go Validate).
+RUNTIME_PATCH_MANAGER = "ttrv.io/operator"
+
+
+def resolve_trainer_api(requested: str, served: frozenset[str] | None = None) -> str | None:
+    """The API a run's trainer uses. `auto` picks TrainJob when it is served, else PyTorchJob; `served` None means
+    no cluster to ask (`ttrv render`): TrainJob, Kubeflow's current API. None: no served API fits."""
+    if requested != "auto":
+        return requested if served is None or requested in served else None
+    for api in TRAINER_APIS:
+        if served is None or api in served:
+            return api
+    return None
 
 
 def run_store_uri(storage_uri: str, namespace: str, experiment: str, dataset: str) -> str:
@@ -194,10 +235,12 @@ def check_names(objects: list[Mapping]) -> list[Mapping]:
     return list(objects)
 
 
-def run_children(run: Mapping) -> list[dict]:
+def run_children(run: Mapping, trainer_api: str = PYTORCHJOB, runtime: RuntimeRef | None = None) -> list[dict]:
     """Every object an AdaptationRun owns; the rollout service only when the run samples from one.
 
-    `run` is the AdaptationRun as a mapping: a dict, or the body kopf hands to a handler.
+    `run` is the AdaptationRun as a mapping: a dict, or the body kopf hands to a handler. `trainer_api` (trainjob
+    or pytorchjob, already resolved: see resolve_trainer_api) picks the trainer's kind; a TrainJob references
+    `runtime` (default: the operator chart's ClusterTrainingRuntime).
     """
     name = run["metadata"]["name"]
     document = run.get("spec")
@@ -207,9 +250,24 @@ def run_children(run: Mapping) -> list[dict]:
     children = [_spec_config_map(ctx)]
     if spec.run.rollout.backend == "service":
         children += [_rollout_deployment(ctx), _rollout_service(ctx), _rollout_network_policy(ctx)]
-    children.append(_trainer_job(ctx))
+    if trainer_api == TRAINJOB:
+        children.append(_train_job(ctx, runtime or RuntimeRef()))
+    elif trainer_api == PYTORCHJOB:
+        children.append(_trainer_job(ctx))
+    else:
+        raise SpecError(f"scheduling.trainerApi: {trainer_api!r} is not a training API; use one of "
+                        f"{', '.join(TRAINER_APIS)}")
     # Builders reuse pieces (mounts, probes, the trainer container); the caller gets objects sharing nothing.
     return check_names(json.loads(json.dumps(children)))
+
+
+@dataclass(frozen=True)
+class RuntimeRef:
+    """The training runtime a TrainJob references (trainjob_types.go RuntimeRef): the operator chart's
+    ClusterTrainingRuntime, or a TrainingRuntime in the run's namespace for a namespaced install."""
+
+    kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    name: str = RUNTIME_NAME
 
 
 class _Context:
@@ -411,17 +469,27 @@ def _rollout_network_policy(ctx: _Context) -> dict:
     }
 
 
+def _trainer_env(ctx: _Context) -> list[dict]:
+    """The trainer's own variables (both APIs); the launcher's PET_* come from the training operator."""
+    run = ctx.spec.run
+    env = _store_env(ctx) + [{"name": "TTRV_METRICS_PORT", "value": str(METRICS_PORT)}]
+    if run.rollout.backend == "service":
+        env.append({"name": "TTRV_ROLLOUT_URL",
+                    "value": f"http://{ctx.rollout_name}.{ctx.namespace}.svc:{ROLLOUT_PORT}"})
+    if not run.resources.gpus_per_node:
+        # DeepSpeed picks its accelerator by probing; on GPU nodes it must find CUDA, so it is only pinned here.
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    return env
+
+
+TRAIN_COMMAND = ["ttrv", "train", "--spec", SPEC_PATH]
+
+
 def _trainer_job(ctx: _Context) -> dict:
     run = ctx.spec.run
     res = run.resources
     scheduling = ctx.spec.scheduling
-    env = _WRITABLE_ENV + _store_env(ctx) + [{"name": "TTRV_METRICS_PORT", "value": str(METRICS_PORT)}]
-    if run.rollout.backend == "service":
-        env.append({"name": "TTRV_ROLLOUT_URL",
-                    "value": f"http://{ctx.rollout_name}.{ctx.namespace}.svc:{ROLLOUT_PORT}"})
-    if not res.gpus_per_node:
-        # DeepSpeed picks its accelerator by probing; on GPU nodes it must find CUDA, so it is only pinned here.
-        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    env = _WRITABLE_ENV + _trainer_env(ctx)
     container = {
         "name": TRAINER_CONTAINER,
         "image": ctx.spec.image.trainer,
@@ -429,7 +497,7 @@ def _trainer_job(ctx: _Context) -> dict:
         # torchrun's launcher (ttrv.launch) takes nnodes, nproc-per-node, node rank and master address from the
         # PET_* variables that the training operator sets in every replica, and exits with the failing worker's
         # own code, which restartPolicy ExitCode needs (plain torchrun exits 1 for any worker failure).
-        "command": ["ttrv", "train", "--spec", SPEC_PATH],
+        "command": TRAIN_COMMAND,
         "env": env,
         "ports": [
             {"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},
@@ -481,10 +549,177 @@ def _trainer_job(ctx: _Context) -> dict:
     }
 
 
-def experiment_objects(experiment_meta: Mapping, spec: ExperimentSpec) -> list[dict]:
-    """Every object the controller creates for an experiment: each dataset's AdaptationRun and its children."""
+def experiment_objects(experiment_meta: Mapping, spec: ExperimentSpec, trainer_api: str | None = None,
+                       runtime: RuntimeRef | None = None) -> list[dict]:
+    """Every object the controller creates for an experiment: each dataset's AdaptationRun and its children. The
+    trainer's API is `trainer_api`, else the spec's scheduling.trainerApi, `auto` read as TrainJob (no cluster is
+    asked here; the operator asks its API server)."""
+    api = resolve_trainer_api(trainer_api or spec.scheduling.trainer_api)
     objects = []
     for dataset in spec.datasets:
         run = adaptation_run(experiment_meta, spec, dataset.name)
-        objects += [run, *run_children(run)]
+        objects += [run, *run_children(run, api, runtime)]
     return objects
+
+
+# --- Kubeflow Trainer v2 ------------------------------------------------------------------------------------------
+
+def _typed(model_name: str, obj: dict) -> dict:
+    """`obj` through the typed model `model_name` of kubeflow-trainer-api: the model fixes the shape Kubeflow's own
+    SDK writes. The generated models ignore keys they do not know (pydantic's default), so the round trip must give
+    `obj` back unchanged: a key the model dropped is a field TrainJob does not have, and fails here by name."""
+    from importlib import import_module  # 0.8 s of generated models: only when a TrainJob is built
+
+    module = import_module("kubeflow_trainer_api.models." + _snake(model_name))
+    typed = getattr(module, model_name).from_dict(obj).to_dict()
+    if typed != obj:
+        raise ValueError(f"{model_name}: kubeflow-trainer-api does not round-trip this object; differing keys: "
+                         f"{_differences(obj, typed)}")
+    return typed
+
+
+def _snake(name: str) -> str:
+    out = ""
+    for index, char in enumerate(name):
+        if char.isupper() and index and (not name[index - 1].isupper() or
+                                         (index + 1 < len(name) and name[index + 1].islower())):
+            out += "_"
+        out += char.lower()
+    return out
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [found for key in sorted(set(a) | set(b))
+                for found in _differences(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [found for index, (x, y) in enumerate(zip(a, b, strict=True)) for found in _differences(x, y, f"{path}[{index}]")]
+    return [] if a == b else [path]
+
+
+def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
+    """The run's trainer as a TrainJob. What differs per run goes into the TrainJob (image, command, env, nodes,
+    processes, resources; the pods' labels, the spec ConfigMap, data volumes and GPU placement as ttrv's entry in
+    spec.runtimePatches); what every run shares is the runtime's (training_runtime below).
+
+    The torch plugin sets PET_NNODES (numNodes), PET_NPROC_PER_NODE (numProcPerNode), PET_NODE_RANK (the Job's
+    completion index), PET_MASTER_ADDR (<trainjob>-node-0-0.<trainjob>) and PET_MASTER_PORT (29500) in the
+    container named `node` (kubeflow/trainer pkg/runtime/framework/plugins/torch/torch.go EnforceMLPolicy), which
+    `ttrv train`'s launcher reads as it does under the v1 training operator. Env for the `node` container may only
+    come through spec.trainer.env: the webhook refuses it in a runtime patch (plugins/jobset/jobset.go Validate).
+    Kubeflow merges ttrv's patch into the runtime's JobSet template with a strategic merge patch (volumes and
+    containers by name, volumeMounts by mountPath; pkg/runtime/core/trainingruntime.go mergeRuntimePatches).
+    """
+    res = ctx.spec.run.resources
+    scheduling = ctx.spec.scheduling
+    pod_spec: dict[str, Any] = {
+        "volumes": [volume for volume in _volumes(ctx) if "emptyDir" not in volume],
+        "containers": [{"name": TRAINJOB_CONTAINER,
+                        "volumeMounts": [mount for mount in _mounts(ctx)
+                                         if mount["name"] not in _RUNTIME_VOLUMES]}],
+    }
+    if res.gpus_per_node:
+        if scheduling.node_selector:
+            pod_spec["nodeSelector"] = dict(scheduling.node_selector)
+        if scheduling.tolerations:
+            pod_spec["tolerations"] = [resource_dump(t) for t in scheduling.tolerations]
+    patch = {
+        "manager": RUNTIME_PATCH_MANAGER,
+        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+            "name": TRAINJOB_REPLICATED_JOB,
+            "template": {"spec": {"template": {
+                "metadata": {"labels": ctx.labels(TRAINER)},
+                "spec": pod_spec,
+            }}},
+        }]}}},
+    }
+    job = {
+        "apiVersion": TRAINER_API_VERSION,
+        "kind": "TrainJob",
+        # Kueue's trainjob integration reads the queue label on the TrainJob (pkg/controller/jobs/trainjob).
+        "metadata": ctx.metadata(f"{ctx.name}-trainer", TRAINER, ctx.queue_labels),
+        "spec": {
+            "runtimeRef": {"apiGroup": TRAINER_API_GROUP, "kind": runtime.kind, "name": runtime.name},
+            "trainer": {
+                "image": ctx.spec.image.trainer,
+                "command": TRAIN_COMMAND,
+                "env": _trainer_env(ctx),
+                "numNodes": res.nodes,
+                "numProcPerNode": res.nproc_per_node,
+                "resourcesPerNode": _resources(res.cpu, res.memory, res.gpus_per_node),
+            },
+            "runtimePatches": [patch],
+            # Kueue admits a TrainJob by unsuspending it; created running, it would start before admission.
+            "suspend": ctx.spec.suspend or bool(scheduling.queue_name),
+        },
+    }
+    return _typed("TrainerV1alpha1TrainJob", job)
+
+
+# The runtime's own emptyDirs (every run has them); a run adds its spec ConfigMap and data volumes by patch.
+_RUNTIME_VOLUMES = ("tmp", "cache", "shm")
+
+
+def training_runtime(kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime",
+                     name: str = RUNTIME_NAME, namespace: str | None = None, image: str | None = None,
+                     pull_policy: str = "IfNotPresent", extra_labels: Mapping[str, str] | None = None) -> dict:
+    """The runtime every ttrv TrainJob references: one replicated job `node` of the run's nodes, running `ttrv
+    train` under the restricted pod security profile. The operator chart renders the same object (a test compares
+    them): a ClusterTrainingRuntime, or a TrainingRuntime per namespace for a namespaced install.
+
+    Shaped like Kubeflow's own torch-distributed runtime (manifests/base/runtimes/torch_distributed.yaml:
+    mlPolicy.torch, a replicated job and container named `node` labelled trainjob-ancestor-step=trainer).
+
+    Exit codes: the Job runs its pods with restartPolicy Never and backoffLimit 0, so the trainer's first non-zero
+    exit fails its Job, and a failed Job fails the JobSet (no failurePolicy: "The JobSet is always declared failed
+    if any job in the set finished with status failed", jobset api/jobset/v1alpha2/jobset_types.go), which the
+    TrainJob reports as its Failed condition (plugins/jobset/jobset.go Status). The operator then reads the exit
+    code from the pod: 1-127 fails the run, 128-255 starts a new TrainJob within scheduling.backoffLimit
+    (operators/runs.py), the same budget the PyTorchJob path keeps. JobSet restarts (failurePolicy.maxRestarts)
+    are left at zero so that one budget, the run's, counts every restart.
+    """
+    container = {
+        "name": TRAINJOB_CONTAINER,
+        # Each TrainJob sets its own image (spec.trainer.image); this one only serves a TrainJob that sets none.
+        "image": image or ImageSpec().trainer,
+        "imagePullPolicy": pull_policy,
+        "command": TRAIN_COMMAND,
+        "env": list(_WRITABLE_ENV),
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": "/cache"},
+                         {"name": "shm", "mountPath": "/dev/shm"}],
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod = {
+        "restartPolicy": "Never",
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}},
+                    {"name": "shm", "emptyDir": {"medium": "Memory"}}],
+    }
+    # Kubeflow's own runtimes carry the framework label (the SDK lists runtimes by it); the chart adds its labels.
+    metadata: dict[str, Any] = {"name": name,
+                                "labels": {"trainer.kubeflow.org/framework": "torch"} | dict(extra_labels or {})}
+    if namespace:
+        metadata["namespace"] = namespace
+    runtime = {
+        "apiVersion": TRAINER_API_VERSION,
+        "kind": kind,
+        "metadata": metadata,
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {}},
+            "template": {"spec": {"replicatedJobs": [{
+                "name": TRAINJOB_REPLICATED_JOB,
+                "replicas": 1,
+                "template": {
+                    "metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
+                    "spec": {"backoffLimit": 0, "template": {"spec": pod}},
+                },
+            }]}},
+        },
+    }
+    model = "TrainerV1alpha1ClusterTrainingRuntime" if kind == "ClusterTrainingRuntime" else \
+        "TrainerV1alpha1TrainingRuntime"
+    return _typed(model, runtime)

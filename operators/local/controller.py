@@ -20,7 +20,7 @@ from ttrv.fsutil import atomic_write, strict_json
 from ttrv.labels import EXPERIMENT_LABEL
 from ttrv.local import EMBEDDED_BUCKET
 from ttrv.log import get_logger
-from ttrv.manifests import GPU, experiment_objects, resource_dump
+from ttrv.manifests import GPU, PYTORCHJOB, experiment_objects, resource_dump
 from ttrv.objectserver import EmbeddedS3
 from ttrv.spec import (
     EXPERIMENT_FINISHED,
@@ -72,7 +72,7 @@ def check_runs_locally(metadata: Mapping, spec: ExperimentSpec) -> None:
         raise SpecError(f"volumes: PersistentVolumeClaims ({', '.join(v.claim_name for v in spec.volumes)}) exist "
                         "only in a cluster; a local run reads datasets[].path and model.path on this machine: drop "
                         "volumes and point those paths at local files")
-    for job in (obj for obj in experiment_objects(metadata, spec) if obj["kind"] == "PyTorchJob"):
+    for job in (obj for obj in experiment_objects(metadata, spec, PYTORCHJOB) if obj["kind"] == "PyTorchJob"):
         replicas = job["spec"]["pytorchReplicaSpecs"]
         gpus = int(replicas["Master"]["template"]["spec"]["containers"][0]["resources"]["limits"].get(GPU, 0))
         if "Worker" in replicas and gpus:
@@ -108,7 +108,9 @@ class LocalController:
         self.cluster = cluster
         self.poll_seconds = poll_seconds
         self.progress = ProgressReader()
-        self.context = Context(cluster, self.progress)
+        # Whatever a spec's scheduling.trainerApi, the local cluster runs the trainer as a PyTorchJob of local
+        # processes: the pod command (`ttrv train`) and its exit codes are the same under either API.
+        self.context = Context(cluster, self.progress, pinned_api=PYTORCHJOB)
         self.namespace, self.name = metadata.get("namespace") or "default", metadata["name"]
         cluster.create({"apiVersion": API_VERSION, "kind": "Experiment",
                         "metadata": {"name": self.name, "namespace": self.namespace, "annotations": {}},

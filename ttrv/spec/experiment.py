@@ -106,6 +106,10 @@ class SchedulingSpec(StrictModel):
     (the training operator alone does not cap restarts under restartPolicy ExitCode)."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 3600
     """How long a finished PyTorchJob is kept."""
+    trainer_api: Literal["auto", "trainjob", "pytorchjob"] = "auto"
+    """Which training API runs the trainer: trainjob (Kubeflow Trainer v2, trainer.kubeflow.org TrainJob),
+    pytorchjob (the v1 training operator, kubeflow.org PyTorchJob), or auto: the one the API server serves, TrainJob
+    first (the operator decides when it starts; `ttrv render` then shows TrainJob)."""
 
 
 class ExperimentSpec(AdaptationSettings):

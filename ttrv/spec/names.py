@@ -90,6 +90,9 @@ def check_dns1123_subdomain(value: Any, field: str = "", why: str = "") -> str:
 OBJECT_NAME_RULES = {
     "Service": check_dns1035_label,
     "Namespace": check_dns1123_label,
+    # Kubeflow Trainer's CRD: "metadata.name must match RFC 1035 DNS label format", at most 63 characters
+    # (kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go, XValidation on TrainJob).
+    "TrainJob": check_dns1035_label,
 }
 """The rule of a kind's metadata.name where it is not a DNS-1123 subdomain (the API server's default)."""
 

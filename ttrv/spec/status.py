@@ -116,6 +116,9 @@ class AdaptationRunStatus(StrictModel):
     each restart is counted once."""
     exit_code: int | None = None
     """Exit code of the trainer's last failed container, when seen."""
+    trainer_api: str | None = None
+    """The API the run's trainer uses, trainjob or pytorchjob: scheduling.trainerApi, or for auto the operator's
+    choice from what the API server serves. Kept once set, so a run never changes API midway."""
     start_time: str | None = None
     """RFC 3339 time the trainer started."""
     completion_time: str | None = None
