@@ -165,3 +165,13 @@ def test_spec_validate_shows_the_plan_beside_the_spec(capsys, monkeypatch):
     assert result.returncode == 0
     json.loads(result.stdout)  # stdout stays the spec alone
     assert "memory plan" in result.stderr and "verdict: fits" in result.stderr
+
+
+def test_spec_validate_of_a_model_not_on_this_machine_still_validates(tmp_path, capsys):
+    """The plan is left out with the reason; the spec is valid all the same."""
+    spec_file = tmp_path / "hub.yaml"
+    spec_file.write_text("data: {path: ttrv://tiny-shapes/test}\nmodel: {path: Qwen/Not-Downloaded}\n")
+    result = ttrv(capsys, "spec", "validate", str(spec_file))
+    assert result.returncode == 0 and json.loads(result.stdout)["model"]["path"] == "Qwen/Not-Downloaded"
+    assert "memory plan: none: model.path 'Qwen/Not-Downloaded'" in result.stderr
+    assert "--model-config" in result.stderr

@@ -131,7 +131,8 @@ def cmd_spec_validate(args: argparse.Namespace) -> int:
         _, spec = load_experiment(args.file)
     print(json.dumps(spec.model_dump(mode="json")))
     try:
-        print(f"memory plan (`ttrv plan`):\n{plan(spec, load_config(spec.model.path)).table()}", file=sys.stderr)
+        config = load_config(spec.model.path, local_only=True)  # validating never waits on the network
+        print(f"memory plan (`ttrv plan`):\n{plan(spec, config).table()}", file=sys.stderr)
     except PlanError as error:
         print(f"memory plan: none: {error}", file=sys.stderr)
     return 0

@@ -205,10 +205,10 @@ def _meta_shape(config: Any) -> ModelShape:
                       head_dim=_get(text, "head_dim", default=h // heads), vocab=text.vocab_size)
 
 
-def load_config(model_path: str, config_path: str | Path | None = None) -> Any:
+def load_config(model_path: str, config_path: str | Path | None = None, local_only: bool = False) -> Any:
     """The model's transformers config: from `config_path` (a config.json or its folder) when given, else from
-    `model.path` (ttrv://tiny-qwen2vl, a local folder, or a Hugging Face id already in the local cache). Weights are
-    never read."""
+    `model.path` (ttrv://tiny-qwen2vl, a local folder, or a Hugging Face id: its config.json alone is fetched, or
+    with `local_only` taken from the local cache only). Weights are never read."""
     from transformers import AutoConfig
 
     from ttrv.weights import resolve_model
@@ -226,7 +226,7 @@ def load_config(model_path: str, config_path: str | Path | None = None) -> Any:
     if Path(source).is_file():
         source = str(Path(source).parent)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as error:
         raise PlanError(f"model.path {model_path!r}: no config.json could be read ({str(error).splitlines()[0]}); "
                         "pass the model's config.json with --model-config FILE (no weights are needed)") from None
@@ -263,6 +263,8 @@ class Budget:
     device: str
     capacity: int
     lines: list[Line]
+    usable: float = HEADROOM
+    """Share of `capacity` the lines may take (vLLM's GPU: all of it, its own utilisation share bounds it)."""
 
     @property
     def total(self) -> int:
@@ -274,7 +276,7 @@ class Budget:
 
     @property
     def fits(self) -> bool:
-        return self.total <= HEADROOM * self.capacity
+        return self.total <= self.usable * self.capacity
 
     def to_dict(self) -> dict:
         return {"device": self.device, "capacityGiB": _gib(self.capacity), "totalGiB": _gib(self.total),
@@ -315,7 +317,7 @@ class Plan:
             if budget is None:
                 continue
             rows.append(f"{budget.device}: {_gib(budget.total):.2f} of {_gib(budget.capacity):.2f} GiB "
-                        f"({'fits' if budget.fits else 'DOES NOT FIT'}; {int(HEADROOM * 100)} % usable)")
+                        f"({'fits' if budget.fits else 'DOES NOT FIT'}; {round(budget.usable * 100)} % usable)")
             width = max(len(line.name) for line in budget.lines)
             for line in budget.lines:
                 rows.append(f"  {line.name:<{width}}  {_gib(line.bytes):9.2f} GiB  {line.note}")
@@ -455,7 +457,7 @@ def plan(settings: AdaptationSettings, config: Any, colocated: bool = False) -> 
             lines.append(Line("vLLM on this GPU", share, f"rolloutGpuMemoryUtilization × gpuMemory ({share / GIB:.1f} "
                                                           "GiB: weights, KV cache)"))
         else:
-            rollout_budget = Budget("rollout GPU", quantity_bytes(res.gpu_memory), vllm_lines)
+            rollout_budget = Budget("rollout GPU", quantity_bytes(res.gpu_memory), vllm_lines, usable=1.0)
         seqs_fit = kv_room * (1 if colocated else tp) / (kv_per_token * longest) if kv_room > 0 else 0
     trainer = Budget(device, capacity, lines)
     result = Plan(shape, trainable, ranks, trainer, rollout_budget, host_offload)
