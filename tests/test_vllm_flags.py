@@ -94,3 +94,12 @@ def test_on_cpu_the_model_length_fits_the_longest_response_and_the_trainer_s_dty
 def test_ttrv_vllm_args_come_last_so_that_they_win(monkeypatch):
     monkeypatch.setenv("TTRV_VLLM_ARGS", "--max-num-seqs 4 --gpu-memory-utilization=0.5")
     assert command(spec(), gpu=True)[-3:] == ["--max-num-seqs", "4", "--gpu-memory-utilization=0.5"]
+
+
+def test_a_model_length_without_room_for_the_response_is_refused():
+    from ttrv.spec import SpecError, parse_spec
+
+    document = {"name": "flags", "data": {"path": "ttrv://tiny-shapes/test"},
+                "rollout": {"maxModelLen": 512, "maxNewTokens": 512}}
+    with pytest.raises(SpecError, match=r"maxModelLen \(512\) <= maxNewTokens \(512\).*raise maxModelLen"):
+        parse_spec(document, RunSpec, "run.yaml")

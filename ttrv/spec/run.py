@@ -158,6 +158,12 @@ class RolloutSpec(StrictModel):
                 f"groupSize ({self.group_size}) > votes ({self.votes}): the trained group is taken from the votes; "
                 "set groupSize <= votes (reference: votes 32, groupSize 16)"
             )
+        if self.max_model_len is not None and self.max_model_len <= self.max_new_tokens:
+            raise ValueError(
+                f"maxModelLen ({self.max_model_len}) <= maxNewTokens ({self.max_new_tokens}): vLLM's sequences hold "
+                "the prompt and its image tokens as well as the response; raise maxModelLen, or leave it null to "
+                "derive it"
+            )
         return self
 
 
