@@ -102,7 +102,7 @@ def test_a_frozen_vision_tower_has_no_optimizer_state():
 
 def test_a_7b_full_fine_tune_without_checkpointing_does_not_fit_and_the_fixes_are_named():
     config = load_config(str(QWEN7B))
-    result = plan(spec(str(QWEN7B), resources={"gpusPerNode": 8}), config)
+    result = plan(spec(str(QWEN7B), resources={"gpusPerNode": 8, "gradientCheckpointing": False}), config)
     assert not result.fits and result.verdict == "does not fit"
     [warning] = result.warnings
     for fix in ("gradientCheckpointing: true", "zeroStage: 3", "offloadOptimizer: true", "model.lora",
@@ -147,7 +147,7 @@ def test_the_command_prints_the_plan_and_exits_by_its_verdict(tmp_path, capsys, 
     assert json.loads(fits.stdout)["verdict"] == "fits"
     spec_file = tmp_path / "big.yaml"
     spec_file.write_text("data: {path: ttrv://tiny-shapes/test}\nmodel: {path: Qwen/Not-Downloaded}\n"
-                         "resources: {gpusPerNode: 1}\n")
+                         "resources: {gpusPerNode: 1, gradientCheckpointing: false}\n")
     missing = ttrv(capsys, "plan", str(spec_file))
     assert missing.returncode == 2 and "--model-config" in missing.stderr
     too_big = ttrv(capsys, "plan", str(spec_file), "--model-config", str(QWEN7B / "config.json"))

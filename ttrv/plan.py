@@ -426,8 +426,12 @@ def plan(settings: AdaptationSettings, config: Any, colocated: bool = False) -> 
                                   else shape.vision_layers * vision_layer)
     lines.append(Line("activations (estimate)", int(activations),
                       f"{micro} sequences × {tokens_per_seq} tokens, {how}"))
-    lines.append(Line("logits (estimate)", int(tokens * shape.vocab * (b + 4)),
-                      f"[{micro}, {tokens_per_seq}, {shape.vocab}] in the model's dtype and once in fp32"))
+    # The learner asks for logits from the first response position on only, and casts them to fp32 in chunks
+    # (ttrv/policy.py, token_log_probs); in training every chunk's fp32 copy is kept for the backward pass.
+    response = micro * rollout.max_new_tokens
+    lines.append(Line("logits (estimate)", int(response * shape.vocab * (b + 4)),
+                      f"[{micro}, {rollout.max_new_tokens}, {shape.vocab}] response positions, in the model's dtype "
+                      "and in fp32"))
     lines.append(Line("buffers", int((CONTEXT_BYTES if gpu else 0) + (REDUCE_BUCKET_ELEMENTS * b if stage > 0 else 0)),
                       ("CUDA context and NCCL (allowance), " if gpu else "") +
                       ("DeepSpeed's reduce bucket" if stage > 0 else "")))
