@@ -216,12 +216,13 @@ def _learner_part(ctx: dict, model: Path, *, stage: int, offload: bool = False, 
         resources={"zeroStage": stage, "offloadOptimizer": offload, "gradientCheckpointing": checkpointing,
                    "gpuMemory": gpu_memory, "rolloutGpus": 0}))
     estimate = plan(run, AutoConfig.from_pretrained(model))
-    init_distributed(World(0, 1, 0))  # the trainer's own set-up: NCCL on GPU, gloo on CPU, a world of one
+    # the trainer's own set-up: NCCL on GPU, gloo on CPU, a world of one, and its collectives on the engine's device
+    collectives = init_distributed(World(0, 1, 0))
     _free()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    learner = Learner(run, str(model), total_steps=10, world=World(0, 1, 0), sequences_per_rank=sequences)
+    learner = Learner(run, str(model), 10, World(0, 1, 0), sequences, collectives)
     init_seconds = time.perf_counter() - started
     processor = load_processor(model)
     from ttrv.data import Prompt

@@ -16,10 +16,7 @@ import gpu_smoke  # noqa: E402
 
 # Parts that fail on CPU today for a known reason, with the error they must fail with (any other error fails the
 # test); once the cause is fixed they pass, and the entry goes.
-KNOWN_FAILURES = {
-    # issue 15, item 1: resources.offloadOptimizer builds torch's AdamW, which ZeRO-Offload refuses.
-    "deepspeed[zero2+offload]": "ZeRORuntimeException",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 @pytest.mark.timeout(1200)
