@@ -65,6 +65,7 @@ RUNS = {
     "ttrv run my-spec.yaml --nproc 2": Run(SMOKE_RUN),
     "ttrv data check test.json --path-map /authors/imgs=imgs": Run(),
     "ttrv spec validate my-spec.yaml": Run(),
+    "ttrv plan my-spec.yaml": Run(),
     "ttrv render examples/experiment-one-gpu.yaml": Run(),
     "ttrv render examples/experiment-sixteen-kueue.yaml": Run(),
     "ttrv experiment run examples/experiment-tiny-shapes.yaml --local --out runs/tiny-shapes":

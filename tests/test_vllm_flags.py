@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from ttrv.rollout.vllm_process import PROMPT_TOKEN_BUDGET, VLLMProcess, vllm_flags
+from ttrv.rollout.vllm_process import PROMPT_TOKEN_BUDGET, VLLMProcess, model_len, vllm_flags
 from ttrv.spec import RunSpec
 
 LORA = {"rank": 8, "alpha": 16}
@@ -54,13 +56,35 @@ def test_the_rollout_pod_takes_the_spec_s_gpus_memory_share_and_lora_rank():
                                                "--max-lora-rank", "--max-loras")} == {
         "--tensor-parallel-size": "2", "--gpu-memory-utilization": "0.7", "--dtype": "bfloat16",
         "--max-lora-rank": "8", "--max-loras": "1"}
-    assert "--max-model-len" not in flags and "--enforce-eager" not in flags  # vLLM takes the checkpoint's own
+    assert "--enforce-eager" not in flags
+    assert flags["--max-model-len"] == str(256 + 1280 + 1024)  # text, one 1280-token image, the longest response
+
+
+def test_the_rollout_s_limits_and_the_image_cap_come_from_the_spec():
+    """vLLM 0.32's flag names (vllm/engine/arg_utils.py, EngineArgs.add_cli_args); without them vLLM sizes its KV
+    cache for the checkpoint's 128k-token length and admits any number of images of any size."""
+    run = spec(rollout={"maxModelLen": 3000, "maxNumSeqs": 64, "limitMmPerPrompt": 2}, model={"path": "/models/m",
+                                                                                             "maxPixels": 401408})
+    for gpu in (False, True):
+        flags = values(command(run, gpu))
+        assert flags["--max-model-len"] == "3000" and flags["--max-num-seqs"] == "64"
+        assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 2, "video": 0}
+        assert json.loads(flags["--mm-processor-kwargs"]) == {"max_pixels": 401408}
+    derived = spec(rollout={"maxNewTokens": 100, "limitMmPerPrompt": 2}, model={"path": "/m", "maxPixels": 28 * 28 * 10})
+    assert model_len(derived) == 256 + 2 * 10 + 100
+
+
+def test_without_an_image_cap_vllm_takes_the_checkpoint_s_length_on_gpu():
+    run = spec(model={"path": "/models/m", "maxPixels": None}, rollout={"maxNewTokens": 64})
+    gpu = values(command(run, gpu=True))
+    assert "--max-model-len" not in gpu and "--mm-processor-kwargs" not in gpu
+    assert values(command(run, gpu=False))["--max-model-len"] == str(PROMPT_TOKEN_BUDGET + 64)
 
 
 def test_on_cpu_the_model_length_fits_the_longest_response_and_the_trainer_s_dtype():
     run = spec(rollout={"maxNewTokens": 64}, eval={"maxNewTokens": 200}, model={"path": "/m", "dtype": "bfloat16"})
     flags = values(command(run, gpu=False))
-    assert flags["--max-model-len"] == str(PROMPT_TOKEN_BUDGET + 200)
+    assert flags["--max-model-len"] == str(model_len(run)) == str(256 + 1280 + 200)
     assert flags["--dtype"] == "bfloat16"
     assert flags["--gpu-memory-utilization"] == "0.3" and "--no-enable-chunked-prefill" in flags
     assert "--tensor-parallel-size" not in flags
@@ -70,3 +94,12 @@ def test_on_cpu_the_model_length_fits_the_longest_response_and_the_trainer_s_dty
 def test_ttrv_vllm_args_come_last_so_that_they_win(monkeypatch):
     monkeypatch.setenv("TTRV_VLLM_ARGS", "--max-num-seqs 4 --gpu-memory-utilization=0.5")
     assert command(spec(), gpu=True)[-3:] == ["--max-num-seqs", "4", "--gpu-memory-utilization=0.5"]
+
+
+def test_a_model_length_without_room_for_the_response_is_refused():
+    from ttrv.spec import SpecError, parse_spec
+
+    document = {"name": "flags", "data": {"path": "ttrv://tiny-shapes/test"},
+                "rollout": {"maxModelLen": 512, "maxNewTokens": 512}}
+    with pytest.raises(SpecError, match=r"maxModelLen \(512\) <= maxNewTokens \(512\).*raise maxModelLen"):
+        parse_spec(document, RunSpec, "run.yaml")

@@ -121,12 +121,40 @@ def cmd_spec_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_spec_validate(args: argparse.Namespace) -> int:
+    """The spec with every default, as JSON on stdout; the memory plan (`ttrv plan`) on stderr, or why there is
+    none (a model whose config is not on this machine), so that stdout stays one JSON document."""
+    from ttrv.plan import PlanError, load_config, plan
+
     if args.kind == "run":
         spec = load_run_spec(args.file)
     else:
         _, spec = load_experiment(args.file)
     print(json.dumps(spec.model_dump(mode="json")))
+    try:
+        config = load_config(spec.model.path, local_only=True)  # validating never waits on the network
+        print(f"memory plan (`ttrv plan`):\n{plan(spec, config).table()}", file=sys.stderr)
+    except PlanError as error:
+        print(f"memory plan: none: {error}", file=sys.stderr)
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The memory budget of one trainer GPU (and one rollout GPU) for the spec's model and hardware: 0 when it fits,
+    1 when it does not (with the fixes), 2 when the spec or the model's config cannot be read."""
+    from ttrv.plan import PlanError, load_config, plan
+
+    if args.kind == "run":
+        spec = with_overrides(load_run_spec(args.spec), overrides(args))
+    else:
+        _, spec = load_experiment(args.spec)
+        spec = with_overrides(spec, overrides(args))
+    try:
+        result = plan(spec, load_config(spec.model.path, args.model_config), colocated=args.colocated)
+    except PlanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(result.to_dict()) if args.json else result.table())
+    return 0 if result.fits else 1
 
 
 def cmd_spec_crds(args: argparse.Namespace) -> int:
@@ -307,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the weight store on an embedded S3 server (default: with rollout.backend service)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     run.set_defaults(handler=cmd_run)
+
+    plan = commands.add_parser("plan", help="memory per GPU for a spec (model states, activations, vLLM), from the "
+                               "model's config alone; exits 1 when it will not fit")
+    plan.add_argument("spec", help="run spec (YAML), or an Experiment with --kind experiment")
+    plan.add_argument("--kind", choices=["run", "experiment"], default="run")
+    plan.add_argument("--model-config", metavar="FILE",
+                      help="the model's config.json (or its folder), where model.path is not on this machine")
+    plan.add_argument("--colocated", action="store_true",
+                      help="vLLM shares the trainer's GPU (rollout.backend service on one machine)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
+    plan.set_defaults(handler=cmd_plan)
 
     for plugin in entry_points(group="ttrv.commands"):  # `experiment` (operators/local/command.py)
         plugin.load()(commands)

@@ -44,6 +44,7 @@ from ttrv.rollout.supervisor import log_tail, stop_group, wait_healthy
 
 if TYPE_CHECKING:
     from ttrv.spec import RunSpec
+    from ttrv.spec.run import AdaptationSettings
 
 logger = log.get_logger(__name__)
 
@@ -137,13 +138,40 @@ def vllm_available() -> bool:
     return False
 
 
+IMAGE_TOKEN_PIXELS = 28 * 28
+"""Pixels behind one visual token in Qwen2-VL and Qwen2.5-VL: 14-pixel patches merged 2 × 2 (the vision config's
+patch_size and spatial_merge_size)."""
+PROMPT_TEXT_TOKENS = 256
+"""Room for a prompt's text (chat template, question, options) beside its image tokens."""
+
+
+def model_len(settings: AdaptationSettings) -> int | None:
+    """vLLM's max_model_len: rollout.maxModelLen; else the prompt's text, rollout.limitMmPerPrompt images of at most
+    model.maxPixels, and the longest response (sampling's or evaluation's). None where no image cap is set: on GPU
+    vLLM then takes the checkpoint's own length (128k for Qwen2.5-VL, a KV cache sized for one enormous sequence)."""
+    rollout = settings.rollout
+    if rollout.max_model_len is not None:
+        return rollout.max_model_len
+    if settings.model.max_pixels is None:
+        return None
+    longest = max(rollout.max_new_tokens, settings.eval.max_new_tokens or 0)
+    images = rollout.limit_mm_per_prompt * -(-settings.model.max_pixels // IMAGE_TOKEN_PIXELS)
+    return PROMPT_TEXT_TOKENS + images + longest
+
+
 def vllm_flags(spec: RunSpec, gpu: bool) -> list[str]:
     """vLLM's engine flags for this spec, the one place they are built, each flag once (vLLM's parser would keep a
     repeated flag's last value and hide the first):
     - the model's dtype, the trainer's, so that both compute the same log-probs;
     - with model.lora: LoRA adapters up to its rank, one at a time (each version replaces the last);
+    - the rollout's limits (flag names as vllm/engine/arg_utils.py, EngineArgs.add_cli_args, declares them in vLLM
+      0.32): --max-model-len (`model_len`), --max-num-seqs (rollout.maxNumSeqs), --limit-mm-per-prompt
+      (rollout.limitMmPerPrompt images and no video, a JSON object: vllm/config/multimodal.py,
+      MultiModalConfig.limit_per_prompt) and --mm-processor-kwargs {"max_pixels": model.maxPixels}, which the
+      Qwen-VL processors take as the resize cap (vllm/model_executor/models/qwen2_vl.py reads mm_kwargs'
+      "max_pixels" into the image processor's size.longest_edge);
     - on GPU the rollout's resources: resources.rolloutGpus as the tensor-parallel size and
-      resources.rolloutGpuMemoryUtilization; on CPU, CPU_FLAGS and a model length that fits the longest response;
+      resources.rolloutGpuMemoryUtilization; on CPU, CPU_FLAGS, and a model length even without an image cap;
     - last, $TTRV_VLLM_ARGS as they are, for what the spec has no field for (where they repeat a flag, theirs wins).
     The model, address and log-probs mode are `VLLMProcess.command`'s."""
     from ttrv.modeling import torch_dtype
@@ -153,13 +181,21 @@ def vllm_flags(spec: RunSpec, gpu: bool) -> list[str]:
         flags += ["--trust-remote-code"]  # vllm/engine/arg_utils.py, ModelConfig.trust_remote_code
     if spec.model.lora is not None:
         flags += ["--enable-lora", "--max-lora-rank", str(spec.model.lora.rank), "--max-loras", "1"]
+    length = model_len(spec)
+    if length is None and not gpu:
+        length = PROMPT_TOKEN_BUDGET + max(spec.rollout.max_new_tokens, spec.eval.max_new_tokens or 0)
+    if length is not None:
+        flags += ["--max-model-len", str(length)]
+    flags += ["--max-num-seqs", str(spec.rollout.max_num_seqs),
+              "--limit-mm-per-prompt", json.dumps({"image": spec.rollout.limit_mm_per_prompt, "video": 0})]
+    if spec.model.max_pixels is not None:
+        flags += ["--mm-processor-kwargs", json.dumps({"max_pixels": spec.model.max_pixels})]
     if gpu:
         resources = spec.resources
         flags += ["--tensor-parallel-size", str(max(1, resources.rollout_gpus)),
                   "--gpu-memory-utilization", str(resources.rollout_gpu_memory_utilization)]
     else:
-        longest = max(spec.rollout.max_new_tokens, spec.eval.max_new_tokens or 0)
-        flags += [*CPU_FLAGS, "--max-model-len", str(PROMPT_TOKEN_BUDGET + longest)]
+        flags += [*CPU_FLAGS]
     return flags + shlex.split(os.environ.get("TTRV_VLLM_ARGS", ""))
 
 

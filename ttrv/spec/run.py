@@ -29,6 +29,7 @@ from ttrv.spec.base import (
 MAX_VOTES = 1024
 MAX_TOKENS = 131_072
 MAX_SEED = 2**32 - 1
+MAX_PIXELS = 16384 * 28 * 28
 
 
 def _plain_text(value: str) -> str:
@@ -74,6 +75,11 @@ class ModelSpec(StrictModel):
     """Run Python code shipped with the checkpoint (its config.json's auto_map), in the trainer and the rollout
     service (vLLM's --trust-remote-code). A security choice: that code runs with the pods' credentials. Off by
     default; prefer a transformers-native conversion (InternVL3: OpenGVLab/InternVL3-2B-hf needs none)."""
+    max_pixels: Annotated[int, Field(ge=784, le=MAX_PIXELS)] | None = 1003520
+    """Largest image, in pixels, after the processor's resize (Qwen-VL: one visual token per 28×28 pixels, so at
+    most 1280 tokens an image by default, the Qwen2-VL image processor's own default); passed to vLLM as well.
+    null: the checkpoint's own setting (Qwen2.5-VL-7B's allows 16384 tokens an image). At least one token's 784
+    pixels, at most Qwen2.5-VL's own limit of 16384 tokens (12845056 pixels)."""
 
 
 class DataSpec(StrictModel):
@@ -137,6 +143,13 @@ class RolloutSpec(StrictModel):
     """Engine of the rollout service: auto takes vLLM where it is installed, else Hugging Face."""
     max_staleness: Annotated[int, Field(ge=0, le=4)] = 0
     """0: step k+1 samples from weight version k (on-policy); 1: one-step-off asynchronous rollout."""
+    max_model_len: Annotated[int, Field(gt=0, le=MAX_TOKENS)] | None = None
+    """vLLM's longest sequence (prompt with its image tokens, plus the response); null: room for the prompt text,
+    limitMmPerPrompt images at model.maxPixels and the longest response. It sizes vLLM's KV cache per sequence."""
+    max_num_seqs: Annotated[int, Field(gt=0, le=4096)] = 256
+    """Sequences vLLM runs at once (votes of several prompts share a batch; at most 4096)."""
+    limit_mm_per_prompt: Annotated[int, Field(gt=0, le=64)] = 1
+    """Images a prompt may carry in vLLM (no video; at most 64); vLLM reserves encoder memory for this many."""
 
     @model_validator(mode="after")
     def _group_within_votes(self) -> RolloutSpec:
@@ -144,6 +157,12 @@ class RolloutSpec(StrictModel):
             raise ValueError(
                 f"groupSize ({self.group_size}) > votes ({self.votes}): the trained group is taken from the votes; "
                 "set groupSize <= votes (reference: votes 32, groupSize 16)"
+            )
+        if self.max_model_len is not None and self.max_model_len <= self.max_new_tokens:
+            raise ValueError(
+                f"maxModelLen ({self.max_model_len}) <= maxNewTokens ({self.max_new_tokens}): vLLM's sequences hold "
+                "the prompt and its image tokens as well as the response; raise maxModelLen, or leave it null to "
+                "derive it"
             )
         return self
 
@@ -302,6 +321,8 @@ class ResourcesSpec(StrictModel):
     gradient_checkpointing: bool = True
     """Activation checkpointing in the trainer's model: activations are recomputed in the backward pass (on by
     default, as verl's actor config has it: enable_gradient_checkpointing)."""
+    gpu_memory: Quantity = "80Gi"
+    """Memory of one GPU (trainer and rollout alike; 80Gi: an H100), for `ttrv plan`'s budget."""
     cpu: Quantity = "8"
     """CPU request of each trainer pod."""
     memory: Quantity = "64Gi"
