@@ -31,7 +31,17 @@ from ttrv.data import Example, Prompt
 from ttrv.evaluate import EvalProgress, evaluate, evaluation_passes
 from ttrv.fsutil import strict_json
 from ttrv.grpo import ttrv_advantages
-from ttrv.guard import CollapseGuard, dominant_share
+from ttrv.guard import (
+    COLLAPSED,
+    EARLY_STOPPED,
+    STOP_REASONS,
+    CollapseGuard,
+    EarlyStop,
+    budget_spent,
+    devices,
+    dominant_share,
+    majority_share,
+)
 from ttrv.learner import Learner, World
 from ttrv.policy import PromptEncoder, collate
 from ttrv.reward import extract_answer, normalized_entropy, vote_rewards
@@ -116,6 +126,8 @@ class RunState:
     cursor: Cursor = field(default_factory=Cursor)
     step: int = 0
     guard: dict = field(default_factory=dict)
+    early_stop: dict = field(default_factory=dict)
+    stop: dict = field(default_factory=dict)  # why and where the run stopped before its last epoch
     before: dict = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
     checkpoint_step: int | None = None
@@ -219,6 +231,7 @@ def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: Step
         "response_length": sum(lengths) / len(lengths),
         "valid_ratio": sum(a is not None for row in answers for a in row) / len(lengths),
         "dominant_share": dominant_share(answers),
+        "majority_share": majority_share(answers),
         "sampled_tokens": sum(lengths),
         "prompts": len(answers),
     }
@@ -257,6 +270,7 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
     curve): labels stay in that callback and never reach the loop."""
     spec = ctx.spec
     guard = CollapseGuard(spec.guard, **state.guard)
+    early_stop = EarlyStop(spec.grpo.early_stop, **state.early_stop)
     guard_fired_at = None
     progress = _progress_bar(ctx.total_steps, state.step, ctx.world)
     step_seconds: list[float] = []
@@ -291,8 +305,10 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
                 record["subset_accuracy"] = round(accuracy, 4)
         fired = guard.observe(version, step_metrics["entropy"], step_metrics["dominant_share"],
                               step_metrics["response_length"], step_metrics["prompts"])
-        state.guard = {"first_length": guard.first_length, "streak": guard.streak,
-                       "healthy_version": guard.healthy_version}
+        state.guard = guard.state()
+        stop_reason = _stop_reason(ctx, state, early_stop, step_metrics, fired)
+        if stop_reason:
+            record["stop"] = state.stop
         if ctx.world.is_main:
             state.events.append(record)
             _append_event(ctx.events, record)
@@ -315,6 +331,7 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
             raise Preempted(f"preempted after step {version}; checkpoint written")
         if fired:
             guard_fired_at = version
+        if stop_reason:
             break
     progress.close()
     rollback = None
@@ -323,7 +340,35 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
         restore_version(ctx, rollback)
         logger.warning("collapse_guard_fired", step=guard_fired_at, rolled_back_to=rollback or "base")
     return {"steps": state.step, "total_steps": ctx.total_steps, "guard_fired_at": guard_fired_at,
-            "rolled_back_to": rollback}
+            "rolled_back_to": rollback, "stop_reason": state.stop.get("reason"),
+            "steps_saved": state.stop.get("stepsSaved", 0)}
+
+
+def _stop_reason(ctx: RunContext, state: RunState, early_stop: EarlyStop, step_metrics: dict,
+                 guard_fired: bool) -> str | None:
+    """Why the run stops after this step, if it does: the collapse guard, the budget, or early stopping (in that
+    order; all of them are observed every step so their windows stay current). Sets `state.stop`, which
+    events.jsonl, progress.json and report.json carry."""
+    spec = ctx.spec
+    converged = early_stop.observe(state.step, step_metrics)
+    state.early_stop = early_stop.state()
+    reason = (COLLAPSED if guard_fired else budget_spent(spec.budget, state.step, state.elapsed_seconds, devices(spec))
+              or (EARLY_STOPPED if converged else None))
+    reason = _rank0_choice(ctx.world, reason)  # ranks time their steps apart: the device-hours are rank 0's
+    if reason and state.step < ctx.total_steps:
+        state.stop = {"reason": reason, "step": state.step, "stepsSaved": ctx.total_steps - state.step}
+        logger.info("run_stopping", reason=reason, step=state.step, steps_saved=state.stop["stepsSaved"],
+                    signal=spec.grpo.early_stop.signal if reason == "EarlyStopped" else None)
+        return reason
+    return None
+
+
+def _rank0_choice(world: World, reason: str | None) -> str | None:
+    if world.size == 1 or not torch.distributed.is_initialized():
+        return reason
+    index = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0])
+    torch.distributed.broadcast(index, src=0)
+    return STOP_REASONS[int(index.item()) - 1] if index.item() else None
 
 
 def save_checkpoint(ctx: RunContext, state: RunState) -> None:
@@ -369,6 +414,7 @@ def write_progress(ctx: RunContext, state: RunState, stage: str, **fields) -> No
         "progressPercentage": round(100.0 * state.step / total, 1) if total else 100.0,
         "step": state.step, "totalSteps": total, "weightVersion": state.step or None,
         "checkpointStep": state.checkpoint_step, "baseAccuracy": state.before.get("accuracy"), "accuracy": None,
+        "stopReason": state.stop.get("reason"), "stepsSaved": state.stop.get("stepsSaved"),
         **fields,
         "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })

@@ -156,6 +156,25 @@ class RewardSpec(StrictModel):
     answer from every response, so it never applies there."""
 
 
+class EarlyStopSpec(StrictModel):
+    """Label-free early stopping (ttrv.guard.EarlyStop): stop adapting once a vote signal has stopped moving. Off by
+    default: on tiny-shapes it missed the project's goal (README, "Early stopping")."""
+
+    enabled: bool = False
+    """Stop once `signal`, averaged over `window` steps, has not improved by `minDelta` for `patience` steps."""
+    signal: Literal["entropy", "majorityShare", "reward"] = "entropy"
+    """The step metric watched: mean vote entropy (improves by falling), the mean share of a prompt's votes won by
+    its majority answer, or the mean vote reward (both improve by rising)."""
+    window: Annotated[int, Field(gt=0, le=1000)] = 4
+    """Steps averaged into one value of the signal (votes of one step are noisy)."""
+    min_delta: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    """Smallest change of the windowed signal that counts as an improvement."""
+    patience: Annotated[int, Field(gt=0, le=1000)] = 6
+    """Steps without an improvement before the run stops."""
+    min_steps: Annotated[int, Field(ge=0, le=100_000)] = 13
+    """Steps always taken before the rule may stop the run."""
+
+
 class GRPOSpec(StrictModel):
     lr: Annotated[float, Field(gt=0.0, lt=1.0)] = 5e-7
     """Peak learning rate of AdamW."""
@@ -187,6 +206,8 @@ class GRPOSpec(StrictModel):
     """Gradient passes over each step's batch (at most 100)."""
     micro_batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
     """Sequences per forward/backward on one rank (at most 4096: their activations are held at once)."""
+    early_stop: EarlyStopSpec = EarlyStopSpec()
+    """Stop before `epochs` when the votes stop changing (label-free)."""
 
 
 class EvalSpec(StrictModel):
@@ -217,7 +238,9 @@ class GuardSpec(StrictModel):
     length_ratio: Probability = 0.5
     """Response-length collapse threshold relative to the first step."""
     patience: PositiveInt = 2
-    """Consecutive collapsed steps before the guard fires."""
+    """Consecutive collapsed windows before the guard fires."""
+    window: Annotated[int, Field(gt=0, le=1000)] = 4
+    """Steps whose signals are averaged before the thresholds apply (one step's few prompts are noisy)."""
 
 
 # The value is not repeated: it holds a credential, and the message reaches logs and the resource's status.
@@ -290,6 +313,18 @@ class ResourcesSpec(StrictModel):
         return self.processes_per_node or max(1, self.gpus_per_node)
 
 
+class BudgetSpec(StrictModel):
+    """What one run may spend; a run that reaches a limit stops cleanly (final evaluation, report, the last weight
+    version published) and says why (progress.json's `stopReason`, the AdaptationRun's status)."""
+
+    max_steps: Annotated[int, Field(gt=0, le=1_000_000)] | None = None
+    """Optimiser steps at most (null = the epochs' steps)."""
+    gpu_hours: Annotated[float, Field(gt=0.0, le=1_000_000.0)] | None = None
+    """Device-hours of adaptation at most: the adaptation steps' wall time (kept across restarts) times the run's
+    devices (nodes x GPUs per node; on CPU, nodes x processes). Evaluations are not counted: the final one always
+    runs. Null = no limit."""
+
+
 class AdaptationSettings(StrictModel):
     """What every adaptation run of an experiment shares."""
 
@@ -301,6 +336,8 @@ class AdaptationSettings(StrictModel):
     grpo: GRPOSpec = GRPOSpec()
     eval: EvalSpec = EvalSpec()
     guard: GuardSpec = GuardSpec()
+    budget: BudgetSpec = BudgetSpec()
+    """Limits of each run (in an Experiment: of each dataset's run, unless the dataset sets its own)."""
     storage: StorageSpec = StorageSpec()
     resources: ResourcesSpec = ResourcesSpec()
 
