@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -39,7 +40,7 @@ from ttrv.guard import EarlyStop  # noqa: E402
 from ttrv.spec import EarlyStopSpec  # noqa: E402
 
 # The rule's settings this bench measures by default: chosen on validation runs with --replay (README).
-EARLY = {"signal": "entropy", "window": 4, "minDelta": 0.01, "patience": 6, "minSteps": 13}
+EARLY = {"signal": "majorityShare", "window": 4, "minDelta": 0.02, "patience": 4, "minSteps": 13}
 
 
 def run(spec: Path, out: Path, sets: list[str]) -> dict:
@@ -54,14 +55,16 @@ def compare(args: argparse.Namespace, early: dict) -> int:
     root = Path(args.out or tempfile.mkdtemp(prefix="ttrv-early-stop-"))
     spec = Path(args.spec).resolve()
     early_sets = ["grpo.earlyStop.enabled=true", *(f"grpo.earlyStop.{k}={v}" for k, v in early.items())]
-    rows = []
-    for seed in args.seeds:
-        common = [f"seed={seed}", f"data.subsetSeed={seed}"]
-        fixed = run(spec, root / f"seed{seed}-fixed", [*args.set, *common, "grpo.earlyStop.enabled=false",
-                                                        f"storage.uri=file://{root}/seed{seed}-fixed/store"])
-        stopped = run(spec, root / f"seed{seed}-early", [*args.set, *common, *early_sets,
-                                                          f"storage.uri=file://{root}/seed{seed}-early/store"])
-        rows.append((seed, fixed, stopped))
+
+    def arm(seed: int, name: str, sets: list[str]) -> dict:
+        return run(spec, root / f"seed{seed}-{name}", [*args.set, f"seed={seed}", f"data.subsetSeed={seed}", *sets,
+                                                       f"storage.uri=file://{root}/seed{seed}-{name}/store"])
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is a process of its own
+        fixed_runs = {seed: pool.submit(arm, seed, "fixed", ["grpo.earlyStop.enabled=false"]) for seed in args.seeds}
+        early_runs = {seed: pool.submit(arm, seed, "early", early_sets) for seed in args.seeds}
+        rows = [(seed, fixed_runs[seed].result(), early_runs[seed].result()) for seed in args.seeds]
+    for seed, fixed, stopped in rows:
         print(f"seed {seed}: fixed steps={fixed['steps']} test={fixed['final_accuracy']:.4f} "
               f"heldout={fixed['heldout_final_accuracy']:.4f} | early steps={stopped['steps']} "
               f"({stopped['stop_reason'] or 'ran all epochs'}) test={stopped['final_accuracy']:.4f} "
@@ -116,6 +119,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--spec", default="examples/tiny.yaml")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the spec in both arms (e.g. grpo.epochs=1 for a quick check)")

@@ -4,7 +4,6 @@ changing) and the run's budget (steps, device-hours). The loop (ttrv.loop) feeds
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from ttrv.spec import BudgetSpec, EarlyStopSpec, GuardSpec, RunSpec
@@ -22,43 +21,46 @@ STOP_REASONS = (EARLY_STOPPED, MAX_STEPS, GPU_HOURS, COLLAPSED)
 class CollapseGuard:
     """Reward hacking in TTRV ends in one consistent degenerate answer (the reference's collapsed runs: response
     length 1-2 tokens, one answer everywhere). Label-free signals, averaged over the last `window` steps (a step of
-    a few prompts is noisy): the window is collapsed when its mean vote entropy is ~0 AND either one answer takes
-    `dominantAnswerShare` of each step's votes on average, or responses shrank far below their first-step length.
-    `patience` collapsed windows in a row fire the guard.
+    a few prompts is noisy): the window is collapsed when its mean vote entropy is at or below `entropyBelow` AND
+    either one answer takes `dominantAnswerShare` of each step's votes on average, or responses shrank far below
+    their first-step length. `patience` collapsed windows in a row fire the guard.
 
-    The healthy version is the newest one published by a step that was itself healthy (entropy above the bar, or
-    no dominant answer) and whose window was healthy; a collapse sets in over a few steps before the window shows
-    it, so the steps of a collapsed window never count as healthy."""
+    The rollback target (`healthy_version`) is the version published just before the first step of the first
+    collapsed window of the streak: a collapse sets in over the window's steps before their mean shows it (on
+    tiny-shapes' validation split at lr 3e-3, the subset accuracy was already below the base's inside that window).
+    Until a window collapses it follows the newest version."""
 
     spec: GuardSpec
     first_length: float | None = None
     streak: int = 0
-    healthy_version: int | None = None  # last version published by a non-collapsed step (None: the base)
-    recent: list = field(default_factory=list)  # [(version, entropy, dominant share, length)] of the window
+    healthy_version: int | None = None  # the rollback target (None: the base weights)
+    recent: list = field(default_factory=list)  # [version, entropy, dominant share, length] of the window's steps
 
     def observe(self, step_version: int, entropy: float, dominant_share: float, length: float,
                 prompts: int) -> bool:
         if self.first_length is None:
             self.first_length = length
-        window = deque((tuple(r) for r in self.recent), maxlen=self.spec.window)
-        window.append((step_version, entropy, dominant_share, length))
-        self.recent = [list(r) for r in window]
-        mean_entropy = sum(r[1] for r in window) / len(window)
-        mean_share = sum(r[2] for r in window) / len(window)
-        mean_length = sum(r[3] for r in window) / len(window)
-        one_answer = prompts > 1 and mean_share >= self.spec.dominant_answer_share
-        shrunk = mean_length <= self.spec.length_ratio * self.first_length
-        collapsed = mean_entropy <= self.spec.entropy_below and (one_answer or shrunk)
-        step_collapsed = entropy <= self.spec.entropy_below and (
-            (prompts > 1 and dominant_share >= self.spec.dominant_answer_share)
-            or length <= self.spec.length_ratio * self.first_length)
-        if collapsed:
+        self.recent = (self.recent + [[step_version, entropy, dominant_share, length]])[-self.spec.window:]
+        if self.window_collapsed(prompts):
             self.streak += 1
+            if self.streak == 1:
+                self.healthy_version = (self.recent[0][0] - 1) or None
         else:
             self.streak = 0
-            if not step_collapsed:
-                self.healthy_version = step_version
+            self.healthy_version = step_version
         return self.spec.enabled and self.streak >= self.spec.patience
+
+    def window_collapsed(self, prompts: int) -> bool:
+        count = len(self.recent)
+        mean_entropy, mean_share, mean_length = (sum(r[i] for r in self.recent) / count for i in (1, 2, 3))
+        one_answer = prompts > 1 and mean_share >= self.spec.dominant_answer_share
+        shrunk = mean_length <= self.spec.length_ratio * self.first_length
+        return mean_entropy <= self.spec.entropy_below and (one_answer or shrunk)
+
+    def protected_versions(self) -> set[int]:
+        """Versions that are or may become the rollback target: garbage collection must keep them."""
+        versions = {self.healthy_version} | {r[0] - 1 for r in self.recent} | {r[0] for r in self.recent}
+        return {v for v in versions if v}
 
     def state(self) -> dict:
         return {"first_length": self.first_length, "streak": self.streak, "healthy_version": self.healthy_version,

@@ -286,7 +286,7 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
             if ctx.world.is_main:
                 ctx.store.publish_weights(version, ctx.learner.trainable_state(), kind=weights_kind(spec),
                                           base_model=spec.model.path, dtype=dtype_name(ctx.learner.dtype))
-                protected = {v for v in (state.checkpoint_step, guard.healthy_version) if v}
+                protected = {v for v in (state.checkpoint_step,) if v} | guard.protected_versions()
                 ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
             barrier(ctx.world)
         with timer.phase("sync"):
