@@ -28,7 +28,7 @@ def test_early_stop_fires_once_the_windowed_signal_stops_improving():
 
 
 def test_early_stop_keeps_going_while_the_signal_moves_and_waits_for_min_steps():
-    spec = EarlyStopSpec(enabled=True, window=1, min_delta=0.01, patience=2, min_steps=0)
+    spec = EarlyStopSpec(enabled=True, signal="entropy", window=1, min_delta=0.01, patience=2, min_steps=0)
     assert feed(EarlyStop(spec), [1.0 - 0.05 * i for i in range(15)]) is None
     flat = [0.5] * 20
     assert feed(EarlyStop(spec), flat) == 3
@@ -44,8 +44,8 @@ def test_reward_and_majority_share_improve_by_rising(signal, key):
 
 def test_early_stop_is_off_by_default_and_its_state_resumes():
     assert not EarlyStopSpec().enabled
-    assert feed(EarlyStop(EarlyStopSpec(min_steps=0, window=1, patience=1)), [0.5] * 10) is None
-    spec = EarlyStopSpec(enabled=True, window=2, min_delta=0.01, patience=2, min_steps=0)
+    assert feed(EarlyStop(EarlyStopSpec(signal="entropy", min_steps=0, window=1, patience=1)), [0.5] * 10) is None
+    spec = EarlyStopSpec(enabled=True, signal="entropy", window=2, min_delta=0.01, patience=2, min_steps=0)
     first = EarlyStop(spec)
     for step, value in enumerate([0.5, 0.5, 0.5], start=1):
         assert not first.observe(step, {"entropy": value})
