@@ -83,3 +83,13 @@ def test_a_dataset_budget_replaces_the_experiments_and_bad_budgets_are_named():
 def test_majority_share_is_agreement_within_prompts():
     assert majority_share([["A", "A", "B", "B"], ["C", "C", "C", None]]) == pytest.approx((0.5 + 0.75) / 2)
     assert majority_share([[None, None]]) == 0.0
+
+
+def test_the_report_plot_marks_where_adapting_stopped():
+    from ttrv.report import plot, stop_line
+
+    report = {"name": "x", "stop_reason": "EarlyStopped", "steps": 13, "steps_saved": 39}
+    assert stop_line(report) == (13, "EarlyStopped at step 13, 39 steps saved")
+    assert stop_line({"steps": 52, "stop_reason": None}) is None
+    events = [{"step": s, "reward": 0.1, "entropy": 0.5, "response_length": 2.0} for s in range(1, 14)]
+    assert plot(report, events).startswith(b"\x89PNG")
