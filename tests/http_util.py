@@ -16,7 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ttrv.rollout.service import HTTPThread, RolloutService, ServiceLimits, build_app, listening_socket
+from ttrv.rollout.api import ServiceLimits
+from ttrv.rollout.asgi import HTTPThread, listening_socket
+from ttrv.rollout.service import RolloutService, build_app
 from ttrv.rollout.serving import HFServingEngine
 from ttrv.rollout.sync import SyncAgent
 from ttrv.spec import RunSpec

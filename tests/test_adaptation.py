@@ -5,7 +5,7 @@ import json
 
 import torch
 import yaml
-from trainer_util import events, ttrv_run
+from trainer_util import SERVICE_SPEC, events, ttrv_run
 
 from ttrv.modeling import load_model
 from ttrv.store import open_store
@@ -88,3 +88,19 @@ def test_ttrv_run_with_the_rollout_service_and_the_embedded_s3_store(service_run
     assert [e["step"] for e in loaded] == [1, 2, 3]  # the service loaded every version the trainer published
     assert [e["weight_version"] for e in events(out)] == [1, 2, 3]
     assert '"serve_stopping"' in (out / "rollout.log").read_text()  # and was stopped with the run
+
+
+def test_a_lora_run_publishes_adapters_the_rollout_service_loads(tmp_path):
+    """`model.lora` end to end through `ttrv serve` (Hugging Face engine) and the embedded S3 store: every version
+    is peft's layout, adapter_model.safetensors next to adapter_config.json, which the store requires of a LoRA
+    version and vLLM's /v1/load_lora_adapter reads. The loop published no adapter_config.json, so a LoRA run
+    failed at its first publish (exit 2)."""
+    spec = SERVICE_SPEC | {"name": "lora", "model": {"lora": {"rank": 4, "alpha": 8}},
+                           "eval": {"before": False, "after": False}}
+    result = ttrv_run(tmp_path, spec)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    loaded = [json.loads(line) for line in (out / "rollout.log").read_text().splitlines()
+              if '"weights_loaded"' in line]
+    assert [e["step"] for e in loaded] == [1, 2, 3]
+    assert [e["weight_version"] for e in events(out)] == [1, 2, 3]

@@ -264,10 +264,13 @@ def test_service_killed_mid_request_the_batch_still_completes(client, service, s
     assert service.request("GET", "/weight_version")[1]["weight_version"] == client.weight_version
 
 
-def test_sigterm_answers_the_requests_in_flight_then_exits_0(client, service, store, prompts):
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(work, client, store, prompts):
     """uvicorn's graceful shutdown: SIGTERM closes the listener, the requests being sampled are still answered,
-    then `ttrv serve` exits 0 (and is started again for the tests after this one)."""
+    then `ttrv serve` exits 0. A service of its own, with a grace (TTRV_SERVE_SHUTDOWN_SECONDS) long enough for a
+    loaded machine."""
     synced(client, store)
+    service = ServeProcess(work / "run.yaml", work / "serve-sigterm.log",
+                           env={"TTRV_SERVE_SHUTDOWN_SECONDS": "300"}).start()
     body = client._body(prompts[0], 32, 1.0, 1.0, 32, None)
     answers: list = []
 
@@ -278,21 +281,22 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(client, service, st
             answers.append(error)
 
     threads = [threading.Thread(target=ask) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while service.request("GET", "/health")[1]["in_flight"] == 0:
-        assert time.monotonic() < deadline, "no request was ever in flight"
-        time.sleep(0.01)
-    assert any(thread.is_alive() for thread in threads), "the requests finished before SIGTERM"
-    assert service.stop() == 0, service.log_tail()
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while service.request("GET", "/health")[1]["in_flight"] == 0:
+            assert time.monotonic() < deadline, "no request was ever in flight"
+            time.sleep(0.01)
+        assert any(thread.is_alive() for thread in threads), "the requests finished before SIGTERM"
+        assert service.stop(grace=360) == 0, service.log_tail()
+    finally:
+        service.stop(grace=5)
     for thread in threads:
         thread.join(timeout=60)
-    try:
-        assert [type(answer) for answer in answers] == [tuple] * 2, answers
-        assert [(status, len(answer["choices"])) for status, answer in answers] == [(200, 32)] * 2
-    finally:
-        service.start()
+    assert [type(answer) for answer in answers] == [tuple] * 2, answers
+    assert [(status, len(answer["choices"])) for status, answer in answers] == [(200, 32)] * 2
+    assert '"serve_stopping"' in service.log_tail(200)
 
 
 def test_sync_agent_loads_the_newest_lora_version_merged(tmp_path, weights, prompts, hf, spec):

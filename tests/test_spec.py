@@ -26,6 +26,12 @@ def test_defaults_are_the_reference_settings():
     assert spec.model.lora is None and spec.model.trainable == "language"
 
 
+def test_gradient_checkpointing_is_on_by_default():
+    """A 7B policy's activations do not fit beside its states without it (issue 15); off is a choice."""
+    assert run().resources.gradient_checkpointing is True
+    assert run(resources={"gradientCheckpointing": False}).resources.gradient_checkpointing is False
+
+
 def test_camel_case_and_snake_case_keys_are_both_read():
     assert run(rollout={"groupSize": 8}).rollout.group_size == 8
     assert run(rollout={"group_size": 8}).rollout.group_size == 8
@@ -67,6 +73,7 @@ def test_dump_uses_camel_case():
         ({"data": {}}, "data.path", "required field is missing"),
         ({"name": "Not_A_DNS_Label"}, "name", "should match pattern"),
         ({"reward": {"choices": "A"}}, "reward.choices", "should match pattern"),
+        ({"resources": {"zeroStage": 0, "offloadOptimizer": True}}, "resources", "needs zeroStage 1, 2 or 3"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field, hint):

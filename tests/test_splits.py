@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ttrv import benchmark
-from ttrv.data import DataError, load_image, read_dataset
+from ttrv.data import DataError, check_dataset, load_image, read_dataset
 from ttrv.spec import RunSpec, SpecError, parse_spec
 from ttrv.splits import check_disjoint, setting, subset_examples
 from ttrv.train import load_examples
@@ -96,3 +96,20 @@ def test_the_validation_split_shares_nothing_with_test_or_heldout():
         other, images = pixels(split)
         check_disjoint([e.prompt for e in other], validation, f"ttrv://tiny-shapes/{split}")
         assert not validation_images & images  # no image of one split is an image of another
+
+
+REFERENCE = Path(__file__).parent / "data" / "reference" / "mathvista_20"
+
+
+def test_the_references_own_mathvista_files_load_as_they_are():
+    """The reference's MathVista-20 (tests/data/reference): four-, two-, three-, five- and six-option prompts,
+    "(A) 30°" option lines, a train.json of 20 prompts drawn from test.json. `ttrv data check` used to refuse it
+    (an E outside reward.choices); its records pass as they are (images are not shipped: --no-images)."""
+    train, test = (read_dataset(REFERENCE / f"{name}.json") for name in ("train", "test"))
+    assert check_dataset(train, open_images=False) == [] and check_dataset(test, open_images=False) == []
+    assert {e.prompt.choices("ABCD") for e in test.examples} >= {"AB", "ABC", "ABCD", "ABCDE"}
+    adapted = [e.prompt for e in train.examples]
+    assert setting(test.examples, adapted, [])["test"] == "transductive"
+    assert len(subset_examples(test.examples, adapted)) == 20
+    with pytest.raises(DataError, match="20 of its 490 examples are adapted on"):
+        check_disjoint(adapted, test.examples, "test.json")  # test.json is no held-out split for train.json

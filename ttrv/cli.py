@@ -22,12 +22,71 @@ from pydantic.alias_generators import to_camel
 from ttrv import exitcodes, log
 from ttrv.data import DataError, check_dataset, read_dataset
 from ttrv.fsutil import strict_json
-from ttrv.lifetime import RunFolderError
+from ttrv.lifetime import RunFolderError, check_writable
 from ttrv.spec import ExperimentSpec, RunSpec, SpecError, load_experiment, load_run_spec, parse_spec
 
 EXIT_USAGE = 2
 SET_HELP = ("override a spec field, e.g. --set grpo.epochs=1 (repeatable; dotted path, YAML value; "
             "$TTRV_SET holds more, separated by spaces)")
+
+
+MAX_PROCESSES = 256
+"""As resources.processesPerNode (ttrv/spec/run.py): each process loads the model."""
+
+
+def count_argument(limit: int):
+    """An argparse type: a whole number from 1 to `limit` (argparse then names the option and exits 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number; write 1 to {limit}") from None
+        if not 1 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; write 1 to {limit}")
+        return value
+    return parse
+
+
+def port_argument(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535 (0 would let the kernel pick one no client knows)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a port number; write 1 to 65535") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; write a port from 1 to 65535")
+    return value
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuses, before the model loads, an address this process cannot listen on: a port in use, a host that is
+    not an address of this machine or cannot be resolved. (Free now is all it proves: another process may take
+    the port before the server binds it, and that bind's error is reported as well.)"""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, ValueError) as error:
+        raise SpecError(f"--host {host!r}: not an address to listen on ({error}); use 127.0.0.1, or 0.0.0.0 in a "
+                        "pod") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # SO_REUSEADDR as every server sets it (http.server, uvicorn): a port in TIME_WAIT is not "in use".
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise SpecError(listen_error(host, port, error)) from None
+
+
+def listen_error(host: str, port: int, error: OSError) -> str:
+    import errno
+
+    hint = {errno.EADDRINUSE: "another process listens there; stop it or choose another --port",
+            errno.EACCES: "ports below 1024 need privileges; choose a port from 1024 up",
+            errno.EADDRNOTAVAIL: "the host is not an address of this machine; use 127.0.0.1, or 0.0.0.0 in a pod",
+            }.get(error.errno, "choose another --host or --port")
+    return f"--host {host} --port {port}: cannot listen ({error.strerror or error}); {hint}"
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -77,7 +136,7 @@ def cmd_spec_crds(args: argparse.Namespace) -> int:
         print(yaml.safe_dump_all(list(crds().values()), sort_keys=True), end="")
         return 0
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
     for name, crd in crds().items():
         (out / name).write_text(yaml.safe_dump(crd, sort_keys=True))
     return 0
@@ -123,7 +182,11 @@ def with_overrides(spec, items: list[str]):
                 raise SpecError(f"--set {item!r}: {where}: {'.'.join(parts[:depth])} is a value, not a mapping; "
                                 "set it whole or check the path (`ttrv spec schema` lists every field)")
             if depth == len(parts) - 1:
-                target[part] = yaml.safe_load(raw)
+                try:
+                    target[part] = yaml.safe_load(raw)
+                except (yaml.YAMLError, ValueError) as error:  # ValueError: an integer over the int-str limit
+                    raise SpecError(f"--set {item[:80]!r}: the value is not readable YAML ({str(error)[:120]}); "
+                                    "quote text, write numbers of a sensible size") from None
             else:
                 if isinstance(target, dict) and target.get(part) is None:
                     target[part] = {}  # an unset optional section, e.g. model.lora
@@ -172,10 +235,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ttrv.rollout.vllm_process import VLLMError
     from ttrv.store import StoreError
 
+    spec = load_run_spec(args.spec)
+    check_listen(args.host, args.port)
     try:
-        return serve(load_run_spec(args.spec), args.host, args.port)
+        return serve(spec, args.host, args.port)
     except (StoreError, VLLMError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the port was taken between the check and the server's bind
+        if getattr(error, "errno", None) is None:
+            raise
+        print(f"error: {listen_error(args.host, args.port, error)}", file=sys.stderr)
         return 1
 
 
@@ -229,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="adapt on one dataset on this machine (the embedded default)")
     run.add_argument("spec", help="run spec (YAML), e.g. examples/tiny.yaml")
     run.add_argument("--out", default="runs/latest", help="folder for events.jsonl, report.json and report.png")
-    run.add_argument("--nproc", type=int, default=None,
+    run.add_argument("--nproc", type=count_argument(MAX_PROCESSES), default=None,
                      help="trainer processes (default: resources.processesPerNode, else one)")
     run.add_argument("--embedded-s3", action=argparse.BooleanOptionalAction, default=None,
                      help="keep the weight store on an embedded S3 server (default: with rollout.backend service)")
@@ -243,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="the rollout service: sample over HTTP from the newest weight version in the store")
     serve.add_argument("--spec", required=True, help="run spec (YAML): model, rollout.engine, storage")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_argument, default=8000, help="TCP port, 1 to 65535")
     serve.set_defaults(handler=cmd_serve)
 
     train = commands.add_parser("train", help="the trainer pod's command: launch this node's trainer workers "
@@ -251,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--spec", required=True, help="run spec (YAML), /etc/ttrv/run.yaml in a pod")
     train.add_argument("--out", default=os.environ.get("TTRV_OUT", "/tmp/ttrv-out"),
                        help="folder for events.jsonl and the report (default $TTRV_OUT)")
-    train.add_argument("--nproc-per-node", type=int, default=None,
+    train.add_argument("--nproc-per-node", type=count_argument(MAX_PROCESSES), default=None,
                        help="workers on this node (default: PET_NPROC_PER_NODE, as the training-operator sets it)")
     train.add_argument("--standalone", action="store_true", help="a single node on loopback")
     train.set_defaults(handler=cmd_train)
@@ -268,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (SpecError, DataError, RunFolderError) as error:  # a run folder in use by another run, or not writable
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a file or folder the command names cannot be used: its path and the OS's reason
+        print(f"error: {error.filename or 'ttrv'}: {error.strerror or error}; check the path and its permissions",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

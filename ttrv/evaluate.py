@@ -8,6 +8,10 @@ On a real model these passes over the test set are a run's longest phases, so ea
 in chunks (`prompts_per_call`) and reports after each chunk through `advance(prompts_done)`: the trainer turns that
 into a progress bar, log events and progress.json. Chunking changes no answer: with a seed, a prompt's samples
 depend only on (seed, prompt id), not on the other prompts of a call (`RolloutEngine.generate`).
+
+With several trainer ranks each pass is sharded (`Shards`): every rank evaluates a contiguous slice of the pass's
+prompts on its own engine, the per-prompt results are gathered in rank order, and every rank computes the same
+metrics over the whole pass, equal to one rank's evaluation of all of it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,29 @@ logger = log.get_logger(__name__)
 
 Advance = Callable[[int], None]
 """Called with the number of prompts just finished."""
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How a pass is split over the trainer's ranks: rank `rank` of `size` takes the rank-th contiguous slice of
+    each pass's examples, and `gather` returns every rank's list of per-prompt results in rank order (the
+    trainer's Collectives.all_gather_object, a collective: every rank calls it once per pass). The default is one
+    rank doing everything."""
+
+    rank: int = 0
+    size: int = 1
+    gather: Callable[[list], list[list]] = lambda part: [part]
+
+    def part(self, items: Sequence):
+        per = math.ceil(len(items) / self.size)
+        return items[self.rank * per : (self.rank + 1) * per]
+
+    def join(self, part: list) -> list:
+        """Every rank's `part`, concatenated in rank order: the whole pass's results in the examples' order."""
+        return [item for rank_part in self.gather(part) for item in rank_part]
+
+
+ONE_RANK = Shards()
 
 # A service engine sends one request per prompt, at most `max_concurrency` in flight; a chunk drains to zero in
 # flight before the next starts, which leaves about max_concurrency / (2 * chunk) of the engine idle. Sixteen
@@ -70,21 +97,24 @@ def generate_in_chunks(engine: RolloutEngine, prompts: Sequence[Prompt], n: int,
 
 
 def greedy_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: RunSpec,
-                    advance: Advance | None = None) -> dict:
+                    advance: Advance | None = None, shards: Shards = ONE_RANK) -> dict:
+    """pass@1 over `examples` (this rank's shard evaluated here, the whole pass's results returned)."""
     max_tokens = spec.eval.max_new_tokens or spec.rollout.max_new_tokens
-    outputs = generate_in_chunks(engine, [e.prompt for e in examples], n=1, temperature=0.0, top_p=1.0,
+    mine = shards.part(examples)
+    outputs = generate_in_chunks(engine, [e.prompt for e in mine], n=1, temperature=0.0, top_p=1.0,
                                  max_new_tokens=max_tokens, advance=advance)
     r = spec.reward
     answers = [extract_answer(o[0].text, r.extractor, e.prompt.choices(r.choices))
-               for o, e in zip(outputs, examples, strict=True)]
-    labels = [normalize_label(e.answer, r.extractor, e.prompt.choices(r.choices)) for e in examples]
-    correct = [a is not None and a == label for a, label in zip(answers, labels, strict=True)]
+               for o, e in zip(outputs, mine, strict=True)]
+    labels = [normalize_label(e.answer, r.extractor, e.prompt.choices(r.choices)) for e in mine]
+    records = shards.join([(e.prompt.id, a, a is not None and a == label, len(o[0].token_ids))
+                           for e, a, label, o in zip(mine, answers, labels, outputs, strict=True)])
     return {
-        "accuracy": sum(correct) / len(examples),
-        "valid_ratio": sum(a is not None for a in answers) / len(examples),
-        "response_length": sum(len(o[0].token_ids) for o in outputs) / len(examples),
+        "accuracy": sum(r[2] for r in records) / len(examples),
+        "valid_ratio": sum(r[1] is not None for r in records) / len(examples),
+        "response_length": sum(r[3] for r in records) / len(examples),
         "n": len(examples),
-        "answers": {e.prompt.id: a for e, a in zip(examples, answers, strict=False)},
+        "answers": {r[0]: r[1] for r in records},
     }
 
 
@@ -94,18 +124,20 @@ def majority_votes(spec: RunSpec) -> int:
 
 
 def majority_accuracy(engine: RolloutEngine, examples: Sequence[Example], spec: RunSpec,
-                      advance: Advance | None = None) -> dict:
+                      advance: Advance | None = None, shards: Shards = ONE_RANK) -> dict:
+    """maj@N over `examples` (this rank's shard evaluated here, the whole pass's results returned)."""
     votes = majority_votes(spec)
     max_tokens = spec.eval.max_new_tokens or spec.rollout.max_new_tokens
-    outputs = generate_in_chunks(engine, [e.prompt for e in examples], n=votes, temperature=spec.rollout.temperature,
+    mine = shards.part(examples)
+    outputs = generate_in_chunks(engine, [e.prompt for e in mine], n=votes, temperature=spec.rollout.temperature,
                                  top_p=spec.rollout.top_p, max_new_tokens=max_tokens, seed=spec.seed,
                                  advance=advance)
-    stats = [
+    stats = shards.join([
         vote_stats([extract_answer(s.text, spec.reward.extractor, e.prompt.choices(spec.reward.choices))
                     for s in samples], normalize_label(e.answer, spec.reward.extractor,
                                                        e.prompt.choices(spec.reward.choices)))
-        for samples, e in zip(outputs, examples, strict=False)
-    ]
+        for samples, e in zip(outputs, mine, strict=True)
+    ])
     return {
         "maj_accuracy": sum(s.majority_correct for s in stats) / len(examples),
         "pass_at_n": sum(s.pass_at_n for s in stats) / len(examples),
@@ -156,17 +188,19 @@ def evaluation_passes(spec: RunSpec, subset: Sequence[Example], test: Sequence[E
 
 
 def evaluate(engine: RolloutEngine, spec: RunSpec, stage: str, passes: Sequence[EvalPass], *, show: bool = True,
-             report: Callable[[EvalProgress], None] | None = None) -> dict:
+             report: Callable[[EvalProgress], None] | None = None, shards: Shards = ONE_RANK) -> dict:
     """Runs `passes` and returns their results under the report's keys (subset_accuracy, accuracy, valid_ratio,
     response_length, maj_accuracy, pass_at_n, votes, heldout_accuracy; seconds: the stage's wall time).
 
-    Shown as `ttrv.loop.adapt` shows its steps: a tqdm bar per pass on stderr when `show` (the trainer's rank 0,
-    the only rank that evaluates), an `evaluation_pass_started` and an `evaluation_pass_finished` event per pass,
-    and `report` called at the start and after each chunk of prompts."""
+    Shown as `ttrv.loop.adapt` shows its steps: a tqdm bar per pass on stderr when `show` (the trainer's rank 0),
+    an `evaluation_pass_started` and an `evaluation_pass_finished` event per pass (with this rank's share of its
+    prompts), and `report` called at the start and after each chunk of prompts. With `shards` every rank evaluates
+    its share of each pass; the progress counts the whole stage, estimated from this rank's share."""
     from tqdm import tqdm
 
     total = sum(len(p.examples) for p in passes)
-    sequences = sum(len(p.examples) * p.samples for p in passes)
+    mine_total = sum(len(shards.part(p.examples)) for p in passes)
+    sequences = sum(len(shards.part(p.examples)) * p.samples for p in passes)
     started = time.perf_counter()
     done = done_sequences = 0
 
@@ -175,34 +209,37 @@ def evaluate(engine: RolloutEngine, spec: RunSpec, stage: str, passes: Sequence[
             return
         elapsed = time.perf_counter() - started
         remaining = elapsed / done_sequences * (sequences - done_sequences) if done_sequences else None
-        report(EvalProgress(stage, done, total, remaining, milestone))
+        # the other ranks run their shares alongside: the stage's progress is this rank's share of it, scaled
+        whole = total if done == mine_total else round(done * total / mine_total) if mine_total else 0
+        report(EvalProgress(stage, whole, total, remaining, milestone))
 
     tell(True)
     results: dict = {}
     for item in passes:
         fields = {"stage": stage, "metric": item.metric, "split": item.split, "prompts": len(item.examples)}
-        logger.info("evaluation_pass_started", **fields)
+        share = len(shards.part(item.examples))
+        logger.info("evaluation_pass_started", **fields, rank=shards.rank, shard=share)
         pass_started = time.perf_counter()
-        bar = tqdm(total=len(item.examples), desc=f"{stage.removeprefix('evaluating-')} {item.metric} {item.split}",
+        bar = tqdm(total=share, desc=f"{stage.removeprefix('evaluating-')} {item.metric} {item.split}",
                    unit="prompt", disable=not show, file=sys.stderr, dynamic_ncols=True)
 
         pass_done = 0
 
-        def advance(count: int, item: EvalPass = item, bar=bar) -> None:
+        def advance(count: int, item: EvalPass = item, bar=bar, share: int = share) -> None:
             nonlocal done, done_sequences, pass_done
             bar.update(count)
             pass_done += count
             done += count
             done_sequences += count * item.samples
-            tell(pass_done >= len(item.examples))
+            tell(pass_done >= share)
 
         try:
             if item.kind == "majority":
-                measured = majority_accuracy(engine, item.examples, spec, advance)
+                measured = majority_accuracy(engine, item.examples, spec, advance, shards)
                 accuracy = measured["maj_accuracy"]
                 results |= measured
             else:
-                measured = greedy_accuracy(engine, item.examples, spec, advance)
+                measured = greedy_accuracy(engine, item.examples, spec, advance, shards)
                 accuracy = measured["accuracy"]
                 if item.split == "test":
                     results |= {k: measured[k] for k in ("accuracy", "valid_ratio", "response_length")}
@@ -210,7 +247,7 @@ def evaluate(engine: RolloutEngine, spec: RunSpec, stage: str, passes: Sequence[
                     results[f"{item.split}_accuracy"] = accuracy
         finally:
             bar.close()
-        logger.info("evaluation_pass_finished", **fields, accuracy=round(accuracy, 4),
+        logger.info("evaluation_pass_finished", **fields, rank=shards.rank, shard=share, accuracy=round(accuracy, 4),
                     seconds=round(time.perf_counter() - pass_started, 2))
     results["seconds"] = round(time.perf_counter() - started, 2)
     return results

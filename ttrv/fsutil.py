@@ -37,9 +37,11 @@ def strict_json(value: Any, *, where: str | None = None, note: str | None = None
     if note is not None and isinstance(clean, dict):
         clean[note] = replaced
     if where is not None:
-        from ttrv import log
+        # structlog's own logger, configured by ttrv.log: ttrv.log renders its lines with this function, so an
+        # import of ttrv.log here would make the two modules need each other
+        import structlog
 
-        log.get_logger(__name__).warning("non_finite_written_as_null", file=where, fields=replaced,
+        structlog.get_logger(__name__).warning("non_finite_written_as_null", file=where, fields=replaced,
                                          action="a metric was NaN or infinite; look for the step that produced it")
     return json.dumps(clean, allow_nan=False, **dumps)
 

@@ -11,11 +11,30 @@ workers, which checkpoint and exit 143.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from ttrv import exitcodes, lifetime
 from ttrv.log import get_logger
 
 logger = get_logger(__name__)
+
+
+def choose_accelerator(environ: Mapping[str, str], cuda_available: bool) -> str:
+    """DeepSpeed's accelerator for the trainer's processes: the user's DS_ACCELERATOR when set, else cuda where
+    torch sees a GPU, else cpu. DeepSpeed reads DS_ACCELERATOR first and probes only without it
+    (deepspeed/accelerator/real_accelerator.py, `get_accelerator`); the probe tries intel_extension_for_pytorch,
+    npu, mps, hpu and others before cuda, so naming the choice keeps it to the hardware torch itself uses."""
+    chosen = environ.get("DS_ACCELERATOR", "")
+    if chosen:
+        return chosen
+    return "cuda" if cuda_available else "cpu"
+
+
+def accelerator_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with DS_ACCELERATOR chosen (choose_accelerator) from this machine's hardware."""
+    import torch
+
+    return {**environ, "DS_ACCELERATOR": choose_accelerator(environ, torch.cuda.is_available())}
 
 
 def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = False) -> int:
@@ -35,6 +54,7 @@ def launch(worker_args: list[str], nproc: int | None = None, standalone: bool = 
     # `_shutdown(SIGTERM)`: SIGTERM to each worker's group, SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s); a
     # SIGKILL only through theirs.
     os.environ[lifetime.PARENT_PID_ENV] = str(os.getpid())
+    os.environ.update(accelerator_env(os.environ))
     try:
         # torchrun's own run(), not config_from_args + elastic_launch: run() is where --standalone becomes a c10d
         # rendezvous on localhost:0 (torch/distributed/run.py, run()); bypassing it left the endpoint '127.0.0.1:None'.

@@ -17,6 +17,7 @@ import yaml
 
 from ttrv import exitcodes, lifetime
 from ttrv.fsutil import atomic_write
+from ttrv.launch import accelerator_env
 from ttrv.log import get_logger
 from ttrv.spec import RunSpec, StorageSpec
 
@@ -78,8 +79,7 @@ def run_local(spec: RunSpec, out: Path, nproc: int | None = None, embedded_s3: b
             lifetime.check_writable(Path(spec.storage.uri.removeprefix("file://")), "storage.uri")
         spec_file = out / "run.yaml"
         atomic_write(spec_file, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode())
-        env = dict(os.environ)
-        env.setdefault("DS_ACCELERATOR", "cpu")
+        env = accelerator_env(os.environ)  # cuda on a machine with a GPU, unless DS_ACCELERATOR says otherwise
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         with ExitStack() as stack:
             if start_s3:

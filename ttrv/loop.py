@@ -27,14 +27,14 @@ from typing import get_args
 import torch
 
 from ttrv import exitcodes, log
+from ttrv.collectives import Collectives
 from ttrv.data import Example, Prompt
-from ttrv.evaluate import EvalProgress, evaluate, evaluation_passes
+from ttrv.evaluate import EvalProgress, Shards, evaluate, evaluation_passes
 from ttrv.fsutil import strict_json
 from ttrv.grpo import ttrv_advantages
 from ttrv.guard import (
     COLLAPSED,
     EARLY_STOPPED,
-    STOP_REASONS,
     CollapseGuard,
     EarlyStop,
     budget_spent,
@@ -147,12 +147,22 @@ class Preempted(Exception):
     exitcodes.PREEMPTED."""
 
 
+class Interrupted(BaseException):  # noqa: N818 - named as KeyboardInterrupt, its kind
+    """SIGTERM outside the adaptation steps (start-up, evaluation, the report): nothing there is worth a checkpoint,
+    so the trainer leaves at once with exitcodes.PREEMPTED, and a restart repeats the phase. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way (ours or a library's) swallows it."""
+
+
 class PreemptionSignal:
-    """SIGTERM sets a flag that the loop reads between steps; every rank must agree before they checkpoint
-    together, so the flag is max-reduced across ranks."""
+    """SIGTERM during the adaptation steps sets a flag that the loop reads between steps (every rank must agree
+    before they checkpoint together, so the flag is max-reduced across ranks). In every other phase, model loading
+    and evaluation included, the handler raises Interrupted where the main thread is, so the trainer ends promptly
+    instead of finishing a phase of minutes first. Python runs the handler in the main thread between bytecodes
+    (a blocking system call is interrupted and, PEP 475, the handler's exception propagates from it)."""
 
     def __init__(self):
         self.received = False
+        self.deferred = False
 
     def install(self) -> None:
         import signal
@@ -161,13 +171,22 @@ class PreemptionSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = True
+        if not self.deferred:
+            logger.warning("sigterm_received", action=f"exit {exitcodes.PREEMPTED} now (no step to checkpoint)")
+            raise Interrupted("SIGTERM outside the adaptation steps")
         logger.warning("sigterm_received", action=f"checkpoint after this step, then exit {exitcodes.PREEMPTED}")
 
-    def any_rank(self, world: World) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if world.size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+    @contextmanager
+    def deferred_to_step_end(self):
+        """While adapting: SIGTERM only sets the flag, read after each step."""
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+
+    def any_rank(self, collectives: Collectives) -> bool:
+        return collectives.any(self.received)
 
 
 # --------------------------------------------------------------------------------------------------- run context
@@ -182,6 +201,7 @@ class RunContext:
     encoder: PromptEncoder
     prompts: list[Prompt]
     pad_id: int
+    collectives: Collectives
     preemption: PreemptionSignal = field(default_factory=PreemptionSignal)
     events: Path = field(init=False)
 
@@ -209,7 +229,8 @@ def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: Step
                                       spec.rollout.max_new_tokens, seed=spec.seed * 1_000_003 + step)
     with timer.phase("reward"):
         scored = score(mine, samples, spec)
-        advantages = step_advantages(ctx.world, [row[:g] for row in scored.rewards], scored.entropies, spec)
+        advantages = step_advantages(ctx.collectives, ctx.world, [row[:g] for row in scored.rewards],
+                                     scored.entropies, spec)
     with timer.phase("collate"):
         encoded = [ctx.encoder.encode(p) for p in mine for _ in range(g)]
         responses = [s.token_ids for prompt_samples in samples for s in prompt_samples[:g]]
@@ -223,7 +244,7 @@ def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: Step
         ref = ctx.learner.reference_log_probs(train_batch)
     with timer.phase("update"):
         stats = ctx.learner.update(train_batch, advantages, old, ref)
-    answers, rewards, entropies, lengths = gather_votes(ctx.world, scored, samples, idle)
+    answers, rewards, entropies, lengths = gather_votes(ctx.collectives, scored, samples, idle)
     return {
         **stats,
         "reward": sum(sum(row) for row in rewards) / sum(len(row) for row in rewards),
@@ -237,45 +258,58 @@ def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: Step
     }
 
 
-def step_advantages(world: World, rewards: list[list[float]], entropies: list[float], spec: RunSpec):
+def step_advantages(collectives: Collectives, world: World, rewards: list[list[float]], entropies: list[float],
+                    spec: RunSpec):
     """This rank's advantages, computed over the whole step's batch (all ranks' groups, in rank order), so that
     a batch-wide normalisation sees the same batch however many ranks share it."""
-    mine = (rewards, entropies)
-    parts = [mine]
-    if world.size > 1:
-        parts = [None] * world.size
-        torch.distributed.all_gather_object(parts, mine)
-    start = sum(len(part[0]) for part in parts[: world.rank if world.size > 1 else 0])
+    parts = collectives.all_gather_object((rewards, entropies))
+    start = sum(len(part[0]) for part in parts[: world.rank if len(parts) > 1 else 0])
     all_rewards = torch.tensor([row for part in parts for row in part[0]], dtype=torch.float32)
     all_entropies = torch.tensor([h for part in parts for h in part[1]], dtype=torch.float32)
     advantages = ttrv_advantages(all_rewards, all_entropies, spec.reward.entropy_mode, spec.reward.entropy_weight)
     return advantages[start : start + len(rewards)].flatten()
 
 
-def gather_votes(world: World, scored: Scored, samples: list[list[Sample]], idle: bool):
+def gather_votes(collectives: Collectives, scored: Scored, samples: list[list[Sample]], idle: bool):
     """Every rank's answers, rewards, entropies and response lengths, so the step's metrics (and the collapse
     guard) see the whole batch, not rank 0's share; an idle rank's stand-in prompt is left out."""
     mine = ([], [], [], []) if idle else (scored.answers, scored.rewards, scored.entropies,
                                            [len(s.token_ids) for row in samples for s in row])
-    if world.size == 1:
+    parts = collectives.all_gather_object(mine)
+    if len(parts) == 1:
         return mine
-    parts: list = [None] * world.size
-    torch.distributed.all_gather_object(parts, mine)
     return tuple([item for part in parts for item in part[i]] for i in range(4))
 
 
 def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
     """The adaptation loop, from `state` on. Returns what the report needs (steps, guard outcome). `probe`, when
-    given, measures greedy accuracy on the adaptation subset every `eval.every` steps (rank 0, for the report's
-    curve): labels stay in that callback and never reach the loop."""
+    given, measures greedy accuracy on the adaptation subset every `eval.every` steps (every rank its shard, for
+    the report's curve): labels stay in that callback and never reach the loop."""
     spec = ctx.spec
     guard = CollapseGuard(spec.guard, **state.guard)
     early_stop = EarlyStop(spec.grpo.early_stop, **state.early_stop)
-    guard_fired_at = None
     progress = _progress_bar(ctx.total_steps, state.step, ctx.world)
-    step_seconds: list[float] = []
     if ctx.world.is_main:
         write_progress(ctx, state, ADAPTING)
+    with ctx.preemption.deferred_to_step_end():
+        guard_fired_at = _steps(ctx, state, guard, early_stop, progress, metrics, probe)
+    progress.close()
+    rollback = None
+    if guard_fired_at is not None:
+        rollback = guard.healthy_version
+        restore_version(ctx, rollback)
+        logger.warning("collapse_guard_fired", step=guard_fired_at, rolled_back_to=rollback or "base")
+    return {"steps": state.step, "total_steps": ctx.total_steps, "guard_fired_at": guard_fired_at,
+            "rolled_back_to": rollback, "stop_reason": state.stop.get("reason"),
+            "steps_saved": state.stop.get("stepsSaved", 0)}
+
+
+def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, early_stop: EarlyStop, progress, metrics,
+           probe) -> int | None:
+    """adapt's steps, until the epochs are done, the guard fires (its step is returned), the budget is spent or
+    early stopping stops the run (`state.stop` says which)."""
+    spec = ctx.spec
+    step_seconds: list[float] = []
     while state.cursor.epoch < spec.grpo.epochs:
         started = time.perf_counter()
         batch = state.cursor.next_batch(ctx.prompts, spec.grpo.prompts_per_step, spec.seed)
@@ -283,12 +317,14 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
         step_metrics = adaptation_step(ctx, state.step + 1, batch, timer)
         version = state.step + 1
         with timer.phase("publish"):
+            tensors = ctx.learner.trainable_state()  # every rank: a collective under ZeRO-3; rank 0 gets them
             if ctx.world.is_main:
-                ctx.store.publish_weights(version, ctx.learner.trainable_state(), kind=weights_kind(spec),
-                                          base_model=spec.model.path, dtype=dtype_name(ctx.learner.dtype))
+                ctx.store.publish_weights(version, tensors, kind=weights_kind(spec), base_model=spec.model.path,
+                                          dtype=dtype_name(ctx.learner.dtype), extra_files=ctx.learner.weight_files())
                 protected = {v for v in (state.checkpoint_step,) if v} | guard.protected_versions()
                 ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
-            barrier(ctx.world)
+            del tensors
+            ctx.collectives.barrier()
         with timer.phase("sync"):
             ctx.engine.load_version(version)
         state.cursor.advance(len(batch), len(ctx.prompts))
@@ -299,7 +335,7 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
                   "prompt_ids": [p.id for p in batch], "weight_version": version, **_round(step_metrics),
                   "seconds": _round(timer.seconds | {"step": step_seconds[-1]})}
         every = spec.eval.every
-        if probe is not None and ctx.world.is_main and every and version % every == 0:
+        if probe is not None and every and version % every == 0:  # every rank: the probe is sharded
             accuracy = probe()
             if accuracy is not None:
                 record["subset_accuracy"] = round(accuracy, 4)
@@ -322,7 +358,7 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
             progress.update(1)
             progress.set_postfix(reward=f"{step_metrics['reward']:.3f}", entropy=f"{step_metrics['entropy']:.3f}",
                                  len=f"{step_metrics['response_length']:.1f}", loss=f"{step_metrics['loss']:.4f}")
-        preempted = ctx.preemption.any_rank(ctx.world)
+        preempted = ctx.preemption.any_rank(ctx.collectives)
         every = spec.storage.checkpoint_every
         if preempted or (every and version % every == 0 and state.cursor.epoch < spec.grpo.epochs):
             save_checkpoint(ctx, state)
@@ -330,18 +366,10 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
             progress.close()
             raise Preempted(f"preempted after step {version}; checkpoint written")
         if fired:
-            guard_fired_at = version
+            return version
         if stop_reason:
-            break
-    progress.close()
-    rollback = None
-    if guard_fired_at is not None:
-        rollback = guard.healthy_version
-        restore_version(ctx, rollback)
-        logger.warning("collapse_guard_fired", step=guard_fired_at, rolled_back_to=rollback or "base")
-    return {"steps": state.step, "total_steps": ctx.total_steps, "guard_fired_at": guard_fired_at,
-            "rolled_back_to": rollback, "stop_reason": state.stop.get("reason"),
-            "steps_saved": state.stop.get("stepsSaved", 0)}
+            return None
+    return None
 
 
 def _stop_reason(ctx: RunContext, state: RunState, early_stop: EarlyStop, step_metrics: dict,
@@ -354,21 +382,14 @@ def _stop_reason(ctx: RunContext, state: RunState, early_stop: EarlyStop, step_m
     state.early_stop = early_stop.state()
     reason = (COLLAPSED if guard_fired else budget_spent(spec.budget, state.step, state.elapsed_seconds, devices(spec))
               or (EARLY_STOPPED if converged else None))
-    reason = _rank0_choice(ctx.world, reason)  # ranks time their steps apart: the device-hours are rank 0's
+    # Ranks time their steps apart: every rank takes rank 0's decision, so that they stop together.
+    reason = ctx.collectives.all_gather_object(reason)[0]
     if reason and state.step < ctx.total_steps:
         state.stop = {"reason": reason, "step": state.step, "stepsSaved": ctx.total_steps - state.step}
         logger.info("run_stopping", reason=reason, step=state.step, steps_saved=state.stop["stepsSaved"],
-                    signal=spec.grpo.early_stop.signal if reason == "EarlyStopped" else None)
+                    signal=spec.grpo.early_stop.signal if reason == EARLY_STOPPED else None)
         return reason
     return None
-
-
-def _rank0_choice(world: World, reason: str | None) -> str | None:
-    if world.size == 1 or not torch.distributed.is_initialized():
-        return reason
-    index = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0])
-    torch.distributed.broadcast(index, src=0)
-    return STOP_REASONS[int(index.item()) - 1] if index.item() else None
 
 
 def save_checkpoint(ctx: RunContext, state: RunState) -> None:
@@ -376,7 +397,7 @@ def save_checkpoint(ctx: RunContext, state: RunState) -> None:
 
     state.checkpoint_step = state.step
     checkpoint.save(ctx.store, ctx.learner.engine, state.step, state.to_json(), ctx.world.rank, ctx.world.size,
-                    lambda: barrier(ctx.world))
+                    ctx.collectives.barrier)
     if ctx.world.is_main:
         checkpoint.prune(ctx.store, keep=2, world_size=ctx.world.size)
 
@@ -395,7 +416,7 @@ def resume(ctx: RunContext) -> RunState | None:
         for stale in [v for v in ctx.store.weight_versions() if v > state.step]:
             ctx.store.delete_set(weights_prefix(stale))
         rewrite_events(ctx.events, state.events)
-    barrier(ctx.world)
+    ctx.collectives.barrier()
     if state.step:
         ctx.engine.load_version(state.step)
     logger.info("resumed", step=state.step, epoch=state.cursor.epoch, position=state.cursor.position,
@@ -428,8 +449,8 @@ def restore_version(ctx: RunContext, version: int | None) -> None:
     restored = ctx.total_steps + 1
     if ctx.world.is_main:
         ctx.store.publish_weights(restored, tensors, kind=weights_kind(ctx.spec), base_model=ctx.spec.model.path,
-                                  dtype=dtype_name(ctx.learner.dtype))
-    barrier(ctx.world)
+                                  dtype=dtype_name(ctx.learner.dtype), extra_files=ctx.learner.weight_files())
+    ctx.collectives.barrier()
     ctx.engine.load_version(restored)
 
 
@@ -465,11 +486,6 @@ def rewrite_events(path: Path, events: list[dict]) -> None:
     atomic_write(path, "".join(strict_json(e, where=str(path)) + "\n" for e in events).encode())
 
 
-def barrier(world: World) -> None:
-    if world.size > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _progress_bar(total: int, initial: int, world: World):
     from tqdm import tqdm
 
@@ -478,10 +494,17 @@ def _progress_bar(total: int, initial: int, world: World):
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
+def eval_shards(ctx: RunContext) -> Shards:
+    """Evaluation over the trainer's ranks: each rank's engine evaluates a slice of each pass (the in-process
+    engine holds the served weights on every rank; the service's client sends this rank's prompts)."""
+    return Shards(ctx.world.rank, ctx.world.size, ctx.collectives.all_gather_object)
+
+
 def evaluate_all(ctx: RunContext, state: RunState, stage: str, test: list[Example], prompts: list[Prompt],
                  heldout: list[Example], subset_accuracy: float | None = None) -> dict:
-    """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set (rank 0
-    only). `subset_accuracy`, when the engine's weights were just probed on the subset, stands in for that pass.
+    """Greedy pass@1 on the adaptation subset, the test set and the held-out split; maj@N on the test set. Every
+    rank calls it and evaluates its shard of each pass (`eval_shards`); all get the whole results.
+    `subset_accuracy`, when the engine's weights were just probed on the subset, stands in for that pass.
     The progress goes to stderr (a bar per pass), the log (an event per pass) and progress.json (`stage`, prompts
     done of `evalPromptsTotal`; while evaluating after, the time left)."""
     spec = ctx.spec
@@ -491,6 +514,8 @@ def evaluate_all(ctx: RunContext, state: RunState, stage: str, test: list[Exampl
     written = [-math.inf]
 
     def report(where: EvalProgress) -> None:
+        if not ctx.world.is_main:
+            return
         now = time.monotonic()
         if not where.milestone and now - written[0] < EVAL_PROGRESS_SECONDS:
             return
@@ -499,7 +524,8 @@ def evaluate_all(ctx: RunContext, state: RunState, stage: str, test: list[Exampl
         write_progress(ctx, state, stage, evalPromptsDone=where.done, evalPromptsTotal=where.total,
                        estimatedRemainingSeconds=None if remaining is None else round(remaining))
 
-    results = evaluate(ctx.engine, spec, stage, passes, show=ctx.world.is_main, report=report)
+    results = evaluate(ctx.engine, spec, stage, passes, show=ctx.world.is_main, report=report,
+                       shards=eval_shards(ctx))
     if subset_accuracy is not None:
         results["subset_accuracy"] = subset_accuracy
     return results

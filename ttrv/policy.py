@@ -114,15 +114,33 @@ def collate(encoded: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]]
     return TrainBatch(input_ids, attention, targets, per_token, vision, vision_rows)
 
 
-def token_log_probs(model, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token_{t+1} | tokens_<=t) for every position, [B, L-1]; only `batch.target_mask` positions matter.
+LOG_PROB_CHUNK = 256
+"""Positions whose logits are cast to fp32 together in token_log_probs."""
+
+
+def token_log_probs(model, batch: TrainBatch, temperature: float = 1.0, chunk: int = LOG_PROB_CHUNK) -> torch.Tensor:
+    """log pi(token_{t+1} | tokens_<=t), [B, L-1], at the positions from the batch's first response target on;
+    the positions before it (prompt and image tokens, never a target) are 0. Only `batch.target_mask` positions
+    matter.
 
     Logits are divided by the sampling temperature (verl does the same) so the ratio compares the distributions
-    the samples were drawn from. logsumexp avoids materialising a second [B, L, V] tensor.
+    the samples were drawn from. Memory: a VLM's sequence is mostly prompt and image tokens, and its full [B, L, V]
+    logits in fp32 are the trainer's largest tensor (about 38 GB for 16 sequences of 1.3k tokens at Qwen2.5's
+    152k vocabulary). The model is asked for logits from the first response position on only (`logits_to_keep`:
+    transformers' Qwen2_5_VLForConditionalGeneration.forward, as its causal LMs, applies the head to
+    `hidden_states[:, -logits_to_keep:]`; transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py), and those are cast
+    to fp32 `chunk` positions at a time; logsumexp avoids a second [B, chunk, V] tensor.
     """
-    logits = model(**batch.model_inputs()).logits
-    logits = logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    length = batch.input_ids.shape[1]
+    targets_at = batch.target_mask.any(dim=0).nonzero()
+    first = int(targets_at[0]) if len(targets_at) else length - 2  # no target at all: keep one position
+    logits = model(**batch.model_inputs(), logits_to_keep=length - first).logits[:, :-1]  # positions first..L-2
+    targets = batch.input_ids[:, first + 1 :]
+    parts = []
+    for start in range(0, logits.shape[1], chunk):
+        part = logits[:, start : start + chunk].float()
+        if temperature != 1.0:
+            part = part / temperature
+        target = targets[:, start : start + chunk].unsqueeze(-1)
+        parts.append(part.gather(-1, target).squeeze(-1) - torch.logsumexp(part, dim=-1))
+    return torch.nn.functional.pad(torch.cat(parts, dim=1), (first, 0))

@@ -19,19 +19,21 @@ from pathlib import Path
 import torch
 
 from ttrv import benchmark, lifetime, log
+from ttrv.collectives import Collectives
 from ttrv.data import Example, Prompt, adaptation_prompts, read_dataset, require_images
 from ttrv.evaluate import greedy_accuracy
-from ttrv.learner import Learner, World
+from ttrv.learner import Learner, World, training_device
 from ttrv.loop import (
     EVALUATING_AFTER,
     EVALUATING_BEFORE,
     FINISHED,
+    Interrupted,
     Preempted,
     PreemptionSignal,
     RunContext,
     RunState,
     adapt,
-    barrier,
+    eval_shards,
     evaluate_all,
     resume,
     rewrite_events,
@@ -68,9 +70,12 @@ def load_examples(spec: RunSpec) -> tuple[list[Example], list[Prompt], list[Exam
 
 
 # --------------------------------------------------------------------------------------------------- entrypoint
-def init_distributed(world: World) -> None:
+def init_distributed(world: World) -> Collectives:
     """torchrun (and the training-operator) set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; a lone process gets
-    a world of one on loopback."""
+    a world of one on loopback. Returns the trainer's collectives, on the device DeepSpeed trains this rank on.
+
+    The rank's CUDA device is made current first: NCCL's object collectives and barrier use the current device
+    (torch/distributed/distributed_c10d.py), and DeepSpeed's engine sets it only later, in deepspeed.initialize."""
     import deepspeed
 
     if world.size == 1:
@@ -79,7 +84,11 @@ def init_distributed(world: World) -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    device = training_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return Collectives(world.size, device)
 
 
 def cpu_threads(world: World) -> None:
@@ -115,7 +124,8 @@ class ModelError(ValueError):
     """The model folder cannot be loaded (missing files, unknown architecture)."""
 
 
-def load_learner_and_engine(spec: RunSpec, model_path: str, store, world: World, prompts: list[Prompt]):
+def load_learner_and_engine(spec: RunSpec, model_path: str, store, world: World, prompts: list[Prompt],
+                            collectives: Collectives):
     from ttrv.modeling import load_processor
 
     def cannot_load(error: Exception) -> ModelError:
@@ -131,7 +141,7 @@ def load_learner_and_engine(spec: RunSpec, model_path: str, store, world: World,
     try:
         per_epoch = steps_per_epoch(len(prompts), spec.grpo.prompts_per_step)
         sequences = math.ceil(spec.grpo.prompts_per_step / world.size) * spec.rollout.group_size
-        learner = Learner(spec, model_path, per_epoch * spec.grpo.epochs, world, sequences)
+        learner = Learner(spec, model_path, per_epoch * spec.grpo.epochs, world, sequences, collectives)
         engine = make_engine(spec, model_path, processor, store, learner.device)
     except (OSError, KeyError, ImportError) as error:
         raise cannot_load(error) from None
@@ -147,18 +157,18 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
     started = time.perf_counter()
     world = World.from_env()
     cpu_threads(world)
-    init_distributed(world)
+    collectives = init_distributed(world)
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     out.mkdir(parents=True, exist_ok=True)
     test, prompts, heldout = load_examples(spec)
     model_path = resolve_model(spec.model.path)
     store = open_store(spec.storage.uri, spec.storage.endpoint)
-    processor, learner, engine = load_learner_and_engine(spec, model_path, store, world, prompts)
+    processor, learner, engine = load_learner_and_engine(spec, model_path, store, world, prompts, collectives)
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ctx = RunContext(spec, out, world, store, engine, learner, PromptEncoder(processor), prompts, pad_id,
-                     preemption or PreemptionSignal())
+                     collectives, preemption or PreemptionSignal())
     metrics = TrainerMetrics.serve_from_env() if world.is_main else None
 
     state = resume(ctx)
@@ -166,28 +176,30 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
         state = RunState()
         if world.is_main:
             rewrite_events(ctx.events, [])
-            if spec.eval.before:
-                state.before = evaluate_all(ctx, state, EVALUATING_BEFORE, test, prompts, heldout)
+        if spec.eval.before:  # every rank evaluates its shard and gets the whole results
+            state.before = evaluate_all(ctx, state, EVALUATING_BEFORE, test, prompts, heldout)
+            if world.is_main:
                 logger.info("eval_before", **{k: v for k, v in state.before.items() if v is not None})
-        barrier(world)
+        collectives.barrier()
     subset = subset_examples(test, prompts)
     probed: dict = {}  # the newest probe, {weight version served: subset accuracy}; rolling back serves another
 
     def probe() -> float | None:
         if not subset:
             return None
-        accuracy = greedy_accuracy(engine, subset, spec)["accuracy"]
+        accuracy = greedy_accuracy(engine, subset, spec, shards=eval_shards(ctx))["accuracy"]
         probed.clear()
         probed[engine.weight_version] = accuracy
         return accuracy
 
     outcome = adapt(ctx, state, metrics, probe)
     after = {}
-    if world.is_main and spec.eval.after:
+    if spec.eval.after:
         # A probe after the last step measured these very weights on the subset: one greedy pass serves both.
         after = evaluate_all(ctx, state, EVALUATING_AFTER, test, prompts, heldout, probed.get(engine.weight_version))
-        logger.info("eval_after", **{k: v for k, v in after.items() if v is not None})
-    barrier(world)
+        if world.is_main:
+            logger.info("eval_after", **{k: v for k, v in after.items() if v is not None})
+    collectives.barrier()
     report = {}
     if world.is_main:
         before = state.before
@@ -217,7 +229,7 @@ def run(spec: RunSpec, out: Path, preemption: PreemptionSignal | None = None) ->
                        accuracy=report["final_accuracy"])
         logger.info("run_finished", report=str(out / "report.json"), base=report["base_accuracy"],
                     final=report["final_accuracy"])
-    barrier(world)
+    collectives.barrier()
     return report
 
 
@@ -258,7 +270,6 @@ def write_termination_message(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from ttrv import exitcodes
-    from ttrv.spec import SpecError, load_run_spec
 
     parser = argparse.ArgumentParser(prog="python -m ttrv.train", description="The ttrv trainer entrypoint.")
     parser.add_argument("--spec", required=True, help="run spec (YAML)")
@@ -274,6 +285,17 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.PREEMPTED
     preemption = PreemptionSignal()
     preemption.install()
+    try:
+        return _main(args, preemption)
+    except Interrupted:  # SIGTERM outside the steps: nothing to save, the restart repeats the phase
+        logger.warning("trainer_interrupted", exit_code=exitcodes.PREEMPTED, kind=exitcodes.kind(exitcodes.PREEMPTED))
+        return exitcodes.PREEMPTED
+
+
+def _main(args: argparse.Namespace, preemption: PreemptionSignal) -> int:
+    from ttrv import exitcodes
+    from ttrv.spec import SpecError, load_run_spec
+
     try:
         spec = load_run_spec(args.spec)
     except SpecError as error:

@@ -25,7 +25,7 @@ from http_util import LIMITS, Raw, chat_body, png, request_bytes, served_in_proc
 
 import ttrv.modeling
 from bad_inputs.catalogue import Case, cases, check
-from ttrv.rollout.service import ServiceLimits
+from ttrv.rollout.api import ServiceLimits
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +334,30 @@ def test_past_max_in_flight_requests_get_503_with_retry_after(served, http):
     assert post(http, chat_body(n=1))[0] == 200
 
 
+def test_the_trainers_client_waits_as_long_as_retry_after_says(served, log_stream):
+    """The service is full (every slot held by a stalled upload): the trainer's client is told 503 with
+    Retry-After, waits that long rather than its own shorter back-off, and gets its samples once the slots free."""
+    from ttrv.data import Prompt
+    from ttrv.rollout.client import ServiceEngine
+
+    stalled = [Raw(served.port).send(request_bytes(b"", length="100")) for _ in range(LIMITS.max_in_flight)]
+    client = ServiceEngine(served.url, served.service.spec, retry_seconds=60)
+    try:
+        deadline = time.monotonic() + 5
+        while served.service.in_flight < LIMITS.max_in_flight:
+            assert time.monotonic() < deadline, served.service.in_flight
+            time.sleep(0.01)
+        (samples,) = client.generate([Prompt("p", "What is shown? Options:\nA. cat\nB. dog", None)], 2, 1.0, 1.0, 4)
+    finally:
+        client.close()
+        for connection in stalled:
+            connection.close()
+    assert len(samples) == 2
+    retries = [json.loads(line) for line in log_stream.getvalue().splitlines() if "rollout_request_retry" in line]
+    assert retries and all(retry["retry_in"] >= LIMITS.retry_after_seconds for retry in retries), retries
+    assert "HTTP 503" in retries[0]["problem"]
+
+
 def test_a_client_that_goes_away_gets_no_further_votes(served, http, monkeypatch):
     """Two requests, each disconnected while the one sampling thread is held: the first while its batch is about to
     be sampled (it stops before sampling anything), the second while it waits in the queue behind (it leaves the
@@ -415,3 +439,17 @@ def test_base64_payload_over_the_body_limit_is_413(served, http):
     status, answer = post(http, body)
     assert status == 413 and "MiB" in answer["error"]["message"]
     assert served.images() == []
+
+
+def test_sync_reads_its_body_and_keeps_the_connection(served):
+    """The trainer's POST /sync carries {"step": k}: read (within the limit), so its pooled connection serves the
+    next call; one over the limit is refused and closed."""
+    connection = Raw(served.port)
+    try:
+        for step in (1, 2):
+            status, headers, _ = connection.send(request_bytes({"step": step}, path="/sync")).answer()
+            assert status == 202 and headers.get("connection") != "close"
+        status, _, _ = connection.send(request_bytes(b"", path="/sync", length=str(10**12))).answer()
+        assert status == 413 and connection.closed_within(5) is not None
+    finally:
+        connection.close()

@@ -81,6 +81,9 @@ URIS = cases("store URI", [
     ("parent-step-in-file-uri", ("file://{tmp}/runs/../../etc", None), ("storage.uri",),
      "needs a directory without '..' steps"),
     ("file-without-path", ("file://", None), ("storage.uri", "'file://'"), "e.g. file:///data/store"),
+    ("nul-in-uri", ("file:///tmp/store\x00x", None), ("storage.uri", "'\\x00'"), "write the URI without it"),
+    ("endpoint-bad-port", ("s3://bucket/x", "127.0.0.1:0"), ("storage.endpoint", "port '0'"),
+     "is not a number from 1 to 65535"),
     ("unknown-scheme", ("gs://bucket/x", None), ("storage.uri", "'gs://bucket/x'"),
      "use file:///abs/path, file://rel/path or s3://bucket/prefix"),
     ("no-scheme", ("runs/store", None), ("storage.uri", "'runs/store'"), "use file:///abs/path"),
@@ -108,6 +111,10 @@ ENDPOINT_VARIABLE = cases("AWS_ENDPOINT_URL", [
      "remove them and set AWS_ACCESS_KEY_ID"),
     ("not-http", "ftp://127.0.0.1:1", ("AWS_ENDPOINT_URL", "'ftp://127.0.0.1:1'"),
      "is not http(s)://host[:port] or host:port"),
+    ("port-out-of-range", "http://127.0.0.1:70000", ("AWS_ENDPOINT_URL", "port '70000'"),
+     "is not a number from 1 to 65535"),
+    ("odd-character", "http://127.0.0.1:9000%", ("AWS_ENDPOINT_URL", "port '9000%'"),
+     "write http(s)://host[:port] or host:port"),
 ])
 
 

@@ -40,6 +40,8 @@ logger = log.get_logger(__name__)
 
 _RETRYABLE = (*TRANSPORT_ERRORS, ValueError)
 """Refused, reset or timed-out connections, a connection closed mid-answer, and an answer cut short (bad JSON)."""
+MAX_RETRY_AFTER = 30.0
+"""The longest wait a service's Retry-After makes a request take before it retries."""
 REPORT_EVERY = 30.0
 """Seconds between two `rollout_unavailable` warnings of one outage (the reason changes as the service restarts)."""
 
@@ -169,8 +171,9 @@ class ServiceEngine:
         first_failure, delay, attempt = None, 0.5, 0
         while True:
             attempt += 1
+            retry_after = 0.0
             try:
-                status, answer = self._request("POST", "/v1/chat/completions", body, timeout=self.request_timeout)
+                status, answer, retry_after = self._chat(body)
             except _RETRYABLE as error:
                 problem = f"{type(error).__name__}: {error}"
                 self._unavailable(f"unreachable ({problem})")
@@ -200,7 +203,9 @@ class ServiceEngine:
                     f"the rollout service at {self.url} gave no usable answer for {self.retry_seconds:.0f} s "
                     f"({attempt} attempts); last: {problem}{self._first_reason(problem)}. Check that its pod is "
                     "running and read its log")
-            wait = delay * random.uniform(0.5, 1.5)
+            # a full service says when to come back (503 with Retry-After): not sooner, so the retries of many
+            # prompts do not keep it full
+            wait = max(delay * random.uniform(0.5, 1.5), min(retry_after, MAX_RETRY_AFTER))
             logger.warning("rollout_request_retry", attempt=attempt, problem=problem, retry_in=round(wait, 2))
             if cancelled.wait(wait):
                 raise RolloutUnavailableError("cancelled: another prompt of the batch failed")
@@ -233,6 +238,17 @@ class ServiceEngine:
             outage, self._outage = self._outage, None
         if outage is not None:
             logger.info("rollout_available", url=self.url, seconds=round(time.monotonic() - outage["since"], 1))
+
+    def _chat(self, body: dict[str, Any]) -> tuple[int, Any, float]:
+        """(status, decoded JSON, the answer's Retry-After in seconds or 0) of one chat request."""
+        response = self._http.post(f"{self.url}/v1/chat/completions", content=json.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json"},
+                                   timeout=jsonhttp.timeout(self.request_timeout))
+        try:
+            retry_after = float(response.headers.get("retry-after", 0))
+        except ValueError:  # an HTTP date, which ttrv serve never sends
+            retry_after = 0.0
+        return response.status_code, json.loads(response.content) if response.content else {}, retry_after
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
         """(status, decoded JSON) of one request on a pooled connection; ValueError when the answer is not JSON."""

@@ -40,32 +40,27 @@ disconnects cancels its request (no further votes are sampled for it).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import h11
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ttrv import exitcodes, log
-from ttrv.data import MAX_IMAGE_PIXELS
+from ttrv.rollout.api import ServiceLimits, chat_request_model, validation_message
+from ttrv.rollout.asgi import BodyRefused, HTTPThread, disconnected, listening_socket, read_body
 from ttrv.rollout.serving import Cancelled, ServiceError, ServingEngine, choose_engine
 from ttrv.rollout.sync import SyncAgent
 from ttrv.spec import RunSpec
@@ -77,135 +72,6 @@ DEATH_GRACE_SECONDS = 5.0
 are still being answered, up to DEATH_DRAIN_SECONDS): the trainer's retries come every few seconds."""
 DEATH_DRAIN_SECONDS = 30.0
 CHAT_PATH = "/v1/chat/completions"
-
-
-# ------------------------------------------------------------------------------------------------------ limits
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What one request, one connection and the whole service may take. Each can be set in the environment of
-    `ttrv serve` as TTRV_SERVE_<NAME> (e.g. TTRV_SERVE_MAX_N=512)."""
-
-    max_body_bytes: int = 64 << 20
-    """A chat request's body (a prompt with its image as base64); larger answers 413, whatever Content-Length says."""
-    max_n: int = 256
-    """Samples per request (the trainer sends its votes per prompt, 32 by default)."""
-    max_tokens: int = 32768
-    """max_tokens / max_completion_tokens of a request."""
-    max_image_pixels: int = MAX_IMAGE_PIXELS
-    """Pixels of a request's image, read from its header before it is decoded (the trainer's own limit)."""
-    max_in_flight: int = 512
-    """Chat requests held at once (being sampled or waiting for the engine); more answer 503 with Retry-After."""
-    max_connections: int = 2048
-    """Open connections (uvicorn's limit_concurrency): past it uvicorn itself answers 503."""
-    header_seconds: float = 30.0
-    """A connection must send a request's headers within this (uvicorn bounds only the wait between requests)."""
-    body_seconds: float = 60.0
-    """A request's body must arrive within this once its headers have; else 408 and the connection is closed."""
-    keep_alive_seconds: float = 5.0
-    """An idle kept-alive connection is closed after this (uvicorn's timeout_keep_alive; vLLM's default too)."""
-    shutdown_seconds: float = 20.0
-    """On SIGTERM, how long the requests in flight may take to finish (uvicorn's timeout_graceful_shutdown)."""
-    retry_after_seconds: int = 2
-    """The Retry-After of a 503 for a full service."""
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> ServiceLimits:
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            name = f"TTRV_SERVE_{field.name.upper()}"
-            if name in environ:
-                kind = int if field.type == "int" else float
-                try:
-                    values[field.name] = kind(environ[name])
-                except ValueError:
-                    raise ValueError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got "
-                                     f"{environ[name]!r}") from None
-                if not values[field.name] > 0:
-                    raise ValueError(f"{name}: must be above 0, got {environ[name]!r}")
-        return cls(**values)
-
-
-# -------------------------------------------------------------------------------------------- request models
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    url: str = Field(description="data:image/...;base64,... (images are sent inline; nothing is fetched)")
-
-
-class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    role: str
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
-
-
-class ChatRequestBase(BaseModel):
-    """A chat-completion request as OpenAI and vLLM define it, with ttrv's `ttrv_weight_version`. Fields this model
-    does not name pass on to the engine (vLLM takes many; the Hugging Face engine refuses them by name). Whether
-    `messages` is one user turn, as the trainer sends, the engine checks (after the weight version, so a trainer
-    with a stale version is told so first)."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    model: str | None = Field(None, description="the run's name, or absent")
-    messages: list[Message]
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0 decodes greedily (then n: 1)")
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
-    logprobs: bool | None = None
-    return_token_ids: bool | None = None
-    stream: bool | None = None
-    ttrv_weight_version: int | None = Field(None, ge=0, description=(
-        "pins the weight version (a step; null: the base model): another one served answers 409"))
-
-
-def chat_request_model(limits: ServiceLimits) -> type[ChatRequestBase]:
-    """ChatRequestBase with the limits of this service on n, max_tokens and max_completion_tokens (so that the
-    OpenAPI description states them)."""
-    return create_model(
-        "ChatRequest", __base__=ChatRequestBase,
-        n=(int | None, Field(None, ge=1, le=limits.max_n)),
-        max_tokens=(int | None, Field(None, ge=1, le=limits.max_tokens)),
-        max_completion_tokens=(int | None, Field(None, ge=1, le=limits.max_tokens)),
-    )
-
-
-def validation_message(error: ValidationError) -> str:
-    """pydantic's errors as `field: what is wrong (got value)`, one per problem, the field first."""
-    problems: list[str] = []
-    for problem in error.errors(include_url=False):
-        where = ".".join(str(part) for part in problem["loc"] if _is_field(part)) or "the body"
-        got = problem.get("input")
-        shown = "" if problem["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {_short(got)})"
-        line = f"{where}: {problem['msg']}{shown}"
-        if line not in problems:
-            problems.append(line)
-    more = len(problems) - 4
-    return "; ".join(problems[:4]) + (f"; and {more} more" if more > 0 else "")
-
-
-def _is_field(part: str | int) -> bool:
-    """Whether a part of a pydantic error's location is a field or an index, not the name of a union's member
-    (`str`, `list[...]`, a model's class name, a discriminator's tag)."""
-    return isinstance(part, int) or (part.isidentifier() and part.islower() and part not in _TYPE_NAMES)
-
-
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "text", "image_url"}
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------- service
@@ -332,12 +198,6 @@ def _version_name(version: int | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- app
-class _BodyRefused(Exception):
-    def __init__(self, error: ServiceError):
-        super().__init__(error.message)
-        self.error = error
-
-
 def build_app(service: RolloutService) -> FastAPI:
     """The ASGI app of the service: its routes, the request model's validation and the limits on bodies and on
     requests held at once. `serve` runs it on uvicorn; tests may too."""
@@ -381,7 +241,15 @@ def build_app(service: RolloutService) -> FastAPI:
         return answer(*service.models())
 
     @app.post("/sync", summary="look at the store now (the trainer calls it right after publishing)")
-    async def sync() -> JSONResponse:
+    async def sync(request: Request) -> Response:
+        # the body ({"step": k} from the trainer) is read, within the limits, and not looked at: read whole, the
+        # connection stays open for the next call (BodyGuard closes one whose body was left unread)
+        try:
+            await read_body(request, limits)
+        except BodyRefused as refused:
+            return answer(*service.error_answer(refused.error, now=True))
+        except ClientDisconnect:
+            return Response(status_code=499)
         return answer(*service.sync())
 
     schema = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -405,7 +273,7 @@ def build_app(service: RolloutService) -> FastAPI:
     async def _chat(request: Request) -> Response:
         try:
             raw = await read_body(request, limits)
-        except _BodyRefused as refused:
+        except BodyRefused as refused:
             return answer(*service.error_answer(refused.error, now=True))
         except ClientDisconnect:
             return Response(status_code=499)  # nobody reads it
@@ -426,7 +294,7 @@ def build_app(service: RolloutService) -> FastAPI:
         work = loop.run_in_executor(pool, service.chat, document, cancelled)
         # As vLLM's with_cancellation (vllm/entrypoints/serve/utils/api_utils.py): the body is read, so the next
         # message of the connection can only be http.disconnect.
-        disconnect = asyncio.ensure_future(_disconnected(request))
+        disconnect = asyncio.ensure_future(disconnected(request))
         try:
             await asyncio.wait([work, disconnect], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -452,176 +320,6 @@ def build_app(service: RolloutService) -> FastAPI:
     app.openapi = openapi
     return app
 
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def read_body(request: Request, limits: ServiceLimits) -> bytes:
-    """The request's body, refused (413) as soon as it is over the limit, whatever its Content-Length says or
-    without one (chunked), and refused (408) when it does not arrive within limits.body_seconds."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        # h11 already refuses a Content-Length that is not a decimal number (h11/_readers.py, via
-        # _headers.normalize_and_validate); another server protocol might not
-        if not declared.isdigit():
-            raise _BodyRefused(ServiceError(400, f"Content-Length: {declared!r} is not a byte count"))
-        if int(declared) > limits.max_body_bytes:
-            raise _BodyRefused(_too_large(limits))
-    chunks: list[bytes] = []
-
-    async def read() -> None:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise _BodyRefused(_too_large(limits))
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(read(), limits.body_seconds)
-    except asyncio.TimeoutError:
-        raise _BodyRefused(ServiceError(408, f"the body did not arrive within {limits.body_seconds:g} s "
-                                             "(a Content-Length larger than the body sent?)")) from None
-    return b"".join(chunks)
-
-
-def _too_large(limits: ServiceLimits) -> ServiceError:
-    return ServiceError(413, f"the request is over {limits.max_body_bytes >> 20} MiB; send smaller images")
-
-
-class BodyGuard:
-    """ASGI middleware: an answer sent before its request's body was read whole closes the connection, so that
-    uvicorn does not go on reading (and dropping) a body of any length (uvicorn/protocols/http/h11_impl.py,
-    handle_events: Data after our response are skipped, not refused). h11 closes the connection after an answer
-    that says `Connection: close` (h11/_connection.py, _keep_alive)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        state = {"read": not _expects_body(scope)}
-
-        async def watched_receive():
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                state["read"] = True
-            return message
-
-        async def guarded_send(message):
-            if message["type"] == "http.response.start" and not state["read"]:
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-
-        await self.app(scope, watched_receive, guarded_send)
-
-
-def _expects_body(scope) -> bool:
-    headers = dict(scope["headers"])
-    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
-
-
-class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for a request's headers: uvicorn times out only the idle wait after
-    an answer (timeout_keep_alive, armed in on_response_complete and dropped at the first byte received), so a
-    connection that sends nothing, or half a request line, would be held for ever (uvicorn/protocols/http/
-    h11_impl.py). Malformed headers are answered 400 by uvicorn itself (handle_events, send_400_response)."""
-
-    header_seconds = 30.0
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._arm_header_deadline()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm_header_deadline()
-
-    def _arm_header_deadline(self) -> None:
-        self._cancel_header_deadline()
-        self._header_deadline = self.loop.call_later(self.header_seconds, self._headers_too_slow)
-
-    def _cancel_header_deadline(self) -> None:
-        handle = getattr(self, "_header_deadline", None)
-        if handle is not None:
-            handle.cancel()
-            self._header_deadline = None
-
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.conn.their_state is not h11.IDLE:  # a request's headers are in: its body has a deadline of its own
-            self._cancel_header_deadline()
-
-    def connection_lost(self, exc) -> None:
-        self._cancel_header_deadline()
-        super().connection_lost(exc)
-
-    def _headers_too_slow(self) -> None:
-        self._header_deadline = None
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            logger.info("http_connection_dropped", reason=f"no request within {self.header_seconds:g} s")
-            self.transport.close()
-
-
-def uvicorn_server(app, limits: ServiceLimits) -> uvicorn.Server:
-    """uvicorn set up as vLLM sets it up (vllm/entrypoints/launchers/launcher.py, serve_http; timeout_keep_alive
-    from api_server/entry.py), with the h11 protocol and the limits of `limits`; no signal handlers of its own
-    (it runs beside the thread that handles them, as vLLM's NoSignalServer does)."""
-    protocol = type("Protocol", (_Protocol,), {"header_seconds": limits.header_seconds})
-    config = uvicorn.Config(BodyGuard(app), http=protocol, lifespan="off", log_config=None, access_log=False,
-                            timeout_keep_alive=max(1, round(limits.keep_alive_seconds)),
-                            limit_concurrency=limits.max_connections,
-                            timeout_graceful_shutdown=max(1, round(limits.shutdown_seconds)),
-                            h11_max_incomplete_event_size=64 * 1024, backlog=2048)
-    return uvicorn.Server(config)
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """Bound before the engine starts, as vLLM binds its port before the engine is set up
-    (launcher.py, setup_server): a port in use fails at once, in this thread."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-class HTTPThread:
-    """uvicorn serving `app` on `sock` in a thread of its own (its own event loop); `stop` is the graceful shutdown
-    SIGTERM asks for: no new connections, the requests in flight answered (up to limits.shutdown_seconds)."""
-
-    def __init__(self, app, sock: socket.socket, limits: ServiceLimits):
-        self.server = uvicorn_server(app, limits)
-        self.sock = sock
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="ttrv-http",
-                                       daemon=True)
-
-    def start(self, timeout: float = 30.0) -> HTTPThread:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the HTTP server did not start")
-            time.sleep(0.01)
-        return self
-
-    @property
-    def port(self) -> int:
-        return self.sock.getsockname()[1]
-
-    def stop(self, timeout: float | None = None) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        self.sock.close()
 
 
 # ------------------------------------------------------------------------------------------------------- serve

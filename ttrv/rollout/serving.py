@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
@@ -235,7 +236,7 @@ class HFServingEngine:
                 return request.future.result()
             try:
                 return request.future.result(timeout=0.25)  # a cancelled request leaves the queue within this
-            except TimeoutError:
+            except FutureTimeout:  # the builtin TimeoutError only from Python 3.11 on
                 if not request.cancelled.is_set():
                     continue
             with self._cond:

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     Field,
     field_validator,
     model_validator,
 )
 
-from ttrv.net import holds_userinfo
+from ttrv.net import control_character, holds_userinfo, parse_endpoint
 from ttrv.spec.base import (
     NAME_PATTERN,
     PositiveInt,
@@ -30,6 +31,17 @@ MAX_TOKENS = 131_072
 MAX_SEED = 2**32 - 1
 
 
+def _plain_text(value: str) -> str:
+    """A path or URI without control characters: a NUL ends it early where it meets the OS (open() raises
+    ValueError), a newline splits it in logs and in the pod's YAML."""
+    if (bad := control_character(value)) is not None:
+        raise ValueError(f"{value!r} holds the control character {bad}; write the path without it")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_plain_text)]
+
+
 class LoraSpec(StrictModel):
     rank: Annotated[int, Field(gt=0, le=4096)] = 16
     """LoRA rank r (at most 4096: two rank x hidden matrices per adapted layer, and no model is wider than that
@@ -43,7 +55,7 @@ class LoraSpec(StrictModel):
 
 
 class ModelSpec(StrictModel):
-    path: str = "ttrv://tiny-qwen2vl"
+    path: PathText = "ttrv://tiny-qwen2vl"
     """Checkpoint folder: a local path, file://…, s3://bucket/prefix, a Hugging Face hub id, or ttrv://tiny-qwen2vl
     (the tiny model that ships with ttrv)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -65,12 +77,12 @@ class ModelSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
-    path: str
+    path: PathText
     """Test-set file: reference JSON (a list of records), verl parquet or JSONL; ttrv://tiny-shapes/<split> for the
     bundled benchmark."""
     format: Literal["auto", "reference_json", "verl_parquet", "jsonl"] = "auto"
     """File format; auto decides by extension and content."""
-    path_map: list[str] = []
+    path_map: list[PathText] = []
     """Image path-prefix rewrites OLD=NEW, applied in order (the reference's files carry absolute paths)."""
     subset_size: PositiveInt | None = 20
     """Size of the unlabeled adaptation subset drawn from the test set (reference: 20 or 500); null = all."""
@@ -81,11 +93,11 @@ class DataSpec(StrictModel):
     single_example_repeats: Annotated[int, Field(gt=0, le=10_000)] = 4
     """Copies of the single example in single-example mode (at most 10000: each copy is a prompt of the adaptation
     set, sampled `votes` times per epoch)."""
-    adapt_path: str | None = None
+    adapt_path: PathText | None = None
     """The adaptation prompts as a file (the reference's layout: `train.json`, a 20-prompt subset of `test.json`,
     with `path` the test.json evaluated). Replaces the subset draw: subsetSize and singleExample then do not apply.
     Adapting on prompts of the test set is transductive, and report.json's `setting` says so."""
-    heldout_path: str | None = None
+    heldout_path: PathText | None = None
     """Optional split never adapted on, to measure generalisation; checked to share no example (by id, and by
     image + prompt text) with the adapted prompts."""
 
@@ -271,11 +283,15 @@ class StorageSpec(StrictModel):
     def _no_credentials(cls, value: str | None) -> str | None:
         if value is not None and holds_userinfo(value):
             raise ValueError(_NO_USERINFO)
+        if value is not None:
+            parse_endpoint(value)  # a bad port or character is named here, not by the S3 client at the first call
         return value
 
     @field_validator("uri")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
+        if (bad := control_character(value)) is not None:
+            raise ValueError(f"{value!r} holds the control character {bad}; write the URI without it")
         scheme, sep, rest = value.partition("://")
         if scheme == "s3" and holds_userinfo(rest.split("/", 1)[0]):
             raise ValueError(_NO_USERINFO)
@@ -299,8 +315,9 @@ class ResourcesSpec(StrictModel):
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimiser states to CPU memory."""
-    gradient_checkpointing: bool = False
-    """Activation checkpointing in the trainer's model."""
+    gradient_checkpointing: bool = True
+    """Activation checkpointing in the trainer's model: activations are recomputed in the backward pass (on by
+    default, as verl's actor config has it: enable_gradient_checkpointing)."""
     cpu: Quantity = "8"
     """CPU request of each trainer pod."""
     memory: Quantity = "64Gi"
@@ -313,6 +330,14 @@ class ResourcesSpec(StrictModel):
     """CPU request of the rollout pod; default: `cpu`."""
     rollout_memory: Quantity | None = None
     """Memory request of the rollout pod; default: `memory`."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> ResourcesSpec:
+        # ZeRO-Offload moves the partitioned optimiser states; stage 0 partitions none (DeepSpeed ignores the key)
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offloadOptimizer needs zeroStage 1, 2 or 3 (stage 0 keeps no optimiser partition to "
+                             "offload); set zeroStage: 2 or offloadOptimizer: false")
+        return self
 
     @property
     def nproc_per_node(self) -> int:

@@ -9,6 +9,7 @@ import urllib3
 from minio import Minio
 from minio.helpers import check_bucket_name
 
+from ttrv.net import control_character, parse_endpoint
 from ttrv.store.credentials import refuse_credentials_in, s3_credentials
 from ttrv.store.errors import StoreConfigError
 from ttrv.store.file_backend import FileBackend
@@ -28,14 +29,11 @@ def _endpoint(endpoint: str | None) -> tuple[str, str]:
 
 
 def _parse_endpoint(endpoint: str, field: str) -> tuple[str, bool]:
-    """(host[:port], use TLS): a URL's scheme decides; a bare host:port gets TLS."""
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep:
-        scheme, rest = "https", endpoint
-    host = rest.rstrip("/")
-    if scheme not in ("http", "https") or not host or "/" in host:
-        raise StoreConfigError(f"{field}: {endpoint!r} is not http(s)://host[:port] or host:port")
-    return host, scheme == "https"
+    """(host[:port], use TLS): a URL's scheme decides; a bare host:port gets TLS (ttrv.net.parse_endpoint)."""
+    try:
+        return parse_endpoint(endpoint)
+    except ValueError as error:
+        raise StoreConfigError(f"{field}: {error}") from None
 
 
 def open_store(uri: str, endpoint: str | None = None, *, retry_seconds: float = DEFAULT_RETRY_SECONDS,
@@ -46,6 +44,8 @@ def open_store(uri: str, endpoint: str | None = None, *, retry_seconds: float = 
     AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, and the bucket is created when missing."""
     if not isinstance(uri, str):
         raise StoreConfigError(f"storage.uri: expected a string, got {type(uri).__name__}")
+    if (bad := control_character(uri)) is not None:
+        raise StoreConfigError(f"storage.uri: {uri!r} holds the control character {bad}; write the URI without it")
     workers = workers or min(16, 2 * (os.cpu_count() or 2))
     if part_size < S3_MIN_PART:
         raise StoreConfigError(f"part_size: {part_size} is below S3's minimum part of {S3_MIN_PART} bytes")
