@@ -16,6 +16,9 @@ are the contract between trainer and operator:
                                               evaluating-after or finished
     evalPromptsDone            integer >= 0   prompts the running evaluation stage has done, of all its passes
     evalPromptsTotal           integer >= 0   prompts of all the stage's passes (greedy and maj@N, all splits)
+    stopReason                 string         why adapting stopped before its last epoch: EarlyStopped,
+                                              MaxStepsReached, GpuHoursSpent or CollapseGuard (ttrv/guard.py)
+    stepsSaved                 integer >= 0   steps of the epochs not taken because of that
     metrics                    {name: number} the step's metrics; the operator does not copy them into status
 
 The trainer writes the whole document each time, and also while it evaluates, before and after adapting (on a real
@@ -37,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
 
+from ttrv.guard import STOP_REASONS
 from ttrv.spec import RunStage
 
 PROGRESS_KEY = "progress.json"
@@ -57,6 +61,8 @@ class Progress:
     stage: str | None = None
     eval_prompts_done: int | None = None
     eval_prompts_total: int | None = None
+    stop_reason: str | None = None
+    steps_saved: int | None = None
     problems: tuple[str, ...] = ()
 
     @property
@@ -84,6 +90,7 @@ _FIELDS = {
     "accuracy": ("accuracy", False, 0.0, 1.0),
     "evalPromptsDone": ("eval_prompts_done", True, 0, None),
     "evalPromptsTotal": ("eval_prompts_total", True, 0, None),
+    "stepsSaved": ("steps_saved", True, 0, None),
 }
 
 
@@ -113,6 +120,11 @@ def parse_progress(document: Any) -> Progress:
         values["stage"] = stage
     elif stage is not None:
         problems.append(f"stage: {stage!r} is not one of {', '.join(STAGES)}")
+    reason = document.get("stopReason")
+    if reason in STOP_REASONS:
+        values["stop_reason"] = reason
+    elif reason is not None:
+        problems.append(f"stopReason: {reason!r} is not one of {', '.join(STOP_REASONS)}")
     return Progress(**values, problems=tuple(problems))
 
 

@@ -283,6 +283,10 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
     if succeeded is not None:
         scale_rollout(0)
         finished_at = succeeded.get("lastTransitionTime") or rfc3339(o.now)
+        stopped = o.progress.stop_reason if o.progress is not None else None
+        if stopped:  # the trainer stopped before its last epoch: the reason says why (ttrv/guard.py)
+            return done("Succeeded", stopped, f"{kind} {job_name} succeeded; {_stop_note(o.progress)}",
+                        completionTime=finished_at)
         return done("Succeeded", "TrainerSucceeded", f"{kind} {job_name} succeeded", completionTime=finished_at)
     failure = _failure(job, o.pods) if job is not None and is_true(conditions, "Failed") else None
     if failure is not None and failure.permanent:
@@ -384,6 +388,20 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         started = previous.get("startTime") or job.get("status", {}).get("startTime") or rfc3339(o.now)
         return done("Running", "TrainerRunning", f"{kind} {job_name} is running", startTime=started)
     return done("Queued", "WaitingForPods", f"{kind} {job_name} is admitted; waiting for its pods to start")
+
+
+_STOP_NOTES = {
+    "EarlyStopped": "the votes stopped changing (grpo.earlyStop)",
+    "MaxStepsReached": "its step budget is spent (budget.maxSteps)",
+    "GpuHoursSpent": "its device-hour budget is spent (budget.gpuHours)",
+    "CollapseGuard": "the collapse guard fired and rolled the weights back (guard)",
+}
+
+
+def _stop_note(progress: Progress) -> str:
+    where = f" at step {progress.step}" if progress.step is not None else ""
+    saved = f", {progress.steps_saved} steps saved" if progress.steps_saved else ""
+    return f"adapting stopped{where}{saved}: {_STOP_NOTES[progress.stop_reason]}"
 
 
 def retry_delay(restarts: int) -> int:
@@ -520,11 +538,11 @@ def _resume_note(o: Observed, previous: Mapping) -> str:
 _PROGRESS_FIELDS = {
     "percentage": "progress", "remaining_seconds": "estimatedRemainingSeconds", "step": "step",
     "total_steps": "totalSteps", "weight_version": "weightVersion", "checkpoint_step": "checkpointStep",
-    "base_accuracy": "baseAccuracy", "accuracy": "accuracy",
+    "base_accuracy": "baseAccuracy", "accuracy": "accuracy", "stop_reason": "stopReason", "steps_saved": "stepsSaved",
 }
 _KEPT = ("trainerApi", "storeUri", "step", "totalSteps", "progress", "estimatedRemainingSeconds", "eta", "weightVersion",
          "checkpointStep", "baseAccuracy", "accuracy", "restarts", "lastRestart", "exitCode", "startTime",
-         "completionTime", "stage", "evalPromptsDone", "evalPromptsTotal", "evalProgress")
+         "completionTime", "stage", "evalPromptsDone", "evalPromptsTotal", "evalProgress", "stopReason", "stepsSaved")
 # What the trainer is doing now: only meaningful while it runs.
 _WHILE_RUNNING = ("estimatedRemainingSeconds", "eta", "stage", "evalPromptsDone", "evalPromptsTotal", "evalProgress")
 

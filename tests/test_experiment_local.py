@@ -261,3 +261,26 @@ def test_a_checkout_under_tmp_keeps_its_interpreter(monkeypatch):
     translate = pods._translator({"/tmp": Path("/runs/pod/tmp")}, {})
     command = pods.local_command(["ttrv", "train", "--out", "/tmp/ttrv-out"], translate, {})
     assert command == ["/tmp/clone/.venv/bin/python", "-m", "ttrv.cli", "train", "--out", "/runs/pod/tmp/ttrv-out"]
+
+
+def test_runs_that_spend_their_budgets_stop_cleanly_and_say_why(tmp_path):
+    """Budgets per experiment and per dataset (issue 19): each run stops after its first of two steps, is
+    evaluated, succeeds, and its status names the limit it reached and the step it saved."""
+    spec = experiment("budget", [{"name": "steps", "path": SHAPES, "subsetSize": 8},
+                                 {"name": "hours", "path": SHAPES, "subsetSize": 8, "budget": {"gpuHours": 1e-9}}],
+                      maxParallelRuns=2, budget={"maxSteps": 1})
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    result = subprocess.run([sys.executable, "-m", "ttrv.cli", "experiment", "run", str(tmp_path / "experiment.yaml"),
+                             "--local", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = statuses(json.loads((out / "status.json").read_text()))
+    expected = {"steps": ("MaxStepsReached", "budget.maxSteps"), "hours": ("GpuHoursSpent", "budget.gpuHours")}
+    for dataset, (reason, field) in expected.items():
+        status = runs[dataset]
+        assert (status["phase"], status["reason"], status["stopReason"]) == ("Succeeded", reason, reason), status
+        assert (status["step"], status["totalSteps"], status["stepsSaved"]) == (1, 2, 1)
+        assert field in status["message"] and status["accuracy"] is not None  # evaluated after stopping

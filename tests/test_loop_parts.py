@@ -76,7 +76,7 @@ def test_dominant_share_counts_all_votes():
 
 
 def test_guard_fires_on_entropy_collapse_with_one_answer_everywhere():
-    guard = CollapseGuard(GuardSpec(patience=2))
+    guard = CollapseGuard(GuardSpec(patience=2, window=1))
     assert not guard.observe(1, entropy=0.5, dominant_share=0.3, length=4.0, prompts=4)
     assert not guard.observe(2, entropy=0.0, dominant_share=0.4, length=4.0, prompts=4)  # confident, diverse
     assert not guard.observe(3, entropy=0.0, dominant_share=0.95, length=4.0, prompts=4)
@@ -85,7 +85,7 @@ def test_guard_fires_on_entropy_collapse_with_one_answer_everywhere():
 
 
 def test_guard_fires_on_length_collapse():
-    guard = CollapseGuard(GuardSpec(patience=1, length_ratio=0.5))
+    guard = CollapseGuard(GuardSpec(patience=1, length_ratio=0.5, window=1))
     assert not guard.observe(1, entropy=0.3, dominant_share=0.3, length=10.0, prompts=4)
     assert guard.observe(2, entropy=0.0, dominant_share=0.3, length=1.0, prompts=4)
     assert guard.healthy_version == 1

@@ -736,3 +736,53 @@ def test_no_kueue_workload_for_long_says_which_integration_to_enable(api, framew
     assert f"enable the {framework} integration" in plan.status["message"]
     assert "LocalQueue gpu-a" in plan.status["message"]
     assert ("Kueue v0.19" in plan.status["message"]) == (api == "pytorchjob")
+
+
+# --- budgets and early stops (issue 19) ------------------------------------------------------------------------
+
+def test_budgets_reach_each_run_from_the_experiment_or_the_dataset():
+    """`budget` applies to every dataset's run; a dataset's own `budget` replaces it whole."""
+    spec = spec_document(budget={"maxSteps": 20, "gpuHours": 2.5}, maxParallelRuns=2, datasets=[
+        {"name": "a", "path": "/data/a.json"}, {"name": "b", "path": "/data/b.json", "budget": {"maxSteps": 5}}])
+    runs = {run["spec"]["dataset"]: run["spec"]["run"]["budget"] for run in created(decide_exp(experiment(spec)))}
+    assert runs == {"a": {"maxSteps": 20, "gpuHours": 2.5}, "b": {"maxSteps": 5}}  # nulls are left out
+
+
+@pytest.mark.parametrize("reason, words", [
+    ("MaxStepsReached", "its step budget is spent (budget.maxSteps)"),
+    ("GpuHoursSpent", "its device-hour budget is spent (budget.gpuHours)"),
+    ("EarlyStopped", "the votes stopped changing (grpo.earlyStop)"),
+])
+def test_a_run_that_stopped_early_succeeds_and_its_status_says_why(reason, words):
+    run = run_case(phase="Running", status={"step": 19, "totalSteps": 52})
+    adapting = decide(run, job(run, running()), progress=parse_progress({
+        "stage": "evaluating-after", "step": 20, "totalSteps": 52, "stopReason": reason, "stepsSaved": 32}))
+    assert (adapting.status["phase"], adapting.status["stopReason"], adapting.status["stepsSaved"]) == \
+        ("Running", reason, 32)
+    done = decide(run | {"status": adapting.status}, job(run, succeeded()), progress=parse_progress({
+        "stage": "finished", "step": 20, "totalSteps": 52, "stopReason": reason, "stepsSaved": 32,
+        "accuracy": 0.5}))
+    status = done.status
+    assert (status["phase"], status["reason"], status["stopReason"], status["stepsSaved"]) == \
+        ("Succeeded", reason, reason, 32)
+    assert status["message"].endswith(f"adapting stopped at step 20, 32 steps saved: {words}")
+    assert conditions(status)["Succeeded"] == ("True", reason)
+    # The experiment's row carries the message: the reason is not the plain TrainerSucceeded.
+    exp = experiment(spec_document())
+    row = decide_exp(exp, [run_of(exp, "mmmu", phase="Succeeded", status=status)]).status["datasets"][0]
+    assert words in row["message"]
+
+
+def test_a_run_that_ran_all_its_epochs_says_nothing_about_stopping():
+    run = run_case(phase="Running")
+    status = decide(run, job(run, succeeded()), progress=parse_progress({"stage": "finished", "step": 52,
+                                                                          "totalSteps": 52})).status
+    assert (status["reason"], status.get("stopReason"), status.get("stepsSaved")) == ("TrainerSucceeded", None, None)
+
+
+def test_progress_names_an_unknown_stop_reason_and_keeps_the_rest():
+    progress = parse_progress({"step": 3, "stopReason": "Bored", "stepsSaved": -1})
+    assert (progress.step, progress.stop_reason, progress.steps_saved) == (3, None, None)
+    assert progress.problems == ("stepsSaved: -1 is outside [0, inf]",
+                                 "stopReason: 'Bored' is not one of EarlyStopped, MaxStepsReached, GpuHoursSpent, "
+                                 "CollapseGuard")

@@ -32,7 +32,16 @@ from ttrv.data import Example, Prompt
 from ttrv.evaluate import EvalProgress, Shards, evaluate, evaluation_passes
 from ttrv.fsutil import strict_json
 from ttrv.grpo import ttrv_advantages
-from ttrv.guard import CollapseGuard, dominant_share
+from ttrv.guard import (
+    COLLAPSED,
+    EARLY_STOPPED,
+    CollapseGuard,
+    EarlyStop,
+    budget_spent,
+    devices,
+    dominant_share,
+    majority_share,
+)
 from ttrv.learner import Learner, World
 from ttrv.policy import PromptEncoder, collate
 from ttrv.reward import extract_answer, normalized_entropy, vote_rewards
@@ -117,6 +126,8 @@ class RunState:
     cursor: Cursor = field(default_factory=Cursor)
     step: int = 0
     guard: dict = field(default_factory=dict)
+    early_stop: dict = field(default_factory=dict)
+    stop: dict = field(default_factory=dict)  # why and where the run stopped before its last epoch
     before: dict = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
     checkpoint_step: int | None = None
@@ -241,6 +252,7 @@ def adaptation_step(ctx: RunContext, step: int, batch: list[Prompt], timer: Step
         "response_length": sum(lengths) / len(lengths),
         "valid_ratio": sum(a is not None for row in answers for a in row) / len(lengths),
         "dominant_share": dominant_share(answers),
+        "majority_share": majority_share(answers),
         "sampled_tokens": sum(lengths),
         "prompts": len(answers),
     }
@@ -275,11 +287,12 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
     the report's curve): labels stay in that callback and never reach the loop."""
     spec = ctx.spec
     guard = CollapseGuard(spec.guard, **state.guard)
+    early_stop = EarlyStop(spec.grpo.early_stop, **state.early_stop)
     progress = _progress_bar(ctx.total_steps, state.step, ctx.world)
     if ctx.world.is_main:
         write_progress(ctx, state, ADAPTING)
     with ctx.preemption.deferred_to_step_end():
-        guard_fired_at = _steps(ctx, state, guard, progress, metrics, probe)
+        guard_fired_at = _steps(ctx, state, guard, early_stop, progress, metrics, probe)
     progress.close()
     rollback = None
     if guard_fired_at is not None:
@@ -287,11 +300,14 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
         restore_version(ctx, rollback)
         logger.warning("collapse_guard_fired", step=guard_fired_at, rolled_back_to=rollback or "base")
     return {"steps": state.step, "total_steps": ctx.total_steps, "guard_fired_at": guard_fired_at,
-            "rolled_back_to": rollback}
+            "rolled_back_to": rollback, "stop_reason": state.stop.get("reason"),
+            "steps_saved": state.stop.get("stepsSaved", 0)}
 
 
-def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, progress, metrics, probe) -> int | None:
-    """adapt's steps, until the epochs are done or the guard fires (its step is returned)."""
+def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, early_stop: EarlyStop, progress, metrics,
+           probe) -> int | None:
+    """adapt's steps, until the epochs are done, the guard fires (its step is returned), the budget is spent or
+    early stopping stops the run (`state.stop` says which)."""
     spec = ctx.spec
     step_seconds: list[float] = []
     while state.cursor.epoch < spec.grpo.epochs:
@@ -305,7 +321,7 @@ def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, progress, met
             if ctx.world.is_main:
                 ctx.store.publish_weights(version, tensors, kind=weights_kind(spec), base_model=spec.model.path,
                                           dtype=dtype_name(ctx.learner.dtype), extra_files=ctx.learner.weight_files())
-                protected = {v for v in (state.checkpoint_step, guard.healthy_version) if v}
+                protected = {v for v in (state.checkpoint_step,) if v} | guard.protected_versions()
                 ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
             del tensors
             ctx.collectives.barrier()
@@ -325,8 +341,10 @@ def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, progress, met
                 record["subset_accuracy"] = round(accuracy, 4)
         fired = guard.observe(version, step_metrics["entropy"], step_metrics["dominant_share"],
                               step_metrics["response_length"], step_metrics["prompts"])
-        state.guard = {"first_length": guard.first_length, "streak": guard.streak,
-                       "healthy_version": guard.healthy_version}
+        state.guard = guard.state()
+        stop_reason = _stop_reason(ctx, state, early_stop, step_metrics, fired)
+        if stop_reason:
+            record["stop"] = state.stop
         if ctx.world.is_main:
             state.events.append(record)
             _append_event(ctx.events, record)
@@ -349,6 +367,28 @@ def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, progress, met
             raise Preempted(f"preempted after step {version}; checkpoint written")
         if fired:
             return version
+        if stop_reason:
+            return None
+    return None
+
+
+def _stop_reason(ctx: RunContext, state: RunState, early_stop: EarlyStop, step_metrics: dict,
+                 guard_fired: bool) -> str | None:
+    """Why the run stops after this step, if it does: the collapse guard, the budget, or early stopping (in that
+    order; all of them are observed every step so their windows stay current). Sets `state.stop`, which
+    events.jsonl, progress.json and report.json carry."""
+    spec = ctx.spec
+    converged = early_stop.observe(state.step, step_metrics)
+    state.early_stop = early_stop.state()
+    reason = (COLLAPSED if guard_fired else budget_spent(spec.budget, state.step, state.elapsed_seconds, devices(spec))
+              or (EARLY_STOPPED if converged else None))
+    # Ranks time their steps apart: every rank takes rank 0's decision, so that they stop together.
+    reason = ctx.collectives.all_gather_object(reason)[0]
+    if reason and state.step < ctx.total_steps:
+        state.stop = {"reason": reason, "step": state.step, "stepsSaved": ctx.total_steps - state.step}
+        logger.info("run_stopping", reason=reason, step=state.step, steps_saved=state.stop["stepsSaved"],
+                    signal=spec.grpo.early_stop.signal if reason == EARLY_STOPPED else None)
+        return reason
     return None
 
 
@@ -395,6 +435,7 @@ def write_progress(ctx: RunContext, state: RunState, stage: str, **fields) -> No
         "progressPercentage": round(100.0 * state.step / total, 1) if total else 100.0,
         "step": state.step, "totalSteps": total, "weightVersion": state.step or None,
         "checkpointStep": state.checkpoint_step, "baseAccuracy": state.before.get("accuracy"), "accuracy": None,
+        "stopReason": state.stop.get("reason"), "stepsSaved": state.stop.get("stepsSaved"),
         **fields,
         "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })

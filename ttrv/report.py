@@ -1,5 +1,5 @@
 """The run's report: `report.json` (numbers) and `report.png` (reward, vote entropy, response length and accuracy
-per step), written atomically."""
+per step, and where adapting stopped early and why), written atomically."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def write_report(out: Path, report: dict, events: list[dict]) -> Path:
     atomic_write(out / "report.json", (strict_json(report, where=str(out / "report.json"), indent=2) + "\n").encode())
     atomic_write(out / "report.png", plot(report, events))
     return out / "report.json"
+
+
+def stop_line(report: dict) -> tuple[int, str] | None:
+    """Where adapting stopped before its last epoch and why (report.json's `stop_reason`), for the plot."""
+    reason = report.get("stop_reason")
+    if not reason:
+        return None
+    return report["steps"], f"{reason} at step {report['steps']}, {report.get('steps_saved', 0)} steps saved"
 
 
 def plot(report: dict, events: list[dict]) -> bytes:
@@ -59,6 +67,10 @@ def plot(report: dict, events: list[dict]) -> bytes:
         if base is not None and final is not None:
             ax.plot([0, last], [base, final], style, marker="s", label=label)
     ax.set_ylim(0, 1)
+    stopped = stop_line(report)
+    if stopped is not None:
+        for axis in axes.flat:
+            axis.axvline(stopped[0], color="tab:red", lw=1.0, ls="--", label=stopped[1])
     ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (4 options)")
     ax.set_title("accuracy (labels used only here)")
     ax.set_xlabel("step")
@@ -69,6 +81,8 @@ def plot(report: dict, events: list[dict]) -> bytes:
         title += f": test accuracy {report['base_accuracy']:.3f} -> {report['final_accuracy']:.3f}"
     if report.get("guard_fired_at"):
         title += f"  (collapse guard fired at step {report['guard_fired_at']})"
+    elif stopped is not None:
+        title += f"  ({stopped[1]})"
     fig.suptitle(title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -28,7 +28,7 @@ from ttrv.spec.names import (
     check_label_value,
     check_mount_path,
 )
-from ttrv.spec.run import AdaptationSettings, DataSpec, RunSpec
+from ttrv.spec.run import AdaptationSettings, BudgetSpec, DataSpec, RunSpec
 
 ImageReference = Annotated[str, AfterValidator(check_image_reference)]
 LabelKey = Annotated[str, AfterValidator(check_label_key)]
@@ -43,6 +43,8 @@ def _queue_name(value: str) -> str:
 class DatasetSpec(DataSpec):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     """Dataset name (DNS label): names its adaptation run."""
+    budget: BudgetSpec | None = None
+    """This dataset's limits, replacing the experiment's `budget` as a whole (null: the experiment's)."""
 
 
 class ImageSpec(StrictModel):
@@ -154,7 +156,9 @@ class ExperimentSpec(AdaptationSettings):
         if entry is None:
             raise SpecError(f"datasets: no dataset named {dataset!r}; known: {[d.name for d in self.datasets]}")
         shared = {name: getattr(self, name) for name in AdaptationSettings.model_fields}
-        data = DataSpec(**entry.model_dump(exclude={"name"}))
+        data = DataSpec(**entry.model_dump(exclude={"name", "budget"}))
+        if entry.budget is not None:
+            shared["budget"] = entry.budget
         storage = self.storage.model_copy(
             update={"uri": storage_uri or f"{self.storage.uri.rstrip('/')}/{dataset}"}
         )

@@ -109,6 +109,10 @@ class AdaptationRunStatus(StrictModel):
     """Prompts of all the passes of the evaluation in progress."""
     eval_progress: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
     """Percent of the evaluation in progress done (set while the trainer evaluates)."""
+    stop_reason: str | None = None
+    """Why adapting stopped before its last epoch: EarlyStopped, MaxStepsReached, GpuHoursSpent or CollapseGuard."""
+    steps_saved: Annotated[int, Field(ge=0)] | None = None
+    """Steps of the epochs not taken because adapting stopped early."""
     restarts: Annotated[int, Field(ge=0)] = 0
     """Trainer restarts after retryable failures (in place by the training operator, or a new PyTorchJob)."""
     last_restart: str | None = None
