@@ -1,4 +1,4 @@
-"""The pure builders of ttrv/manifests.py and `ttrv render`: every object valid against the real schemas, and
+"""The pure builders of ttrv/manifests/ and `ttrv render`: every object valid against the real schemas, and
 each feature of the contract (names, owners, Kueue, security, network policy, secrets) checked on its own."""
 
 from __future__ import annotations

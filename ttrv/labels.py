@@ -1,4 +1,4 @@
-"""Label keys and values of the objects an Experiment makes, in one place: the builders (ttrv/manifests.py) set
+"""Label keys and values of the objects an Experiment makes, in one place: the builders (ttrv/manifests/) set
 them, the operator (operators/) selects on them. KubeRay keeps its own the same way, as constants in one file
 (ray-operator/controllers/ray/utils/constant.go: RayClusterLabelKey, KubernetesApplicationNameLabelKey, ...).
 """

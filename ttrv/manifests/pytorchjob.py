@@ -1,0 +1,90 @@
+"""The trainer as a Kubeflow training-operator v1 PyTorchJob (kubeflow.org/v1)."""
+
+
+from __future__ import annotations
+
+from typing import Any
+
+from ttrv.labels import (
+    TRAINER,
+)
+from ttrv.manifests.common import (
+    _WRITABLE_ENV,
+    MASTER_PORT,
+    MASTER_PORT_NAME,
+    METRICS_PORT,
+    TRAIN_COMMAND,
+    TRAINER_CONTAINER,
+    _Context,
+    _mounts,
+    _pod_spec,
+    _resources,
+    _trainer_env,
+    container_security_context,
+)
+
+
+def _trainer_job(ctx: _Context) -> dict:
+    run = ctx.spec.run
+    res = run.resources
+    scheduling = ctx.spec.scheduling
+    env = _WRITABLE_ENV + _trainer_env(ctx)
+    container = {
+        "name": TRAINER_CONTAINER,
+        "image": ctx.spec.image.trainer,
+        "imagePullPolicy": ctx.spec.image.pull_policy,
+        # torchrun's launcher (ttrv.launch) takes nnodes, nproc-per-node, node rank and master address from the
+        # PET_* variables that the training operator sets in every replica, and exits with the failing worker's
+        # own code, which restartPolicy ExitCode needs (plain torchrun exits 1 for any worker failure).
+        "command": TRAIN_COMMAND,
+        "env": env,
+        "ports": [
+            {"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(res.cpu, res.memory, res.gpus_per_node),
+        "volumeMounts": _mounts(ctx),
+        "securityContext": container_security_context(),
+        # A trainer that fails leaves the tail of its log as the pod's termination message, which the operator
+        # copies into the run's status: why a run failed, without `kubectl logs` of a pod that may be gone.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+    def replica(count: int) -> dict:
+        return {
+            "replicas": count,
+            # Exit codes 128-255 (signals, the trainer's retryable failures) restart the pod, up to backoffLimit;
+            # 1-127 fail the job at once.
+            "restartPolicy": "ExitCode",
+            "template": {
+                "metadata": {"labels": ctx.labels(TRAINER)},
+                "spec": _pod_spec(ctx, container, res.gpus_per_node),
+            },
+        }
+
+    replicas = {"Master": replica(1)}
+    if res.nodes > 1:
+        replicas["Worker"] = replica(res.nodes - 1)
+    run_policy: dict[str, Any] = {
+        "backoffLimit": scheduling.backoff_limit,
+        "ttlSecondsAfterFinished": scheduling.ttl_seconds_after_finished,
+        # Once the master is done, workers still holding GPUs are deleted.
+        "cleanPodPolicy": "Running",
+        # Kueue admits a job by unsuspending it; created running, it would start before admission.
+        "suspend": ctx.spec.suspend or bool(scheduling.queue_name),
+    }
+    if scheduling.priority_class_name:
+        # Read by gang schedulers (Volcano, scheduler-plugins) for the PodGroup; the pods carry it as well.
+        run_policy["schedulingPolicy"] = {"priorityClass": scheduling.priority_class_name}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": ctx.metadata(f"{ctx.name}-trainer", TRAINER, ctx.queue_labels),
+        "spec": {
+            "nprocPerNode": str(res.nproc_per_node),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+

@@ -1,0 +1,98 @@
+"""The rollout service's objects: its Deployment, Service and NetworkPolicy."""
+
+
+from __future__ import annotations
+
+from ttrv.labels import (
+    DATASET_LABEL,
+    EXPERIMENT_LABEL,
+    ROLLOUT,
+    TRAINER,
+)
+from ttrv.manifests.common import (
+    _WRITABLE_ENV,
+    ROLLOUT_PORT,
+    SPEC_PATH,
+    _Context,
+    _mounts,
+    _pod_spec,
+    _resources,
+    _store_env,
+    container_security_context,
+)
+
+
+def _rollout_deployment(ctx: _Context) -> dict:
+    run = ctx.spec.run
+    gpus = run.resources.rollout_gpus
+    image = ctx.spec.image
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
+    container = {
+        "name": "rollout",
+        "image": image.rollout,
+        "imagePullPolicy": image.pull_policy,
+        # `ttrv serve` builds vLLM's flags from the spec file, the pod's GPUs and memory share included
+        # (ttrv.rollout.vllm_process.vllm_flags): none are passed here.
+        "command": ["ttrv", "serve", "--spec", SPEC_PATH, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)],
+        "env": _WRITABLE_ENV + _store_env(ctx),
+        "ports": [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
+        # Loading a checkpoint and compiling CUDA graphs takes minutes: up to 30 before liveness applies.
+        "startupProbe": probe | {"failureThreshold": 180},
+        "readinessProbe": probe | {"failureThreshold": 3},
+        "livenessProbe": probe | {"failureThreshold": 6},
+        "resources": _resources(run.resources.rollout_cpu or run.resources.cpu,
+                                run.resources.rollout_memory or run.resources.memory, gpus),
+        "volumeMounts": _mounts(ctx),
+        "securityContext": container_security_context(),
+    }
+    selector = ctx.selector(ROLLOUT)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        # Kueue (deployment integration) reads the queue label on the Deployment and copies it to the pods.
+        "metadata": ctx.metadata(ctx.rollout_name, ROLLOUT, ctx.queue_labels),
+        "spec": {
+            "replicas": 0 if ctx.spec.suspend else 1,
+            "selector": {"matchLabels": selector},
+            # A rolling update would hold a second set of GPUs; the trainer waits out the restart instead.
+            "strategy": {"type": "Recreate"},
+            "template": {
+                "metadata": {"labels": ctx.labels(ROLLOUT)},
+                "spec": _pod_spec(ctx, container, gpus),
+            },
+        },
+    }
+
+
+def _rollout_service(ctx: _Context) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": ctx.metadata(ctx.rollout_name, ROLLOUT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": ctx.selector(ROLLOUT),
+            "ports": [{"name": "http", "port": ROLLOUT_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _rollout_network_policy(ctx: _Context) -> dict:
+    """Only this run's trainer pods reach the rollout pods, on the HTTP port; nothing else gets in. Both selectors
+    name the run's whole identity: run names alone can coincide (experiment a-b with dataset c, a with b-c)."""
+    identity = {EXPERIMENT_LABEL: ctx.spec.experiment, DATASET_LABEL: ctx.spec.dataset}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": ctx.metadata(ctx.rollout_name, ROLLOUT),
+        "spec": {
+            "podSelector": {"matchLabels": ctx.selector(ROLLOUT) | identity},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": ctx.selector(TRAINER) | identity}}],
+                "ports": [{"protocol": "TCP", "port": ROLLOUT_PORT}],
+            }],
+        },
+    }
+
+

@@ -1,0 +1,196 @@
+"""The trainer as a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1), and the training runtime every
+ttrv TrainJob references."""
+
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from ttrv.labels import (
+    TRAINER,
+)
+from ttrv.manifests.common import (
+    _WRITABLE_ENV,
+    ANCESTOR_LABEL,
+    METRICS_PORT,
+    RUNTIME_NAME,
+    RUNTIME_PATCH_MANAGER,
+    TRAIN_COMMAND,
+    TRAINER_API_GROUP,
+    TRAINER_API_VERSION,
+    TRAINJOB_CONTAINER,
+    TRAINJOB_REPLICATED_JOB,
+    RuntimeRef,
+    _Context,
+    _mounts,
+    _resources,
+    _trainer_env,
+    _volumes,
+    container_security_context,
+    pod_security_context,
+    resource_dump,
+)
+from ttrv.spec.experiment import ImageSpec
+
+# --- Kubeflow Trainer v2 ------------------------------------------------------------------------------------------
+
+def _typed(model_name: str, obj: dict) -> dict:
+    """`obj` through the typed model `model_name` of kubeflow-trainer-api: the model fixes the shape Kubeflow's own
+    SDK writes. The generated models ignore keys they do not know (pydantic's default), so the round trip must give
+    `obj` back unchanged: a key the model dropped is a field TrainJob does not have, and fails here by name."""
+    from importlib import import_module  # 0.8 s of generated models: only when a TrainJob is built
+
+    module = import_module("kubeflow_trainer_api.models." + _snake(model_name))
+    typed = getattr(module, model_name).from_dict(obj).to_dict()
+    if typed != obj:
+        raise ValueError(f"{model_name}: kubeflow-trainer-api does not round-trip this object; differing keys: "
+                         f"{_differences(obj, typed)}")
+    return typed
+
+
+def _snake(name: str) -> str:
+    out = ""
+    for index, char in enumerate(name):
+        if char.isupper() and index and (not name[index - 1].isupper() or
+                                         (index + 1 < len(name) and name[index + 1].islower())):
+            out += "_"
+        out += char.lower()
+    return out
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [found for key in sorted(set(a) | set(b))
+                for found in _differences(a.get(key), b.get(key), f"{path}.{key}" if path else key)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [found for index, (x, y) in enumerate(zip(a, b, strict=True)) for found in _differences(x, y, f"{path}[{index}]")]
+    return [] if a == b else [path]
+
+
+def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
+    """The run's trainer as a TrainJob. What differs per run goes into the TrainJob (image, command, env, nodes,
+    processes, resources; the pods' labels, the spec ConfigMap, data volumes and GPU placement as ttrv's entry in
+    spec.runtimePatches); what every run shares is the runtime's (training_runtime below).
+
+    The torch plugin sets PET_NNODES (numNodes), PET_NPROC_PER_NODE (numProcPerNode), PET_NODE_RANK (the Job's
+    completion index), PET_MASTER_ADDR (<trainjob>-node-0-0.<trainjob>) and PET_MASTER_PORT (29500) in the
+    container named `node` (kubeflow/trainer pkg/runtime/framework/plugins/torch/torch.go EnforceMLPolicy), which
+    `ttrv train`'s launcher reads as it does under the v1 training operator. Env for the `node` container may only
+    come through spec.trainer.env: the webhook refuses it in a runtime patch (plugins/jobset/jobset.go Validate).
+    Kubeflow merges ttrv's patch into the runtime's JobSet template with a strategic merge patch (volumes and
+    containers by name, volumeMounts by mountPath; pkg/runtime/core/trainingruntime.go mergeRuntimePatches).
+    """
+    res = ctx.spec.run.resources
+    scheduling = ctx.spec.scheduling
+    pod_spec: dict[str, Any] = {
+        "volumes": [volume for volume in _volumes(ctx) if "emptyDir" not in volume],
+        "containers": [{"name": TRAINJOB_CONTAINER,
+                        "volumeMounts": [mount for mount in _mounts(ctx)
+                                         if mount["name"] not in _RUNTIME_VOLUMES]}],
+    }
+    if res.gpus_per_node:
+        if scheduling.node_selector:
+            pod_spec["nodeSelector"] = dict(scheduling.node_selector)
+        if scheduling.tolerations:
+            pod_spec["tolerations"] = [resource_dump(t) for t in scheduling.tolerations]
+    patch = {
+        "manager": RUNTIME_PATCH_MANAGER,
+        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+            "name": TRAINJOB_REPLICATED_JOB,
+            "template": {"spec": {"template": {
+                "metadata": {"labels": ctx.labels(TRAINER)},
+                "spec": pod_spec,
+            }}},
+        }]}}},
+    }
+    job = {
+        "apiVersion": TRAINER_API_VERSION,
+        "kind": "TrainJob",
+        # Kueue's trainjob integration reads the queue label on the TrainJob (pkg/controller/jobs/trainjob).
+        "metadata": ctx.metadata(f"{ctx.name}-trainer", TRAINER, ctx.queue_labels),
+        "spec": {
+            "runtimeRef": {"apiGroup": TRAINER_API_GROUP, "kind": runtime.kind, "name": runtime.name},
+            "trainer": {
+                "image": ctx.spec.image.trainer,
+                "command": TRAIN_COMMAND,
+                "env": _trainer_env(ctx),
+                "numNodes": res.nodes,
+                "numProcPerNode": res.nproc_per_node,
+                "resourcesPerNode": _resources(res.cpu, res.memory, res.gpus_per_node),
+            },
+            "runtimePatches": [patch],
+            # Kueue admits a TrainJob by unsuspending it; created running, it would start before admission.
+            "suspend": ctx.spec.suspend or bool(scheduling.queue_name),
+        },
+    }
+    return _typed("TrainerV1alpha1TrainJob", job)
+
+
+# The runtime's own emptyDirs (every run has them); a run adds its spec ConfigMap and data volumes by patch.
+_RUNTIME_VOLUMES = ("tmp", "cache", "shm")
+
+
+def training_runtime(kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime",
+                     name: str = RUNTIME_NAME, namespace: str | None = None, image: str | None = None,
+                     pull_policy: str = "IfNotPresent", extra_labels: Mapping[str, str] | None = None) -> dict:
+    """The runtime every ttrv TrainJob references: one replicated job `node` of the run's nodes, running `ttrv
+    train` under the restricted pod security profile. The operator chart renders the same object (a test compares
+    them): a ClusterTrainingRuntime, or a TrainingRuntime per namespace for a namespaced install.
+
+    Shaped like Kubeflow's own torch-distributed runtime (manifests/base/runtimes/torch_distributed.yaml:
+    mlPolicy.torch, a replicated job and container named `node` labelled trainjob-ancestor-step=trainer).
+
+    Exit codes: the Job runs its pods with restartPolicy Never and backoffLimit 0, so the trainer's first non-zero
+    exit fails its Job, and a failed Job fails the JobSet (no failurePolicy: "The JobSet is always declared failed
+    if any job in the set finished with status failed", jobset api/jobset/v1alpha2/jobset_types.go), which the
+    TrainJob reports as its Failed condition (plugins/jobset/jobset.go Status). The operator then reads the exit
+    code from the pod: 1-127 fails the run, 128-255 starts a new TrainJob within scheduling.backoffLimit
+    (operators/runs.py), the same budget the PyTorchJob path keeps. JobSet restarts (failurePolicy.maxRestarts)
+    are left at zero so that one budget, the run's, counts every restart.
+    """
+    container = {
+        "name": TRAINJOB_CONTAINER,
+        # Each TrainJob sets its own image (spec.trainer.image); this one only serves a TrainJob that sets none.
+        "image": image or ImageSpec().trainer,
+        "imagePullPolicy": pull_policy,
+        "command": TRAIN_COMMAND,
+        "env": list(_WRITABLE_ENV),
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "cache", "mountPath": "/cache"},
+                         {"name": "shm", "mountPath": "/dev/shm"}],
+        "securityContext": container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod = {
+        "restartPolicy": "Never",
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "emptyDir": {}},
+                    {"name": "shm", "emptyDir": {"medium": "Memory"}}],
+    }
+    # Kubeflow's own runtimes carry the framework label (the SDK lists runtimes by it); the chart adds its labels.
+    metadata: dict[str, Any] = {"name": name,
+                                "labels": {"trainer.kubeflow.org/framework": "torch"} | dict(extra_labels or {})}
+    if namespace:
+        metadata["namespace"] = namespace
+    runtime = {
+        "apiVersion": TRAINER_API_VERSION,
+        "kind": kind,
+        "metadata": metadata,
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {}},
+            "template": {"spec": {"replicatedJobs": [{
+                "name": TRAINJOB_REPLICATED_JOB,
+                "replicas": 1,
+                "template": {
+                    "metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
+                    "spec": {"backoffLimit": 0, "template": {"spec": pod}},
+                },
+            }]}},
+        },
+    }
+    model = "TrainerV1alpha1ClusterTrainingRuntime" if kind == "ClusterTrainingRuntime" else \
+        "TrainerV1alpha1TrainingRuntime"
+    return _typed(model, runtime)
