@@ -25,7 +25,6 @@ from k8s_util import (
 from ttrv.manifests import (
     RUN_NAME_MAX,
     RuntimeRef,
-    _typed,
     adaptation_run,
     experiment_objects,
     resolve_trainer_api,
@@ -35,6 +34,7 @@ from ttrv.manifests import (
     run_store_uri,
     training_runtime,
 )
+from ttrv.manifests.trainjob import _typed
 from ttrv.spec import (
     RESERVED_MOUNT_PATHS,
     AdaptationRunSpec,
