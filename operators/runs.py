@@ -53,14 +53,22 @@ from operators.conditions import (
     set_conditions,
 )
 from operators.progress import Progress
-from ttrv import exitcodes
-from ttrv.labels import REPLICA_TYPE_LABEL
+from operators.trainers import (
+    finished,
+    kueue_pending,
+    kueue_preemption,
+    ran,
+    rollout_ready,
+    running,
+    succeeded_condition,
+    suspended,
+    trainer_exit,
+    trainer_failure,
+)
 from ttrv.manifests import (
     PYTORCHJOB,
-    TRAINER_CONTAINER,
     TRAINER_KINDS,
     TRAINJOB,
-    TRAINJOB_CONTAINER,
     RuntimeRef,
     resolve_trainer_api,
     run_children,
@@ -73,7 +81,6 @@ TRAINER = "PyTorchJob"  # the v1 kind; TRAINER_KINDS names both
 ROLLOUT = "Deployment"
 # What the training operator writes into a Failed condition when it gave up for a reason other than an exit code
 # (pkg/controller.v1/common/job.go): those failures are worth another PyTorchJob.
-_RETRYABLE_FAILURE_MARKERS = ("backoff limit", "deadline")
 
 
 @dataclass(frozen=True)
@@ -101,17 +108,6 @@ class Observed:
     """An API every run uses whatever it asks (the local stand-in runs either as local processes)."""
     auto_api: str | None = None
     """What runs that ask `auto` get (the operator's TTRV_TRAINER_API); None: TrainJob if served, else PyTorchJob."""
-
-
-@dataclass(frozen=True)
-class Exit:
-    code: int
-    message: str
-
-    def describe(self) -> str:
-        meaning = exitcodes.meaning(self.code)
-        text = f"exit code {self.code}" + (f" ({meaning})" if meaning else "")
-        return text + (f": {self.message.strip()}" if self.message.strip() else "")
 
 
 # --- what the handler needs to read ------------------------------------------------------------------------------
@@ -168,30 +164,8 @@ def wants_pods(job: Mapping | None) -> bool:
     return is_true(conditions, "Failed") or is_true(conditions, "Restarting")
 
 
-def trainer_kind(job: Mapping | None) -> str:
-    return (job or {}).get("kind") or TRAINER
-
-
-def _succeeded(job: Mapping) -> dict | None:
-    """The trainer's success condition: PyTorchJob Succeeded, TrainJob Complete (kubeflow/trainer
-    pkg/apis/trainer/v1alpha1/trainjob_types.go TrainJobComplete, copied from the JobSet's Completed condition by
-    pkg/runtime/framework/plugins/jobset/jobset.go Status)."""
-    conditions = job.get("status", {}).get("conditions")
-    kind = "Complete" if trainer_kind(job) == "TrainJob" else "Succeeded"
-    return condition(conditions, kind) if is_true(conditions, kind) else None
-
-
-def _running(job: Mapping) -> bool:
-    """PyTorchJob: its Running condition. A TrainJob has none (Suspended, Complete, Failed only): it runs while
-    unsuspended with a ready child Job (status.jobsStatus[].ready counts Jobs whose pods are all ready or done)."""
-    if trainer_kind(job) != "TrainJob":
-        return is_true(job.get("status", {}).get("conditions"), "Running")
-    return not _suspended(job) and not _finished(job) and any(
-        (entry.get("ready") or 0) > 0 for entry in job.get("status", {}).get("jobsStatus") or [])
-
-
 def wants_workload(job: Mapping | None, kueue_enabled: bool) -> bool:
-    return kueue_enabled and job is not None and _suspended(job)
+    return kueue_enabled and job is not None and suspended(job)
 
 
 def wants_progress(run: Mapping, job: Mapping | None) -> bool:
@@ -199,7 +173,7 @@ def wants_progress(run: Mapping, job: Mapping | None) -> bool:
     if (run.get("status") or {}).get("phase") in RUN_FINISHED or job is None:
         return False
     conditions = job.get("status", {}).get("conditions")
-    return _running(job) or _finished(job) or is_true(conditions, "Restarting")
+    return running(job) or finished(job) or is_true(conditions, "Restarting")
 
 
 # --- the decision ------------------------------------------------------------------------------------------------
@@ -257,7 +231,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
     # 1. Finished runs stay finished.
     if previous.get("phase") in RUN_FINISHED:
         scale_rollout(0)
-        if job is not None and not _finished(job):
+        if job is not None and not finished(job):
             delete_job()
         return done(previous["phase"], previous.get("reason", ""), previous.get("message", ""))
 
@@ -279,7 +253,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
     resume_from = _resume_note(o, previous)
 
     # 2. The trainer's end decides.
-    succeeded = _succeeded(job) if job is not None else None
+    succeeded = succeeded_condition(job) if job is not None else None
     if succeeded is not None:
         scale_rollout(0)
         finished_at = succeeded.get("lastTransitionTime") or rfc3339(o.now)
@@ -288,7 +262,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
             return done("Succeeded", stopped, f"{kind} {job_name} succeeded; {_stop_note(o.progress)}",
                         completionTime=finished_at)
         return done("Succeeded", "TrainerSucceeded", f"{kind} {job_name} succeeded", completionTime=finished_at)
-    failure = _failure(job, o.pods) if job is not None and is_true(conditions, "Failed") else None
+    failure = trainer_failure(job, o.pods) if job is not None and is_true(conditions, "Failed") else None
     if failure is not None and failure.permanent:
         scale_rollout(0)
         return done("Failed", "TrainerFailed", f"trainer failed with {failure.describe()}",
@@ -302,7 +276,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         if job is not None:
             if managed or failure is not None:
                 delete_job()
-            elif not _suspended(job):
+            elif not suspended(job):
                 suspend_job(True)
         return done("Suspended", "Suspended", f"the experiment is suspended; {resume_from} when it resumes")
 
@@ -345,7 +319,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         updates: dict = {}
         if stamp != previous.get("lastRestart"):
             restarts += 1
-            exit_ = _trainer_exit(o.pods, kind)
+            exit_ = trainer_exit(o.pods, kind)
             updates = {"restarts": restarts, "lastRestart": stamp}
             if exit_ is not None:
                 updates["exitCode"] = exit_.code
@@ -364,7 +338,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
 
     # 5. No trainer yet: it waits for the rollout service.
     if job is None:
-        if "Deployment" in desired and not _ready(deployment):
+        if "Deployment" in desired and not rollout_ready(deployment):
             ready = (deployment or {}).get("status", {}).get("readyReplicas", 0) or 0
             return done("Queued", "WaitingForRollout",
                         f"rollout service {desired['Deployment']['metadata']['name']} has {ready} of 1 replicas "
@@ -374,17 +348,17 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         return done("Queued", "TrainerCreated", f"created {kind} {job_name}{queued}")
 
     # 6. A suspended trainer: resumed by the operator, or held by Kueue.
-    if _suspended(job):
+    if suspended(job):
         if not managed:
             suspend_job(False)
             return done("Queued", "Resuming", f"unsuspending {kind} {job_name}; {resume_from}")
-        if _ran(job, previous):  # it ran, and Kueue suspended it again
-            reason, message = _kueue_preemption(o.workload)
+        if ran(job, previous):  # it ran, and Kueue suspended it again
+            reason, message = kueue_preemption(o.workload)
             return done("Preempted", reason, f"{message}; {resume_from} when Kueue admits it again")
-        reason, message = _kueue_pending(o.workload, spec.scheduling.queue_name, kind, job, o.now)
+        reason, message = kueue_pending(o.workload, spec.scheduling.queue_name, kind, job, o.now)
         return done("Queued", reason, message)
 
-    if _running(job):
+    if running(job):
         started = previous.get("startTime") or job.get("status", {}).get("startTime") or rfc3339(o.now)
         return done("Running", "TrainerRunning", f"{kind} {job_name} is running", startTime=started)
     return done("Queued", "WaitingForPods", f"{kind} {job_name} is admitted; waiting for its pods to start")
@@ -407,123 +381,6 @@ def _stop_note(progress: Progress) -> str:
 def retry_delay(restarts: int) -> int:
     """Seconds between a retryable failure and the next trainer: 30, 60, 120, ... at most 600."""
     return min(RETRY_BASE_SECONDS * 2 ** restarts, RETRY_MAX_SECONDS)
-
-
-# --- reading the children ----------------------------------------------------------------------------------------
-
-def _finished(job: Mapping) -> bool:
-    return _succeeded(job) is not None or is_true(job.get("status", {}).get("conditions"), "Failed")
-
-
-def _suspended(job: Mapping) -> bool:
-    if trainer_kind(job) == "TrainJob":
-        return bool(job.get("spec", {}).get("suspend"))
-    return bool(job.get("spec", {}).get("runPolicy", {}).get("suspend"))
-
-
-def _ran(job: Mapping, previous: Mapping) -> bool:
-    """Whether a suspended trainer had started: a PyTorchJob keeps its Running condition (False) once it ran. A
-    TrainJob's conditions do not tell (Suspended flips True/Resumed/True again, trainjob_controller.go
-    setSuspendedCondition), so the run's own status does: it was Running, or Preempted already."""
-    if trainer_kind(job) == "TrainJob":
-        return previous.get("phase") in ("Running", "Preempted")
-    return condition(job.get("status", {}).get("conditions"), "Running") is not None
-
-
-def _ready(deployment: Mapping | None) -> bool:
-    return deployment is not None and (deployment.get("status", {}).get("readyReplicas") or 0) >= 1
-
-
-@dataclass(frozen=True)
-class _Failure:
-    permanent: bool
-    exit_code: int | None
-    detail: str
-    at: str | None
-
-    def describe(self) -> str:
-        return self.detail
-
-
-def _failure(job: Mapping, pods: Sequence[Mapping]) -> _Failure:
-    """Why a PyTorchJob failed: by the trainer's exit code when a pod still shows it; otherwise by the training
-    operator's message (under ExitCode, a replica failure fails the job only for a permanent exit code)."""
-    failed = condition(job.get("status", {}).get("conditions"), "Failed") or {}
-    message = failed.get("message", "")
-    exit_ = _trainer_exit(pods, trainer_kind(job))
-    if exit_ is not None:
-        return _Failure(not exitcodes.is_retryable(exit_.code), exit_.code, exit_.describe(),
-                        failed.get("lastTransitionTime"))
-    retryable = any(marker in message for marker in _RETRYABLE_FAILURE_MARKERS)
-    return _Failure(not retryable, None, f"an unknown exit code ({message})" if message else "an unknown exit code",
-                    failed.get("lastTransitionTime"))
-
-
-# The Job controller labels each pod of an Indexed Job with its completion index (Kubernetes 1.28+); JobSet's
-# node job is Indexed, and Trainer's torch plugin makes index 0 the master (PET_NODE_RANK from it).
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-
-
-def _trainer_exit(pods: Sequence[Mapping], kind: str = TRAINER) -> Exit | None:
-    """The trainer container's non-zero exit, master first: its code and termination message (the trainer writes
-    /dev/termination-log; Kubernetes falls back to the log's tail)."""
-    container = TRAINJOB_CONTAINER if kind == "TrainJob" else TRAINER_CONTAINER
-
-    def master_first(pod: Mapping) -> int:
-        labels = pod.get("metadata", {}).get("labels", {})
-        master = labels.get(COMPLETION_INDEX_LABEL) == "0" if kind == "TrainJob" else \
-            labels.get(REPLICA_TYPE_LABEL) == "master"
-        return 0 if master else 1
-
-    for pod in sorted(pods, key=master_first):
-        for status in pod.get("status", {}).get("containerStatuses") or []:
-            if status.get("name") != container:
-                continue
-            for state in (status.get("state"), status.get("lastState")):
-                terminated = (state or {}).get("terminated")
-                if terminated and terminated.get("exitCode"):
-                    return Exit(int(terminated["exitCode"]), terminated.get("message") or "")
-    return None
-
-
-# Kueue makes a job's Workload within moments of its creation; none after this long means Kueue does not manage it.
-NO_WORKLOAD_SECONDS = 120
-KUEUE_FRAMEWORKS = {
-    "TrainJob": "trainer.kubeflow.org/trainjob",
-    # On by default in Kueue's shipped configuration up to v0.18; off from v0.19 (kubernetes-sigs/kueue#12606).
-    "PyTorchJob": "kubeflow.org/pytorchjob",
-}
-
-
-def _kueue_pending(workload: Mapping | None, queue: str | None, kind: str = TRAINER, job: Mapping | None = None,
-                   now: datetime | None = None) -> tuple[str, str]:
-    """Kueue says why a Workload waits in its QuotaReserved condition (reason Pending, or Inadmissible when the
-    queue is missing or stopped), e.g. "couldn't assign flavors to pod set master: insufficient quota ..."."""
-    reserved = condition((workload or {}).get("status", {}).get("conditions"), "QuotaReserved")
-    if reserved is not None and reserved.get("status") == "False" and reserved.get("message"):
-        reason = "Inadmissible" if reserved.get("reason") == "Inadmissible" else "QuotaPending"
-        return reason, f"waiting for Kueue (LocalQueue {queue}): {reserved['message']}"
-    created = parse_time((job or {}).get("metadata", {}).get("creationTimestamp"))
-    if workload is None and created is not None and now is not None and \
-            (now - created).total_seconds() >= NO_WORKLOAD_SECONDS:
-        framework = KUEUE_FRAMEWORKS.get(kind, kind)
-        since = " (off by default since Kueue v0.19: use scheduling.trainerApi trainjob)" if kind == "PyTorchJob" else ""
-        return "NoKueueWorkload", (
-            f"Kueue has made no Workload for {kind} {job['metadata']['name']} in "
-            f"{human_duration((now - created).total_seconds())}: enable the {framework} integration in Kueue's "
-            f"configuration (integrations.frameworks){since}, and check that LocalQueue {queue} exists")
-    return "QuotaPending", f"the {kind} is suspended until Kueue admits it from LocalQueue {queue}"
-
-
-def _kueue_preemption(workload: Mapping | None) -> tuple[str, str]:
-    """An evicted Workload carries Evicted (reason Preempted) and, with details, Preempted (reason InClusterQueue,
-    InCohortReclamation, ...)."""
-    conditions = (workload or {}).get("status", {}).get("conditions")
-    for kind in ("Preempted", "Evicted"):
-        found = condition(conditions, kind)
-        if found is not None and found.get("status") == "True" and found.get("message"):
-            return "Preempted", f"Kueue preempted the trainer: {found['message']}"
-    return "Preempted", "Kueue suspended the trainer after it had started"
 
 
 def _resume_note(o: Observed, previous: Mapping) -> str:
