@@ -278,6 +278,16 @@ def _resources(cpu: str, memory: str, gpus: int) -> dict:
     return {"requests": {"cpu": cpu, "memory": memory} | gpu, "limits": {"memory": memory} | gpu}
 
 
+def _container(ctx: _Context, name: str, image: str, command: list[str], env: list[dict], ports: list[dict],
+               resources: dict, **kind_keys) -> dict:
+    """A ttrv container: the spec's pull policy, the writable-folder variables ahead of `env`, the run's mounts and
+    the hardened security context every ttrv container has; `kind_keys` are the kind's own (probes, the
+    termination message)."""
+    return {"name": name, "image": image, "imagePullPolicy": ctx.spec.image.pull_policy, "command": command,
+            "env": _WRITABLE_ENV + env, "ports": ports, **kind_keys, "resources": resources,
+            "volumeMounts": _mounts(ctx), "securityContext": container_security_context()}
+
+
 def _pod_spec(ctx: _Context, container: dict, gpus: int) -> dict:
     scheduling = ctx.spec.scheduling
     pod: dict[str, Any] = {

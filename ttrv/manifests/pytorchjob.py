@@ -9,18 +9,16 @@ from ttrv.labels import (
     TRAINER,
 )
 from ttrv.manifests.common import (
-    _WRITABLE_ENV,
     MASTER_PORT,
     MASTER_PORT_NAME,
     METRICS_PORT,
     TRAIN_COMMAND,
     TRAINER_CONTAINER,
+    _container,
     _Context,
-    _mounts,
     _pod_spec,
     _resources,
     _trainer_env,
-    container_security_context,
 )
 
 
@@ -28,27 +26,19 @@ def _trainer_job(ctx: _Context) -> dict:
     run = ctx.spec.run
     res = run.resources
     scheduling = ctx.spec.scheduling
-    env = _WRITABLE_ENV + _trainer_env(ctx)
-    container = {
-        "name": TRAINER_CONTAINER,
-        "image": ctx.spec.image.trainer,
-        "imagePullPolicy": ctx.spec.image.pull_policy,
+    container = _container(
+        ctx, TRAINER_CONTAINER, ctx.spec.image.trainer,
         # torchrun's launcher (ttrv.launch) takes nnodes, nproc-per-node, node rank and master address from the
         # PET_* variables that the training operator sets in every replica, and exits with the failing worker's
         # own code, which restartPolicy ExitCode needs (plain torchrun exits 1 for any worker failure).
-        "command": TRAIN_COMMAND,
-        "env": env,
-        "ports": [
-            {"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-        ],
-        "resources": _resources(res.cpu, res.memory, res.gpus_per_node),
-        "volumeMounts": _mounts(ctx),
-        "securityContext": container_security_context(),
+        TRAIN_COMMAND, _trainer_env(ctx),
+        [{"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},
+         {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        _resources(res.cpu, res.memory, res.gpus_per_node),
         # A trainer that fails leaves the tail of its log as the pod's termination message, which the operator
         # copies into the run's status: why a run failed, without `kubectl logs` of a pod that may be gone.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
+        terminationMessagePolicy="FallbackToLogsOnError",
+    )
 
     def replica(count: int) -> dict:
         return {

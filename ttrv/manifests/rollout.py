@@ -10,15 +10,13 @@ from ttrv.labels import (
     TRAINER,
 )
 from ttrv.manifests.common import (
-    _WRITABLE_ENV,
     ROLLOUT_PORT,
     SPEC_PATH,
+    _container,
     _Context,
-    _mounts,
     _pod_spec,
     _resources,
     _store_env,
-    container_security_context,
 )
 
 
@@ -27,24 +25,19 @@ def _rollout_deployment(ctx: _Context) -> dict:
     gpus = run.resources.rollout_gpus
     image = ctx.spec.image
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
-    container = {
-        "name": "rollout",
-        "image": image.rollout,
-        "imagePullPolicy": image.pull_policy,
+    container = _container(
+        ctx, "rollout", image.rollout,
         # `ttrv serve` builds vLLM's flags from the spec file, the pod's GPUs and memory share included
         # (ttrv.rollout.vllm_process.vllm_flags): none are passed here.
-        "command": ["ttrv", "serve", "--spec", SPEC_PATH, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)],
-        "env": _WRITABLE_ENV + _store_env(ctx),
-        "ports": [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
+        ["ttrv", "serve", "--spec", SPEC_PATH, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)], _store_env(ctx),
+        [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
+        _resources(run.resources.rollout_cpu or run.resources.cpu,
+                   run.resources.rollout_memory or run.resources.memory, gpus),
         # Loading a checkpoint and compiling CUDA graphs takes minutes: up to 30 before liveness applies.
-        "startupProbe": probe | {"failureThreshold": 180},
-        "readinessProbe": probe | {"failureThreshold": 3},
-        "livenessProbe": probe | {"failureThreshold": 6},
-        "resources": _resources(run.resources.rollout_cpu or run.resources.cpu,
-                                run.resources.rollout_memory or run.resources.memory, gpus),
-        "volumeMounts": _mounts(ctx),
-        "securityContext": container_security_context(),
-    }
+        startupProbe=probe | {"failureThreshold": 180},
+        readinessProbe=probe | {"failureThreshold": 3},
+        livenessProbe=probe | {"failureThreshold": 6},
+    )
     selector = ctx.selector(ROLLOUT)
     return {
         "apiVersion": "apps/v1",

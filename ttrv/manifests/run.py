@@ -23,17 +23,9 @@ from ttrv.manifests.common import (
     run_name,
     run_store_uri,
 )
-from ttrv.manifests.pytorchjob import (
-    _trainer_job,
-)
-from ttrv.manifests.rollout import (
-    _rollout_deployment,
-    _rollout_network_policy,
-    _rollout_service,
-)
-from ttrv.manifests.trainjob import (
-    _train_job,
-)
+from ttrv.manifests.pytorchjob import _trainer_job
+from ttrv.manifests.rollout import _rollout_deployment, _rollout_network_policy, _rollout_service
+from ttrv.manifests.trainjob import _train_job
 from ttrv.spec import (
     AdaptationRunSpec,
     ExperimentSpec,

@@ -64,25 +64,33 @@ class ServiceLimits:
 
 
 # -------------------------------------------------------------------------------------------- request models
-class TextPart(BaseModel):
+class _Closed(BaseModel):
+    """A part of a request whose every field ttrv reads: anything else is a client's mistake (400)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Open(BaseModel):
+    """A part of a request that may carry OpenAI's other fields, passed on to the engine as sent."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class TextPart(_Closed):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+class ImageURL(_Open):
     url: str = Field(description="data:image/...;base64,... (images are sent inline; nothing is fetched)")
 
 
-class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class ImagePart(_Closed):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+class Message(_Open):
     role: str
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
