@@ -188,7 +188,7 @@ IN_PROCESS = cases("trainer", [
 def load_model_folder(path: Path):
     spec = RunSpec.model_validate(BASE | {"model": {"path": str(path)}})
     # fails while the processor loads, before the learner, the store or the world are touched
-    return load_learner_and_engine(spec, str(path), None, None, [])
+    return load_learner_and_engine(spec, str(path), None, None, [], None)
 
 
 @pytest.mark.timeout(120)  # a case that opens a FIFO blocks: it fails here instead of at the suite's 600 s
