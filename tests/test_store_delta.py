@@ -154,3 +154,18 @@ def test_gc_keeps_every_base_a_live_version_needs(store):
     publish(store, 6, step(current, 6, 0.9), full_every=10, delta_max_share=0.2)  # full
     assert store.read_manifest("weights/v000006").meta.get("delta") is None
     assert store.gc_weights(keep=1) == [1, 4, 5]
+
+
+def test_a_reader_downloads_each_base_once_and_still_checks_it_is_current(store):
+    v1 = state()
+    publish(store, 1, v1, full_every=4)
+    v2, v3 = step(v1, 2, 0.01), step(v1, 3, 0.01)
+    publish(store, 2, v2, full_every=4)
+    publish(store, 3, v3, full_every=4)
+    assert_bit_exact(store.load_weights(1), v1)  # verified, and kept: the manifest says deltas may follow
+    store._backend.delete(["weights/v000001/model.safetensors"])
+    assert_bit_exact(store.load_weights(2), v2)  # from the kept copy, which the delta did not alter
+    assert_bit_exact(store.load_weights(3), v3)
+    publish(store, 1, v1)  # the same tensors republished: another manifest, so not the base the deltas were built on
+    with pytest.raises(CorruptVersionError, match="its base version 1 was replaced"):
+        store.load_weights(2)

@@ -46,6 +46,10 @@ class Store(SetStore):
     """How long a reader's lease protects its version from gc when the reader dies without releasing it."""
     _delta_base: DeltaBase | None = None
     """The last full version this writer published with `full_every > 1`: what its next deltas are built on."""
+    _base_cache: tuple[str, dict[str, np.ndarray]] | None = None
+    """The files of the last base version this reader verified (its manifest digest, a private copy): a reader
+    that follows a run downloads each base once, not once per delta. Before each use the base's manifest in the
+    store is read again and must still carry this digest."""
 
     def publish_weights(self, step: int, tensors: Mapping[str, torch.Tensor], *, kind: Literal["full", "lora"],
                         base_model: str, dtype: str,
@@ -118,11 +122,13 @@ class Store(SetStore):
         meta = {"step": step, "kind": kind, "base_model": base_model, "dtype": dtype, "shards": names,
                 "tensors": len(tensors)}
         if kind == "full" and full_every > 1:
+            meta["delta_base"] = True  # readers keep its files while deltas on it may follow
             delta = self._delta_for(step, tensors, full_every, delta_max_share)
             if delta is not None:
                 delta_tensors, base = delta
                 meta |= {"shards": [DELTA_SHARD], "tensors": len(tensors),
                          "delta": {"base": base.step, "base_digest": base.digest}}
+                del meta["delta_base"]
                 delta_sources = [(DELTA_SHARD, SafetensorsSource(list(delta_tensors.items())))]
                 return self._publish(prefix, iter(delta_sources + extra_sources), meta)
         manifest = self._publish(prefix, items(), meta)
@@ -242,11 +248,16 @@ class Store(SetStore):
         base_step = manifest.meta["delta"]["base"]
         with self.lease(base_step):
             base = self._require_base(manifest)
-            try:
-                base_files = self._read(base)
-            except StoreError as error:
-                raise CorruptVersionError(f"{where}: its base version {base_step} cannot be verified ({error}); "
-                                          "this version cannot be loaded, load a full version") from None
+            cached = self._base_cache
+            if cached is not None and cached[0] == base.digest:
+                base_files = {name: data.copy() for name, data in cached[1].items()}
+            else:
+                try:
+                    base_files = self._read(base)
+                except StoreError as error:
+                    raise CorruptVersionError(f"{where}: its base version {base_step} cannot be verified ({error}); "
+                                              "this version cannot be loaded, load a full version") from None
+                self._base_cache = (base.digest, {name: data.copy() for name, data in base_files.items()})
         delta_files = self._read(manifest)
         delta = parse_safetensors(delta_files[DELTA_SHARD], f"{where}/{DELTA_SHARD}")
         tensors: dict[str, torch.Tensor] = {}
@@ -288,6 +299,8 @@ class Store(SetStore):
             if delta_meta(manifest.meta) is None:
                 buffers = self._read(manifest)
                 shards = manifest.meta["shards"]
+                if manifest.meta.get("delta_base") is True:
+                    self._base_cache = (manifest.digest, {name: data.copy() for name, data in buffers.items()})
             else:
                 buffers = self._rebuild(manifest)
                 shards = self._require_base(manifest).meta["shards"]
