@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,7 +21,16 @@ from ttrv import log
 from ttrv.store.backend import BufferSource, MiB, Source, as_source
 from ttrv.store.delta import DELTA_SHARD, DeltaBase, apply_delta, delta_meta, encode_delta
 from ttrv.store.errors import CorruptVersionError, StoreConfigError, StoreError
-from ttrv.store.keys import LEASES, MANIFEST, WEIGHTS, check_key, parse_step, weights_prefix
+from ttrv.store.keys import (
+    LEASES,
+    MANIFEST,
+    TEMPORARY,
+    WEIGHTS,
+    check_key,
+    local_path,
+    parse_step,
+    weights_prefix,
+)
 from ttrv.store.sets import Manifest, SetStore
 from ttrv.store.shards import (
     SafetensorsSource,
@@ -224,12 +234,13 @@ class Store(SetStore):
             raise StoreConfigError(f"dest_dir: {path} exists and does not hold {manifest.prefix!r} as published "
                                    "now; fetch into a new directory")
         files = self._rebuild(manifest)
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMPORARY}")
         try:
             temporary.mkdir(parents=True)
             for name, data in files.items():
-                (temporary / name).parent.mkdir(parents=True, exist_ok=True)
-                (temporary / name).write_bytes(memoryview(data))
+                target = local_path(temporary, name, f"{manifest.prefix}/{MANIFEST}: files[{name!r}]")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(memoryview(data))
             (temporary / MANIFEST).write_bytes(manifest.raw)
             try:
                 temporary.rename(path)
@@ -237,8 +248,6 @@ class Store(SetStore):
                 if not (path / MANIFEST).is_file() or (path / MANIFEST).read_bytes() != manifest.raw:
                     raise
         finally:
-            import shutil
-
             shutil.rmtree(temporary, ignore_errors=True)
 
     def _rebuild(self, manifest: Manifest) -> dict[str, np.ndarray]:
