@@ -222,7 +222,7 @@ def test_corrupt_version_is_refused_and_the_previous_keeps_serving(client, servi
         shard[len(shard) // 2] ^= 0x01
         store._backend.put(f"{prefix}/model.safetensors", bytes(shard))
         store._backend.put(f"{prefix}/manifest.json", aside._backend.get(f"{prefix}/manifest.json"))
-    with pytest.raises(RolloutUnavailableError, match=f"it refused {corrupt}: .*sha256"):
+    with pytest.raises(RolloutUnavailableError, match=f"it refused {corrupt}: .*checksum"):
         ServiceEngine(service.url, spec, sync_timeout=5).load_version(corrupt)
     state = service.request("GET", "/weight_version")[1]
     assert state["weight_version"] == good and str(corrupt) in state["refused"]

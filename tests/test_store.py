@@ -163,7 +163,7 @@ def test_corrupt_truncated_or_missing_shards_are_refused(store, tmp_path):
     flipped[len(flipped) // 2] ^= 0x01
     cache = tmp_path / "cache"
 
-    for content, problem in [(bytes(flipped), "does not match its sha256"),
+    for content, problem in [(bytes(flipped), "does not match its checksum"),
                              (original[:-10], f"{len(original) - 10} bytes instead of {len(original)}"),
                              (original + b"tail", "bytes instead of"),
                              (None, "is missing")]:
@@ -182,6 +182,47 @@ def test_corrupt_truncated_or_missing_shards_are_refused(store, tmp_path):
     store._backend.put("weights/v000003/manifest.json", b"{not json")
     with pytest.raises(CorruptVersionError, match="unreadable manifest"):
         store.load_weights(3)
+
+
+def test_new_sets_use_xxh3_and_sets_published_with_sha256_stay_readable(store, tmp_path):
+    """Sets published before the switch to xxh3-128 (format v1, a sha256 per file) load and verify as before, and
+    a flipped byte in one of them is still refused; the manifest, not the reader, names the algorithm."""
+    import hashlib
+
+    import xxhash
+
+    tensors = sample_tensors(1)
+    manifest = publish(store, 1, tensors)
+    document = json.loads(manifest.raw)
+    assert (document["format"], document["checksum"], manifest.checksum) == ("ttrv.set/v2", "xxh3_128", "xxh3_128")
+    shard = store._backend.get("weights/v000001/model.safetensors")
+    assert document["files"]["model.safetensors"]["digest"] == xxhash.xxh3_128(shard).hexdigest()
+
+    old = {"format": "ttrv.set/v1", "created": document["created"], "meta": document["meta"],
+           "files": {"model.safetensors": {"size": len(shard), "sha256": hashlib.sha256(shard).hexdigest()}}}
+    store._backend.put("weights/v000001/manifest.json", json.dumps(old).encode())
+    assert store.read_manifest("weights/v000001").checksum == "sha256"
+    assert_bit_exact(store.load_weights(1), tensors)
+    assert_bit_exact(parse_safetensors_dir(store.fetch_weights(1, tmp_path / "cache")), tensors)
+
+    flipped = bytearray(shard)
+    flipped[len(flipped) // 2] ^= 0x01
+    store._backend.put("weights/v000001/model.safetensors", bytes(flipped))
+    with pytest.raises(CorruptVersionError, match=r"does not match its checksum \(sha256\)"):
+        store.load_weights(1)
+    old["checksum"], old["format"] = "md5", "ttrv.set/v2"
+    store._backend.put("weights/v000001/manifest.json", json.dumps(old).encode())
+    with pytest.raises(CorruptVersionError, match="checksum 'md5' is not one of"):
+        store.load_weights(1)
+
+
+def parse_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    import numpy as np
+
+    tensors = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors.update(parse_safetensors(np.fromfile(shard, dtype=np.uint8), str(shard)))
+    return tensors
 
 
 def test_a_version_being_loaded_survives_gc(store, tmp_path):

@@ -320,7 +320,9 @@ def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, early_stop: E
             tensors = ctx.learner.trainable_state()  # every rank: a collective under ZeRO-3; rank 0 gets them
             if ctx.world.is_main:
                 ctx.store.publish_weights(version, tensors, kind=weights_kind(spec), base_model=spec.model.path,
-                                          dtype=dtype_name(ctx.learner.dtype), extra_files=ctx.learner.weight_files())
+                                          dtype=dtype_name(ctx.learner.dtype), extra_files=ctx.learner.weight_files(),
+                                          full_every=spec.storage.full_every,
+                                          delta_max_share=spec.storage.delta_max_share)
                 protected = {v for v in (state.checkpoint_step,) if v} | guard.protected_versions()
                 ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
             del tensors

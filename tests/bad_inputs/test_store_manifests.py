@@ -90,8 +90,8 @@ def rewrite_manifest(store, planted, files: dict[str, dict | None], meta: dict, 
     entry = document["files"]["model.safetensors"]
     listed = {}
     for name, data in files.items():
-        listed[name] = {"size": "many", "sha256": entry["sha256"]} if data is None else \
-            {"size": len(data or file_bytes), "sha256": entry["sha256"]}
+        listed[name] = {"size": "many", "digest": entry["digest"]} if data is None else \
+            {"size": len(data or file_bytes), "digest": entry["digest"]}
         planted(join_key("weights/v000001", name), data or file_bytes)
     document["files"] = listed
     planted(join_key("weights/v000001", MANIFEST), json.dumps(document).encode())

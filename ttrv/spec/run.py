@@ -309,6 +309,12 @@ class StorageSpec(StrictModel):
     copy of the trained weights in the store)."""
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     """Full checkpoint every K steps (and on SIGTERM); 0 = only on SIGTERM and at the end."""
+    full_every: Annotated[int, Field(ge=1, le=1000)] = 10
+    """Full-weight versions: a full version at least every K steps; between them a version stores only the values
+    whose bits changed since the last full one (a sparse delta; at small learning rates a few % of the weights).
+    1 = every version full. Deltas cost the trainer's main rank a CPU copy of the trained weights."""
+    delta_max_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    """A version is written full instead of as a delta when the delta would exceed this share of the full size."""
 
     @field_validator("endpoint")
     @classmethod

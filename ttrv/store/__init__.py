@@ -1,6 +1,6 @@
 """Versioned weights and checkpoints over `file://` and `s3://`: the only channel between trainer and rollout pods.
 
-Everything is a *set*: a prefix holding some files and a `manifest.json` that lists each file's size and sha256.
+Everything is a *set*: a prefix holding some files and a `manifest.json` that lists each file's size and checksum.
 The manifest is written last and deleted first, so a set without one does not exist for readers, and a reader
 verifies every byte against it before returning: a half-published, half-deleted, corrupt or truncated version is
 never loaded. Weight versions are sets under `weights/v{step:06d}/` (safetensors shards, Hugging Face's index for

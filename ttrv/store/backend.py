@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -13,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ttrv.store.checksums import new_hasher
 from ttrv.store.errors import StoreConfigError, StoreError
 
 MiB = 1 << 20
@@ -28,7 +28,8 @@ class Source(ABC):
     def chunk(self, offset: int, length: int) -> Any: ...
 
     @abstractmethod
-    def sha256(self) -> str: ...
+    def digest(self, algorithm: str) -> str:
+        """The checksum (`ttrv.store.checksums`) of the whole source; a streaming source fills itself here."""
 
 
 class BufferSource(Source):
@@ -39,8 +40,10 @@ class BufferSource(Source):
     def chunk(self, offset: int, length: int) -> memoryview:
         return self.view[offset:offset + length]
 
-    def sha256(self) -> str:
-        return hashlib.sha256(self.view).hexdigest()
+    def digest(self, algorithm: str) -> str:
+        hasher = new_hasher(algorithm)
+        hasher.update(self.view)
+        return hasher.hexdigest()
 
 
 class FileSource(Source):
@@ -60,12 +63,12 @@ class FileSource(Source):
             raise StoreError(f"{self.path} shrank while being published; do not change files being published")
         return data
 
-    def sha256(self) -> str:
-        digest = hashlib.sha256()
+    def digest(self, algorithm: str) -> str:
+        hasher = new_hasher(algorithm)
         with open(self.path, "rb") as handle:
             while block := handle.read(8 * MiB):
-                digest.update(block)
-        return digest.hexdigest()
+                hasher.update(block)
+        return hasher.hexdigest()
 
 
 def as_source(name: str, value: Any) -> Source:

@@ -1,4 +1,5 @@
-"""Sets: a prefix holding some files and a `manifest.json` that lists each file's size and sha256.
+"""Sets: a prefix holding some files and a `manifest.json` that lists each file's size and checksum (xxh3-128 for
+sets published now, sha256 for older ones: the manifest names its algorithm, see `ttrv.store.checksums`).
 
 The manifest is written last and deleted first, so a set without one does not exist for readers, and a reader
 verifies every byte against it before returning: a half-published, half-deleted, corrupt or truncated set is never
@@ -27,24 +28,29 @@ import numpy as np
 from ttrv import log
 from ttrv.fsutil import strict_json
 from ttrv.store.backend import Backend, Missing, Range, SizeMismatch, Source, as_source, wait_all
+from ttrv.store.checksums import DEFAULT_CHECKSUM, check_checksum_name, check_digest, new_hasher
 from ttrv.store.errors import CorruptVersionError, SetNotFoundError, StoreConfigError, StoreError
 from ttrv.store.keys import MANIFEST, TEMPORARY, check_key, join_key, local_path
 
 logger = log.get_logger(__name__)
 
-MANIFEST_FORMAT = "ttrv.set/v1"
+MANIFEST_FORMAT = "ttrv.set/v2"
+"""v2 names its checksum (`"checksum": "xxh3_128"`) and lists `{"size", "digest"}` per file."""
+MANIFEST_FORMAT_V1 = "ttrv.set/v1"
+"""Sets published before v2: `{"size", "sha256"}` per file. Still read and verified (with sha256)."""
 _Self = TypeVar("_Self", bound="SetStore")
 
 
 @dataclass(frozen=True)
 class FileEntry:
     size: int
-    sha256: str
+    digest: str
+    """The file's checksum, in hex, by the manifest's `checksum` algorithm."""
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a complete set holds: each file's size and sha256, free-form `meta`, and when it was published."""
+    """What a complete set holds: each file's size and checksum, free-form `meta`, and when it was published."""
 
     prefix: str
     files: dict[str, FileEntry]
@@ -52,6 +58,8 @@ class Manifest:
     created: str
     raw: bytes = field(repr=False)
     """The manifest as stored."""
+    checksum: str = "sha256"
+    """The algorithm of every `FileEntry.digest` (`ttrv.store.checksums`)."""
 
     @property
     def digest(self) -> str:
@@ -63,12 +71,13 @@ class Manifest:
         return sum(entry.size for entry in self.files.values())
 
     @staticmethod
-    def encode(files: Mapping[str, FileEntry], meta: Mapping[str, Any]) -> bytes:
+    def encode(files: Mapping[str, FileEntry], meta: Mapping[str, Any], checksum: str = DEFAULT_CHECKSUM) -> bytes:
         document = {
             "format": MANIFEST_FORMAT,
             "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "checksum": checksum,
             "meta": dict(meta),
-            "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(files.items())},
+            "files": {name: {"size": e.size, "digest": e.digest} for name, e in sorted(files.items())},
         }
         return strict_json(document, where=MANIFEST, indent=1).encode()
 
@@ -76,18 +85,23 @@ class Manifest:
     def decode(cls, prefix: str, data: bytes, where: str) -> Manifest:
         try:
             document = json.loads(data)
-            if document.get("format") != MANIFEST_FORMAT:
-                raise ValueError(f"format is {document.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            if document.get("format") == MANIFEST_FORMAT:
+                checksum, digest_key = check_checksum_name(document.get("checksum")), "digest"
+            elif document.get("format") == MANIFEST_FORMAT_V1:
+                checksum, digest_key = "sha256", "sha256"
+            else:
+                raise ValueError(f"format is {document.get('format')!r}, expected {MANIFEST_FORMAT!r} "
+                                 f"(or the older {MANIFEST_FORMAT_V1!r})")
             if not isinstance(document["files"], dict):
                 raise TypeError("'files' is not an object")
             if len(document["files"]) > MAX_FILES:
                 raise ValueError(f"{len(document['files'])} files, more than {MAX_FILES}")
-            files = {check_file_name(name): FileEntry(check_size(e["size"]), check_sha256(e["sha256"]))
+            files = {check_file_name(name): FileEntry(check_size(e["size"]), check_digest(checksum, e[digest_key]))
                      for name, e in document["files"].items()}
             folders = {"/".join(name.split("/")[:depth]) for name in files for depth in range(1, name.count("/") + 1)}
             if clash := sorted(folders & files.keys()):
                 raise ValueError(f"{clash[0]!r} is listed as a file and as a folder of another file")
-            return cls(prefix, files, dict(document["meta"]), str(document["created"]), bytes(data))
+            return cls(prefix, files, dict(document["meta"]), str(document["created"]), bytes(data), checksum)
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             # The manifest is what anyone with write access to the store prefix wrote: its names are checked here
             # (and again by `local_path` where they meet a folder), so a hostile one is refused before any transfer.
@@ -117,18 +131,14 @@ def check_size(size: Any) -> int:
     return size
 
 
-def check_sha256(digest: Any) -> str:
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ValueError(f"sha256 {str(digest)[:80]!r} is not 64 lowercase hex digits")
-    return digest
-
-
-def _sha256_file(path: Path) -> str:
+def _digest_file(path: Path, algorithm: str) -> str:
+    hasher = new_hasher(algorithm)
     with open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:
-            return hashlib.sha256().hexdigest()
+            return hasher.hexdigest()
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return hashlib.sha256(mapped).hexdigest()
+            hasher.update(mapped)
+            return hasher.hexdigest()
 
 
 class SetStore:
@@ -225,11 +235,11 @@ class SetStore:
         entries: dict[str, FileEntry] = {}
         failure: BaseException | None = None
         try:
-            # Each upload starts before its source is hashed: a weight shard is copied in and hashed by `sha256()`
+            # Each upload starts before its source is hashed: a weight shard is copied in and hashed by `digest()`
             # while its first parts are already on the wire, and the next shard is only built after that.
             for name, source in items:
                 finishes.append(self._backend.upload(join_key(prefix, name), source, self._pool))
-                entries[name] = FileEntry(source.size, source.sha256())
+                entries[name] = FileEntry(source.size, source.digest(DEFAULT_CHECKSUM))
         except BaseException as error:  # noqa: B036 - re-raised once the started uploads have stopped
             failure = error
         for finish in finishes:
@@ -259,7 +269,7 @@ class SetStore:
 
     def _verify(self, manifest: Manifest, transfers: dict[str, list[Range]],
                 digest: Callable[[str, list[Range]], str]) -> None:
-        """Checks each file's transfer and sha256 (`digest` waits for the ranges it hashes, so hashing overlaps
+        """Checks each file's transfer and checksum (`digest` waits for the ranges it hashes, so hashing overlaps
         with the ranges still arriving); raises only after every transfer has stopped."""
         problem: str | None = None
         failure: BaseException | None = None
@@ -275,8 +285,8 @@ class SetStore:
             except BaseException as error:  # noqa: B036 - re-raised after the other transfers stopped
                 failure = failure or error
             else:
-                if problem is None and actual != entry.sha256:
-                    problem = f"{name} does not match its sha256 in the manifest (corrupt)"
+                if problem is None and actual != entry.digest:
+                    problem = f"{name} does not match its checksum ({manifest.checksum}) in the manifest (corrupt)"
             finally:
                 futures_wait([future for future, _, _ in ranges])
         if failure is not None:
@@ -293,7 +303,7 @@ class SetStore:
         }
 
         def digest(name: str, ranges: list[Range]) -> str:
-            hasher = hashlib.sha256()
+            hasher = new_hasher(manifest.checksum)
             for future, offset, length in ranges:
                 future.result()
                 hasher.update(buffers[name][offset:offset + length])
@@ -303,7 +313,7 @@ class SetStore:
         return buffers
 
     def read_set(self, prefix: str) -> tuple[Manifest, dict[str, memoryview]]:
-        """Downloads a complete set into memory, verifying every file's size and sha256."""
+        """Downloads a complete set into memory, verifying every file's size and checksum."""
         started = time.monotonic()
         manifest = self._require_manifest(prefix)
         buffers = self._read(manifest)
@@ -332,7 +342,7 @@ class SetStore:
 
         def digest(name: str, ranges: list[Range]) -> str:
             wait_all(future for future, _, _ in ranges)
-            return _sha256_file(local_path(temporary, name))
+            return _digest_file(local_path(temporary, name), manifest.checksum)
 
         try:
             temporary.mkdir(parents=True)

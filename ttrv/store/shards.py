@@ -3,7 +3,6 @@ of the downloaded buffer."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Mapping
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ttrv.store.backend import Source
+from ttrv.store.checksums import DEFAULT_CHECKSUM, new_hasher
 from ttrv.store.errors import CorruptVersionError, StoreConfigError, StoreError
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: the operator reads progress without it
@@ -53,7 +53,7 @@ def plan_shards(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> li
 
 
 class SafetensorsSource(Source):
-    """A safetensors file built in one buffer while it is uploaded: `sha256()` copies the tensors in (each once,
+    """A safetensors file built in one buffer while it is uploaded: `digest()` copies the tensors in (each once,
     from any device) and hashes each stretch right after writing it, and `chunk()` hands out a range as soon as
     it is filled, so the first parts are on the wire while the last tensors are still being copied.
 
@@ -94,10 +94,11 @@ class SafetensorsSource(Source):
             self._filled = filled
             self._ready.notify_all()
 
-    def sha256(self) -> str:
+    def digest(self, algorithm: str) -> str:
         import torch
 
-        hasher = hashlib.sha256(self.buffer[:self._start])
+        hasher = new_hasher(algorithm)
+        hasher.update(self.buffer[:self._start])
         self._advance(self._start)
         target = torch.from_numpy(self.buffer)
         position = self._start
@@ -120,7 +121,7 @@ class SafetensorsSource(Source):
 def serialize_safetensors(entries: list[tuple[str, torch.Tensor]]) -> np.ndarray:
     """One safetensors file in one buffer, as `publish_weights` writes it."""
     source = SafetensorsSource(entries)
-    source.sha256()
+    source.digest(DEFAULT_CHECKSUM)
     return source.buffer
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -14,12 +15,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 from ttrv import log
 from ttrv.store.backend import BufferSource, MiB, Source, as_source
+from ttrv.store.delta import DELTA_SHARD, DeltaBase, apply_delta, delta_meta, encode_delta
 from ttrv.store.errors import CorruptVersionError, StoreConfigError, StoreError
-from ttrv.store.keys import LEASES, MANIFEST, WEIGHTS, check_key, parse_step, weights_prefix
+from ttrv.store.keys import (
+    LEASES,
+    MANIFEST,
+    TEMPORARY,
+    WEIGHTS,
+    check_key,
+    local_path,
+    parse_step,
+    weights_prefix,
+)
 from ttrv.store.sets import Manifest, SetStore
-from ttrv.store.shards import SafetensorsSource, parse_safetensors, plan_shards, tensor_bytes
+from ttrv.store.shards import (
+    SafetensorsSource,
+    parse_safetensors,
+    plan_shards,
+    tensor_bytes,
+)
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: the operator reads progress without it
     import torch
@@ -36,17 +54,29 @@ class Store(SetStore):
 
     lease_seconds = DEFAULT_LEASE_SECONDS
     """How long a reader's lease protects its version from gc when the reader dies without releasing it."""
+    _delta_base: DeltaBase | None = None
+    """The last full version this writer published with `full_every > 1`: what its next deltas are built on."""
+    _base_cache: tuple[str, dict[str, np.ndarray]] | None = None
+    """The files of the last base version this reader verified (its manifest digest, a private copy): a reader
+    that follows a run downloads each base once, not once per delta. Before each use the base's manifest in the
+    store is read again and must still carry this digest."""
 
     def publish_weights(self, step: int, tensors: Mapping[str, torch.Tensor], *, kind: Literal["full", "lora"],
                         base_model: str, dtype: str,
                         extra_files: Mapping[str, bytes | bytearray | memoryview | Path] | None = None,
-                        max_shard_bytes: int = DEFAULT_SHARD_SIZE) -> Manifest:
+                        max_shard_bytes: int = DEFAULT_SHARD_SIZE, full_every: int = 1,
+                        delta_max_share: float = 0.5) -> Manifest:
         """Publishes weight version `step` under weights/v{step:06d}/.
 
         full: safetensors shards of at most `max_shard_bytes` (model.safetensors, or model-0000i-of-0000n with
         Hugging Face's model.safetensors.index.json). lora: one adapter_model.safetensors next to
         `extra_files["adapter_config.json"]` (peft's layout, which vLLM's /v1/load_lora_adapter reads).
-        Each shard is built once in memory and uploaded while it is being built."""
+        Each shard is built once in memory and uploaded while it is being built.
+
+        full_every > 1 (kind full only): a version may be a sparse delta on the last full version this Store
+        published (`ttrv.store.delta`): a full version is written at least every `full_every` steps, whenever the
+        delta would exceed `delta_max_share` of the full size, and whenever the base is gone, replaced, or the
+        tensors' names, shapes or dtypes changed. The writer keeps a CPU copy of the base's tensors for this."""
         import torch
 
         prefix = weights_prefix(step)
@@ -65,6 +95,10 @@ class Store(SetStore):
                 raise StoreConfigError(f"tensors[{name!r}]: expected a torch.Tensor, got {type(tensor).__name__}")
         if max_shard_bytes < 1:
             raise StoreConfigError(f"max_shard_bytes: {max_shard_bytes} must be positive")
+        if not isinstance(full_every, int) or full_every < 1:
+            raise StoreConfigError(f"full_every: {full_every!r} must be an integer >= 1 (1: every version is full)")
+        if not 0 <= delta_max_share <= 1:
+            raise StoreConfigError(f"delta_max_share: {delta_max_share!r} must be between 0 and 1")
         extra = dict(extra_files or {})
         if kind == "lora":
             if "adapter_config.json" not in extra:
@@ -97,7 +131,38 @@ class Store(SetStore):
 
         meta = {"step": step, "kind": kind, "base_model": base_model, "dtype": dtype, "shards": names,
                 "tensors": len(tensors)}
-        return self._publish(prefix, items(), meta)
+        if kind == "full" and full_every > 1:
+            meta["delta_base"] = True  # readers keep its files while deltas on it may follow
+            delta = self._delta_for(step, tensors, full_every, delta_max_share)
+            if delta is not None:
+                delta_tensors, base = delta
+                meta |= {"shards": [DELTA_SHARD], "tensors": len(tensors),
+                         "delta": {"base": base.step, "base_digest": base.digest}}
+                del meta["delta_base"]
+                delta_sources = [(DELTA_SHARD, SafetensorsSource(list(delta_tensors.items())))]
+                return self._publish(prefix, iter(delta_sources + extra_sources), meta)
+        manifest = self._publish(prefix, items(), meta)
+        if kind == "full" and full_every > 1:
+            self._delta_base = DeltaBase(step, manifest.digest, {name: tensor.detach().to("cpu", copy=True)
+                                                                 for name, tensor in tensors.items()})
+        else:
+            self._delta_base = None
+        return manifest
+
+    def _delta_for(self, step: int, tensors: Mapping[str, torch.Tensor], full_every: int, max_share: float
+                   ) -> tuple[dict[str, torch.Tensor], DeltaBase] | None:
+        """The delta tensors of `tensors` on the current base, or None when this version should be full."""
+        base = self._delta_base
+        if base is None or not 0 < step - base.step < full_every or not base.matches(tensors):
+            return None
+        current = self.read_manifest(weights_prefix(base.step))
+        if current is None or current.digest != base.digest:  # gc'd, or republished by a resumed trainer
+            return None
+        delta, size = encode_delta(base.tensors, {name: t.detach().to("cpu") for name, t in tensors.items()})
+        full = sum(tensor_bytes(t) for t in tensors.values())
+        logger.debug("weight_delta", step=step, base=base.step, delta_mb=round(size / 1e6, 2),
+                     full_mb=round(full / 1e6, 2), share=round(size / max(full, 1), 4))
+        return (delta, base) if size <= max_share * full else None
 
     def weight_versions(self) -> list[int]:
         """Steps of the complete weight versions, ascending."""
@@ -152,9 +217,87 @@ class Store(SetStore):
         with self.lease(step):
             manifest = self._require_version(step)
             path = Path(dest_dir) / f"v{step:06d}-{manifest.digest[:12]}"
-            self._fetch(manifest, path)
+            if delta_meta(manifest.meta) is None:
+                self._fetch(manifest, path)
+            else:
+                self._fetch_delta(manifest, path)
         self._log_read(manifest, started, str(path))
         return path
+
+    def _fetch_delta(self, manifest: Manifest, path: Path) -> None:
+        """A delta version on disk as its base's files with the delta applied (the bytes a full publish of the
+        same tensors writes), plus the delta's own extra files; its manifest.json is the delta's, so the path and
+        the digest name the version that was published."""
+        if path.exists():
+            if (path / MANIFEST).is_file() and (path / MANIFEST).read_bytes() == manifest.raw:
+                return
+            raise StoreConfigError(f"dest_dir: {path} exists and does not hold {manifest.prefix!r} as published "
+                                   "now; fetch into a new directory")
+        files = self._rebuild(manifest)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMPORARY}")
+        try:
+            temporary.mkdir(parents=True)
+            for name, data in files.items():
+                target = local_path(temporary, name, f"{manifest.prefix}/{MANIFEST}: files[{name!r}]")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(memoryview(data))
+            (temporary / MANIFEST).write_bytes(manifest.raw)
+            try:
+                temporary.rename(path)
+            except OSError:
+                if not (path / MANIFEST).is_file() or (path / MANIFEST).read_bytes() != manifest.raw:
+                    raise
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+    def _rebuild(self, manifest: Manifest) -> dict[str, np.ndarray]:
+        """The files of delta version `manifest` rebuilt in memory: the base's verified files with the delta's
+        verified values written into its tensors' bytes, and the delta's files other than its delta shard."""
+        where = f"{self.url}/{manifest.prefix}"
+        base_step = manifest.meta["delta"]["base"]
+        with self.lease(base_step):
+            base = self._require_base(manifest)
+            cached = self._base_cache
+            if cached is not None and cached[0] == base.digest:
+                base_files = {name: data.copy() for name, data in cached[1].items()}
+            else:
+                try:
+                    base_files = self._read(base)
+                except StoreError as error:
+                    raise CorruptVersionError(f"{where}: its base version {base_step} cannot be verified ({error}); "
+                                              "this version cannot be loaded, load a full version") from None
+                self._base_cache = (base.digest, {name: data.copy() for name, data in base_files.items()})
+        delta_files = self._read(manifest)
+        delta = parse_safetensors(delta_files[DELTA_SHARD], f"{where}/{DELTA_SHARD}")
+        tensors: dict[str, torch.Tensor] = {}
+        for name in base.meta["shards"]:
+            shard = parse_safetensors(base_files[name], f"{self.url}/{base.prefix}/{name}")
+            for tensor_name, tensor in shard.items():
+                start = base_files[name].ctypes.data  # parse_safetensors copies a misaligned tensor out
+                if tensor.numel() and not start <= tensor.data_ptr() < start + len(base_files[name]):
+                    raise CorruptVersionError(f"{self.url}/{base.prefix}/{name}: tensor {tensor_name!r} is not "
+                                              "aligned as publish_weights writes it; load a full version")
+            tensors.update(shard)
+        apply_delta(tensors, delta, where)
+        files = {name: data for name, data in base_files.items() if name in base.meta["shards"]
+                 or name == "model.safetensors.index.json"}
+        files |= {name: data for name, data in delta_files.items() if name != DELTA_SHARD}
+        return files
+
+    def _require_base(self, manifest: Manifest) -> Manifest:
+        """The base of delta version `manifest`: a full version whose manifest is the one the delta was built on."""
+        where = f"{self.url}/{manifest.prefix}"
+        delta = manifest.meta["delta"]
+        try:
+            base = self._require_version(delta["base"])
+        except StoreError as error:
+            raise CorruptVersionError(f"{where}: its base version {delta['base']} cannot be verified ({error}); "
+                                      "this version cannot be loaded, load a full version") from None
+        if base.digest != delta["base_digest"] or delta_meta(base.meta) is not None:
+            raise CorruptVersionError(f"{where}: its base version {delta['base']} was replaced since the delta was "
+                                      "published (manifest digest differs); this version cannot be loaded, load a "
+                                      "full version")
+        return base
 
     def load_weights(self, step: int) -> dict[str, torch.Tensor]:
         """Version `step`'s tensors on CPU, downloaded and verified in memory (views of the downloaded shards)."""
@@ -162,9 +305,16 @@ class Store(SetStore):
         started = time.monotonic()
         with self.lease(step):
             manifest = self._require_version(step)
-            buffers = self._read(manifest)
+            if delta_meta(manifest.meta) is None:
+                buffers = self._read(manifest)
+                shards = manifest.meta["shards"]
+                if manifest.meta.get("delta_base") is True:
+                    self._base_cache = (manifest.digest, {name: data.copy() for name, data in buffers.items()})
+            else:
+                buffers = self._rebuild(manifest)
+                shards = self._require_base(manifest).meta["shards"]
         tensors: dict[str, torch.Tensor] = {}
-        for name in manifest.meta["shards"]:
+        for name in shards:
             tensors.update(parse_safetensors(buffers[name], f"{self.url}/{prefix}/{name}"))
         self._log_read(manifest, started, "memory")
         return tensors
@@ -192,6 +342,13 @@ class Store(SetStore):
             problem = f"meta.shards {shards[:3]} are not all .safetensors files"
         elif kind == "lora" and (shards != ["adapter_model.safetensors"] or "adapter_config.json" not in files):
             problem = "a lora version holds adapter_model.safetensors and adapter_config.json (peft's layout)"
+        elif (delta := meta.get("delta")) is not None:
+            if kind != "full" or shards != [DELTA_SHARD]:
+                problem = f"a delta version is kind 'full' with meta.shards [{DELTA_SHARD!r}], not {kind!r} {shards}"
+            elif (not isinstance(delta, dict) or not isinstance(delta.get("base"), int)
+                  or isinstance(delta.get("base"), bool) or not 0 <= delta["base"] < step
+                  or not isinstance(delta.get("base_digest"), str)):
+                problem = f"meta.delta is {str(delta)[:120]!r}: it names a base step below {step} and its digest"
         elif kind == "full" and len(shards) > 1 and "model.safetensors.index.json" not in files:
             problem = f"{len(shards)} shards without model.safetensors.index.json"
         if problem is not None:
@@ -200,8 +357,22 @@ class Store(SetStore):
                                       "one")
         return manifest
 
+    def _bases_of(self, steps: Iterable[int]) -> set[int]:
+        """The base versions that the delta versions among `steps` need (one manifest read each)."""
+        bases = set()
+        for step in steps:
+            try:
+                manifest = self.read_manifest(weights_prefix(step))
+            except CorruptVersionError:
+                continue
+            delta = None if manifest is None else manifest.meta.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("base"), int):
+                bases.add(delta["base"])
+        return bases
+
     def gc_weights(self, keep: int, in_use: Iterable[int] = ()) -> list[int]:
-        """Deletes weight versions except the newest `keep`, those in `in_use` and those leased by a reader;
+        """Deletes weight versions except the newest `keep`, those in `in_use`, those leased by a reader and the
+        bases of the delta versions among them;
         also removes leftovers of crashed publishes older than every kept version. Returns the deleted steps."""
         if not isinstance(keep, int) or keep < 1:
             raise StoreConfigError(f"keep: {keep!r} must be an integer >= 1 (the newest version is always kept)")
@@ -216,6 +387,7 @@ class Store(SetStore):
                     complete.add(step)
         newest = sorted(complete)[-keep:]
         kept = set(newest) | set(in_use) | self._leased_steps()
+        kept |= self._bases_of(kept & complete)
         victims = sorted(step for step in complete if step not in kept)
         if newest:
             victims += sorted(step for step in present - complete if step < newest[0] and step not in kept)
