@@ -40,16 +40,26 @@ def _redact(_, __, event: dict) -> dict:
     return _masked(event, known)
 
 
-class _BarSafeLogger:
-    """structlog's PrintLogger through tqdm.write: the line goes above any progress bar on the same stream."""
+class _LineLogger:
+    """One line per event on `stream`, or, when none was given, on whatever sys.stderr is when the line is written: a
+    stream bound at configure time may be closed since (a redirected stderr, a test's capture)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream=None):
         self._stream = stream
+
+    def msg(self, message: str) -> None:
+        print(message, file=self._stream or sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+class _BarSafeLogger(_LineLogger):
+    """The line through tqdm.write: it goes above any progress bar on the same stream."""
 
     def msg(self, message: str) -> None:
         from tqdm import tqdm
 
-        tqdm.write(message, file=self._stream)
+        tqdm.write(message, file=self._stream or sys.stderr)
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
 
@@ -69,7 +79,7 @@ def _isatty(stream) -> bool:
 
 def configure(level: str | None = None, stream=None) -> None:
     level_name = (level or os.environ.get("TTRV_LOG_LEVEL", "info")).upper()
-    stream = stream or sys.stderr
+    bound, stream = stream, stream or sys.stderr
     console = for_people(stream)
     structlog.configure(
         processors=[
@@ -82,7 +92,7 @@ def configure(level: str | None = None, stream=None) -> None:
             structlog.processors.JSONRenderer(_strict_line, sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=(lambda *_: _BarSafeLogger(stream)) if console else structlog.PrintLoggerFactory(stream),
+        logger_factory=(lambda *_: _BarSafeLogger(bound)) if console else (lambda *_: _LineLogger(bound)),
         cache_logger_on_first_use=False,
     )
 
