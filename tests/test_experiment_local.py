@@ -42,6 +42,18 @@ def statuses(document: dict) -> dict[str, dict]:
     return {run["spec"]["dataset"]: run["status"] for run in document["runs"]}
 
 
+def run_local(folder: Path, spec: dict, *args: str) -> subprocess.CompletedProcess:
+    """`ttrv experiment run folder/experiment.yaml --local --out folder/out`, as a user types it, with a bare
+    environment (PYTHONPATH kept, so a worktree tests its own code)."""
+    (folder / "experiment.yaml").write_text(yaml.safe_dump(spec))
+    env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return subprocess.run([sys.executable, "-m", "ttrv.cli", "experiment", "run", str(folder / "experiment.yaml"),
+                           "--local", "--out", str(folder / "out"), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_two_datasets_run_one_after_the_other_with_the_rollout_service(tmp_path):
     """The chart's full path, one run at a time: ConfigMap, rollout Deployment (`ttrv serve`), Service and
     PyTorchJob (a Master and a Worker node) of each dataset executed locally, scheduled by the operator's own
@@ -51,14 +63,8 @@ def test_two_datasets_run_one_after_the_other_with_the_rollout_service(tmp_path)
                       maxParallelRuns=1)
     spec["spec"]["rollout"] |= {"backend": "service", "engine": "hf"}
     spec["spec"]["resources"] |= {"nodes": 2}  # the Worker replica is a second local node
-    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    result = subprocess.run([sys.executable, "-m", "ttrv.cli", "experiment", "run", str(tmp_path / "experiment.yaml"),
-                             "--local", "--out", str(out), "-n", "team-a"],
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = run_local(tmp_path, spec, "-n", "team-a")
     assert result.returncode == 0, result.stderr[-4000:]
 
     assert "tiny   Succeeded" in result.stdout  # the `kubectl get experiments` line
@@ -269,13 +275,8 @@ def test_runs_that_spend_their_budgets_stop_cleanly_and_say_why(tmp_path):
     spec = experiment("budget", [{"name": "steps", "path": SHAPES, "subsetSize": 8},
                                  {"name": "hours", "path": SHAPES, "subsetSize": 8, "budget": {"gpuHours": 1e-9}}],
                       maxParallelRuns=2, budget={"maxSteps": 1})
-    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    result = subprocess.run([sys.executable, "-m", "ttrv.cli", "experiment", "run", str(tmp_path / "experiment.yaml"),
-                             "--local", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    result = run_local(tmp_path, spec)
     assert result.returncode == 0, result.stderr[-4000:]
     runs = statuses(json.loads((out / "status.json").read_text()))
     expected = {"steps": ("MaxStepsReached", "budget.maxSteps"), "hours": ("GpuHoursSpent", "budget.gpuHours")}
