@@ -207,8 +207,10 @@ def trainjob_pod_template(trainjob: dict, runtime: dict) -> dict:
             if job["name"] != "node":
                 continue
             template = job["template"]["spec"]["template"]
-            labels = template.get("metadata", {}).get("labels", {})
-            node.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+            for field in ("labels", "annotations"):
+                node.setdefault("metadata", {}).setdefault(field, {}).update(template.get("metadata", {}).get(field, {}))
+                if not node["metadata"][field]:
+                    del node["metadata"][field]
             spec = node["spec"]
             for field, value in template.get("spec", {}).items():
                 if field in ("volumes", "containers", "initContainers", "imagePullSecrets"):

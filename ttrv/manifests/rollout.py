@@ -32,7 +32,8 @@ def _rollout_deployment(ctx: _Context) -> dict:
         ["ttrv", "serve", "--spec", SPEC_PATH, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)], _store_env(ctx),
         [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
         _resources(run.resources.rollout_cpu or run.resources.cpu,
-                   run.resources.rollout_memory or run.resources.memory, gpus),
+                   run.resources.rollout_memory or run.resources.memory, gpus,
+                   ctx.spec.pod.rollout_extra_resources, ctx.spec.pod.ephemeral_storage),
         # Loading a checkpoint and compiling CUDA graphs takes minutes: up to 30 before liveness applies.
         startupProbe=probe | {"failureThreshold": 180},
         readinessProbe=probe | {"failureThreshold": 3},
@@ -50,7 +51,7 @@ def _rollout_deployment(ctx: _Context) -> dict:
             # A rolling update would hold a second set of GPUs; the trainer waits out the restart instead.
             "strategy": {"type": "Recreate"},
             "template": {
-                "metadata": {"labels": ctx.labels(ROLLOUT)},
+                "metadata": ctx.pod_metadata(ROLLOUT),
                 "spec": _pod_spec(ctx, container, gpus),
             },
         },
