@@ -9,6 +9,7 @@ import json
 import pytest
 import yaml
 from k8s_util import (
+    ROOT,
     crd_validators,
     credential_problems,
     helm,
@@ -259,3 +260,40 @@ def test_the_ttrv_chart_passes_the_settings_through(tmp_path):
                   "--set", "pod.ipcLok=true", check=False)
     assert result.returncode != 0 and "ipcLok" in result.stderr, result.stderr
 
+
+
+# --- docs/kubernetes.md, "Pod settings" ---------------------------------------------------------------------------
+
+DOCS = ROOT / "docs/kubernetes.md"
+TABLE_BEGIN = "<!-- pod-settings:begin (generated from ttrv.spec; tests/test_pod_settings.py checks it) -->"
+TABLE_END = "<!-- pod-settings:end -->"
+DOCUMENTED = ("image.pullSecrets", "scheduling.tolerations", "scheduling.affinity", "scheduling.topologySpreadConstraints",
+              "pod.")
+
+
+def pod_settings_table() -> str:
+    """The docs' table of the pod settings: the README's spec table (ttrv.docs, RunSpec only) has no room for the
+    Experiment's cluster fields."""
+    from ttrv.docs import _rows
+
+    rows = [row for row in _rows(ExperimentSpec) if row.split("`")[1].startswith(DOCUMENTED)]
+    return "\n".join([TABLE_BEGIN, "| field | default | meaning |", "| --- | --- | --- |", *rows, TABLE_END])
+
+
+def test_docs_table_of_pod_settings_is_generated_from_the_models():
+    text = DOCS.read_text()
+    current = text[text.index(TABLE_BEGIN):text.index(TABLE_END) + len(TABLE_END)]
+    assert current == pod_settings_table(), "docs/kubernetes.md's pod settings table is stale: regenerate it " \
+                                            "(tests/test_pod_settings.py pod_settings_table)"
+    assert len(current.splitlines()) == 3 + 4 + len(ExperimentSpec.model_fields["pod"].annotation.model_fields) + 1
+
+
+def test_docs_example_of_pod_settings_is_valid_and_renders():
+    text = DOCS.read_text().split("#### Pod settings", 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    settings = yaml.safe_load(block)
+    assert set(settings) == {"image", "scheduling", "pod"}
+    spec = parse_spec(BASE | settings, ExperimentSpec, "docs/kubernetes.md")
+    assert spec.pod.ipc_lock and spec.pod.env[0].value_from.secret_key_ref.name == "hf-token"
+    for api in ("trainjob", "pytorchjob"):
+        objects(BASE | settings, api)

@@ -111,9 +111,9 @@ class SchedulingSpec(StrictModel):
     affinity: Affinity | None = None
     """Affinity of every pod (node affinity, pod affinity and anti-affinity), as in a pod spec."""
     topology_spread_constraints: list[TopologySpreadConstraint] = []
-    """How every pod spreads across nodes or zones, as in a pod spec. A TrainJob cannot carry them per run
-    (Kubeflow Trainer's runtime patches have no such field): with trainerApi trainjob they apply to the rollout
-    pods, and the trainer's come from the training runtime (docs/kubernetes.md, "Pod settings")."""
+    """How every pod spreads across nodes or zones, as in a pod spec. A TrainJob cannot carry them (Kubeflow
+    Trainer's runtime patches have no such field), so a run on the TrainJob path refuses them: spread its trainers
+    with an affinity or in the training runtime (docs/kubernetes.md, "Pod settings")."""
     backoff_limit: Annotated[int, Field(ge=0)] = 3
     """Restarts of a trainer after retryable exit codes (128-255) before its run fails; the operator counts them
     (the training operator alone does not cap restarts under restartPolicy ExitCode)."""
