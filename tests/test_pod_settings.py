@@ -176,16 +176,22 @@ def test_defaults_give_a_trainer_time_to_checkpoint_and_add_nothing(api):
         assert set(container["resources"]["requests"]) == {"cpu", "memory", "nvidia.com/gpu"}, where
 
 
-def test_topology_spread_reaches_pytorchjob_and_rollout_pods_and_trainjob_refuses_it_by_name():
+def test_topology_spread_needs_pytorchjob_and_reaches_its_pods():
     spread = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
                "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "trainer"}},
                "matchLabelKeys": ["ttrv.io/run"]}]
-    settings = BASE | {"scheduling": {"topologySpreadConstraints": spread}}
+    settings = BASE | {"scheduling": {"topologySpreadConstraints": spread, "trainerApi": "pytorchjob"}}
     kids = objects(settings, "pytorchjob")
     for where, template in pod_templates(kids["PyTorchJob"]) + pod_templates(kids["Deployment"]):
         assert template["spec"]["topologySpreadConstraints"] == spread, where
-    with pytest.raises(SpecError, match=r"scheduling\.topologySpreadConstraints: a TrainJob cannot carry them.*"
-                                        r"trainerApi: pytorchjob"):
+    # A TrainJob cannot carry them: refused at admission for trainjob and for auto (which may become TrainJob)...
+    for api in ("trainjob", "auto"):
+        with pytest.raises(SpecError, match=r"values.yaml: scheduling: topologySpreadConstraints need trainerApi: "
+                                            rf"pytorchjob \(it is {api}\)"):
+            parse_spec(BASE | {"scheduling": {"topologySpreadConstraints": spread, "trainerApi": api}},
+                       ExperimentSpec, "values.yaml")
+    # ...and by the builder, should a TrainJob be asked for anyway (`ttrv render --trainer-api trainjob`).
+    with pytest.raises(SpecError, match=r"scheduling\.topologySpreadConstraints: a TrainJob cannot carry them"):
         objects(settings, "trainjob")
 
 

@@ -10,6 +10,7 @@ from pydantic import (
     AfterValidator,
     Field,
     field_validator,
+    model_validator,
 )
 
 from ttrv.spec.base import (
@@ -112,8 +113,8 @@ class SchedulingSpec(StrictModel):
     """Affinity of every pod (node affinity, pod affinity and anti-affinity), as in a pod spec."""
     topology_spread_constraints: list[TopologySpreadConstraint] = []
     """How every pod spreads across nodes or zones, as in a pod spec. A TrainJob cannot carry them (Kubeflow
-    Trainer's runtime patches have no such field), so a run on the TrainJob path refuses them: spread its trainers
-    with an affinity or in the training runtime (docs/kubernetes.md, "Pod settings")."""
+    Trainer's runtime patches have no such field), so they need trainerApi pytorchjob; on the TrainJob path spread
+    the trainers with an affinity or in the training runtime (docs/kubernetes.md, "Pod settings")."""
     backoff_limit: Annotated[int, Field(ge=0)] = 3
     """Restarts of a trainer after retryable exit codes (128-255) before its run fails; the operator counts them
     (the training operator alone does not cap restarts under restartPolicy ExitCode)."""
@@ -123,6 +124,17 @@ class SchedulingSpec(StrictModel):
     """Which training API runs the trainer: trainjob (Kubeflow Trainer v2, trainer.kubeflow.org TrainJob),
     pytorchjob (the v1 training operator, kubeflow.org PyTorchJob), or auto: the one the API server serves, TrainJob
     first (the operator decides when it starts; `ttrv render` then shows TrainJob)."""
+
+    @model_validator(mode="after")
+    def _spread_needs_pytorchjob(self) -> SchedulingSpec:
+        # Refused here, at admission, for auto as well: the operator picks auto's API only once it runs, and a
+        # TrainJob's runtime patch has no topologySpreadConstraints (kubeflow/trainer trainjob_types.go
+        # PodSpecPatch).
+        if self.topology_spread_constraints and self.trainer_api != "pytorchjob":
+            raise ValueError(f"topologySpreadConstraints need trainerApi: pytorchjob (it is {self.trainer_api}): a "
+                             "TrainJob cannot carry them; set trainerApi: pytorchjob, or spread the pods with affinity "
+                             "(pod anti-affinity) or Kueue's topology annotations in pod.annotations")
+        return self
 
 
 class ExperimentSpec(AdaptationSettings):
