@@ -21,7 +21,7 @@ from k8s_util import (
 )
 
 from ttrv.manifests import adaptation_run, experiment_objects, run_children, training_runtime
-from ttrv.spec import ExperimentSpec, SpecError, parse_spec
+from ttrv.spec import ExperimentSpec, SchedulingSpec, SpecError, parse_spec
 
 pytestmark = pytest.mark.pure
 
@@ -303,3 +303,22 @@ def test_docs_example_of_pod_settings_is_valid_and_renders():
     assert spec.pod.ipc_lock and spec.pod.env[0].value_from.secret_key_ref.name == "hf-token"
     for api in ("trainjob", "pytorchjob"):
         objects(BASE | settings, api)
+
+
+@pytest.mark.parametrize("api", [None, "auto", "trainjob"])
+def test_the_ttrv_chart_refuses_topology_spread_without_pytorchjob(tmp_path, api):
+    """The chart's own check (charts/ttrv/templates/_helpers.tpl) says at `helm install` what the operator would
+    say; unset, trainerApi is the model's default, which the template states."""
+    assert SchedulingSpec().trainer_api == "auto"
+    scheduling = {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone",
+                                                 "whenUnsatisfiable": "DoNotSchedule"}]}
+    values = tmp_path / "spread.yaml"
+    values.write_text(yaml.safe_dump({"scheduling": scheduling | ({"trainerApi": api} if api else {})}))
+    example = "examples/values-tiny-shapes.yaml"  # sets no trainerApi
+    assert "trainerApi" not in (ROOT / example).read_text()
+    result = helm("template", "rel", "charts/ttrv", "-f", example, "-f", str(values), check=False)
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"topologySpreadConstraints need trainerApi: pytorchjob (it is {api or 'auto'})" in result.stderr
+    values.write_text(yaml.safe_dump({"scheduling": scheduling | {"trainerApi": "pytorchjob"}}))
+    (experiment,) = helm_template("ttrv", "rel", "-f", example, "-f", str(values))
+    parse_spec(experiment["spec"], ExperimentSpec)
