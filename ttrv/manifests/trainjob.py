@@ -89,7 +89,8 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
     allowed"); serviceAccountName, imagePullSecrets, affinity, tolerations, nodeSelector and
     terminationGracePeriodSeconds in its PodSpecPatch; the /dev/shm sizeLimit as a `shm` volume merged by name
     into the runtime's; IPC_LOCK as the `node` ContainerPatch's securityContext. PodSpecPatch has no
-    topologySpreadConstraints, so a run that sets them is refused here (they belong in the runtime).
+    topologySpreadConstraints: the spec refuses them unless trainerApi is pytorchjob (SchedulingSpec), and this
+    builder should a TrainJob be asked for anyway (`ttrv render --trainer-api trainjob`).
     """
     res = ctx.spec.run.resources
     scheduling, pod = ctx.spec.scheduling, ctx.spec.pod

@@ -168,8 +168,9 @@ class EnvVarSource(StrictModel):
 
 # What ttrv itself sets in its containers (ttrv.manifests.common: the writable folders, the store's credentials and
 # endpoint, the metrics port, the rollout URL, DeepSpeed's accelerator on CPU, torch elastic's shutdown timeout);
-# PET_* and the MASTER_*/RANK variables are the training operators' (Kubeflow Trainer's torch plugin, the v1
-# operator's PyTorchJob controller). A second definition would be refused by TrainJob's env (a list map keyed by
+# PET_* and the MASTER_*/RANK variables are the training operators' (Kubeflow Trainer's torch plugin, whose webhook
+# refuses PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT in a TrainJob:
+# kubeflow/trainer pkg/constants/constants.go TorchRunReservedEnvNames; the v1 operator's PyTorchJob controller). A second definition would be refused by TrainJob's env (a list map keyed by
 # name) or silently win over ttrv's in a Deployment.
 RESERVED_ENV = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                 "DS_ACCELERATOR", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE",
