@@ -516,6 +516,35 @@ CHART_ONLY_VALUES = {
         "additionalProperties": {"type": "string"},
         "description": "Extra annotations on the Experiment resource.",
     },
+    "helmTest": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "`helm test`: a Pod that waits until the operator has accepted the Experiment.",
+        "properties": {
+            "image": {"type": "string", "minLength": 1,
+                      "description": "Image with kubectl and bash (Kubernetes' own registry.k8s.io/kubectl)."},
+            "timeoutSeconds": {"type": "integer", "minimum": 1,
+                               "description": "How long to wait for the operator's verdict."},
+        },
+    },
+    "monitoring": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Prometheus operator objects for this experiment's trainer (PodMonitor) and rollout service "
+                       "(ServiceMonitor), and a NetworkPolicy letting Prometheus reach the rollout pods.",
+        "properties": {
+            "enabled": {"type": "boolean", "description": "Create them (needs the Prometheus operator's CRDs)."},
+            # the pattern of a ServiceMonitor's endpoints[].interval (k8s/vendor/monitoring.coreos.com_servicemonitors.yaml)
+            "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                                      r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                         "description": "Scrape interval (a Prometheus duration, e.g. 30s)."},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"},
+                       "description": "Labels your Prometheus selects monitors by."},
+            "prometheusNamespaceLabels": {
+                "type": "object", "additionalProperties": {"type": "string"}, "minProperties": 1,
+                "description": "Labels of the namespace Prometheus scrapes from (the NetworkPolicy admits it)."},
+        },
+    },
 }
 
 
