@@ -263,7 +263,8 @@ def crds() -> dict[str, dict]:
 #   null-valued nullable property counts as absent;
 # - a rule that names `oldSelf` is a transition rule: evaluated on UPDATE only, where the old object has a value at
 #   that node (so the spec's rules below run on every update of an Experiment);
-# - `messageExpression`, when it evaluates to a non-empty one-line string, is the error's message; else `message`;
+# - `messageExpression`, when it evaluates to a non-empty one-line string, is the error's message; else `message`
+#   (Kubernetes 1.27 has both; the rules set no `reason` or `fieldPath`, which came in 1.28);
 # - a `number` property is a CEL double even when written as an integer (1 is 1.0); x-kubernetes-int-or-string is
 #   an int or a string (`string()` turns both into the string the operator compares).
 # The API server applies no defaults here (the operator's pydantic does), so a rule reads an absent field as its
@@ -384,8 +385,7 @@ def cel_rules_of(model: type[BaseModel]) -> list[dict]:
             raise ValueError(f"model validator {name} has no CEL rule: add one to ttrv.crds.CROSS_FIELD_RULES, or say "
                              "why CEL cannot express it in NOT_IN_CEL")
         for rule, message in CROSS_FIELD_RULES[name]:
-            rules.append({"rule": _with_defaults(rule, model), "messageExpression": _with_defaults(message, model),
-                          "reason": "FieldValueInvalid"})
+            rules.append({"rule": _with_defaults(rule, model), "messageExpression": _with_defaults(message, model)})
     return rules
 
 
@@ -494,7 +494,6 @@ def frozen_spec_rules() -> list[dict]:
             "rule": " && ".join(terms),
             "message": f"{alias} cannot change while the experiment exists (only {' and '.join(MUTABLE_SPEC_FIELDS)}"
                        " can); revert it, or delete and recreate the experiment",
-            "reason": "FieldValueForbidden",
         })
     return rules
 
