@@ -38,6 +38,8 @@ RUNS = "ttrv.io/v1alpha1/adaptationruns"
 NS = "team-a"
 BASE = {"storage": {"uri": "s3://ttrv/x"}, "datasets": [{"name": "a", "path": "/data/a.json"}]}
 
+SPREAD = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}
+
 # Model validator -> (spec edits that break it, one per rule, and edits at its boundary that pass). Edits are
 # merged into BASE; "datasets[0]" edits the first dataset.
 CASES: dict[str, tuple[list[dict], list[dict]]] = {
@@ -55,6 +57,23 @@ CASES: dict[str, tuple[list[dict], list[dict]]] = {
     "GRPOSpec._mini_batch_within_step": (
         [{"grpo": {"miniBatchPrompts": 5}}],
         [{"grpo": {"miniBatchPrompts": 4}}, {"grpo": {"miniBatchPrompts": 8, "promptsPerStep": 8}}],
+    ),
+    "SchedulingSpec._spread_needs_pytorchjob": (
+        [{"scheduling": {"topologySpreadConstraints": [SPREAD]}}],  # trainerApi's default, auto
+        [{"scheduling": {"topologySpreadConstraints": [SPREAD], "trainerApi": "pytorchjob"}},
+         {"scheduling": {"topologySpreadConstraints": [], "trainerApi": "trainjob"}}],
+    ),
+    "EnvVarSource._one_source": (
+        [{"pod": {"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"},
+                                                              "fieldRef": {"fieldPath": "metadata.name"}}}]}}],
+        [{"pod": {"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]}}],
+    ),
+    "EnvVar._value_or_source": (
+        [{"pod": {"env": [{"name": "HF_TOKEN", "value": "x",
+                           "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]}},
+         {"pod": {"env": [{"name": "TTRV_STORE", "value": "x"}]}}],
+        [{"pod": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}},
+         {"pod": {"env": [{"name": "MY_TTRV_FLAG", "value": ""}]}}],
     ),
     "ResourcesSpec._offload_needs_zero": (
         [{"resources": {"offloadOptimizer": True, "zeroStage": 0}}],

@@ -33,6 +33,7 @@ from ttrv.spec import (
     RunPhase,
     RunStage,
 )
+from ttrv.spec.pod import RESERVED_ENV, RESERVED_ENV_PREFIXES
 
 GROUP = "ttrv.io"
 VERSION = "v1alpha1"
@@ -301,6 +302,25 @@ CROSS_FIELD_RULES: dict[str, tuple[tuple[str, str], ...]] = {
         '"offloadOptimizer needs zeroStage 1, 2 or 3 (stage 0 keeps no optimiser partition to offload); set '
         'zeroStage: 2 or offloadOptimizer: false"',
     ),),
+    "SchedulingSpec._spread_needs_pytorchjob": ((
+        "size($topologySpreadConstraints) == 0 || $trainerApi == 'pytorchjob'",
+        '"topologySpreadConstraints need trainerApi: pytorchjob (it is " + $trainerApi + "): a TrainJob cannot carry '
+        'them; set trainerApi: pytorchjob, or spread the pods with affinity (pod anti-affinity) or Kueue\'s topology '
+        'annotations in pod.annotations"',
+    ),),
+    "EnvVarSource._one_source": ((
+        "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.fieldRef) ? 1 : 0) == 1",
+        '"valueFrom needs exactly one of secretKeyRef, configMapKeyRef and fieldRef"',
+    ),),
+    "EnvVar._value_or_source": ((
+        "!(has(self.value) && has(self.valueFrom))",
+        '"env " + self.name + ": set value or valueFrom, not both"',
+    ), (
+        "!(self.name in " + json.dumps(list(RESERVED_ENV)) + ")"
+        + "".join(f" && !self.name.startsWith({json.dumps(prefix)})" for prefix in RESERVED_ENV_PREFIXES),
+        '"env " + self.name + ": ttrv or the training operator sets this variable; remove it (the store\'s '
+        'credentials come from s3Secret, the shutdown timeout from pod.terminationGracePeriodSeconds)"',
+    )),
 }
 
 NOT_IN_CEL: dict[str, str] = {}

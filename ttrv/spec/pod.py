@@ -161,8 +161,8 @@ class EnvVarSource(StrictModel):
                                            ("configMapKeyRef", self.config_map_key_ref), ("fieldRef", self.field_ref))
                  if source is not None]
         if len(given) != 1:
-            raise ValueError(f"valueFrom needs exactly one of secretKeyRef, configMapKeyRef and fieldRef; got "
-                             f"{', '.join(given) or 'none'}")
+            # The same words as its CEL rule (ttrv.crds.CROSS_FIELD_RULES), which cannot list what was given.
+            raise ValueError("valueFrom needs exactly one of secretKeyRef, configMapKeyRef and fieldRef")
         return self
 
 
