@@ -28,6 +28,7 @@ CRD_FILES = {
     "trainer.kubeflow.org": [ROOT / f"k8s/vendor/trainer.kubeflow.org_{plural}.yaml"
                              for plural in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")],
     "monitoring.coreos.com": [ROOT / "k8s/vendor/monitoring.coreos.com_servicemonitors.yaml"],
+    "kopf.dev": [ROOT / "charts/ttrv-operator/crds/kopf.dev_peerings.yaml"],
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from ttrv.labels import (
     TRAINER,
 )
+from ttrv.manifests.access import status_env, status_mount, status_volume, trainer_service_account
 from ttrv.manifests.common import (
     _WRITABLE_ENV,
     ANCESTOR_LABEL,
@@ -84,10 +85,12 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
     res = ctx.spec.run.resources
     scheduling = ctx.spec.scheduling
     pod_spec: dict[str, Any] = {
-        "volumes": [volume for volume in _volumes(ctx) if "emptyDir" not in volume],
+        "volumes": [volume for volume in _volumes(ctx) if "emptyDir" not in volume] + [status_volume()],
         "containers": [{"name": TRAINJOB_CONTAINER,
                         "volumeMounts": [mount for mount in _mounts(ctx)
-                                         if mount["name"] not in _RUNTIME_VOLUMES]}],
+                                         if mount["name"] not in _RUNTIME_VOLUMES] + [status_mount()]}],
+        # The trainer reports its progress into its run's status as this run's own ServiceAccount (access.py).
+        "serviceAccountName": trainer_service_account(ctx),
     }
     if res.gpus_per_node:
         if scheduling.node_selector:
@@ -114,7 +117,7 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
             "trainer": {
                 "image": ctx.spec.image.trainer,
                 "command": TRAIN_COMMAND,
-                "env": _trainer_env(ctx),
+                "env": _trainer_env(ctx) + status_env(ctx),
                 "numNodes": res.nodes,
                 "numProcPerNode": res.nproc_per_node,
                 "resourcesPerNode": _resources(res.cpu, res.memory, res.gpus_per_node),
