@@ -68,6 +68,7 @@ class Cluster:
         self.trainer_api = trainer_api
         self.jobs = JOBS_OF[trainer_api]
         self.progress: dict[str, dict] = {}
+        self.api_url = ""  # the stand-in's HTTP address (cluster() sets it)
 
     async def report_progress(self, run: str, document: dict) -> None:
         """The run's trainer reports its progress document, as ttrv/status_report.py sends it: a merge patch of
@@ -216,7 +217,9 @@ async def cluster(monkeypatch, tmp_path, kueue: bool = False, trainer_api: str =
         path = tmp_path / "kubeconfig.json"
         path.write_text(kubeconfig(str(server.url).rstrip("/")))
         monkeypatch.setenv("KUBECONFIG", str(path))
-        yield Cluster(api, trainer_api)
+        world = Cluster(api, trainer_api)
+        world.api_url = str(server.url).rstrip("/")
+        yield world
 
 
 @contextlib.asynccontextmanager

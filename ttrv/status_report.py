@@ -41,7 +41,8 @@ class StatusReporter:
     def __init__(self, api_url: str, namespace: str, name: str, token_file: Path, ca_file: Path | None = None):
         self.url = f"{api_url.rstrip('/')}/apis/ttrv.io/v1alpha1/namespaces/{namespace}/adaptationruns/{name}/status"
         self.token_file = token_file
-        self.context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+        # The cluster's CA (projected from kube-root-ca.crt); without one, the system's trust store.
+        self.context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
         self.failures = 0
 
     @classmethod
@@ -52,7 +53,8 @@ class StatusReporter:
         if not (directory and host and namespace and name and (Path(directory) / "token").is_file()):
             return None
         host = f"[{host}]" if ":" in host else host  # an IPv6 service address
-        return cls(f"https://{host}:{port}", namespace, name, Path(directory) / "token", Path(directory) / "ca.crt")
+        ca = Path(directory) / "ca.crt"
+        return cls(f"https://{host}:{port}", namespace, name, Path(directory) / "token", ca if ca.is_file() else None)
 
     def report(self, document: Mapping) -> bool:
         try:
