@@ -23,7 +23,7 @@ from ttrv.spec import ExperimentSpec, RolloutSpec, load_experiment, parse_spec
 VALUES = sorted(p.name for p in (ROOT / "examples").glob("values-*.yaml"))
 OPERATOR_VARIANTS = {
     "defaults": [],
-    "everything": ["--set", "minio.enabled=true", "--set", "kueue.enabled=true",
+    "everything": ["--set", "minio.enabled=true", "--set", "minio.teams={team-a,team-b}", "--set", "kueue.enabled=true",
                    "--set", "metrics.serviceMonitor.enabled=true", "--set", "trainer.runtime.create=true"],
     "namespaced-runtime": ["--set", "trainer.runtime.kind=TrainingRuntime", "--set", "trainer.runtime.create=true",
                            "--set", "trainer.runtime.namespaces={team-a,team-b}"],
@@ -255,10 +255,16 @@ def test_notes_selectors_match_the_pods(tmp_path):
 
 
 def test_operator_notes_show_how_to_share_minio_credentials(tmp_path):
-    notes = rendered_notes(tmp_path, "ttrv-operator", "--set", "minio.enabled=true", namespace="ttrv-system")
+    """Each team gets its own user's credentials; MinIO's root credentials are never handed out."""
+    notes = rendered_notes(tmp_path, "ttrv-operator", "--set", "minio.enabled=true", "--set", "minio.teams={team-a}",
+                           namespace="ttrv-system")
     assert "http://rel-minio.ttrv-system.svc:9000" in notes
     assert "kubectl -n team-a create secret generic ttrv-s3" in notes
-    assert "$(kubectl -n ttrv-system get secret rel-minio -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)" in notes
+    assert "$(kubectl -n ttrv-system get secret rel-minio-team-a -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)" in notes
+    assert "get secret rel-minio " not in notes
+    without_teams = rendered_notes(tmp_path / "none", "ttrv-operator", "--set", "minio.enabled=true",
+                                   namespace="ttrv-system")
+    assert "minio.teams" in without_teams and "get secret" not in without_teams
 
 
 @pytest.mark.parametrize("variant", sorted(OPERATOR_VARIANTS))

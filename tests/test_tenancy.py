@@ -259,3 +259,73 @@ def test_two_replicas_peer(namespaced):
     assert not [obj for obj in single if obj["apiVersion"] == "kopf.dev/v1"]
     assert "--standalone" in next(obj for obj in single if obj["kind"] == "Deployment")[
         "spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+# --- the bundled MinIO: a user and a policy per team -----------------------------------------------------------
+
+def _allowed(policy: dict, action: str, resource: str, prefix: str | None = None) -> bool:
+    """AWS's evaluation for Allow-only policies as MinIO applies it: an action is allowed when a statement names
+    it and a resource pattern matching the ARN (`*` spans `/`), and its StringLike s3:prefix condition, if any,
+    matches the request's prefix (absent: no match). Enough for these policies, which use nothing else."""
+    from fnmatch import fnmatchcase
+
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and set(statement) <= {"Sid", "Effect", "Action", "Resource",
+                                                                    "Condition"}
+        if action not in statement["Action"] or not any(fnmatchcase(resource, r) for r in statement["Resource"]):
+            continue
+        condition = statement.get("Condition")
+        if condition is None:
+            return True
+        assert list(condition) == ["StringLike"] and list(condition["StringLike"]) == ["s3:prefix"]
+        if prefix is not None and any(fnmatchcase(prefix, p) for p in condition["StringLike"]["s3:prefix"]):
+            return True
+    return False
+
+
+def test_minio_teams_get_policies_scoped_to_their_prefix():
+    objects = helm_template("ttrv-operator", "rel", "--set", "minio.enabled=true",
+                            "--set", "minio.teams={team-a,team-b}", namespace="ttrv-system")
+    (teams,) = [obj for obj in objects if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == "rel-minio-teams"]
+    policies = {key.removesuffix(".json"): json.loads(value) for key, value in teams["data"].items()
+                if key.endswith(".json")}
+    assert sorted(policies) == ["team-a", "team-b"]
+    a = policies["team-a"]
+    run = "team-a/exp/mmmu"  # <storage.uri s3://ttrv>/<namespace>/<experiment>/<dataset>
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+        assert _allowed(a, action, f"arn:aws:s3:::ttrv/{run}/progress.json")
+        assert not _allowed(a, action, "arn:aws:s3:::ttrv/team-b/exp/mmmu/progress.json")
+        assert not _allowed(a, action, "arn:aws:s3:::ttrv/team-ab/x")  # a prefix of a name is not the name
+        assert not _allowed(a, action, "arn:aws:s3:::other/team-a/x")
+    assert _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv", prefix=run)  # the store's probe (s3_backend.py)
+    assert _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv", prefix=f"{run}/")
+    assert not _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv", prefix="team-b/")
+    assert not _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv")  # no listing of the whole bucket
+    assert not _allowed(a, "s3:CreateBucket", "arn:aws:s3:::ttrv") and not _allowed(a, "s3:ListAllMyBuckets", "*")
+
+    # Credentials: one Secret per team (never the root's), referenced by the Job that provisions them.
+    secrets = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "Secret"}
+    assert set(secrets) == {"rel-minio", "rel-minio-team-a", "rel-minio-team-b"}
+    assert secrets["rel-minio-team-a"]["data"] != secrets["rel-minio-team-b"]["data"]
+    (job,) = [obj for obj in objects if obj["kind"] == "Job"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    refs = {item["name"]: item["valueFrom"]["secretKeyRef"]["name"] for item in container["env"] if "valueFrom" in item}
+    assert refs["TEAM_0_KEY"] == refs["TEAM_0_SECRET"] == "rel-minio-team-a"
+    script = teams["data"]["provision.sh"]
+    for team in ("team-a", "team-b"):
+        assert f"mc admin policy create ttrv ttrv-{team} /teams/{team}.json" in script
+        assert f"mc admin policy attach ttrv ttrv-{team}" in script
+    # Optionally the team's own copy, in its namespace, under the name its experiments reference.
+    copies = helm_template("ttrv-operator", "rel", "--set", "minio.enabled=true", "--set", "minio.teams={team-a}",
+                           "--set", "minio.teamSecretName=ttrv-s3", namespace="ttrv-system")
+    (own, copy_) = [obj for obj in copies if obj["kind"] == "Secret" and "ttrv.io/team" in obj["metadata"]["labels"]]
+    assert (copy_["metadata"]["name"], copy_["metadata"]["namespace"]) == ("ttrv-s3", "team-a")
+    assert own["data"] == copy_["data"]
+
+
+def test_a_team_that_is_no_namespace_name_fails_naming_the_value():
+    from k8s_util import helm
+
+    result = helm("template", "rel", "charts/ttrv-operator", "--set", "minio.enabled=true",
+                  "--set", "minio.teams={Team_A}", check=False)
+    assert result.returncode != 0 and "minio.teams" in result.stderr and "Team_A" in result.stderr
