@@ -291,15 +291,18 @@ def test_minio_teams_get_policies_scoped_to_their_prefix():
                 if key.endswith(".json")}
     assert sorted(policies) == ["team-a", "team-b"]
     a = policies["team-a"]
-    run = "team-a/exp/mmmu"  # <storage.uri s3://ttrv>/<namespace>/<experiment>/<dataset>
+    run = "experiments/team-a/exp/mmmu"  # <storage.uri s3://ttrv/experiments>/<namespace>/<experiment>/<dataset>
     for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
         assert _allowed(a, action, f"arn:aws:s3:::ttrv/{run}/progress.json")
-        assert not _allowed(a, action, "arn:aws:s3:::ttrv/team-b/exp/mmmu/progress.json")
-        assert not _allowed(a, action, "arn:aws:s3:::ttrv/team-ab/x")  # a prefix of a name is not the name
-        assert not _allowed(a, action, "arn:aws:s3:::other/team-a/x")
+        assert not _allowed(a, action, "arn:aws:s3:::ttrv/experiments/team-b/exp/mmmu/progress.json")
+        assert not _allowed(a, action, "arn:aws:s3:::ttrv/experiments/team-ab/x")  # a name's prefix is not it
+        assert not _allowed(a, action, "arn:aws:s3:::ttrv/experiments/team-b/team-a/x")  # team-b's "team-a"
+        assert not _allowed(a, action, "arn:aws:s3:::ttrv/team-a/x")
+        assert not _allowed(a, action, "arn:aws:s3:::other/experiments/team-a/x")
     assert _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv", prefix=run)  # the store's probe (s3_backend.py)
     assert _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv", prefix=f"{run}/")
-    assert not _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv", prefix="team-b/")
+    assert not _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv", prefix="experiments/team-b/")
+    assert not _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv", prefix="experiments/")
     assert not _allowed(a, "s3:ListBucket", "arn:aws:s3:::ttrv")  # no listing of the whole bucket
     assert not _allowed(a, "s3:CreateBucket", "arn:aws:s3:::ttrv") and not _allowed(a, "s3:ListAllMyBuckets", "*")
 
@@ -315,6 +318,13 @@ def test_minio_teams_get_policies_scoped_to_their_prefix():
     for team in ("team-a", "team-b"):
         assert f"mc admin policy create ttrv ttrv-{team} /teams/{team}.json" in script
         assert f"mc admin policy attach ttrv ttrv-{team}" in script
+    # With no prefix, the team's prefix is at the bucket's root.
+    bare = helm_template("ttrv-operator", "rel", "--set", "minio.enabled=true", "--set", "minio.teams={team-a}",
+                         "--set", "minio.prefix=", namespace="ttrv-system")
+    (teams,) = [obj for obj in bare if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == "rel-minio-teams"]
+    bare_policy = json.loads(teams["data"]["team-a.json"])
+    assert _allowed(bare_policy, "s3:GetObject", "arn:aws:s3:::ttrv/team-a/exp/mmmu/x")
+    assert not _allowed(bare_policy, "s3:GetObject", "arn:aws:s3:::ttrv/team-b/exp/mmmu/x")
     # Optionally the team's own copy, in its namespace, under the name its experiments reference.
     copies = helm_template("ttrv-operator", "rel", "--set", "minio.enabled=true", "--set", "minio.teams={team-a}",
                            "--set", "minio.teamSecretName=ttrv-s3", namespace="ttrv-system")
