@@ -223,13 +223,13 @@ async def cluster(monkeypatch, tmp_path, kueue: bool = False, trainer_api: str =
 
 
 @contextlib.asynccontextmanager
-async def operator(world: Cluster):
+async def operator(world: Cluster, namespaces: tuple[str, ...] = ()):
     """The real operator module under kopf, in this event loop, until the block ends; yields the operator's memo
-    (what its startup handler configured)."""
+    (what its startup handler configured). With `namespaces`, kopf serves only those (`kopf run --namespace`)."""
     stop, ready = asyncio.Event(), asyncio.Event()
     memo = kopf.Memo()
-    task = asyncio.create_task(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready,
-                                             memo=memo))
+    task = asyncio.create_task(kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
+                                             stop_flag=stop, ready_flag=ready, memo=memo))
     await asyncio.wait_for(ready.wait(), 10)
     try:
         yield memo

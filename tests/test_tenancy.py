@@ -97,6 +97,29 @@ async def test_operator_sends_nothing_to_an_endpoint_a_spec_names(monkeypatch, t
     assert listener.received == []
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_namespaced_operator_serves_only_its_namespaces(monkeypatch, tmp_path):
+    """`kopf run --namespace=team-a` as the chart runs it with watchNamespaces: the operator runs team-a's
+    experiment and never touches team-b's, with kopf's cluster-wide scanning off (configure)."""
+    monkeypatch.setenv("TTRV_WATCH_NAMESPACES", NS)
+    async with cluster(monkeypatch, tmp_path) as c:
+        other = {"apiVersion": "ttrv.io/v1alpha1", "kind": "Experiment",
+                 "metadata": {"name": "exp", "namespace": "team-b"},
+                 "spec": {"storage": {"uri": "s3://ttrv/experiments"},
+                          "datasets": [{"name": "mmmu", "path": "/data/mmmu.json"}]}}
+        await c.api.put_object(EXPERIMENTS, other)
+        async with operator(c, namespaces=(NS,)):
+            await c.create_experiment(datasets=[{"name": "mmmu", "path": "/data/mmmu.json"}])
+            await c.wait(lambda: c.get(c.jobs, "exp-mmmu-trainer"), "the trainer job in team-a")
+            await c.trainer_running("exp-mmmu-trainer")
+            await c.trainer_succeeded("exp-mmmu-trainer")
+            await c.wait_phase("exp", "Succeeded", EXPERIMENTS)
+            untouched = c.api.get(EXPERIMENTS, "team-b", "exp")
+            assert "status" not in untouched and not untouched["metadata"].get("finalizers")
+            assert c.api.items(RUNS, "team-b") == []
+
+
 # --- the trainer's identity ------------------------------------------------------------------------------------
 
 def _objects(trainer_api: str, **spec) -> dict[str, dict]:
