@@ -223,16 +223,27 @@ async def cluster(monkeypatch, tmp_path, kueue: bool = False, trainer_api: str =
 
 
 @contextlib.asynccontextmanager
-async def operator(world: Cluster, namespaces: tuple[str, ...] = ()):
+async def operator(world: Cluster, namespaces: tuple[str, ...] = (), peering: str | None = None):
     """The real operator module under kopf, in this event loop, until the block ends; yields the operator's memo
-    (what its startup handler configured). With `namespaces`, kopf serves only those (`kopf run --namespace`)."""
+    (what its startup handler configured). With `namespaces`, kopf serves only those (`kopf run --namespace`);
+    with `peering`, it peers through that peering object (`kopf run --peering`) instead of running standalone."""
     stop, ready = asyncio.Event(), asyncio.Event()
     memo = kopf.Memo()
-    task = asyncio.create_task(kopf.operator(clusterwide=not namespaces, namespaces=namespaces, standalone=True,
+    task = asyncio.create_task(kopf.operator(clusterwide=not namespaces, namespaces=namespaces,
+                                             standalone=None if peering else True, peering_name=peering,
                                              stop_flag=stop, ready_flag=ready, memo=memo))
     await asyncio.wait_for(ready.wait(), 10)
     try:
         yield memo
     finally:
         stop.set()
-        await asyncio.wait_for(task, 15)
+        if peering is None:
+            await asyncio.wait_for(task, 15)
+        else:
+            # Observed with kopf 1.45.2 here: the acting replica's last peering PATCH (removing its keep-alive)
+            # meets a connection the stand-in closed, and its retry waits to re-authenticate, which no longer
+            # happens once the operator is stopping; its task then never ends. What the peering test checks is
+            # over by then, so the task is cancelled after a grace period rather than awaited.
+            done, _ = await asyncio.wait([task], timeout=5)
+            if not done:
+                task.cancel()  # not awaited: it does not end on cancellation either

@@ -120,6 +120,44 @@ async def test_a_namespaced_operator_serves_only_its_namespaces(monkeypatch, tmp
             assert c.api.items(RUNS, "team-b") == []
 
 
+@pytest.mark.asyncio
+@pytest.mark.timeout(90)
+async def test_two_peering_operators_one_acts(monkeypatch, tmp_path):
+    """Two replicas of the real operator module under kopf with `--peering` (kopf's own peering, against the
+    stand-in serving the chart's kopf.dev CRDs and a ClusterKopfPeering): each draws its priority at start
+    (configure_peering), both keep alive in the peering object, and only one of them reconciles anything."""
+    import yaml
+    from k8s_util import ROOT
+
+    import operators.ttrv_operator as module
+
+    handled: list[int] = []
+    real = module._handle
+    monkeypatch.setattr(module, "_handle", lambda reconcile, memo, namespace, name: (
+        handled.append(id(memo.context)), real(reconcile, memo, namespace, name))[-1])
+    async with cluster(monkeypatch, tmp_path) as c:
+        for crd in yaml.safe_load_all((ROOT / "charts/ttrv-operator/crds/kopf.dev_peerings.yaml").read_text()):
+            c.api.declare_crd(crd)
+        await c.api.put_object("kopf.dev/v1/clusterkopfpeerings", {
+            "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "ttrv"}})
+        async with operator(c, peering="ttrv") as first, operator(c, peering="ttrv") as second:
+            contexts = {id(first.context), id(second.context)}
+            assert len(contexts) == 2
+            peers = await c.wait(lambda: (status := (c.api.get("kopf.dev/v1/clusterkopfpeerings", None, "ttrv")
+                                                     or {}).get("status") or {}) and len(status) == 2 and status,
+                                 "both replicas' keep-alives in the peering object")
+            priorities = [peer["priority"] for peer in peers.values()]
+            assert len(set(priorities)) == 2 and all(p > 0 for p in priorities)
+            await asyncio.sleep(1.0)  # the lower one sees the higher one and pauses
+            handled.clear()
+            await c.create_experiment(datasets=[{"name": "mmmu", "path": "/data/mmmu.json"}])
+            await c.wait(lambda: c.get(c.jobs, "exp-mmmu-trainer"), "the trainer job")
+            await c.trainer_running("exp-mmmu-trainer")
+            await c.trainer_succeeded("exp-mmmu-trainer")
+            await c.wait_phase("exp", "Succeeded", EXPERIMENTS)
+            assert len(set(handled)) == 1 and set(handled) <= contexts, "both replicas reconciled"
+
+
 # --- the trainer's identity ------------------------------------------------------------------------------------
 
 def _objects(trainer_api: str, **spec) -> dict[str, dict]:
