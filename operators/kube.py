@@ -35,6 +35,9 @@ KINDS = {
     "Pod": Kind("", "v1", "pods"),
     "Deployment": Kind("apps", "v1", "deployments"),
     "NetworkPolicy": Kind("networking.k8s.io", "v1", "networkpolicies"),
+    "ServiceAccount": Kind("", "v1", "serviceaccounts"),
+    "Role": Kind("rbac.authorization.k8s.io", "v1", "roles"),
+    "RoleBinding": Kind("rbac.authorization.k8s.io", "v1", "rolebindings"),
     "PyTorchJob": Kind("kubeflow.org", "v1", "pytorchjobs"),
     "TrainJob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
     # v1beta1 is served by every Kueue that has the pytorchjob integration (v0.15 still serves it next to v1beta2).

@@ -1,8 +1,12 @@
-"""A run's progress as its trainer reports it: the `progress.json` contract, and the one function that reads it.
+"""A run's progress as its trainer reports it: the `progress.json` contract, and where the operator reads it.
 
 The trainer's rank 0 writes `<store prefix>/progress.json` after every optimiser step (the store prefix is the
-AdaptationRun's `spec.run.storage.uri`). Its shape follows the trainer status of Kubeflow KEP-2779; these keys
-are the contract between trainer and operator:
+AdaptationRun's `spec.run.storage.uri`), and in a cluster also reports the same document into its own
+AdaptationRun's `status.trainerProgress` (a JSON string; ttrv/status_report.py, through the run's own
+ServiceAccount whose Role reaches that one object: ttrv/manifests/access.py). The cluster's operator reads only the
+latter (`progress_from_status`): it holds no credentials to the teams' stores and never connects to an endpoint a
+spec names. The local stand-in (operators/local/) reads the store instead (`ProgressReader`). The document's shape
+follows the trainer status of Kubeflow KEP-2779; these keys are the contract between trainer and operator:
 
     progressPercentage         number 0-100   optimiser steps done, percent
     estimatedRemainingSeconds  integer >= 0   the trainer's estimate of the time left
@@ -33,6 +37,7 @@ status write over one bad value.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -44,6 +49,8 @@ from ttrv.guard import STOP_REASONS
 from ttrv.spec import RunStage
 
 PROGRESS_KEY = "progress.json"
+STATUS_FIELD = "trainerProgress"
+"""The AdaptationRun status field the trainer writes its progress document into (a JSON string)."""
 # How long one read may keep retrying an unreachable store: the poll comes back every interval anyway.
 STORE_RETRY_SECONDS = 5.0
 
@@ -126,6 +133,19 @@ def parse_progress(document: Any) -> Progress:
     elif reason is not None:
         problems.append(f"stopReason: {reason!r} is not one of {', '.join(STOP_REASONS)}")
     return Progress(**values, problems=tuple(problems))
+
+
+def progress_from_status(run: Mapping) -> dict | None:
+    """The progress document the run's trainer reported into `status.trainerProgress`, or None while it has
+    reported none. What the trainer wrote is the tenant's: a value that is no JSON object comes back as the
+    string itself, which `parse_progress` then names as breaking the contract."""
+    text = (run.get("status") or {}).get(STATUS_FIELD)
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
 
 
 def read_progress(store_uri: str, endpoint: str | None = None) -> dict | None:

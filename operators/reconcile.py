@@ -21,7 +21,7 @@ from operators import metrics
 from operators.conditions import Event, Plan
 from operators.experiments import Observed as ExperimentObserved
 from operators.experiments import decide_experiment, resolve_spec, unstarted_run_names
-from operators.progress import Progress, parse_progress
+from operators.progress import STATUS_FIELD, Progress, parse_progress, progress_from_status
 from operators.runs import Observed as RunObserved
 from operators.runs import (
     decide_run,
@@ -31,6 +31,7 @@ from operators.runs import (
     wants_progress,
     wants_workload,
 )
+from operators.trainers import finished
 from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, JOB_UID_LABEL, RUN_LABEL, TRAINER
 from ttrv.log import get_logger
 from ttrv.manifests import PYTORCHJOB, TRAINER_KINDS, RuntimeRef
@@ -98,8 +99,9 @@ class Context:
     wherever Events go. Configuration and connections only, nothing a reconcile depends on remembering."""
 
     api: Api
-    read_progress: Callable[[str, str | None], dict | None]
-    """progress.json of the run stored at (storage uri, endpoint), or None (operators/progress.py)."""
+    read_progress: Callable[[str, str | None], dict | None] | None
+    """progress.json of the run stored at (storage uri, endpoint), or None (operators/progress.py). None (the
+    cluster's operator): the progress the trainer reported into the run's status, and no store is touched."""
     kueue_enabled: bool = False
     post_event: Callable[[Mapping, Event], None] = log_event
     locks: Locks = field(default_factory=Locks)
@@ -156,7 +158,7 @@ def reconcile_run(ctx: Context, namespace: str, name: str) -> None:
         job = children.get(TRAINER_KINDS[trainer_api]) if trainer_api else None
         pods = api.list("Pod", namespace, {RUN_LABEL: name, COMPONENT_LABEL: TRAINER}) if wants_pods(job) else ()
         workload = _workload(api, namespace, job) if wants_workload(job, ctx.kueue_enabled) else None
-        progress = _progress(ctx, run) if wants_progress(run, job) else None
+        progress = _progress(ctx, run, job) if wants_progress(run, job) else None
         before = (run.get("status") or {}).get("phase")
         plan = decide_run(RunObserved(run, now(), children, workload, pods, progress, ctx.kueue_enabled, wanted,
                                       ctx.trainer_apis, ctx.runtime, ctx.pinned_api, ctx.auto_api))
@@ -176,14 +178,23 @@ def _workload(api: Api, namespace: str, job: dict) -> dict | None:
     return None
 
 
-def _progress(ctx: Context, run: Mapping) -> Progress | None:
+def _progress(ctx: Context, run: Mapping, job: Mapping) -> Progress | None:
     storage = run["spec"]["run"].get("storage") or {}
     uri = storage.get("uri") or (run.get("status") or {}).get("storeUri")
-    try:
-        document = ctx.read_progress(uri, storage.get("endpoint"))
-    except Exception as error:  # noqa: BLE001 - an unreadable store must not stop the reconcile
-        logger.warning("progress_unreadable", run=run["metadata"]["name"], store=uri, error=str(error))
-        return None
+    if ctx.read_progress is None:
+        if finished(job):
+            # The run was read before its trainer: the trainer's last report (sent before it exited) may have
+            # come in between, and a finished run's progress is never read again. Read the run once more.
+            meta = run["metadata"]
+            run = ctx.api.get("AdaptationRun", meta["namespace"], meta["name"]) or run
+        document = progress_from_status(run)
+        uri = f"status.{STATUS_FIELD}"
+    else:
+        try:
+            document = ctx.read_progress(uri, storage.get("endpoint"))
+        except Exception as error:  # noqa: BLE001 - an unreadable store must not stop the reconcile
+            logger.warning("progress_unreadable", run=run["metadata"]["name"], store=uri, error=str(error))
+            return None
     if document is None:
         return None
     progress = parse_progress(document)

@@ -1,8 +1,9 @@
 """The ttrv operator's kopf handlers: each calls the reconcile loop (reconcile.py: read the world, call a decision,
 apply its plan) with the Context that the startup handler keeps in kopf's memo.
 
-Run as `kopf run --standalone --all-namespaces -m operators.ttrv_operator` (the ttrv-operator chart does).
-Configuration, from the environment:
+Run as `kopf run --standalone --all-namespaces -m operators.ttrv_operator` (the ttrv-operator chart does), or with
+`--namespace=<ns>` per namespace for a namespaced install, and `--peering=<name>` instead of `--standalone` for more
+than one replica. Configuration, from the environment:
 
     TTRV_KUEUE_ENABLED  true: runs with scheduling.queueName are Kueue's (queue label, created suspended, the
                         Workload's conditions read for Queued/Preempted); false: queueName is ignored
@@ -12,27 +13,33 @@ Configuration, from the environment:
                         or pytorchjob. Decided once, at start, from API discovery, and logged (trainer_apis_discovered)
     TTRV_TRAINING_RUNTIME_KIND, TTRV_TRAINING_RUNTIME_NAME   the runtime TrainJobs reference (default
                         ClusterTrainingRuntime ttrv-trainer, the operator chart's)
-    TTRV_POLL_SECONDS   how often each unfinished Experiment and AdaptationRun is reconciled and its trainer's
-                        progress.json read (default 30)
+    TTRV_POLL_SECONDS   how often each unfinished Experiment and AdaptationRun is reconciled and the progress
+                        its trainer reported copied into the status columns (default 30)
     TTRV_LOG_LEVEL      structlog level (default info)
-    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL   read access to the runs' object store
+    TTRV_WATCH_NAMESPACES  the namespaces given with --namespace, comma-separated (empty: all): kopf then scans
+                        neither namespaces nor CRDs, which would need cluster-wide rights (see `configure`)
+    TTRV_PEERING_LIFETIME  seconds a replica's peering keep-alive counts (default 60; used with --peering)
+
+The operator holds no object-store credentials and opens no connection a spec names: a run's trainer reports its
+progress into its own AdaptationRun's status (`status.trainerProgress`, through the per-run ServiceAccount and Role
+the operator creates), and the reconcile reads it from there (operators/progress.py).
 
 Every reconcile reads the object and its children fresh from the API, so all entry points (create, update,
 resume, the poll timer, a child's event) run the same level-triggered code, and nothing in this process's
 memory matters: a restarted operator carries on from what the API shows. kopf keeps its own bookkeeping in
 annotations (prefix ttrv.io), because the CRDs' structural schemas have no room for kopf's default `status.kopf`.
 
-The API client, the configuration and the store reader live in kopf's operator memo, not in module globals: the
+The API client and the configuration live in kopf's operator memo, not in module globals: the
 startup handler puts them there, and kopf hands every handler a shallow copy of that memo (kopf 1.45.2:
 `ResourceMemories.recall` makes each object's memo as `copy.copy(memobase)`, _core/reactor/inventory.py; "The
 operator's memo is later used to populate per-resource memos. All keys and values are shallow-copied", docs/
-memos.rst), so every handler reaches the same Context. An embedding caller passes its own memo to
-`kopf.operator(memo=...)`, and a `read_progress` it holds replaces the object store (the kopf tests do).
+memos.rst), so every handler reaches the same Context.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Mapping
 from typing import get_args
 
@@ -43,7 +50,6 @@ from operators import metrics
 from operators.conditions import Event
 from operators.experiments import ACCEPTED_ANNOTATION
 from operators.kube import Kube, KubeError
-from operators.progress import ProgressReader
 from operators.reconcile import Context, log_event, reconcile_experiment, reconcile_run
 from ttrv import log
 from ttrv.crds import GROUP, VERSION
@@ -73,6 +79,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # A timer caught mid-reconcile when the operator stops gets this long to finish it (a reconcile takes tens
     # of milliseconds); kopf's default, ten event-loop cycles, orphans it, and the exit waits 5 s for it.
     settings.background.instant_exit_timeout = 1.0
+    watched = [ns.strip() for ns in os.environ.get("TTRV_WATCH_NAMESPACES", "").split(",") if ns.strip()]
+    if watched:
+        # A namespaced install has no cluster-wide rights. kopf's scanning lists and watches Namespaces (to match
+        # namespace patterns) and CRDs (to notice resources appear); without it kopf serves exactly the namespaces
+        # named and the resources API discovery shows at start ("If disabled ... only the specific namespaces will
+        # be served", kopf 1.45.2 _cogs/configs/configuration.py ScanningSettings; _core/reactor/observation.py).
+        settings.scanning.disabled = True
+    configure_peering(settings)
     selector = ",".join(f"{key}={value}" for key, value in MANAGED_BY.items())
     # Only the operator's own PyTorchJobs and Deployments stream in, not every one in the cluster.
     settings.watching.label_selectors["kubeflow.org", "v1", "pytorchjobs"] = selector
@@ -82,14 +96,33 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     port = int(os.environ.get("TTRV_METRICS_PORT", "9400"))
     server, _thread = prometheus_client.start_http_server(port)
     memo.metrics_server = server
-    injected = memo.get("read_progress")  # an embedding caller's stand-in for the object store
-    memo.progress_reader = None if injected else ProgressReader()
     memo.kube = Kube.from_environment()
     served, auto, runtime = discover_trainer_apis(memo.kube)
-    memo.context = Context(memo.kube, injected or memo.progress_reader, kueue, post_event=_post_event,
+    # No store reader: progress comes from each run's status, where its trainer reports it (operators/progress.py).
+    memo.context = Context(memo.kube, None, kueue, post_event=_post_event,
                            trainer_apis=served, runtime=runtime, auto_api=auto)
     logger.info("operator_configured", kueue_enabled=kueue, metrics_port=server.server_port,
                 poll_seconds=POLL_SECONDS)
+
+
+def configure_peering(settings: kopf.OperatorSettings) -> None:
+    """Replicas that peer (`kopf run --peering=<name>`) must not share a priority: kopf pauses every operator
+    that sees a live peer of higher priority, and *all* of them when peers share the highest one ("Pausing all
+    operators, including self", kopf 1.45.2 _core/engines/peering.py process_peering_event). So each replica takes
+    a random priority here, before kopf starts peering (its watchers and keep-alives start only after the startup
+    handlers: _core/reactor/running.py spawn_tasks, gated by started_flag): the highest live one acts, the others
+    pause until its keep-alive lapses. A priority given with --priority is kept."""
+    lifetime = os.environ.get("TTRV_PEERING_LIFETIME", "").strip()
+    if lifetime:
+        try:
+            settings.peering.lifetime = int(lifetime)
+        except ValueError:
+            raise kopf.PermanentError(f"TTRV_PEERING_LIFETIME: {lifetime!r} is not a whole number of seconds; "
+                                      "set the operator chart's peering.lifetime") from None
+    if not settings.peering.standalone and settings.peering.priority == 0:
+        settings.peering.priority = random.SystemRandom().randint(1, 2**31 - 1)
+    logger.info("peering_configured", standalone=settings.peering.standalone, name=settings.peering.name,
+                priority=settings.peering.priority, lifetime=settings.peering.lifetime)
 
 
 def discover_trainer_apis(kube: Kube) -> tuple[frozenset[str], str | None, RuntimeRef]:
@@ -117,8 +150,6 @@ def discover_trainer_apis(kube: Kube) -> tuple[frozenset[str], str | None, Runti
 def shut_down(memo: kopf.Memo, **_) -> None:
     if "kube" in memo:
         memo.kube.close()
-    if memo.get("progress_reader") is not None:
-        memo.progress_reader.close()
     if "metrics_server" in memo:
         memo.metrics_server.shutdown()
         memo.metrics_server.server_close()

@@ -29,6 +29,7 @@ CRD_FILES = {
                              for plural in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")],
     "monitoring.coreos.com": [ROOT / f"k8s/vendor/monitoring.coreos.com_{plural}.yaml"
                               for plural in ("servicemonitors", "podmonitors")],
+    "kopf.dev": [ROOT / "charts/ttrv-operator/crds/kopf.dev_peerings.yaml"],
 }
 
 

@@ -123,6 +123,9 @@ class KubeStandIn(kmock.KubernetesEmulator):
         self.declare("v1/services", "Service", status=True)
         self.declare("apps/v1/deployments", "Deployment", status=True)
         self.declare("networking.k8s.io/v1/networkpolicies", "NetworkPolicy")
+        self.declare("v1/serviceaccounts", "ServiceAccount")
+        self.declare("rbac.authorization.k8s.io/v1/roles", "Role")
+        self.declare("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding")
         self.declare("kueue.x-k8s.io/v1beta1/workloads", "Workload", status=True)
         for crd in _crds() + tuple(crd for api in trainer_apis for crd in _training_crds(api)):
             self.declare_crd(crd)

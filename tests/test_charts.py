@@ -23,10 +23,13 @@ from ttrv.spec import ExperimentSpec, RolloutSpec, load_experiment, parse_spec
 VALUES = sorted(p.name for p in (ROOT / "examples").glob("values-*.yaml"))
 OPERATOR_VARIANTS = {
     "defaults": [],
-    "everything": ["--set", "minio.enabled=true", "--set", "kueue.enabled=true",
+    "everything": ["--set", "minio.enabled=true", "--set", "minio.teams={team-a,team-b}", "--set", "kueue.enabled=true",
                    "--set", "metrics.serviceMonitor.enabled=true", "--set", "trainer.runtime.create=true"],
     "namespaced-runtime": ["--set", "trainer.runtime.kind=TrainingRuntime", "--set", "trainer.runtime.create=true",
                            "--set", "trainer.runtime.namespaces={team-a,team-b}"],
+    # A namespaced install with two peering replicas (tests/test_tenancy.py checks what it grants).
+    "namespaced-peering": ["--set", "watchNamespaces={team-a,team-b}", "--set", "replicas=2",
+                           "--set", "kueue.enabled=true", "--set", "trainer.runtime.create=true"],
 }
 
 
@@ -79,7 +82,8 @@ def test_operator_chart_objects_are_valid_and_restricted(variant):
         validate_object(obj)
         for where, template in pod_templates(obj):
             assert security_problems(where, template) == []
-    crds = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "CustomResourceDefinition"}
+    crds = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "CustomResourceDefinition"
+            and obj["spec"]["group"] == "ttrv.io"}  # and kopf's peering CRDs (crds/kopf.dev_peerings.yaml)
     committed = {crd["metadata"]["name"]: crd for crd in (yaml.safe_load((ROOT / "k8s/crds" / f).read_text())
                                                           for f in ("ttrv.io_experiments.yaml",
                                                                     "ttrv.io_adaptationruns.yaml"))}
@@ -110,6 +114,9 @@ RESOURCES = {
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "PyTorchJob": ("kubeflow.org", "pytorchjobs"),
     "TrainJob": ("trainer.kubeflow.org", "trainjobs"),
+    "ServiceAccount": ("", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
 }
 MANAGE = {"get", "list", "watch", "create", "patch", "delete"}
 READ = {"get", "list", "watch"}
@@ -248,29 +255,28 @@ def test_notes_selectors_match_the_pods(tmp_path):
 
 
 def test_operator_notes_show_how_to_share_minio_credentials(tmp_path):
-    notes = rendered_notes(tmp_path, "ttrv-operator", "--set", "minio.enabled=true", namespace="ttrv-system")
+    """Each team gets its own user's credentials; MinIO's root credentials are never handed out."""
+    notes = rendered_notes(tmp_path, "ttrv-operator", "--set", "minio.enabled=true", "--set", "minio.teams={team-a}",
+                           namespace="ttrv-system")
     assert "http://rel-minio.ttrv-system.svc:9000" in notes
     assert "kubectl -n team-a create secret generic ttrv-s3" in notes
-    assert "$(kubectl -n ttrv-system get secret rel-minio -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)" in notes
+    assert "$(kubectl -n ttrv-system get secret rel-minio-team-a -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)" in notes
+    assert "get secret rel-minio " not in notes
+    without_teams = rendered_notes(tmp_path / "none", "ttrv-operator", "--set", "minio.enabled=true",
+                                   namespace="ttrv-system")
+    assert "minio.teams" in without_teams and "get secret" not in without_teams
 
 
-@pytest.mark.parametrize("args, secret, endpoint", [
-    ([], None, None),
-    (["--set", "minio.enabled=true"], "ttrv-operator-minio", "http://ttrv-operator-minio.ttrv-system.svc:9000"),
-    (["--set", "objectStore.secretName=s3-read", "--set", "objectStore.endpoint=https://s3.example.internal"],
-     "s3-read", "https://s3.example.internal"),
-])
-def test_operator_reads_the_store_with_credentials_by_reference(args, secret, endpoint):
-    objects = helm_template("ttrv-operator", "ttrv-operator", *args, namespace="ttrv-system")
+@pytest.mark.parametrize("variant", sorted(OPERATOR_VARIANTS))
+def test_operator_holds_no_store_credentials(variant):
+    """The operator reads progress from the runs' status (operators/progress.py): no variant hands it an object
+    store's credentials or endpoint, not even with the bundled MinIO."""
+    objects = helm_template("ttrv-operator", "ttrv-operator", "--set", "minio.enabled=true",
+                            *OPERATOR_VARIANTS[variant], namespace="ttrv-system")
     (deployment,) = [obj for obj in objects if obj["kind"] == "Deployment"]
-    env = {item["name"]: item for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        if secret is None:
-            assert key not in env
-        else:
-            assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key,
-                                                                             "optional": True}}}
-    assert env.get("AWS_ENDPOINT_URL", {}).get("value") == endpoint
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert [item["name"] for item in container["env"] if item["name"].startswith("AWS_")] == []
+    assert "envFrom" not in container
 
 
 def test_operator_reads_every_setting_the_chart_gives_it():
@@ -281,7 +287,8 @@ def test_operator_reads_every_setting_the_chart_gives_it():
     names = {item["name"] for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     settings = {name for name in names if name.startswith("TTRV_")}
     assert settings == {"TTRV_LOG_LEVEL", "TTRV_METRICS_PORT", "TTRV_KUEUE_ENABLED", "TTRV_POLL_SECONDS",
-                        "TTRV_TRAINER_API", "TTRV_TRAINING_RUNTIME_KIND", "TTRV_TRAINING_RUNTIME_NAME"}
+                        "TTRV_TRAINER_API", "TTRV_TRAINING_RUNTIME_KIND", "TTRV_TRAINING_RUNTIME_NAME",
+                        "TTRV_WATCH_NAMESPACES", "TTRV_PEERING_LIFETIME"}
     for name in settings:
         assert name in operators.ttrv_operator.__doc__, f"{name} is set by the chart but not documented as read"
 

@@ -129,9 +129,13 @@ def test_render_without_uid_sets_no_owner():
 
 # --- children ---------------------------------------------------------------------------------------------------
 
+# The trainer's identity for its progress reports (ttrv/manifests/access.py).
+ACCESS = ["ServiceAccount", "Role", "RoleBinding"]
+
+
 @pytest.mark.parametrize("overrides, kinds", [
-    ({}, ["ConfigMap", "PyTorchJob"]),
-    (SERVICE, ["ConfigMap", "Deployment", "Service", "NetworkPolicy", "PyTorchJob"]),
+    ({}, ["ConfigMap", *ACCESS, "PyTorchJob"]),
+    (SERVICE, ["ConfigMap", "Deployment", "Service", "NetworkPolicy", *ACCESS, "PyTorchJob"]),
 ])
 def test_children_by_rollout_backend(overrides, kinds):
     run = adaptation_run(META, experiment(**overrides), "mmmu")

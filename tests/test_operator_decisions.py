@@ -296,22 +296,28 @@ def verbs(plan) -> list[tuple[str, str]]:
     return [(a.verb, a.kind) for a in plan.actions]
 
 
+# The trainer's identity for its progress reports (ttrv/manifests/access.py), created with the run's other children.
+ACCESS = ("ServiceAccount", "Role", "RoleBinding")
+
+
 def test_new_run_creates_its_children_and_trainer():
     run = run_case()
     plan = decide(run, settled=False)
-    assert verbs(plan) == [("create", "ConfigMap"), ("create", "PyTorchJob")]
+    assert verbs(plan) == [("create", kind) for kind in ("ConfigMap", *ACCESS, "PyTorchJob")]
     assert (plan.status["phase"], plan.status["reason"]) == ("Queued", "TrainerCreated")
     assert plan.status["storeUri"] == "s3://ttrv/experiments/team-a/exp/mmmu"
-    assert plan.actions[1].body["spec"]["runPolicy"]["suspend"] is False
+    assert plan.actions[-1].body["spec"]["runPolicy"]["suspend"] is False
 
 
 def test_trainer_waits_for_the_rollout_service():
     run = run_case(spec_document(**SERVICE))
     first = decide(run, settled=False)
-    assert verbs(first) == [("create", kind) for kind in ("ConfigMap", "Deployment", "Service", "NetworkPolicy")]
+    assert verbs(first) == [("create", kind) for kind in ("ConfigMap", "Deployment", "Service", "NetworkPolicy",
+                                                           *ACCESS)]
     assert (first.status["phase"], first.status["reason"]) == ("Queued", "WaitingForRollout")
     assert first.events[0].message == ("created ConfigMap exp-mmmu-spec, Deployment exp-mmmu-rollout, "
-                                       "Service exp-mmmu-rollout, NetworkPolicy exp-mmmu-rollout")
+                                       "Service exp-mmmu-rollout, NetworkPolicy exp-mmmu-rollout, ServiceAccount "
+                                       "exp-mmmu-trainer, Role exp-mmmu-trainer, RoleBinding exp-mmmu-trainer")
     waiting = decide(run, deployment(run, ready=0))
     assert verbs(waiting) == [] and "0 of 1 replicas ready" in waiting.status["message"]
     ready = decide(run, deployment(run, ready=1))

@@ -3,10 +3,9 @@ the status subresource, CRD schema validation with 422s, label selectors and cas
 
 kopf runs in the test's event loop with the real operator module: discovery, watches, handlers, status patches,
 events, finalizers. Nothing else runs in this "cluster": the tests play the training operator (PyTorchJob
-conditions, trainer pods with exit codes), the kubelet (a rollout Deployment's readyReplicas) and Kueue (Workloads
-and the PyTorchJob's runPolicy.suspend) by writing those objects as those controllers would. The object store is
-replaced at the operator's one seam to it, `read_progress(store_uri, endpoint)`, by a dict of progress.json
-documents (in the memo the tests start kopf with); the store's own tests cover what is behind that seam.
+conditions, trainer pods with exit codes), the kubelet (a rollout Deployment's readyReplicas), Kueue (Workloads
+and the PyTorchJob's runPolicy.suspend) and the trainer's progress reports (the run's status.trainerProgress) by
+writing those objects as those controllers would. The operator has no object store to reach.
 
 What a real cluster would do differently is listed in kube_standin.py's docstring; the one that matters most
 here: Kueue's webhook would suspend a labelled job on create (the operator creates it suspended itself, so the
@@ -53,10 +52,9 @@ async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkey
         await c.wait(lambda: c.get(c.jobs, "exp-mmmu-trainer"), "the trainer job")
         assert c.status(RUNS, "exp-mmmu")["trainerApi"] == trainer_api
         assert c.get(RUNS, "exp-shapes") is None  # waits for the slot
-        store = "s3://ttrv/experiments/team-a/exp/mmmu"
-        c.progress[store] = {"progressPercentage": 40.0, "estimatedRemainingSeconds": 4800, "step": 4,
+        await c.report_progress("exp-mmmu", {"progressPercentage": 40.0, "estimatedRemainingSeconds": 4800, "step": 4,
                              "totalSteps": 10, "weightVersion": 4, "checkpointStep": 4, "baseAccuracy": 0.25,
-                             "accuracy": 0.4, "metrics": {"reward/mean": 0.3}}
+                             "accuracy": 0.4, "metrics": {"reward/mean": 0.3}})
         await c.trainer_running("exp-mmmu-trainer")
         await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("step") == 4, "progress of exp-mmmu")
         run = c.status(RUNS, "exp-mmmu")
@@ -66,7 +64,7 @@ async def test_datasets_run_one_after_another_and_the_experiment_succeeds(monkey
                      "the experiment's table to show the progress")
         assert c.phase("exp", EXPERIMENTS) == "Running"
 
-        c.progress[store] |= {"progressPercentage": 100.0, "step": 10, "accuracy": 0.55}
+        await c.report_progress("exp-mmmu", {"progressPercentage": 100.0, "step": 10, "accuracy": 0.55})
         await c.trainer_succeeded("exp-mmmu-trainer")
         await c.wait_phase("exp-mmmu", "Succeeded")
         await c.wait(lambda: c.get(c.jobs, "exp-shapes-trainer"), "the second dataset's trainer")
@@ -174,7 +172,7 @@ async def test_kueue_queues_admits_and_preempts(monkeypatch, tmp_path, trainer_a
         assert (c.phase("exp-mmmu"), c.status(RUNS, "exp-mmmu")["reason"]) == ("Queued", "QuotaPending")
 
         # admitted and running
-        c.progress["s3://ttrv/experiments/team-a/exp/mmmu"] = {"step": 7, "checkpointStep": 6, "progressPercentage": 35.0}
+        await c.report_progress("exp-mmmu", {"step": 7, "checkpointStep": 6, "progressPercentage": 35.0})
         await c.kueue_suspend("exp-mmmu-trainer", False)
         await c.trainer_running("exp-mmmu-trainer")
         await c.wait(lambda: c.status(RUNS, "exp-mmmu").get("step") == 7, "the run to report step 7")

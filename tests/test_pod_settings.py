@@ -169,7 +169,9 @@ def test_defaults_give_a_trainer_time_to_checkpoint_and_add_nothing(api):
         assert pod["terminationGracePeriodSeconds"] == 900, where
         assert env_of(container)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == "890", where
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}, where
-        for field in ("serviceAccountName", "imagePullSecrets", "affinity", "topologySpreadConstraints"):
+        # The run's own account, whose only right is its run's status (ttrv/manifests/access.py).
+        assert pod["serviceAccountName"].endswith("-trainer"), where
+        for field in ("imagePullSecrets", "affinity", "topologySpreadConstraints"):
             assert field not in pod, (where, field)
         assert "annotations" not in template["metadata"], where
         assert volume(pod, "shm")["emptyDir"] == {"medium": "Memory"}, where

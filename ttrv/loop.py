@@ -48,6 +48,7 @@ from ttrv.reward import extract_answer, normalized_entropy, vote_rewards
 from ttrv.rollout.base import RolloutEngine, Sample
 from ttrv.spec import RunSpec, RunStage
 from ttrv.splits import subset_examples
+from ttrv.status_report import report_progress
 
 logger = log.get_logger(__name__)
 
@@ -428,11 +429,11 @@ def resume(ctx: RunContext) -> RunState | None:
 
 def write_progress(ctx: RunContext, state: RunState, stage: str, **fields) -> None:
     """progress.json in the run's store prefix, in the shape of Kubeflow's trainer status (KEP-2779), whole on every
-    write: the controller polls it for `kubectl get` columns (operators/progress.py is the contract). `stage` says
-    what the trainer does; `fields` are the stage's own keys (the step's metrics and time left while adapting, the
-    prompts done while evaluating)."""
+    write, and in a cluster the same document into the run's status, where the operator reads it for `kubectl get`
+    columns (operators/progress.py is the contract). `stage` says what the trainer does; `fields` are the stage's
+    own keys (the step's metrics and time left while adapting, the prompts done while evaluating)."""
     total = ctx.total_steps
-    ctx.store.put_json("progress.json", {
+    document = {
         "stage": stage,
         "progressPercentage": round(100.0 * state.step / total, 1) if total else 100.0,
         "step": state.step, "totalSteps": total, "weightVersion": state.step or None,
@@ -440,7 +441,10 @@ def write_progress(ctx: RunContext, state: RunState, stage: str, **fields) -> No
         "stopReason": state.stop.get("reason"), "stepsSaved": state.stop.get("stepsSaved"),
         **fields,
         "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    }
+    ctx.store.put_json("progress.json", document)
+    # In a cluster the operator reads progress only from the run's status, never from the store (status_report.py).
+    report_progress(document)
 
 
 def restore_version(ctx: RunContext, version: int | None) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from ttrv import exitcodes, lifetime
 from ttrv.labels import REPLICA_TYPE_LABEL
 from ttrv.log import get_logger
+from ttrv.manifests.access import STATUS_TOKEN_DIR
 from ttrv.spec import SpecError
 
 logger = get_logger(__name__)
@@ -95,6 +96,10 @@ def pod_process(template: Mapping, folder: Path, config_maps: Mapping[str, Path]
             mounts[path] = config_maps[volume["configMap"]["name"]]
         elif path == cache:
             mounts[path] = host_cache
+        elif "projected" in volume and path == STATUS_TOKEN_DIR:
+            # The trainer's token for its status reports: there is no API server for it here (the local stand-in
+            # reads progress.json from the store), and without the token ttrv/status_report.py stays off.
+            continue
         elif "emptyDir" not in volume:
             raise SpecError(f"volume {mount['name']}: only configMap and emptyDir volumes have a local stand-in")
         elif volume["emptyDir"].get("medium") != "Memory":  # a Memory one is the host's /dev/shm here

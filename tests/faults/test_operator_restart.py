@@ -1,10 +1,11 @@
 """The operator killed (SIGKILL, as when its node dies) and started again, five times, at seeded random moments of
 an experiment's life. The operator is the real one in a process of its own, run as its image runs it (`kopf run
 --standalone --all-namespaces -m operators.ttrv_operator`), against the API stand-in of the kopf tests (kopf_util),
-and it reads the runs' progress.json from the real S3 server.
+and it reads the runs' progress from their status, where the trainers report it.
 
 The test plays the rest of the cluster whether the operator is up or not: the kubelet (rollout replicas become
-ready), the training operator (trainers run, one restarts in place, they succeed) and the trainers (progress.json).
+ready), the training operator (trainers run, one restarts in place, they succeed) and the trainers (their progress
+reports into the runs' status).
 Trainers succeed only between kills, so the operator dies with runs in every phase, and once after the last one.
 
 Nothing may be lost or made twice: each object the operator creates is created once (its uid never changes), no run
@@ -24,8 +25,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from kopf_util import DEPLOYMENTS, EXPERIMENTS, JOBS, RUNS, cluster, condition
 from kube_standin import KubeStandIn
-
-from ttrv.store import open_store
 
 pytestmark = [pytest.mark.fault, pytest.mark.asyncio, pytest.mark.timeout(300)]
 
@@ -77,15 +76,7 @@ async def chaos(operator: OperatorProcess, kills: list[int]) -> None:
         await operator.start()
 
 
-async def put_progress(uri: str, document: dict) -> None:
-    def put() -> None:
-        with open_store(uri) as store:
-            store.put_json("progress.json", document)
-
-    await asyncio.to_thread(put)
-
-
-async def play_the_cluster(c, stores: dict[str, str], kills: list[int]) -> None:
+async def play_the_cluster(c, kills: list[int]) -> None:
     """What the kubelet, the training operator and the trainers do about what the operator made, until every
     trainer has succeeded."""
     done: dict[str, set[str]] = {dataset: set() for dataset in DATASETS}
@@ -98,7 +89,7 @@ async def play_the_cluster(c, stores: dict[str, str], kills: list[int]) -> None:
             if c.get(JOBS, job) is None or "succeeded" in steps:
                 continue
             if "running" not in steps:
-                await put_progress(stores[dataset], {"step": 5, "totalSteps": 10, "progressPercentage": 50.0,
+                await c.report_progress(run, {"step": 5, "totalSteps": 10, "progressPercentage": 50.0,
                                                      "baseAccuracy": 0.25, "accuracy": 0.3})
                 await c.job_conditions(job, condition("Running"))
                 steps.add("running")
@@ -111,7 +102,7 @@ async def play_the_cluster(c, stores: dict[str, str], kills: list[int]) -> None:
                     await c.job_conditions(job, condition("Running"))
                     steps.add("restarted")
             elif len(kills) >= SUCCEEDS_AFTER_KILLS[dataset]:
-                await put_progress(stores[dataset], {"step": 10, "totalSteps": 10, "progressPercentage": 100.0,
+                await c.report_progress(run, {"step": 10, "totalSteps": 10, "progressPercentage": 100.0,
                                                      "baseAccuracy": 0.25, "accuracy": 0.5})
                 await c.job_conditions(job, condition("Running"), condition("Succeeded"))
                 steps.add("succeeded")
@@ -126,7 +117,6 @@ async def watch_uids(c, seen: dict[str, set[str]]) -> None:
 
 
 async def test_an_operator_killed_five_times_loses_nothing_and_duplicates_nothing(monkeypatch, tmp_path, s3_uri):
-    stores = {dataset: f"{s3_uri}/team-a/exp/{dataset}" for dataset in DATASETS}
     async with cluster(monkeypatch, tmp_path) as c:
         operator = OperatorProcess(tmp_path / "operator.log")
         await operator.start()
@@ -136,7 +126,7 @@ async def test_an_operator_killed_five_times_loses_nothing_and_duplicates_nothin
         try:
             await c.create_experiment(storage={"uri": s3_uri}, rollout={"backend": "service"}, maxParallelRuns=2,
                                       datasets=[{"name": name, "path": f"/data/{name}.json"} for name in DATASETS])
-            await asyncio.wait_for(asyncio.gather(chaos(operator, kills), play_the_cluster(c, stores, kills)), 180)
+            await asyncio.wait_for(asyncio.gather(chaos(operator, kills), play_the_cluster(c, kills)), 180)
             await c.wait(lambda: c.phase("exp", EXPERIMENTS) == "Succeeded", "the experiment to succeed", timeout=60)
             await c.wait(lambda: c.status(EXPERIMENTS, "exp").get("accuracy") == 0.5, "the accuracies", timeout=30)
         finally:

@@ -348,7 +348,8 @@ def _pod_spec(ctx: _Context, container: dict, gpus: int, grace_seconds: int | No
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": _volumes(ctx),
-        # The pods call nothing of the Kubernetes API: no token in them.
+        # No default token: only the trainer calls the Kubernetes API (its run's status), with a projected token
+        # of its own ServiceAccount (access.py).
         "automountServiceAccountToken": False,
     }
     if scheduling.priority_class_name:

@@ -8,6 +8,7 @@ from typing import Any
 from ttrv.labels import (
     TRAINER,
 )
+from ttrv.manifests.access import status_env, status_mount, status_volume, trainer_service_account
 from ttrv.manifests.common import (
     MASTER_PORT,
     MASTER_PORT_NAME,
@@ -31,7 +32,7 @@ def _trainer_job(ctx: _Context) -> dict:
         # torchrun's launcher (ttrv.launch) takes nnodes, nproc-per-node, node rank and master address from the
         # PET_* variables that the training operator sets in every replica, and exits with the failing worker's
         # own code, which restartPolicy ExitCode needs (plain torchrun exits 1 for any worker failure).
-        TRAIN_COMMAND, _trainer_env(ctx),
+        TRAIN_COMMAND, _trainer_env(ctx) + status_env(ctx),
         [{"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},
          {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         _trainer_resources(ctx),
@@ -40,8 +41,13 @@ def _trainer_job(ctx: _Context) -> dict:
         # copies into the run's status: why a run failed, without `kubectl logs` of a pod that may be gone.
         terminationMessagePolicy="FallbackToLogsOnError",
     )
+    container["volumeMounts"].append(status_mount())
 
     def replica(count: int) -> dict:
+        pod = _pod_spec(ctx, container, res.gpus_per_node, ctx.spec.pod.termination_grace_period_seconds)
+        # The trainer reports its progress into its run's status as this run's own ServiceAccount (access.py).
+        pod["serviceAccountName"] = trainer_service_account(ctx)
+        pod["volumes"].append(status_volume())
         return {
             "replicas": count,
             # Exit codes 128-255 (signals, the trainer's retryable failures) restart the pod, up to backoffLimit;
@@ -49,8 +55,7 @@ def _trainer_job(ctx: _Context) -> dict:
             "restartPolicy": "ExitCode",
             "template": {
                 "metadata": ctx.pod_metadata(TRAINER),
-                "spec": _pod_spec(ctx, container, res.gpus_per_node,
-                                  ctx.spec.pod.termination_grace_period_seconds),
+                "spec": pod,
             },
         }
 

@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping
 
 from ttrv.crds import API_VERSION
+from ttrv.manifests.access import progress_access
 from ttrv.manifests.common import (
     PYTORCHJOB,
     TRAINER_APIS,
@@ -102,6 +103,7 @@ def run_children(run: Mapping, trainer_api: str = PYTORCHJOB, runtime: RuntimeRe
     children = [_spec_config_map(ctx)]
     if spec.run.rollout.backend == "service":
         children += [_rollout_deployment(ctx), _rollout_service(ctx), _rollout_network_policy(ctx)]
+    children += progress_access(ctx)
     if trainer_api == TRAINJOB:
         children.append(_train_job(ctx, runtime or RuntimeRef()))
     elif trainer_api == PYTORCHJOB:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from ttrv.labels import (
     TRAINER,
 )
+from ttrv.manifests.access import status_env, status_mount, status_volume, trainer_service_account
 from ttrv.manifests.common import (
     _WRITABLE_ENV,
     ANCESTOR_LABEL,
@@ -101,17 +102,20 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
             "annotations in pod.annotations, or in the training runtime (docs/kubernetes.md, \"Pod settings\"), or "
             "set scheduling.trainerApi: pytorchjob")
     node: dict[str, Any] = {"name": TRAINJOB_CONTAINER,
-                            "volumeMounts": [mount for mount in _mounts(ctx) if mount["name"] not in _RUNTIME_VOLUMES]}
+                            "volumeMounts": [mount for mount in _mounts(ctx)
+                                             if mount["name"] not in _RUNTIME_VOLUMES] + [status_mount()]}
     if pod.ipc_lock:
         # The whole context, not only `add`: merged field by field into the runtime's, it would be the same.
         node["securityContext"] = container_security_context(ipc_lock=True)
-    volumes = [volume for volume in _volumes(ctx) if "emptyDir" not in volume]
+    volumes = [volume for volume in _volumes(ctx) if "emptyDir" not in volume] + [status_volume()]
     if pod.shm_size_limit:
         # Merged by name into the runtime's memory-backed `shm` emptyDir: only its sizeLimit changes.
         volumes += [volume for volume in _volumes(ctx) if volume["name"] == "shm"]
     pod_spec: dict[str, Any] = {"volumes": volumes, "containers": [node]}
     pod_spec |= _placement(ctx, res.gpus_per_node)
     pod_spec["terminationGracePeriodSeconds"] = pod.termination_grace_period_seconds
+    # The trainer reports its progress into its run's status as the run's trainer ServiceAccount (access.py).
+    pod_spec["serviceAccountName"] = trainer_service_account(ctx)
     patch = {
         "manager": RUNTIME_PATCH_MANAGER,
         "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
@@ -132,7 +136,7 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
             "trainer": {
                 "image": ctx.spec.image.trainer,
                 "command": TRAIN_COMMAND,
-                "env": _trainer_env(ctx) + _extra_env(ctx),
+                "env": _trainer_env(ctx) + status_env(ctx) + _extra_env(ctx),
                 "numNodes": res.nodes,
                 "numProcPerNode": res.nproc_per_node,
                 "resourcesPerNode": _trainer_resources(ctx),

@@ -70,8 +70,9 @@ class S3SecretRef(StrictModel):
     """Key of the secret access key in that Secret."""
 
 
-# Where the pods mount their own volumes (manifests.py); a data volume there would hide them.
-RESERVED_MOUNT_PATHS = ("/etc/ttrv", "/tmp", "/cache", "/dev/shm")
+# Where the pods mount their own volumes (ttrv/manifests/; the last is the trainer's status token, access.py);
+# a data volume there would hide them.
+RESERVED_MOUNT_PATHS = ("/etc/ttrv", "/tmp", "/cache", "/dev/shm", "/var/run/secrets/ttrv.io/status")
 
 
 class VolumeSpec(StrictModel):

@@ -82,6 +82,9 @@ class AdaptationRunStatus(StrictModel):
     """metadata.generation the status was computed from."""
     store_uri: str | None = None
     """Object-store prefix of the run: weight versions, checkpoints, progress, report."""
+    trainer_progress: Annotated[str, Field(max_length=8192)] | None = None
+    """The trainer's own progress report, the progress.json document as JSON text (operators/progress.py), written
+    by the trainer through its run's ServiceAccount; the operator copies it into the fields below at each poll."""
     step: Annotated[int, Field(ge=0)] = 0
     """Optimiser steps done."""
     total_steps: Annotated[int, Field(ge=0)] | None = None

@@ -42,3 +42,13 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+
+{{/* The training runtime's kind: a namespaced install (watchNamespaces) makes a ClusterTrainingRuntime a
+TrainingRuntime in each watched namespace, since it asks for nothing cluster-wide. */}}
+{{- define "ttrv-operator.runtimeKind" -}}
+{{- if and .Values.watchNamespaces (eq .Values.trainer.runtime.kind "ClusterTrainingRuntime") -}}
+TrainingRuntime
+{{- else -}}
+{{- .Values.trainer.runtime.kind -}}
+{{- end -}}
+{{- end -}}
