@@ -2,6 +2,7 @@
 
     python bench/tiny_ttrv_seeds.py [--seeds 0 1 2] [--jobs 2] [--out DIR]
     python bench/tiny_ttrv_seeds.py --table DIR      # print the table of finished runs again, running nothing
+    python bench/tiny_ttrv_seeds.py --arms ttrv --out DIR; ... --arms reference --out DIR   # one arm at a time
 
 For each seed, two real runs on the frozen configuration (hyper-parameters chosen on the validation split by
 bench/tiny_select.py, never on test or held-out):
@@ -127,6 +128,8 @@ def table(reports: dict[str, dict[int, dict]], baselines: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                        help="run only these TTRV rows (the table needs both: run the other into the same --out)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each is a process of its own)")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--table", default=None, metavar="DIR", help="print the table of a finished --out folder")
@@ -139,7 +142,7 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         baselines = pool.submit(run_baselines, args.seeds, root / "baselines.json")
         runs = {(arm, seed): pool.submit(run_arm, spec, seed, root / f"{arm}-seed{seed}")
-                for seed in args.seeds for arm, spec in ARMS.items()}
+                for seed in args.seeds for arm, spec in ARMS.items() if arm in args.arms}
         for (arm, seed), future in runs.items():
             report = future.result()
             print(f"{arm} seed {seed}: test {report['base_accuracy']:.4f} -> {report['final_accuracy']:.4f}, "
@@ -148,6 +151,9 @@ def main() -> int:
                   f"{report['final_maj_accuracy']:.4f}, {report['steps']} steps, {report['wall_seconds']:.0f} s",
                   flush=True)
         baselines.result()
+    if set(args.arms) != set(ARMS):
+        print(f"runs in {root}; run the other arm into it, then --table {root}")
+        return 0
     print(table(*load(root)))
     print(f"runs in {root}")
     return 0
