@@ -243,6 +243,12 @@ class GRPOSpec(StrictModel):
     uses 1 (verl's ppo_mini_batch_size=1: 8 optimiser steps per step of 8 prompts)."""
     micro_batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
     """Sequences per forward/backward on one rank (at most 4096: their activations are held at once)."""
+    micro_batch_tokens: Annotated[int, Field(gt=0, le=4_194_304)] | None = 16384
+    """Token budget of one forward/backward on one rank: consecutive sequences are packed into a micro-batch while
+    its padded size (sequences x its longest sequence) stays within this, and at most microBatchSize sequences (a
+    longer sequence goes alone). Activations and logits grow with these tokens, not with the sequence count, so
+    long responses or large images cannot run a GPU out of memory; the loss is the same however they are split.
+    16384 is verl's ppo_max_token_len_per_gpu; null: microBatchSize sequences whatever their length."""
     early_stop: EarlyStopSpec = EarlyStopSpec()
     """Stop before `epochs` when the votes stop changing (label-free)."""
 
@@ -353,6 +359,9 @@ class ResourcesSpec(StrictModel):
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimiser states to CPU memory."""
+    offload_reference: bool = False
+    """Keep the frozen reference model (grpo.klCoef > 0, full fine-tuning) in host memory, moved to the GPU only
+    for its log-prob passes once per step: a model's weights less on each GPU for two host-device copies a step."""
     gradient_checkpointing: bool = True
     """Activation checkpointing in the trainer's model: activations are recomputed in the backward pass (on by
     default, as verl's actor config has it: enable_gradient_checkpointing)."""
