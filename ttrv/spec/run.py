@@ -138,7 +138,10 @@ class RolloutSpec(StrictModel):
     training batch grow with it)."""
     backend: Literal["inprocess", "service"] = "inprocess"
     """inprocess: the trainer samples with its own Hugging Face engine; service: it calls a separate rollout
-    service (`ttrv serve`, vLLM or Hugging Face) that loads each weight version from the store."""
+    service (`ttrv serve`, vLLM or Hugging Face) that loads each weight version from the store. inprocess is the
+    default on GPU too, though it keeps another copy of the weights on every rank: service adds the rollout's own
+    GPUs (resources.rolloutGpus) to the run and has not run on a GPU yet; `ttrv plan` names it as the fix when a
+    run does not fit (docs/gpu.md)."""
     engine: Literal["auto", "vllm", "hf"] = "auto"
     """Engine of the rollout service: auto takes vLLM where it is installed, else Hugging Face."""
     max_staleness: Annotated[int, Field(ge=0, le=4)] = 0
