@@ -311,7 +311,9 @@ class Learner:
         tokens = self.collectives.all_reduce(self.collectives.place(
             torch.stack([batch.target_mask[part].sum() for part in parts])))
         plans = [self._micro_batches(batch, part) for part in parts]
-        counts = self._in_lockstep(plans)
+        # at least one pass: a mini-batch with no rows on any rank still takes its (zero-gradient) optimiser step,
+        # so the step count, and the LR schedule's, do not depend on how the rows fell
+        counts = [max(1, count) for count in self._in_lockstep(plans)]
         steps = g.ppo_epochs * self.mini_batches
         stats: dict[str, float] = {}
         for _ in range(g.ppo_epochs):
