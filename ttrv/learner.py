@@ -223,7 +223,7 @@ class Learner:
         log.info("learner_ready", trainable_params=trainable_params, zero=spec.resources.zero_stage,
                  optimizer=type(optimizer).__name__, offload=offloads_optimizer(spec),
                  mini_batches=self.mini_batches, micro_batch=self.micro_batch, accumulation=self.accumulation,
-                 micro_batch_tokens=g.micro_batch_tokens, offload_reference=self.offload_reference,
+                 micro_batch_budget=g.micro_batch_tokens, offload_reference=self.offload_reference,
                  world=world.size)
 
     @property
