@@ -17,6 +17,9 @@ Parts (each reports ok, fail with the error, or skip with the reason, and its se
   initialised from ttrv.learner.deepspeed_config) and one update of one micro-batch;
 - learner[sdpa], learner[sdpa+checkpointing], learner[flash_attention_2]: one update of real-length sequences at
   ZeRO-2, with the peak GPU memory against `ttrv plan`'s estimate for the same spec;
+- learner[token-budget+offload-ref]: the same with micro-batches packed by grpo.microBatchTokens and the
+  reference offloaded (resources.offloadReference);
+- load[straight-to-gpu]: the host memory a process needs to load the model to the GPU, against to the CPU;
 - serve: `ttrv serve` (vLLM on GPU; the Hugging Face engine in the dry run) answering 8 concurrent requests of n=32
   samples, each with an image, through the trainer's client (ttrv.rollout.client.ServiceEngine);
 - publish[full]: a full-weights version published to the store and served after the service reloads it;
@@ -190,8 +193,11 @@ def part_versions(ctx: dict) -> dict:
 
 
 def _learner_part(ctx: dict, model: Path, *, stage: int, offload: bool = False, checkpointing: bool = False,
-                  attention: str = "sdpa", real_length: bool = False) -> dict:
-    """ttrv's Learner at this setting and one update (one optimiser step) on prompt+response sequences."""
+                  attention: str = "sdpa", real_length: bool = False, token_budget: bool = False,
+                  offload_reference: bool = False) -> dict:
+    """ttrv's Learner at this setting and one update (one optimiser step) on prompt+response sequences.
+    `token_budget`: grpo.microBatchTokens of about 1.5 sequences, so the update packs micro-batches by tokens
+    (of one sequence each here) instead of microBatchSize's."""
     import torch
     from transformers import AutoConfig
 
@@ -214,7 +220,17 @@ def _learner_part(ctx: dict, model: Path, *, stage: int, offload: bool = False, 
         rollout={"votes": sequences, "groupSize": sequences, "maxNewTokens": response, "backend": "service"},
         grpo={"promptsPerStep": 1, "microBatchSize": micro, "klCoef": 0.001},
         resources={"zeroStage": stage, "offloadOptimizer": offload, "gradientCheckpointing": checkpointing,
-                   "gpuMemory": gpu_memory, "rolloutGpus": 0}))
+                   "gpuMemory": gpu_memory, "rolloutGpus": 0, "offloadReference": offload_reference}))
+    processor = load_processor(model, max_pixels=run.model.max_pixels)  # as ttrv.train loads it
+    from ttrv.data import Prompt
+
+    encoded = PromptEncoder(processor).encode(Prompt("smoke-0", QUESTION, str(ctx["image"])))
+    generator = torch.Generator().manual_seed(0)
+    responses = [torch.randint(3, 40, (response,), generator=generator).tolist() for _ in range(sequences)]
+    batch = collate([encoded] * sequences, responses, processor.tokenizer.pad_token_id or 0)
+    if token_budget:  # about 1.5 of these sequences: micro-batches of one
+        budget = int(1.5 * batch.input_ids.shape[1])
+        run = run.model_copy(update={"grpo": run.grpo.model_copy(update={"micro_batch_tokens": budget})})
     estimate = plan(run, AutoConfig.from_pretrained(model))
     # the trainer's own set-up: NCCL on GPU, gloo on CPU, a world of one, and its collectives on the engine's device
     collectives = init_distributed(World(0, 1, 0))
@@ -224,13 +240,6 @@ def _learner_part(ctx: dict, model: Path, *, stage: int, offload: bool = False, 
     started = time.perf_counter()
     learner = Learner(run, str(model), 10, World(0, 1, 0), sequences, collectives)
     init_seconds = time.perf_counter() - started
-    processor = load_processor(model)
-    from ttrv.data import Prompt
-
-    encoded = PromptEncoder(processor).encode(Prompt("smoke-0", QUESTION, str(ctx["image"])))
-    generator = torch.Generator().manual_seed(0)
-    responses = [torch.randint(3, 40, (response,), generator=generator).tolist() for _ in range(sequences)]
-    batch = collate([encoded] * sequences, responses, processor.tokenizer.pad_token_id or 0)
     advantages = torch.randn(sequences, generator=generator)
     started = time.perf_counter()
     ref = learner.reference_log_probs(batch)
@@ -238,6 +247,8 @@ def _learner_part(ctx: dict, model: Path, *, stage: int, offload: bool = False, 
     step_seconds = time.perf_counter() - started
     result = {"init_seconds": round(init_seconds, 2), "step_seconds": round(step_seconds, 2),
               "sequences": sequences, "micro_batch": micro, "tokens_per_sequence": int(batch.input_ids.shape[1]),
+              "micro_batches": len(learner._micro_batches(batch)),
+              "micro_batch_tokens": run.grpo.micro_batch_tokens, "offload_reference": offload_reference,
               "loss": round(float(stats.get("loss", float("nan"))), 5),
               "plan_gib": _gib(estimate.trainer.total), "plan_model_states_gib": _gib(estimate.trainer.model_states)}
     if gpu:
@@ -268,6 +279,41 @@ def part_learner(checkpointing: bool, attention: str) -> Callable[[dict], dict]:
         return _learner_part(ctx, ctx["models"]["wide"], stage=2, checkpointing=checkpointing, attention=attention,
                              real_length=True)
     return run
+
+
+def part_learner_memory(ctx: dict) -> dict:
+    """The memory switches of issue 15 together: micro-batches by a token budget and the reference offloaded to
+    host memory between its passes, at real length, ZeRO-2 with checkpointing; peak against the plan."""
+    result = _learner_part(ctx, ctx["models"]["wide"], stage=2, checkpointing=True, real_length=True,
+                           token_budget=True, offload_reference=True)
+    if result["micro_batches"] < 2:
+        raise RuntimeError(f"the token budget did not split the batch: {result}")
+    return result
+
+
+def part_load_to_device(ctx: dict) -> dict:
+    """Weights loaded straight to the GPU (ttrv.modeling.load_model's device_map): the peak host memory of a
+    process loading the wide model to the GPU against one loading it to the CPU; the first must stay below the
+    second by at least half the weights (before, every rank held a full host copy before moving it)."""
+    if not ctx["gpu"]:
+        raise Skip("needs a GPU: on CPU the device is host memory")
+    code = ("import resource, sys, torch; from ttrv.modeling import load_model; "
+            "m = load_model(sys.argv[1], 'bfloat16', sys.argv[2]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "sum(p.numel() * p.element_size() for p in m.parameters()))")
+    peaks = {}
+    for device in ("cuda", "cpu"):
+        done = subprocess.run([sys.executable, "-c", code, str(ctx["models"]["wide"]), device], env=ctx["env"],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"load to {device} failed: {done.stderr.strip().splitlines()[-3:]}")
+        peak, weights = map(int, done.stdout.split()[-2:])
+        peaks[device] = peak
+    result = {"weights_gib": _gib(weights), "host_peak_gpu_load_gib": _gib(peaks["cuda"]),
+              "host_peak_cpu_load_gib": _gib(peaks["cpu"])}
+    if peaks["cpu"] - peaks["cuda"] < weights / 2:
+        raise RuntimeError(f"loading to the GPU held about as much host memory as loading to the CPU: {result}")
+    return result
 
 
 def _serving(ctx: dict, name: str, **sections: Any):
@@ -425,6 +471,8 @@ PARTS: list[tuple[str, Callable[[dict], dict]]] = [
     ("learner[sdpa]", part_learner(False, "sdpa")),
     ("learner[sdpa+checkpointing]", part_learner(True, "sdpa")),
     ("learner[flash_attention_2]", part_learner(True, "flash_attention_2")),
+    ("learner[token-budget+offload-ref]", part_learner_memory),
+    ("load[straight-to-gpu]", part_load_to_device),
     ("serve", part_serve),
     ("publish[full]", part_publish_full),
     ("publish[lora]", part_publish_lora),

@@ -36,12 +36,16 @@ def test_the_cpu_dry_run_runs_every_part_and_writes_its_json(tmp_path):
             assert name in KNOWN_FAILURES and KNOWN_FAILURES[name] in part["error"], (name, part["error"])
     assert parts["learner[flash_attention_2]"] == {"status": "skip", "reason": "flash-attn needs a CUDA GPU",
                                                    "seconds": parts["learner[flash_attention_2]"]["seconds"]}
+    assert parts["load[straight-to-gpu]"]["reason"] == "needs a GPU: on CPU the device is host memory"
     skipped = {name for name, part in parts.items() if part["status"] == "skip"}
-    assert skipped == {"learner[flash_attention_2]"}  # everything else runs on a CPU
+    assert skipped == {"learner[flash_attention_2]", "load[straight-to-gpu]"}  # everything else runs on a CPU
+    memory = parts["learner[token-budget+offload-ref]"]
+    assert memory["micro_batches"] >= 2 and memory["offload_reference"] is True
 
     versions = parts["versions"]
     assert versions["deepspeed"] and versions["torch"] and versions["deepspeed_accelerator"] == "cpu"
-    for name in ("deepspeed[zero2]", "deepspeed[zero3]", "learner[sdpa]", "learner[sdpa+checkpointing]"):
+    for name in ("deepspeed[zero2]", "deepspeed[zero3]", "learner[sdpa]", "learner[sdpa+checkpointing]",
+                 "learner[token-budget+offload-ref]"):
         assert parts[name]["plan_gib"] > 0 and parts[name]["loss"] == parts[name]["loss"]  # a number, not NaN
     load = gpu_smoke.LOAD["cpu"]
     assert parts["serve"]["samples"] == load["concurrent"] * load["n"]

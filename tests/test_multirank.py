@@ -164,6 +164,19 @@ def test_zero3_offload_two_processes_publish(zero3_run):
     assert sum((published[k] - base[k]).abs().sum() for k in published) > 0
 
 
+@pytest.mark.timeout(900)
+def test_zero3_partitions_the_policy_while_it_loads(zero3_run):
+    """Under ZeRO-3 each of the 2 ranks loads the policy straight into its own partition (transformers builds it
+    inside deepspeed.zero.Init: ttrv.learner.load_policy), holding about half its elements, instead of a whole
+    copy per rank that DeepSpeed partitions only later."""
+    loaded = logged(zero3_run.stderr, "policy_loaded")
+    assert len(loaded) == 2 and all(entry["zero3_init"] for entry in loaded)
+    total = loaded[0]["parameters"]
+    assert total == sum(p.numel() for p in load_model(resolve_model("ttrv://tiny-qwen2vl")).parameters())
+    for entry in loaded:  # half, up to DeepSpeed's padding of each partition to equal sizes
+        assert entry["parameters"] == total and total / 2 <= entry["held"] < 0.55 * total
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_zero3_offload_two_processes_resume(zero3_run):

@@ -175,3 +175,39 @@ def test_spec_validate_of_a_model_not_on_this_machine_still_validates(tmp_path, 
     assert result.returncode == 0 and json.loads(result.stdout)["model"]["path"] == "Qwen/Not-Downloaded"
     assert "memory plan: none: model.path 'Qwen/Not-Downloaded'" in result.stderr
     assert "--model-config" in result.stderr
+
+
+def test_the_token_budget_bounds_activations_and_logits():
+    """grpo.microBatchTokens: a micro-batch's padded tokens stay within the budget, so the activation estimate
+    is the budget's tokens, not microBatchSize whole sequences (the learner packs by it: ttrv.policy)."""
+    config = load_config(str(QWEN7B))
+    sections = {"model": {"dtype": "bfloat16"}, "resources": {"gpusPerNode": 8}}
+    lines = {}
+    for budget in (None, 4096):
+        result = plan(spec(str(QWEN7B), grpo={"microBatchSize": 16, "microBatchTokens": budget}, **sections), config)
+        lines[budget] = {line.name: line for line in result.trainer.lines}
+    # 4 prompts x 16 trained samples over 8 ranks: 8 sequences a rank, one micro-batch without a budget
+    micro, tokens_per_seq = map(int, re.search(r"(\d+) sequences × (\d+) tokens",
+                                               lines[None]["activations (estimate)"].note).groups())
+    assert micro == 8 and micro * tokens_per_seq > 4096
+    assert "4096 tokens (grpo.microBatchTokens)" in lines[4096]["activations (estimate)"].note
+    assert lines[4096]["activations (estimate)"].bytes == pytest.approx(
+        lines[None]["activations (estimate)"].bytes * 4096 / (micro * tokens_per_seq), rel=1e-6)
+    assert lines[4096]["logits (estimate)"].bytes == pytest.approx(
+        lines[None]["logits (estimate)"].bytes * 4096 / (micro * 1024), rel=1e-6)  # maxNewTokens 1024
+
+
+def test_an_offloaded_reference_leaves_the_gpu_for_host_memory():
+    config = load_config(str(QWEN7B))
+    sections = {"model": {"dtype": "bfloat16"}, "resources": {"gpusPerNode": 8, "memory": "256Gi"}}
+    resident = plan(spec(str(QWEN7B), **sections), config)
+    sections["resources"] |= {"offloadReference": True}
+    offloaded = plan(spec(str(QWEN7B), **sections), config)
+    resident_ref, offloaded_ref = ({line.name: line.bytes for line in result.trainer.lines}["reference model"]
+                                   for result in (resident, offloaded))
+    weights = 2 * model_shape(config).total
+    assert resident_ref == weights and offloaded_ref < weights
+    assert offloaded.host_offload - resident.host_offload == weights * 8  # each of the node's 8 ranks keeps one
+    sections["resources"] |= {"memory": "64Gi"}
+    short = plan(spec(str(QWEN7B), **sections), config)
+    assert any("raise resources.memory" in warning for warning in short.warnings)

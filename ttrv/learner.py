@@ -19,7 +19,7 @@ from ttrv import grpo
 from ttrv.collectives import Collectives
 from ttrv.log import get_logger
 from ttrv.modeling import frozen, load_model, torch_dtype
-from ttrv.policy import TrainBatch, token_log_probs
+from ttrv.policy import TrainBatch, pack_micro_batches, token_log_probs
 from ttrv.spec import RunSpec
 
 log = get_logger(__name__)
@@ -117,6 +117,48 @@ def lora_target_pattern(modules: list[str]) -> str:
     return rf".*language_model.*\.({'|'.join(map(str, modules))})$"
 
 
+def full_numel(param: torch.nn.Parameter) -> int:
+    """A parameter's element count, also once ZeRO-3 has partitioned it (its data is then an empty placeholder and
+    `ds_numel` the full count: deepspeed/runtime/zero/partition_parameters.py, `_convert_to_deepspeed_param`)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def held_numel(param: torch.nn.Parameter) -> int:
+    """The elements of `param` this rank holds: its ZeRO-3 partition (`ds_tensor`), else the whole tensor."""
+    partition = getattr(param, "ds_tensor", None)
+    return partition.numel() if partition is not None else param.numel()
+
+
+def load_policy(spec: RunSpec, model_path: str, device: torch.device, config: dict):
+    """The policy, loaded straight to where it trains, without a full copy in this rank's host memory first:
+    - under ZeRO-3 (full fine-tuning), partitioned while it loads: a live `HfDeepSpeedConfig` holding the engine's
+      config makes transformers build the model inside `deepspeed.zero.Init` and load the checkpoint into the
+      partitions (transformers/modeling_utils.py: `is_deepspeed_zero3_enabled()` adds `deepspeed.zero.Init` to the
+      init contexts, and `_load_pretrained_model` loads through `_load_state_dict_into_zero3_model`;
+      transformers/integrations/deepspeed.py keeps the config behind a weakref). Each rank then holds 1/world of
+      the weights, as DeepSpeed's engine later would anyway; the config is dropped after the load so the reference
+      and every later load are whole models again. LoRA is left out: peft adds unpartitioned adapter modules.
+    - otherwise `load_model` puts each tensor on `device` as it is read (device_map)."""
+    if spec.resources.zero_stage != 3 or spec.model.lora is not None:
+        model = load_model(model_path, spec.model.dtype, device, spec.model.attn_implementation,
+                           spec.model.trust_remote_code)
+    else:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        live = HfDeepSpeedConfig(config)
+        try:
+            model = load_model(model_path, spec.model.dtype, device, spec.model.attn_implementation,
+                               spec.model.trust_remote_code)
+        finally:
+            unset_hf_deepspeed_config()
+            del live
+    params = list(model.parameters())
+    log.info("policy_loaded", device=str(device), parameters=sum(full_numel(p) for p in params),
+             held=sum(held_numel(p) for p in params), zero3_init=spec.resources.zero_stage == 3
+             and spec.model.lora is None)
+    return model
+
+
 class Learner:
     def __init__(self, spec: RunSpec, model_path: str, total_steps: int, world: World, sequences_per_rank: int,
                  collectives: Collectives):
@@ -127,12 +169,22 @@ class Learner:
         self.collectives = collectives
         self.device = collectives.device
         self.dtype = torch_dtype(spec.model.dtype, self.device)
-        model = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation,
-                           spec.model.trust_remote_code)
+        g = spec.grpo
+        # PPO mini-batches: each rank splits its sequences into `mini_batches` equal parts, one optimiser step each,
+        # so a global mini-batch holds miniBatchPrompts prompts' worth of sequences, as verl's ppo_mini_batch_size
+        # (prompts x n, divided over the ranks: verl/workers/fsdp_workers.py)
+        self.mini_batches = math.ceil(g.prompts_per_step / (g.mini_batch_prompts or g.prompts_per_step))
+        self.mini_batch_rows = max(1, math.ceil(sequences_per_rank / self.mini_batches))
+        self.micro_batch = min(g.micro_batch_size, self.mini_batch_rows)
+        # DeepSpeed's nominal accumulation steps (its batch-size bookkeeping); `update` sets the boundary itself
+        self.accumulation = max(1, math.ceil(self.mini_batch_rows / self.micro_batch))
+        config = deepspeed_config(spec, self.micro_batch, self.accumulation, self.dtype)
+        model = load_policy(spec, model_path, self.device, config)
         for name, param in model.named_parameters():
             if frozen(name, spec.model.trainable, model.config.model_type):
                 param.requires_grad_(False)
         self.reference = None
+        self.offload_reference = spec.resources.offload_reference
         if spec.model.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -144,16 +196,17 @@ class Learner:
                 target_modules=lora_target_pattern(lora.target_modules),
             ))
         elif spec.grpo.kl_coef > 0:
-            self.reference = load_model(model_path, spec.model.dtype, self.device, spec.model.attn_implementation,
-                           spec.model.trust_remote_code)
+            # offloaded: loaded straight into host memory, in the dtype it computes in on the device
+            self.reference = load_model(model_path, str(self.dtype).removeprefix("torch."),
+                                        "cpu" if self.offload_reference else self.device,
+                                        spec.model.attn_implementation, spec.model.trust_remote_code)
             self.reference.requires_grad_(False)
         if spec.resources.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("model.trainable: no trainable parameters were found in this model")
-        g = spec.grpo
-        trainable_params = sum(p.numel() for p in trainable)  # counted before ZeRO-3 partitions them to empty
+        trainable_params = sum(full_numel(p) for p in trainable)
         optimizer = make_optimizer(spec, trainable)
         optimizer_steps = total_steps * g.ppo_epochs * math.ceil(
             g.prompts_per_step / (g.mini_batch_prompts or g.prompts_per_step))
@@ -162,47 +215,65 @@ class Learner:
         self._model_path = model_path
         # on every rank, before DeepSpeed partitions anything: a roll-back to the base restores it on every rank
         self._initial_adapter = _initial_adapter(model) if spec.model.lora is not None else None
-        # PPO mini-batches: each rank splits its sequences into `mini_batches` equal parts, one optimiser step each,
-        # so a global mini-batch holds miniBatchPrompts prompts' worth of sequences, as verl's ppo_mini_batch_size
-        # (prompts x n, divided over the ranks: verl/workers/fsdp_workers.py)
-        self.mini_batches = math.ceil(g.prompts_per_step / (g.mini_batch_prompts or g.prompts_per_step))
-        self.mini_batch_rows = max(1, math.ceil(sequences_per_rank / self.mini_batches))
-        self.micro_batch = min(g.micro_batch_size, self.mini_batch_rows)
-        self.accumulation = max(1, math.ceil(self.mini_batch_rows / self.micro_batch))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(spec, self.micro_batch, self.accumulation, self.dtype),
-        )
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         if torch.device(self.engine.device).type != self.device.type:
             raise RuntimeError(f"DeepSpeed put the policy on {self.engine.device}, the trainer's collectives expect "
                                f"{self.device}; set DS_ACCELERATOR to match the hardware (cpu or cuda)")
         log.info("learner_ready", trainable_params=trainable_params, zero=spec.resources.zero_stage,
                  optimizer=type(optimizer).__name__, offload=offloads_optimizer(spec),
                  mini_batches=self.mini_batches, micro_batch=self.micro_batch, accumulation=self.accumulation,
+                 micro_batch_budget=g.micro_batch_tokens, offload_reference=self.offload_reference,
                  world=world.size)
 
     @property
     def module(self):
         return self.engine.module
 
-    def _micro_batches(self, batch: TrainBatch) -> list[slice]:
-        return [slice(s, min(s + self.micro_batch, len(batch))) for s in range(0, len(batch), self.micro_batch)]
+    def _micro_batches(self, batch: TrainBatch, part: slice | None = None) -> list[slice]:
+        """Rows of `part` (default: all) in micro-batches of at most grpo.microBatchSize sequences and
+        grpo.microBatchTokens padded tokens (`pack_micro_batches`)."""
+        part = part or slice(0, len(batch))
+        return pack_micro_batches(batch.lengths()[part], self.micro_batch, self.spec.grpo.micro_batch_tokens,
+                                  part.start)
+
+    def _in_lockstep(self, plans: list[list[slice]]) -> list[int]:
+        """The most micro-batches any rank has for each of `plans`. Under a token budget the count depends on this
+        rank's sequence lengths, but every pass must be matched on every rank: ZeRO-2 reduces gradients in each
+        backward, ZeRO-3 gathers parameters in each forward (collectives), so a rank with fewer micro-batches pads
+        with passes that count nothing."""
+        counts = self.collectives.place(torch.tensor([len(plan) for plan in plans], dtype=torch.float64))
+        return [int(count) for count in self.collectives.all_reduce(counts, op="max").tolist()]
+
+    def _forwards(self, model, batch: TrainBatch, engine_forward: bool) -> torch.Tensor:
+        """token_log_probs of every micro-batch, without gradients. A forward through the engine's module under
+        ZeRO-3 gathers parameters (a collective), so such passes are padded to the same count on every rank."""
+        plan = self._micro_batches(batch)
+        extra = 0
+        if engine_forward and self.spec.resources.zero_stage == 3:
+            extra = self._in_lockstep([plan])[0] - len(plan)
+        temperature = self.spec.rollout.temperature
+        parts = [token_log_probs(model, self._to_device(batch.select(rows)), temperature) for rows in plan]
+        for _ in range(extra):
+            token_log_probs(model, self._to_device(batch.select(slice(0, 1))), temperature)
+        return _cat_padded(parts)
 
     @torch.no_grad()
     def reference_log_probs(self, batch: TrainBatch) -> torch.Tensor | None:
-        """Log-probs under the frozen base model (LoRA: the policy with its adapter switched off)."""
+        """Log-probs under the frozen base model (LoRA: the policy with its adapter switched off). With
+        resources.offloadReference the reference waits in host memory and is on the device only for these passes."""
         if self.spec.grpo.kl_coef == 0:
             return None
-        temperature = self.spec.rollout.temperature
-        parts = []
-        for rows in self._micro_batches(batch):
-            mb = self._to_device(batch.select(rows))
-            if self.reference is not None:
-                parts.append(token_log_probs(self.reference, mb, temperature))
-            else:
-                with self.module.disable_adapter():
-                    parts.append(token_log_probs(self.module, mb, temperature))
-        return _cat_padded(parts)
+        if self.reference is None:
+            with self.module.disable_adapter():
+                return self._forwards(self.module, batch, engine_forward=True)
+        if self.offload_reference:
+            self.reference.to(self.device)
+        try:
+            return self._forwards(self.reference, batch, engine_forward=False)
+        finally:
+            if self.offload_reference:
+                self.reference.to("cpu")
 
     @torch.no_grad()
     def old_log_probs(self, batch: TrainBatch) -> torch.Tensor | None:
@@ -212,23 +283,25 @@ class Learner:
         if self.spec.grpo.ppo_epochs == 1 and self.mini_batches == 1:
             return None
         self.engine.eval()
-        parts = [token_log_probs(self.engine, self._to_device(batch.select(r)), self.spec.rollout.temperature)
-                 for r in self._micro_batches(batch)]
+        old = self._forwards(self.engine, batch, engine_forward=True)
         self.engine.train()
-        return _cat_padded(parts)
+        return old
 
     def update(self, batch: TrainBatch, advantages: torch.Tensor, old: torch.Tensor | None,
                ref: torch.Tensor | None) -> dict[str, float]:
         """ppoEpochs x mini_batches optimiser steps on this rank's sequences: each epoch walks the mini-batches (this
-        rank's share of miniBatchPrompts prompts' sequences), one optimiser step each; every rank runs
-        `accumulation` micro-batches per optimiser step (padding with zero-weight passes) so DeepSpeed's gradient
-        reduction stays in lockstep.
+        rank's share of miniBatchPrompts prompts' sequences), one optimiser step each. A mini-batch's micro-batches
+        are sized by grpo.microBatchSize and microBatchTokens (`_micro_batches`); every rank runs as many as the rank
+        with the most (padding with zero-weight passes) so DeepSpeed's gradient reduction stays in lockstep, and the
+        last of them is the accumulation boundary, set explicitly (DeepSpeedEngine.set_gradient_accumulation_boundary,
+        deepspeed/runtime/engine.py): the count varies from step to step, while the engine's own boundary counts a
+        fixed gradient_accumulation_steps.
 
         The objective and its metrics are `grpo.ttrv_loss`; here it is only scheduled. Each micro-batch's
         token-mean loss is weighted by its share of all ranks' response tokens of its mini-batch, times the world
         size (`total_tokens`), so the gradient DeepSpeed averages over ranks is exactly the token-mean over every
-        response token of the mini-batch, however the tokens fall on ranks and micro-batches (DeepSpeed's division
-        by the accumulation steps is undone here). The metrics are token-weighted the same way, and averaged over
+        response token of the mini-batch, however the tokens fall on ranks and micro-batches (so the backward skips
+        DeepSpeed's division by the accumulation steps: `backward(scale_wrt_gas=False)`). The metrics are token-weighted the same way, and averaged over
         the optimiser steps (`clipfrac` is non-zero once the ratio moves: from the second step on)."""
         g = self.spec.grpo
         self.engine.train()
@@ -237,15 +310,18 @@ class Learner:
                  for k in range(self.mini_batches)]
         tokens = self.collectives.all_reduce(self.collectives.place(
             torch.stack([batch.target_mask[part].sum() for part in parts])))
+        plans = [self._micro_batches(batch, part) for part in parts]
+        # at least one pass: a mini-batch with no rows on any rank still takes its (zero-gradient) optimiser step,
+        # so the step count, and the LR schedule's, do not depend on how the rows fell
+        counts = [max(1, count) for count in self._in_lockstep(plans)]
         steps = g.ppo_epochs * self.mini_batches
         stats: dict[str, float] = {}
         for _ in range(g.ppo_epochs):
-            for part, part_tokens in zip(parts, tokens, strict=True):
+            for slices, count, part_tokens in zip(plans, counts, tokens, strict=True):
                 total_tokens = part_tokens.clamp(min=1.0) / self.world.size
-                slices = [slice(s, min(s + self.micro_batch, part.stop))
-                          for s in range(part.start, part.stop, self.micro_batch)]
-                padded = slices + [slice(0, 1)] * (self.accumulation - len(slices))
+                padded = slices + [slice(0, 1)] * (count - len(slices))
                 for index, rows in enumerate(padded):
+                    self.engine.set_gradient_accumulation_boundary(index == count - 1)
                     mb = self._to_device(batch.select(rows))
                     # a padding pass counts no tokens: zero weight, so zero gradient and no share of the metrics
                     mask = mb.target_mask if index < len(slices) else torch.zeros_like(mb.target_mask)
@@ -255,7 +331,7 @@ class Learner:
                     loss, terms = grpo.ttrv_loss(log_prob, old_mb, ref_mb, advantages[rows].to(log_prob), mask,
                                                  total_tokens, g.clip_low, g.clip_high, g.dual_clip, g.kl_coef,
                                                  g.kl_kind)
-                    self.engine.backward(loss * self.accumulation)
+                    self.engine.backward(loss, scale_wrt_gas=False)
                     self.engine.step()
                     w = float(terms.pop("weight")) / self.world.size
                     for key, value in terms.items():

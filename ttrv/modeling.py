@@ -101,14 +101,24 @@ def torch_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> PreTrainedModel:
     """The checkpoint's image-text-to-text model (Qwen2.5-VL, Qwen2-VL, ...) on `device`, in eval mode.
-    `trust_remote_code` (the spec's model.trustRemoteCode) runs Python code shipped with the checkpoint."""
+    `trust_remote_code` (the spec's model.trustRemoteCode) runs Python code shipped with the checkpoint.
+
+    Each tensor goes straight from the checkpoint to `device`: with a device_map, transformers builds the model on
+    the meta device and materialises every tensor read from the safetensors files (memory-mapped) on its mapped
+    device (transformers/modeling_utils.py, `_load_pretrained_model`), where loading to CPU and then `.to(device)`
+    held a full host copy per rank first. Under a live ZeRO-3 config (`ttrv.learner.load_policy`) transformers
+    refuses a device_map and partitions the model itself."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=torch_dtype(dtype, device), attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, device_map=None if zero3 else {"": torch.device(device)},
     )
     logger.info("model.loaded", path=str(path), architecture=type(model).__name__, dtype=str(model.dtype),
-                device=str(device), parameters=sum(p.numel() for p in model.parameters()))
-    return model.to(device).eval()
+                device=str(device), parameters=sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+                zero3=zero3)
+    return (model if zero3 else model.to(device)).eval()
 
 
 def _processor_class(path: str | Path, config) -> type | None:
@@ -138,13 +148,15 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
         raise
 
 
-def load_processor(path: str | Path, trust_remote_code: bool = False) -> ProcessorMixin:
+def load_processor(path: str | Path, trust_remote_code: bool = False, max_pixels: int | None = None) -> ProcessorMixin:
     """The checkpoint's processor (tokenizer, image processor, chat template) through AutoProcessor.
 
     Qwen-VL processors insist on a video processor, and transformers' video processors need torchvision. Where
     torchvision is absent (CPU machines: PyPI's torchvision is a CUDA build that cannot load beside the CPU torch),
     a Qwen2-VL / Qwen2.5-VL processor is swapped for its image-only twin; the files are the same, ttrv never sends
     videos, and tokenisation and image preprocessing are unchanged. Other processors load through AutoProcessor.
+
+    `max_pixels` (the spec's model.maxPixels) caps the image size exactly as the vLLM rollout does (`cap_pixels`).
 
     Raises ValueError for a folder that is no image-text-to-text checkpoint, or whose tokenizer does not know the
     processor's image token: transformers builds an empty tokenizer when the tokenizer files are missing, and the
@@ -163,7 +175,33 @@ def load_processor(path: str | Path, trust_remote_code: bool = False) -> Process
     if image_token is not None and image_token not in processor.tokenizer.get_vocab():
         raise ValueError(f"{path}: the tokenizer has no {image_token} token (tokenizer.json / tokenizer_config.json "
                          "missing or from another model)")
+    if max_pixels is not None and not cap_pixels(processor, max_pixels):
+        logger.warning("model.max_pixels_not_applied", path=str(path), processor=type(processor).__name__,
+                       reason="its image processor has no pixel-count size (size.longest_edge)")
     return processor
+
+
+def cap_pixels(processor: ProcessorMixin, max_pixels: int) -> bool:
+    """Resize every image to at most `max_pixels`, as vLLM does with --mm-processor-kwargs {"max_pixels": N}
+    (`ttrv.rollout.vllm_process.vllm_flags`), so the trainer re-encodes a prompt into the same image tokens the
+    rollout sampled from. vLLM passes the kwarg to the Hugging Face processor's call, after completing it with
+    its alias size["longest_edge"] (vllm/model_executor/models/qwen2_vl.py, `_complete_mm_processor_size_aliases`
+    and `_get_vision_size`; vllm/multimodal/processing/context.py, `call_hf_processor`), and the Qwen-VL image
+    processors resize to smart_resize(..., max_pixels=size["longest_edge"])
+    (transformers/models/qwen2_vl/image_processing_qwen2_vl.py, whose __init__ maps max_pixels onto the same key).
+    Setting that key on the image processor is the same cap for every later call. Returns False, changing
+    nothing, for an image processor without Qwen-VL's pixel-count sizing (LLaVA's, InternVL's resize to a fixed
+    size or tiles, and vLLM drops the kwarg for them too: `get_allowed_kwarg_only_overrides` keeps only what the
+    processor takes)."""
+    images = getattr(processor, "image_processor", None)
+    size = getattr(images, "size", None)
+    keys = set(size) if isinstance(size, dict) else set(vars(size)) if size is not None else set()
+    if not {"longest_edge", "shortest_edge"} <= keys:
+        return False
+    capped = {key: size[key] for key in keys} if isinstance(size, dict) else dict(vars(size))
+    capped["longest_edge"] = max_pixels
+    images.size = type(size)(**capped) if not isinstance(size, dict) else capped
+    return True
 
 
 def chat_messages(prompt: Prompt) -> list[dict[str, Any]]:

@@ -292,7 +292,8 @@ class Plan:
     trainer: Budget
     rollout: Budget | None
     host_offload: int
-    """Bytes of optimizer state each trainer node keeps in host memory (ZeRO-Offload)."""
+    """Bytes each trainer node keeps in host memory for the GPUs: optimizer state (ZeRO-Offload) and offloaded
+    references."""
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -322,7 +323,7 @@ class Plan:
             for line in budget.lines:
                 rows.append(f"  {line.name:<{width}}  {_gib(line.bytes):9.2f} GiB  {line.note}")
         if self.host_offload:
-            rows.append(f"host memory per node for the offloaded optimizer: {_gib(self.host_offload):.2f} GiB")
+            rows.append(f"host memory per node for what is offloaded: {_gib(self.host_offload):.2f} GiB")
         rows.append(f"verdict: {self.verdict}")
         rows += [f"warning: {w}" for w in self.warnings]
         return "\n".join(rows)
@@ -401,15 +402,21 @@ def plan(settings: AdaptationSettings, config: Any, colocated: bool = False) -> 
                       "offloaded to host memory" if offload else
                       f"{'fp32 master + ' if mixed else ''}2 moments of {_count(T)} trainable"
                       + (f" / {ranks} ranks" if stage >= 1 else ""), True))
-    if model.lora is None and grpo.kl_coef > 0:
-        lines.append(Line("reference model", b * P, "a frozen full copy for the KL term (grpo.klCoef > 0)"))
+    reference = model.lora is None and grpo.kl_coef > 0
+    reference_line = len(lines)
 
     # Activations of one micro-batch: what autograd keeps per token and layer, with sdpa or flash attention (no
     # L×L scores; eager attention needs more). Frozen towers keep none: nothing in them requires a gradient.
+    # Under grpo.microBatchTokens a micro-batch's padded tokens stay within the budget (a longer sequence alone:
+    # ttrv/policy.py, pack_micro_batches), however many sequences that is.
     tokens_per_seq = sequence_tokens(settings, shape)
     per_rank = math.ceil(grpo.prompts_per_step * rollout.group_size / ranks)
     micro = min(grpo.micro_batch_size, max(1, per_rank))
     tokens = micro * tokens_per_seq
+    budget = grpo.micro_batch_tokens
+    budgeted = budget is not None and tokens > max(budget, tokens_per_seq)
+    if budgeted:
+        tokens = max(budget, tokens_per_seq)
     kvd = shape.kv_heads * shape.head_dim
     per_layer = b * (6 * shape.hidden + 2 * kvd + 4 * shape.intermediate) + 2 * 4 * shape.hidden
     if res.gradient_checkpointing:
@@ -424,14 +431,31 @@ def plan(settings: AdaptationSettings, config: Any, colocated: bool = False) -> 
         vision_layer = b * (6 * d + 4 * i) + 2 * 4 * d
         activations += patches * (b * d * shape.vision_layers + vision_layer if res.gradient_checkpointing
                                   else shape.vision_layers * vision_layer)
+    if budgeted and model.trainable == "all" and model.lora is None and shape.vision_layers:
+        activations = activations * tokens // (micro * tokens_per_seq)  # the images scale with the sequences
     lines.append(Line("activations (estimate)", int(activations),
-                      f"{micro} sequences × {tokens_per_seq} tokens, {how}"))
+                      (f"{tokens} tokens (grpo.microBatchTokens) of sequences up to {tokens_per_seq}"
+                       if budgeted else f"{micro} sequences × {tokens_per_seq} tokens") + f", {how}"))
     # The learner asks for logits from the first response position on only, and casts them to fp32 in chunks
     # (ttrv/policy.py, token_log_probs); in training every chunk's fp32 copy is kept for the backward pass.
     response = micro * rollout.max_new_tokens
+    if budget is not None:
+        response = min(response, max(budget, rollout.max_new_tokens))
     lines.append(Line("logits (estimate)", int(response * shape.vocab * (b + 4)),
-                      f"[{micro}, {rollout.max_new_tokens}, {shape.vocab}] response positions, in the model's dtype "
-                      "and in fp32"))
+                      (f"{response} response positions within grpo.microBatchTokens" if response < micro *
+                       rollout.max_new_tokens else f"[{micro}, {rollout.max_new_tokens}] response positions")
+                      + f" × {shape.vocab}, in the model's dtype and in fp32"))
+    if reference:
+        if res.offload_reference:
+            # in host memory but for its own pass, which runs without gradients: no activations or training
+            # logits are held then, so on the GPU it needs only what they leave free
+            held = max(0, b * P - int(activations) - int(response * shape.vocab * (b + 4)))
+            lines.insert(reference_line, Line("reference model", held, f"offloaded (resources.offloadReference): "
+                                              f"{_gib(b * P):.1f} GiB on the GPU only for its pass, in room the "
+                                              "activations leave"))
+        else:
+            lines.insert(reference_line, Line("reference model", b * P,
+                                              "a frozen full copy for the KL term (grpo.klCoef > 0)"))
     lines.append(Line("buffers", int((CONTEXT_BYTES if gpu else 0) + (REDUCE_BUCKET_ELEMENTS * b if stage > 0 else 0)),
                       ("CUDA context and NCCL (allowance), " if gpu else "") +
                       ("DeepSpeed's reduce bucket" if stage > 0 else "")))
@@ -464,8 +488,15 @@ def plan(settings: AdaptationSettings, config: Any, colocated: bool = False) -> 
             rollout_budget = Budget("rollout GPU", quantity_bytes(res.gpu_memory), vllm_lines, usable=1.0)
         seqs_fit = kv_room * (1 if colocated else tp) / (kv_per_token * longest) if kv_room > 0 else 0
     trainer = Budget(device, capacity, lines)
+    if reference and res.offload_reference:
+        host_offload += b * P * res.nproc_per_node
     result = Plan(shape, trainable, ranks, trainer, rollout_budget, host_offload)
     _warn(result, settings, gpu, offload, colocated)
+    if gpu and host_offload > quantity_bytes(res.memory):
+        result.warnings.append(
+            f"what is offloaded needs {_gib(host_offload):.1f} GiB of host memory per node, more than "
+            f"resources.memory {res.memory}: raise resources.memory, or offload less (offloadReference, "
+            "offloadOptimizer)")
     if rollout.backend == "service" and gpu and (res.rollout_gpus > 0 or colocated):
         if seqs_fit < 1:
             result.warnings.append(
@@ -514,12 +545,14 @@ def _warn(result: Plan, settings: AdaptationSettings, gpu: bool, offload: bool, 
     if not offload and gpu:
         fixes.append("resources.offloadOptimizer: true (optimizer state to host memory"
                      + (", with zeroStage >= 1" if res.zero_stage == 0 else "") + ")")
+    if by.get("reference model", 0) > 0 and not res.offload_reference:
+        fixes.append("resources.offloadReference: true (the reference in host memory between its passes)")
     if settings.model.lora is None:
         fixes.append("model.lora (train adapters: no reference copy, almost no optimizer state)")
     if gpu:
         fixes.append(f"more GPUs (resources.nodes × gpusPerNode, now {result.ranks}) to divide the partitioned state")
     if by.get("logits (estimate)", 0) + by.get("activations (estimate)", 0) > 0.1 * trainer.capacity:
-        fixes.append("a smaller grpo.microBatchSize, rollout.maxNewTokens or model.maxPixels")
+        fixes.append("a smaller grpo.microBatchTokens, grpo.microBatchSize, rollout.maxNewTokens or model.maxPixels")
     if settings.rollout.backend == "inprocess" and gpu:
         fixes.append("rollout.backend: service (vLLM on its own GPUs instead of a third model copy here)")
     if colocated:

@@ -73,8 +73,16 @@ class TrainBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def lengths(self) -> list[int]:
+        """Each sequence's tokens (prompt with its image tokens, and response), without the right padding."""
+        return self.attention_mask.sum(dim=1).tolist()
+
     def select(self, rows: slice) -> TrainBatch:
-        """A micro-batch. Every vision tensor the processor returned is sliced by the selected sequences' own rows:
+        """A micro-batch, as wide as its longest sequence: the columns of right padding that only longer sequences
+        of the batch needed are dropped (a sequence's logits never depend on positions after it), so a micro-batch's
+        padded size is its rows times its own longest sequence, which the token budget bounds.
+
+        Every vision tensor the processor returned is sliced by the selected sequences' own rows:
         Qwen-VL's pixel_values have one row per patch and image_grid_thw one per image, LLaVA's and InternVL-hf's
         pixel_values one per image or tile, with image_sizes and the like beside them. (Slicing only when
         image_grid_thw existed trained every other family without its image.)"""
@@ -85,9 +93,34 @@ class TrainBatch:
             vision[key] = tensor[offsets[rows.start].item():offsets[rows.stop].item()]
         vision_rows = {key: counts[rows] for key, counts in self.vision_rows.items()}
         vision = {key: tensor for key, tensor in vision.items() if len(tensor)}  # a text-only micro-batch
-        per_token = {k: v[rows] for k, v in self.per_token.items()}
-        return TrainBatch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows], per_token, vision,
+        mask = self.attention_mask[rows]
+        width = int(mask.sum(dim=1).max()) if len(mask) else mask.shape[1]
+        per_token = {k: v[rows, :width] for k, v in self.per_token.items()}
+        return TrainBatch(self.input_ids[rows, :width], self.attention_mask[rows, :width],
+                          self.target_mask[rows, : width - 1], per_token, vision,
                           {key: counts for key, counts in vision_rows.items() if key in vision})
+
+
+def pack_micro_batches(lengths: Sequence[int], max_rows: int, max_tokens: int | None, start: int = 0) -> list[slice]:
+    """Consecutive sequences (row `start` on) packed into micro-batches of at most `max_rows` sequences whose padded
+    size, rows x the longest of them (`TrainBatch.select` trims the rest), stays within `max_tokens`
+    (grpo.microBatchTokens; None: rows only). A sequence longer than the budget gets a micro-batch of its own: a
+    sequence is never split. The order is kept, so without a binding budget these are the fixed-size slices of
+    `max_rows`; verl's dynamic batch size (use_dynamic_bsz, ppo_max_token_len_per_gpu) bounds the same padded count.
+    The loss is weighted by each micro-batch's share of the step's tokens (`grpo.ttrv_loss`), so how the sequences
+    fall into micro-batches does not change the step's loss or gradient."""
+    parts: list[slice] = []
+    first, longest = start, 0
+    for index, length in enumerate(lengths, start):
+        wider = max(longest, int(length))
+        rows = index - first + 1
+        if index > first and (rows > max_rows or (max_tokens is not None and rows * wider > max_tokens)):
+            parts.append(slice(first, index))
+            first, wider = index, int(length)
+        longest = wider
+    if len(lengths):
+        parts.append(slice(first, start + len(lengths)))
+    return parts
 
 
 def collate(encoded: Sequence[EncodedPrompt], responses: Sequence[Sequence[int]], pad_id: int) -> TrainBatch:

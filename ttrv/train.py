@@ -135,7 +135,7 @@ def load_learner_and_engine(spec: RunSpec, model_path: str, store, world: World,
     # A ValueError while the processor loads is the folder's (no model_type, not a vision-language model, no
     # tokenizer); one from the learner or the engine is the spec's (a service rollout without TTRV_ROLLOUT_URL).
     try:
-        processor = load_processor(model_path, spec.model.trust_remote_code)
+        processor = load_processor(model_path, spec.model.trust_remote_code, spec.model.max_pixels)
     except (OSError, KeyError, ImportError, ValueError) as error:
         raise cannot_load(error) from None
     try:

@@ -169,7 +169,7 @@ class HFServingEngine:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         trust = self.spec.model.trust_remote_code
         model = load_model(self.model_path, self.spec.model.dtype, device, trust_remote_code=trust)
-        self.engine = HFEngine(model, load_processor(self.model_path, trust))
+        self.engine = HFEngine(model, load_processor(self.model_path, trust, self.spec.model.max_pixels))
         self.merge = lora_merger(model, self.spec.model.lora)
         self._worker = threading.Thread(target=self._run, name="ttrv-hf-batches", daemon=True)
         self._worker.start()

@@ -138,7 +138,10 @@ class RolloutSpec(StrictModel):
     training batch grow with it)."""
     backend: Literal["inprocess", "service"] = "inprocess"
     """inprocess: the trainer samples with its own Hugging Face engine; service: it calls a separate rollout
-    service (`ttrv serve`, vLLM or Hugging Face) that loads each weight version from the store."""
+    service (`ttrv serve`, vLLM or Hugging Face) that loads each weight version from the store. inprocess is the
+    default on GPU too, though it keeps another copy of the weights on every rank: service adds the rollout's own
+    GPUs (resources.rolloutGpus) to the run and has not run on a GPU yet; `ttrv plan` names it as the fix when a
+    run does not fit (docs/gpu.md)."""
     engine: Literal["auto", "vllm", "hf"] = "auto"
     """Engine of the rollout service: auto takes vLLM where it is installed, else Hugging Face."""
     max_staleness: Annotated[int, Field(ge=0, le=4)] = 0
@@ -243,6 +246,12 @@ class GRPOSpec(StrictModel):
     uses 1 (verl's ppo_mini_batch_size=1: 8 optimiser steps per step of 8 prompts)."""
     micro_batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
     """Sequences per forward/backward on one rank (at most 4096: their activations are held at once)."""
+    micro_batch_tokens: Annotated[int, Field(gt=0, le=4_194_304)] | None = 16384
+    """Token budget of one forward/backward on one rank: consecutive sequences are packed into a micro-batch while
+    its padded size (sequences x its longest sequence) stays within this, and at most microBatchSize sequences (a
+    longer sequence goes alone). Activations and logits grow with these tokens, not with the sequence count, so
+    long responses or large images cannot run a GPU out of memory; the loss is the same however they are split.
+    16384 is verl's ppo_max_token_len_per_gpu; null: microBatchSize sequences whatever their length."""
     early_stop: EarlyStopSpec = EarlyStopSpec()
     """Stop before `epochs` when the votes stop changing (label-free)."""
 
@@ -353,6 +362,9 @@ class ResourcesSpec(StrictModel):
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimiser states to CPU memory."""
+    offload_reference: bool = False
+    """Keep the frozen reference model (grpo.klCoef > 0, full fine-tuning) in host memory, moved to the GPU only
+    for its log-prob passes once per step: a model's weights less on each GPU for two host-device copies a step."""
     gradient_checkpointing: bool = True
     """Activation checkpointing in the trainer's model: activations are recomputed in the backward pass (on by
     default, as verl's actor config has it: enable_gradient_checkpointing)."""
