@@ -19,6 +19,7 @@ from ttrv.labels import REPLICA_TYPE_LABEL
 from ttrv.manifests import (
     TRAINER_CONTAINER,
     TRAINJOB_CONTAINER,
+    TRAINJOB_REPLICATED_JOB,
 )
 
 TRAINER = "PyTorchJob"  # the v1 kind; TRAINER_KINDS names both
@@ -56,8 +57,10 @@ def running(job: Mapping) -> bool:
     unsuspended with a ready child Job (status.jobsStatus[].ready counts Jobs whose pods are all ready or done)."""
     if trainer_kind(job) != "TrainJob":
         return is_true(job.get("status", {}).get("conditions"), "Running")
+    # Only `node` counts: a run's JobSet may run its rollout job too (gang admission), ready before `node` starts.
     return not suspended(job) and not finished(job) and any(
-        (entry.get("ready") or 0) > 0 for entry in job.get("status", {}).get("jobsStatus") or [])
+        (entry.get("ready") or 0) > 0 for entry in job.get("status", {}).get("jobsStatus") or []
+        if entry.get("name", TRAINJOB_REPLICATED_JOB) == TRAINJOB_REPLICATED_JOB)
 
 
 
