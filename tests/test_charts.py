@@ -110,6 +110,7 @@ RESOURCES = {
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "PyTorchJob": ("kubeflow.org", "pytorchjobs"),
     "TrainJob": ("trainer.kubeflow.org", "trainjobs"),
+    "TrainingRuntime": ("trainer.kubeflow.org", "trainingruntimes"),  # a run's own, with its rollout (gang)
 }
 MANAGE = {"get", "list", "watch", "create", "patch", "delete"}
 READ = {"get", "list", "watch"}
