@@ -592,3 +592,34 @@ def test_a_trainjob_run_with_a_rollout_service_carries_the_rollout_in_its_own_ru
         assert security_problems(where, template) == []
     # Without a rollout service there is nothing to gang: the shared runtime, as before.
     assert "TrainingRuntime" not in trainjob_children(experiment())
+
+
+def test_the_jobset_trainer_builds_from_a_runs_runtime_validates_against_jobsets_crd():
+    """The JobSet Kubeflow Trainer makes of the run's TrainingRuntime (its template, `node` as the TrainJob makes it,
+    suspended, owned by the TrainJob: plugins/jobset/jobset.go Build) against JobSet's own CRD
+    (../shared/k8s-crds): dependsOn and successPolicy are JobSet's fields, as JobSet spells them."""
+    import copy
+
+    import jsonschema
+    from k8s_util import openapi_to_jsonschema
+
+    crd_path = ROOT.parent / "shared" / "k8s-crds" / "jobset.x-k8s.io_jobsets.yaml"
+    if not crd_path.exists():
+        pytest.skip(f"{crd_path} is not here")
+    kids = trainjob_children(experiment(**SERVICE | GPU8 | {"scheduling": {"queueName": "team-q"}}))
+    runtime, job = kids["TrainingRuntime"], kids["TrainJob"]
+    spec = copy.deepcopy(runtime["spec"]["template"]["spec"])
+    for replicated in spec["replicatedJobs"]:
+        if replicated["name"] == "node":
+            replicated["template"]["spec"]["template"] = trainjob_pod_template(job, runtime)
+            replicated["template"]["spec"]["parallelism"] = replicated["template"]["spec"]["completions"] = \
+                job["spec"]["trainer"]["numNodes"]
+    jobset = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+              "metadata": {"name": job["metadata"]["name"], "namespace": "team-a"},
+              "spec": spec | {"suspend": True}}
+    schema = openapi_to_jsonschema(yaml.safe_load(crd_path.read_text())["spec"]["versions"][0]["schema"]
+                                   ["openAPIV3Schema"])
+    schema["properties"]["metadata"].pop("additionalProperties", None)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft4Validator(schema).iter_errors(jobset))
+    assert error is None, f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
+    assert [j["name"] for j in spec["replicatedJobs"]] == ["rollout", "node"]  # dependsOn: never the first job
