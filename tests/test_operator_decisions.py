@@ -529,6 +529,26 @@ def test_a_trainjob_run_creates_its_runtime_with_the_rollout_and_its_trainer_at_
     assert (first.status["phase"], first.status["reason"]) == ("Queued", "TrainerCreated")
 
 
+def test_a_trainjob_whose_rollout_job_failed_is_retried():
+    """A rollout that keeps crashing fails its Job, hence the JobSet and the TrainJob, with no trainer exit code:
+    retryable, as the trainer's own ROLLOUT_UNAVAILABLE exit is (a new TrainJob after the backoff)."""
+    run = run_case(spec_document(**SERVICE), phase="Running")
+    failed = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+              "metadata": {"name": "exp-mmmu-trainer", "namespace": "team-a", "uid": "tj-1"},
+              "spec": {"suspend": False},
+              "status": {"conditions": [cond("Failed", reason="FailedJobs",
+                                             message="jobset failed due to one or more job failures")],
+                         "jobsStatus": [{"name": "rollout", "failed": 1, "ready": 0},
+                                        {"name": "node", "failed": 0, "ready": 0, "active": 1}]}}
+    plan = decide(run, failed, trainer_apis=frozenset({"trainjob"}))
+    assert (plan.status["phase"], plan.status["reason"], plan.status["restarts"]) == ("Queued", "Retrying", 1)
+    assert [v for v in verbs(plan) if v[1] == "TrainJob"] == [("delete", "TrainJob")]  # a new one follows
+    assert any("the rollout service's pod kept failing" in e.message for e in plan.events if e.reason == "TrainerRetry")
+    ordinary = failed | {"status": failed["status"] | {"jobsStatus": [{"name": "rollout", "failed": 0},
+                                                                      {"name": "node", "failed": 1}]}}
+    assert decide(run, ordinary, trainer_apis=frozenset({"trainjob"})).status["phase"] == "Failed"  # no exit code
+
+
 def test_kueue_off_in_the_operator_ignores_the_queue():
     run = run_case(spec_document(**KUEUE))
     trainer = decide(run, kueue=False).actions[-1].body
