@@ -245,6 +245,11 @@ def run_training_runtime(ctx: _Context) -> dict:
     - The trainer reaches the rollout through the run's rollout Service, which selects the rollout pod by its labels
       wherever it runs (TTRV_ROLLOUT_URL unchanged); the NetworkPolicy likewise.
 
+    Order: Trainer's webhook refuses a TrainJob whose runtime its cache does not hold ("specified trainingRuntime
+    must be created before the TrainJob is created", pkg/runtime/core/trainingruntime.go ValidateObjects); the
+    operator creates the runtime ahead of the TrainJob (run_children's order), and a refusal in the moment between
+    is retried with the reconcile (operators/ttrv_operator.py _handle).
+
     Differences from the PyTorchJob path: a rollout container that keeps failing fails the JobSet after
     ROLLOUT_BACKOFF_LIMIT restarts (no failurePolicy: any failed Job fails the JobSet), so the TrainJob fails whole
     and the run takes the retry path of a failed trainer; a Deployment would restart it for ever.
