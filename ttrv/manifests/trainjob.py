@@ -264,6 +264,8 @@ def run_training_runtime(ctx: _Context) -> dict:
     jobset = runtime["spec"]["template"]["spec"]
     node = jobset["replicatedJobs"][0]
     node["dependsOn"] = [{"name": ROLLOUT_REPLICATED_JOB, "status": "Ready"}]
+    # The run's trainer pods, labelled here as in the TrainJob's patch: the runtime is this run's alone.
+    node["template"]["spec"]["template"]["metadata"] = {"labels": ctx.labels(TRAINER)}
     jobset["replicatedJobs"] = [{
         "name": ROLLOUT_REPLICATED_JOB,
         "replicas": 1,
