@@ -67,12 +67,12 @@ def idle_holding(timeline: list[Snapshot], allowance: float) -> list[str]:
 def test_the_timeline_check_sees_a_deadlock():
     """The check the gang test relies on fails on issue 14's deadlock: rollouts hold GPUs, no trainer admitted."""
     start = time.monotonic()
-    deadlock = [Snapshot(start + i * TICK, {"exp-a": 1, "exp-b": 1}, 2, 0, set(), set()) for i in range(100)]
+    deadlock = [Snapshot(start + i * TICK, {"exp-a": 1, "exp-b": 1}, 2, 0, set(), set()) for i in range(400)]
     problems = idle_holding(deadlock, ROLLOUT_START + REACTION)
     assert any("exp-a held 1 GPUs without training" in p for p in problems)
     assert any("without an admitted Workload" in p for p in problems)
     healthy = [Snapshot(start + i * TICK, {"exp-a": 3}, 3, 0, {"exp-a"} if i > 5 else set(), {"exp-a"})
-               for i in range(100)]
+               for i in range(400)]
     assert idle_holding(healthy, ROLLOUT_START + REACTION) == []
 
 
