@@ -7,10 +7,11 @@ In the test's event loop, next to the real operator under kopf, `GangCluster.ste
   uid, one pod set per replicated job of its JobSet or per replica type of its PyTorchJob, as Kueue's trainjob,
   jobset and pytorchjob integrations make them: kueue pkg/controller/jobs/trainjob/trainjob_controller.go PodSets,
   jobs/jobset/jobset_controller.go PodSets), validated against Kueue's Workload CRD (../shared/k8s-crds). Pending
-  Workloads are admitted in StrictFIFO order (creation, or eviction once evicted, Kueue's default
-  requeuing timestamp) while the whole Workload fits the quota; admission writes QuotaReserved and Admitted with the
-  pod sets' assignments and unsuspends the trainer. With `preempt_first`, the first run the operator shows Running has its
-  Workload evicted once (Evicted/Preempted conditions, the trainer suspended), as a higher-priority arrival would do.
+  Workloads are admitted in StrictFIFO order of creation (a Workload preempted in its ClusterQueue keeps its
+  creation time: kueue pkg/workload/workload.go GetQueueOrderTimestamp) while the whole Workload fits the quota;
+  admission writes QuotaReserved and Admitted with the pod sets' assignments and unsuspends the trainer. With
+  `preempt_first`, a higher-priority Workload of another team arrives as the first run shows Running, takes the
+  whole quota for FOREIGN seconds and so preempts that run (Evicted/Preempted conditions, the trainer suspended).
 - Kubeflow Trainer with JobSet: an unsuspended TrainJob's JobSet creates its `rollout` Job's pod at once, the `node`
   Job's pods only once the rollout pod is ready (dependsOn Ready), and deletes every pod when suspended or complete;
   the TrainJob's jobsStatus and conditions as Trainer copies them.
@@ -43,6 +44,7 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 TICK = 0.05
 ROLLOUT_START = 0.3
 TRAIN = 0.6
+FOREIGN = 0.8
 WORKLOAD_CRD = ROOT.parent / "shared" / "k8s-crds" / "kueue.x-k8s.io_workloads.yaml"
 
 
@@ -73,6 +75,8 @@ class Snapshot:
     """GPUs held by pods Kueue does not count (a PyTorchJob run's rollout)."""
     training: set[str]
     admitted: set[str]
+    foreign: int = 0
+    """GPUs held by the preemptor, another team's Workload."""
 
 
 @dataclass
@@ -88,8 +92,9 @@ class GangCluster:
     trainer_pods: dict[str, Pod] = field(default_factory=dict)
     trained: dict[str, float] = field(default_factory=dict)
     queued_at: dict[str, int] = field(default_factory=dict)
-    """Each run's place in the queue: when its Workload was made, or last evicted (Kueue's default requeuing
-    timestamp is the eviction's)."""
+    """Each run's place in the queue: when its Workload was made."""
+    foreign_until: float = 0.0
+    """Until when the preemptor, another team's Workload, holds the whole quota."""
     preempted: set[str] = field(default_factory=set)
     log: list[str] = field(default_factory=list)
 
@@ -182,6 +187,8 @@ class GangCluster:
             elif self._suspended(job):
                 pending.append((self.queued_at.setdefault(run, len(self.log) + len(self.queued_at)), run, job,
                                 workload))
+        if time.monotonic() < self.foreign_until:  # the preemptor, admitted as it evicted a run above
+            used += self.quota
         for _, run, job, workload in sorted(pending, key=lambda item: item[0]):
             need = self._workload_gpus(workload)
             if used + need > self.quota:
@@ -209,7 +216,7 @@ class GangCluster:
             "conditions": [metav1_condition("QuotaReserved", "Pending", message, status=False),
                            metav1_condition("Evicted", "Preempted", message),
                            metav1_condition("Preempted", "InClusterQueue", message)]}}, subresource="status")
-        self.queued_at[run] = max(self.queued_at.values()) + 1
+        self.foreign_until = time.monotonic() + FOREIGN
         self.preempted.add(run)
         await self._suspend(job, True)
         self.log.append(f"preempt {run}")
@@ -323,9 +330,10 @@ class GangCluster:
             for run, pod in pods.items():
                 held[run] = held.get(run, 0) + pod.gpus
         outside = sum(p.gpus for p in self.rollout_pods.values()) if self.trainer_api == "pytorchjob" else 0
+        foreign = self.quota if time.monotonic() < self.foreign_until else 0
         admitted = {run for run, job in jobs.items()
                     if (w := self._workload(job)) is not None and self._reserved(w) and not self._finished(job)}
         training = {run for run in self.trainer_pods
                     if (r := self.rollout_pods.get(run)) is not None and r.ready}
-        self.timeline.append(Snapshot(time.monotonic(), held, sum(held.values()) - outside, outside, training,
-                                      admitted))
+        self.timeline.append(Snapshot(time.monotonic(), held, sum(held.values()) - outside + foreign, outside,
+                                      training, admitted, foreign))
