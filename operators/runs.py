@@ -371,7 +371,8 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         reason, message = kueue_pending(o.workload, spec.scheduling.queue_name, kind, job, o.now)
         return done("Queued", reason, message)
 
-    if gang and not rollout_ready(deployment):
+    # (A rollout restarting under a running trainer leaves the run Running: the trainer rides it out.)
+    if gang and not rollout_ready(deployment) and previous.get("phase") != "Running":
         ready = (deployment or {}).get("status", {}).get("readyReplicas", 0) or 0
         return done("Queued", "WaitingForRollout",
                     f"{kind} {job_name} is admitted; rollout service {desired['Deployment']['metadata']['name']} "

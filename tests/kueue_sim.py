@@ -94,6 +94,7 @@ class GangCluster:
     queued_at: dict[str, int] = field(default_factory=dict)
     """Each run's place in the queue: when its Workload was made."""
     foreign_until: float = 0.0
+    foreign_done: bool = False
     """Until when the preemptor, another team's Workload, holds the whole quota."""
     preempted: set[str] = field(default_factory=set)
     log: list[str] = field(default_factory=list)
@@ -122,6 +123,15 @@ class GangCluster:
 
     def _phase(self, run: str) -> str | None:
         return ((self.api.get(RUNS, NS, run) or {}).get("status") or {}).get("phase")
+
+    def _foreign(self) -> bool:
+        """The preemptor runs FOREIGN seconds, and on until the operator has shown the preempted run Preempted (a
+        real preemptor runs far longer than the operator takes to look)."""
+        if not self.preempted or self.foreign_done:
+            return False
+        [run] = self.preempted
+        self.foreign_done = time.monotonic() >= self.foreign_until and self._phase(run) == "Preempted"
+        return not self.foreign_done
 
     @staticmethod
     def _reserved(workload: dict) -> bool:
@@ -187,7 +197,7 @@ class GangCluster:
             elif self._suspended(job):
                 pending.append((self.queued_at.setdefault(run, len(self.log) + len(self.queued_at)), run, job,
                                 workload))
-        if time.monotonic() < self.foreign_until:  # the preemptor, admitted as it evicted a run above
+        if self._foreign():  # the preemptor, admitted as it evicted a run above
             used += self.quota
         for _, run, job, workload in sorted(pending, key=lambda item: item[0]):
             need = self._workload_gpus(workload)
@@ -330,7 +340,7 @@ class GangCluster:
             for run, pod in pods.items():
                 held[run] = held.get(run, 0) + pod.gpus
         outside = sum(p.gpus for p in self.rollout_pods.values()) if self.trainer_api == "pytorchjob" else 0
-        foreign = self.quota if time.monotonic() < self.foreign_until else 0
+        foreign = self.quota if self._foreign() else 0
         admitted = {run for run, job in jobs.items()
                     if (w := self._workload(job)) is not None and self._reserved(w) and not self._finished(job)}
         training = {run for run in self.trainer_pods

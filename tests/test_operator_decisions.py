@@ -510,6 +510,8 @@ def test_under_kueue_a_pytorchjob_rollout_runs_only_while_its_trainer_is_admitte
     serving = decide(run, deployment(run, ready=1), job(run, running()), kueue=True)
     assert verbs(serving) == [] and serving.status["phase"] == "Running"
     running_run = run | {"status": serving.status}
+    # a rollout restarting under a running trainer does not make the run Queued again
+    assert decide(running_run, deployment(run, ready=0), job(run, running()), kueue=True).status["phase"] == "Running"
     preempted = decide(running_run, deployment(run, ready=1), job(run, cond("Running", False, "PyTorchJobSuspended"),
                                                                   suspend=True), kueue=True)
     assert rollout_patches(preempted) == [{"spec": {"replicas": 0}}]
