@@ -27,7 +27,8 @@ CRD_FILES = {
     "kubeflow.org": [ROOT / "k8s/vendor/kubeflow.org_pytorchjobs.yaml"],
     "trainer.kubeflow.org": [ROOT / f"k8s/vendor/trainer.kubeflow.org_{plural}.yaml"
                              for plural in ("trainjobs", "trainingruntimes", "clustertrainingruntimes")],
-    "monitoring.coreos.com": [ROOT / "k8s/vendor/monitoring.coreos.com_servicemonitors.yaml"],
+    "monitoring.coreos.com": [ROOT / f"k8s/vendor/monitoring.coreos.com_{plural}.yaml"
+                              for plural in ("servicemonitors", "podmonitors")],
 }
 
 
@@ -168,8 +169,10 @@ GoYAMLLoader.add_implicit_resolver(
 )
 
 
-def helm_template(chart: str, release: str, *args: str, namespace: str = "team-a") -> list[dict]:
-    out = helm("template", release, f"charts/{chart}", "--namespace", namespace, *args).stdout
+def helm_template(chart: str, release: str, *args: str, namespace: str = "team-a", tests: bool = False) -> list[dict]:
+    """The chart's objects as `helm install` creates them; `tests`: with its `helm test` hooks as well."""
+    skip = () if tests else ("--skip-tests",)
+    out = helm("template", release, f"charts/{chart}", "--namespace", namespace, *skip, *args).stdout
     return [obj for obj in yaml.load_all(out, Loader=GoYAMLLoader) if obj]
 
 
@@ -207,8 +210,10 @@ def trainjob_pod_template(trainjob: dict, runtime: dict) -> dict:
             if job["name"] != "node":
                 continue
             template = job["template"]["spec"]["template"]
-            labels = template.get("metadata", {}).get("labels", {})
-            node.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+            for field in ("labels", "annotations"):
+                node.setdefault("metadata", {}).setdefault(field, {}).update(template.get("metadata", {}).get(field, {}))
+                if not node["metadata"][field]:
+                    del node["metadata"][field]
             spec = node["spec"]
             for field, value in template.get("spec", {}).items():
                 if field in ("volumes", "containers", "initContainers", "imagePullSecrets"):

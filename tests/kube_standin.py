@@ -10,7 +10,9 @@ over HTTP as to a cluster. `KubeStandIn` adds what the operator's logic depends 
   `/status` change only `status`, and `status` is dropped on create;
 - schema validation of custom resources: ttrv's CRDs (k8s/crds) and the vendored training CRDs (k8s/vendor:
   PyTorchJob, and Kubeflow Trainer v2's TrainJob, TrainingRuntime and ClusterTrainingRuntime) are enforced on
-  every write (CEL rules, x-kubernetes-validations, are not evaluated), and a violation is answered 422 with nothing stored. Unknown fields are
+  every write, their CEL rules (x-kubernetes-validations, transition rules on `oldSelf` included) too
+  (kube_cel.py: what it evaluates as the API server does, and what not), and a violation is answered 422 with
+  nothing stored; `cel = False` plays an API server whose CRDs carry no rules. Unknown fields are
   rejected too (where a real API server prunes them silently, which is how kopf's `status.kopf` would vanish);
 - a failed JSON-patch `test` (kopf's optimistic lock on resourceVersion) is a 422, as kopf expects;
 - label selectors (equality and `in` terms) on list and watch, field selectors on list (kubectl describe's events);
@@ -56,6 +58,7 @@ import yaml
 from k8s_util import ROOT, openapi_to_jsonschema
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal.enums import action as Action
+from kube_cel import CelValidator
 
 
 @dataclass
@@ -66,6 +69,7 @@ class KindInfo:
     status: bool = False
     validator: jsonschema.Draft4Validator | None = None
     columns: list[dict] = field(default_factory=list)
+    rules: CelValidator | None = None
 
 
 def _invalid(message: str) -> kmock.KubernetesError:
@@ -76,6 +80,8 @@ def _invalid(message: str) -> kmock.KubernetesError:
 class KubeStandIn(kmock.KubernetesEmulator):
     kinds: dict[kmock.resource, KindInfo] = attrs.field(factory=dict, init=False)
     version: int = attrs.field(default=0, init=False)
+    cel: bool = attrs.field(default=True, init=False)
+    """Evaluate the CRDs' CEL rules on writes (False: an API server that ignores them)."""
 
     # --- declarations --------------------------------------------------------------------------------------------
 
@@ -87,13 +93,14 @@ class KubeStandIn(kmock.KubernetesEmulator):
             kind=kind, namespaced=namespaced, singular=kind.lower(), shortnames=set(short_names),
             verbs={"get", "list", "watch", "create", "patch", "delete"},
             subresources={"status"} if status else set())
-        validator = None
+        validator = rules = None
         if schema is not None:
+            rules = CelValidator(schema)
             schema = openapi_to_jsonschema(schema)
             # The API server checks metadata as ObjectMeta; a CRD may only constrain name and generateName.
             schema["properties"].get("metadata", {}).pop("additionalProperties", None)
             validator = jsonschema.Draft4Validator(schema)
-        self.kinds[key] = KindInfo(kind, api_version, namespaced, status, validator, list(columns))
+        self.kinds[key] = KindInfo(kind, api_version, namespaced, status, validator, list(columns), rules)
 
     def declare_crd(self, crd: Mapping) -> None:
         names = crd["spec"]["names"]
@@ -193,15 +200,21 @@ class KubeStandIn(kmock.KubernetesEmulator):
         self.version += 1
         return str(self.version)
 
-    def _validate(self, resource: kmock.resource, body: Mapping) -> None:
+    def _validate(self, resource: kmock.resource, body: Mapping, old: Mapping | None = None) -> None:
         info = self.kinds[resource]
         if info.validator is None:
             return
+        name = body.get("metadata", {}).get("name")
         error = jsonschema.exceptions.best_match(info.validator.iter_errors(body))
         if error is not None:
             where = ".".join(str(part) for part in error.absolute_path) or "(root)"
-            raise _invalid(f"{info.kind}.{info.api_version} {body.get('metadata', {}).get('name')!r} is invalid: "
-                           f"{where}: {error.message}")
+            raise _invalid(f"{info.kind}.{info.api_version} {name!r} is invalid: {where}: {error.message}")
+        if self.cel and info.rules is not None:
+            broken = info.rules.errors(body) if old is None else info.rules.errors(body, old)
+            if broken:
+                # The API server's wording (apimachinery's field.ErrorList in a StatusError), all rules at once.
+                group = info.api_version.rpartition("/")[0]
+                raise _invalid(f'{info.kind}.{group} "{name}" is invalid: ' + "; ".join(broken))
 
     def _create(self, resource: kmock.resource, namespace: str | None, data: Any) -> tuple[tuple, dict]:
         if not isinstance(data, dict):
@@ -276,7 +289,7 @@ class KubeStandIn(kmock.KubernetesEmulator):
             return []
         if patched.get("spec") != current.get("spec"):
             meta["generation"] = current["metadata"]["generation"] + 1
-        self._validate(resource, patched)
+        self._validate(resource, patched, current)
         meta["resourceVersion"] = self._next_version()
         self.objects[key].history.append(patched)
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):

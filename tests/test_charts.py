@@ -316,4 +316,5 @@ def test_operator_chart_ships_the_runtime_the_builders_make(args, served, expect
 def test_a_wrong_runtime_kind_fails_naming_the_value():
     result = helm("template", "x", "charts/ttrv-operator", "--set", "trainer.runtime.kind=Runtime", check=False)
     assert result.returncode != 0
-    assert "trainer.runtime.kind" in result.stderr and "ClusterTrainingRuntime or TrainingRuntime" in result.stderr
+    # values.schema.json refuses it before the template's own check would.
+    assert "trainer.runtime.kind" in result.stderr and '"ClusterTrainingRuntime", "TrainingRuntime"' in result.stderr

@@ -215,7 +215,7 @@ def test_vendored_trainer_crds_are_the_given_ones_unchanged(name):
 
 def test_every_crd_in_the_repo_has_a_validator():
     assert {kind for _, kind in crd_validators()} == {
-        "Experiment", "AdaptationRun", "PyTorchJob", "ServiceMonitor", "TrainJob", "TrainingRuntime",
+        "Experiment", "AdaptationRun", "PyTorchJob", "ServiceMonitor", "PodMonitor", "TrainJob", "TrainingRuntime",
         "ClusterTrainingRuntime"}
 
 

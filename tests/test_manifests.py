@@ -199,7 +199,9 @@ def test_single_node_cpu_trainer():
     assert env_of(container)["DS_ACCELERATOR"]["value"] == "cpu"
     assert "TTRV_ROLLOUT_URL" not in env_of(container)
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    assert "tolerations" not in pod and "nodeSelector" not in pod
+    # Tolerations reach every pod (a team's tainted node pool); the node selector only GPU pods.
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "nodeSelector" not in pod
 
 
 def test_rollout_service_shape():

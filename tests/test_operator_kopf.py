@@ -20,6 +20,7 @@ import asyncio
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
+import kmock
 import pytest
 from kopf_util import (
     DEPLOYMENTS,
@@ -238,6 +239,11 @@ async def test_a_disallowed_spec_change_is_rejected_and_nothing_half_applied(mon
         accepted = c.get(EXPERIMENTS, "exp")["metadata"]["annotations"][ACCEPTED_ANNOTATION]
 
         datasets = [{"name": "mmmu", "path": "/data/mmmu.json"}, {"name": "shapes", "path": "/data/elsewhere.json"}]
+        # The CRD's transition rule refuses the change at the API (tests/test_cel_rules.py); an API server that
+        # ignores the CRD's rules lets it through, and the operator still applies none of it:
+        with pytest.raises(kmock.KubernetesError, match="datasets cannot change while the experiment exists"):
+            await c.edit_experiment({"maxParallelRuns": 2, "datasets": datasets})
+        c.api.cel = False
         await c.edit_experiment({"maxParallelRuns": 2, "datasets": datasets})
 
         def rejected():
@@ -318,6 +324,10 @@ async def test_a_run_name_another_experiment_holds_fails_only_that_dataset(monke
 
 async def test_a_spec_that_cannot_run_fails_the_experiment(monkeypatch, tmp_path):
     async with cluster(monkeypatch, tmp_path) as c, operator(c):
+        # The CRD's CEL rule refuses it at the API (tests/test_cel_rules.py); past an API server without the rules:
+        with pytest.raises(kmock.KubernetesError, match=r"groupSize \(8\) > votes \(4\)"):
+            await c.create_experiment(rollout={"votes": 4, "groupSize": 8})
+        c.api.cel = False
         await c.create_experiment(rollout={"votes": 4, "groupSize": 8})
         await c.wait_phase("exp", "Failed", EXPERIMENTS)
         assert "groupSize (8) > votes (4)" in c.status(EXPERIMENTS, "exp")["message"]

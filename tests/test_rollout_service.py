@@ -148,6 +148,35 @@ def test_pinned_request_for_another_version_gets_409(service, store, client, pro
         client._complete({**body, "temperature": 0.0}, 2, threading.Event())
 
 
+def test_metrics_are_prometheus_text_with_the_services_state(service, client, prompts):
+    """GET /metrics of a real `ttrv serve` (Hugging Face engine) parses as Prometheus' text format (prometheus_client's
+    own parser) and says what the service does: up, the version served, the requests answered by route."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.generate(prompts[:1], 2, 1.0, 1.0, 2)
+    with urllib.request.urlopen(f"{service.url}/health", timeout=30) as answer:
+        served = json.loads(answer.read())["weight_version"]
+    with urllib.request.urlopen(f"{service.url}/metrics", timeout=30) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = answer.read().decode()
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    assert samples[("ttrv_rollout_up", ())] == 1
+    assert samples[("ttrv_rollout_weight_version", ())] == (-1 if served is None else served)
+    assert samples[("ttrv_rollout_engine", (("engine", "hf"),))] == 1
+    assert samples[("ttrv_rollout_requests_total", (("code", "200"), ("path", "/v1/chat/completions")))] >= 1
+    assert samples[("ttrv_rollout_requests_total", (("code", "200"), ("path", "/health")))] >= 1
+    assert samples[("ttrv_rollout_request_duration_seconds_count", (("path", "/v1/chat/completions"),))] >= 1
+    assert not any(name.startswith("vllm:") for name, _ in samples), "the Hugging Face engine has no vLLM metrics"
+    # A path that is no route is counted as "other": a client cannot grow the label set.
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{service.url}/no-such-route-{time.monotonic_ns()}", timeout=30)
+    with urllib.request.urlopen(f"{service.url}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    assert 'ttrv_rollout_requests_total{code="404",path="other"}' in text
+    assert "no-such-route" not in text
+
+
 def test_every_error_answer_carries_the_served_weight_version(service, store, client):
     """Refused before the service reads the request (too large, not JSON, no such route) or by it: each answer says
     which version is served, in OpenAI's error shape."""

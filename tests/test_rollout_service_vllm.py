@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from datetime import datetime
 
 import pytest
@@ -106,6 +107,20 @@ def test_client_gets_n_samples_from_vllm_with_transformers_log_probs(client, ser
         assert assert_logprobs_match(hf["A"], hf, hf["batches"][name], row) >= 16
     assert len({s.token_ids for s in samples[0]}) > 1, "eight samples at temperature 1 were all equal"
     assert_greedy_under(hf["A"], hf, hf["batches"]["short"], greedy(client, prompts["short"]))
+
+
+def test_metrics_carry_vllms_own_beside_the_services(client, service, prompts):
+    """GET /metrics of `ttrv serve` holds vLLM's own metrics (from the vLLM server's /metrics) after ttrv's, and the
+    whole parses as Prometheus' text format."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    greedy(client, prompts["short"])
+    with urllib.request.urlopen(f"{service.url}/metrics", timeout=30) as answer:
+        families = {family.name: family for family in text_string_to_metric_families(answer.read().decode())}
+    assert families["ttrv_rollout_engine"].samples[0].labels == {"engine": "vllm"}
+    assert families["ttrv_rollout_engine_metrics_up"].samples[0].value == 1
+    assert families["vllm:request_success"].samples, "no vLLM request counted"
+    assert sum(s.value for s in families["vllm:request_success"].samples if s.name.endswith("_total")) >= 1
 
 
 def test_lora_version_is_served_as_peft_computes_it(client, store, hf, weights, prompts, work):

@@ -29,6 +29,7 @@ from ttrv.spec import (
     ExperimentSpec,
     SpecError,
     check_dns_label,
+    k8s_dump,
 )
 
 SPEC_DIR = "/etc/ttrv"
@@ -190,6 +191,14 @@ class _Context:
     def metadata(self, name: str, component: str | None = None, extra_labels: dict | None = None) -> dict:
         return _metadata(name, self.namespace, self.labels(component) | (extra_labels or {}), self.run)
 
+    def pod_metadata(self, component: str) -> dict:
+        """A pod template's metadata: the spec's pod labels and annotations, ttrv's labels over them."""
+        pod = self.spec.pod
+        metadata: dict[str, Any] = {"labels": dict(pod.labels) | self.labels(component)}
+        if pod.annotations:
+            metadata["annotations"] = dict(pod.annotations)
+        return metadata
+
     @property
     def rollout_name(self) -> str:
         return f"{self.name}-rollout"
@@ -241,11 +250,16 @@ def _volumes(ctx: _Context) -> list[dict]:
         {"name": "spec", "configMap": {"name": f"{ctx.name}-spec"}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
-        # NCCL and vLLM's tensor-parallel workers exchange data through /dev/shm, which is 64 MiB by default.
-        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        _shm_volume(ctx),
     ] + [{"name": f"volume-{index}", "persistentVolumeClaim": {"claimName": volume.claim_name,
                                                                "readOnly": volume.read_only}}
          for index, volume in enumerate(ctx.spec.volumes)]
+
+
+def _shm_volume(ctx: _Context) -> dict:
+    # NCCL and vLLM's tensor-parallel workers exchange data through /dev/shm, which is 64 MiB by default.
+    limit = ctx.spec.pod.shm_size_limit
+    return {"name": "shm", "emptyDir": {"medium": "Memory"} | ({"sizeLimit": limit} if limit else {})}
 
 
 def _mounts(ctx: _Context) -> list[dict]:
@@ -268,27 +282,67 @@ def pod_security_context() -> dict:
     }
 
 
-def container_security_context() -> dict:
-    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+def container_security_context(ipc_lock: bool = False) -> dict:
+    """Every capability dropped; with `ipc_lock` (pod.ipcLock, trainers only) IPC_LOCK added back, which InfiniBand
+    verbs need to pin memory for RDMA."""
+    capabilities: dict[str, list[str]] = {"drop": ["ALL"]}
+    if ipc_lock:
+        capabilities["add"] = ["IPC_LOCK"]
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": capabilities}
 
 
-def _resources(cpu: str, memory: str, gpus: int) -> dict:
-    gpu = {GPU: str(gpus)} if gpus else {}
+def _resources(cpu: str, memory: str, gpus: int, extra: Mapping[str, str] | None = None,
+               ephemeral_storage: str | None = None) -> dict:
+    """Requests and limits of a ttrv container: GPUs and `extra` (pod.extraResources) requested and limited alike,
+    as extended resources must be; ephemeral storage (pod.ephemeralStorage) only requested, so that a download
+    larger than planned slows nothing and is not evicted for it."""
+    devices = ({GPU: str(gpus)} if gpus else {}) | dict(extra or {})
+    disk = {"ephemeral-storage": ephemeral_storage} if ephemeral_storage else {}
     # No CPU limit: throttling a data loader or NCCL proxy thread stalls every rank.
-    return {"requests": {"cpu": cpu, "memory": memory} | gpu, "limits": {"memory": memory} | gpu}
+    return {"requests": {"cpu": cpu, "memory": memory} | disk | devices, "limits": {"memory": memory} | devices}
+
+
+def _trainer_resources(ctx: _Context) -> dict:
+    res, pod = ctx.spec.run.resources, ctx.spec.pod
+    return _resources(res.cpu, res.memory, res.gpus_per_node, pod.extra_resources, pod.ephemeral_storage)
+
+
+def _extra_env(ctx: _Context) -> list[dict]:
+    return [k8s_dump(variable) for variable in ctx.spec.pod.env]
 
 
 def _container(ctx: _Context, name: str, image: str, command: list[str], env: list[dict], ports: list[dict],
-               resources: dict, **kind_keys) -> dict:
-    """A ttrv container: the spec's pull policy, the writable-folder variables ahead of `env`, the run's mounts and
-    the hardened security context every ttrv container has; `kind_keys` are the kind's own (probes, the
-    termination message)."""
+               resources: dict, ipc_lock: bool = False, **kind_keys) -> dict:
+    """A ttrv container: the spec's pull policy, the writable-folder variables ahead of `env` and the spec's extra
+    env (pod.env) after it, the run's mounts and the hardened security context every ttrv container has (IPC_LOCK
+    added with `ipc_lock`); `kind_keys` are the kind's own (probes, the termination message)."""
     return {"name": name, "image": image, "imagePullPolicy": ctx.spec.image.pull_policy, "command": command,
-            "env": _WRITABLE_ENV + env, "ports": ports, **kind_keys, "resources": resources,
-            "volumeMounts": _mounts(ctx), "securityContext": container_security_context()}
+            "env": _WRITABLE_ENV + env + _extra_env(ctx), "ports": ports, **kind_keys, "resources": resources,
+            "volumeMounts": _mounts(ctx), "securityContext": container_security_context(ipc_lock)}
 
 
-def _pod_spec(ctx: _Context, container: dict, gpus: int) -> dict:
+def _placement(ctx: _Context, gpus: int) -> dict:
+    """The pod-spec fields that place a pod and pull its image, shared by every kind (a TrainJob carries them as a
+    runtime patch): tolerations, affinity, pull secrets and service account on every pod, the node selector on GPU
+    pods only."""
+    scheduling, pod = ctx.spec.scheduling, ctx.spec.pod
+    fields: dict[str, Any] = {}
+    if pod.service_account_name:
+        fields["serviceAccountName"] = pod.service_account_name
+    if ctx.spec.image.pull_secrets:
+        fields["imagePullSecrets"] = [{"name": name} for name in ctx.spec.image.pull_secrets]
+    if gpus and scheduling.node_selector:
+        fields["nodeSelector"] = dict(scheduling.node_selector)
+    if scheduling.affinity:
+        fields["affinity"] = k8s_dump(scheduling.affinity)
+    if scheduling.tolerations:
+        fields["tolerations"] = [resource_dump(t) for t in scheduling.tolerations]
+    return fields
+
+
+def _pod_spec(ctx: _Context, container: dict, gpus: int, grace_seconds: int | None = None) -> dict:
+    """A Deployment's or PyTorchJob's pod spec; `grace_seconds` its terminationGracePeriodSeconds (None: the
+    Kubernetes default, 30 s)."""
     scheduling = ctx.spec.scheduling
     pod: dict[str, Any] = {
         "securityContext": pod_security_context(),
@@ -299,11 +353,11 @@ def _pod_spec(ctx: _Context, container: dict, gpus: int) -> dict:
     }
     if scheduling.priority_class_name:
         pod["priorityClassName"] = scheduling.priority_class_name
-    if gpus:
-        if scheduling.node_selector:
-            pod["nodeSelector"] = dict(scheduling.node_selector)
-        if scheduling.tolerations:
-            pod["tolerations"] = [resource_dump(t) for t in scheduling.tolerations]
+    pod |= _placement(ctx, gpus)
+    if scheduling.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = [k8s_dump(c) for c in scheduling.topology_spread_constraints]
+    if grace_seconds is not None:
+        pod["terminationGracePeriodSeconds"] = grace_seconds
     return pod
 
 
@@ -319,7 +373,19 @@ def _trainer_env(ctx: _Context) -> list[dict]:
     if not run.resources.gpus_per_node:
         # DeepSpeed picks its accelerator by probing; on GPU nodes it must find CUDA, so it is only pinned here.
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    # On SIGTERM torch elastic's launcher (ttrv.launch) passes it to the workers and SIGKILLs them after
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default (torch/distributed/launcher/api.py LaunchConfig; the agent's
+    # `_shutdown` in elastic/agent/server/api.py): the workers' checkpoint needs the pod's grace period, less a
+    # margin for the launcher to exit with their code before the kubelet's SIGKILL.
+    env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(_shutdown_timeout(ctx))})
     return env
+
+
+SHUTDOWN_MARGIN_SECONDS = 10
+
+
+def _shutdown_timeout(ctx: _Context) -> int:
+    return max(0, ctx.spec.pod.termination_grace_period_seconds - SHUTDOWN_MARGIN_SECONDS)
 
 
 TRAIN_COMMAND = ["ttrv", "train", "--spec", SPEC_PATH]

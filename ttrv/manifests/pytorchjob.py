@@ -17,8 +17,8 @@ from ttrv.manifests.common import (
     _container,
     _Context,
     _pod_spec,
-    _resources,
     _trainer_env,
+    _trainer_resources,
 )
 
 
@@ -34,7 +34,8 @@ def _trainer_job(ctx: _Context) -> dict:
         TRAIN_COMMAND, _trainer_env(ctx),
         [{"name": MASTER_PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"},
          {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-        _resources(res.cpu, res.memory, res.gpus_per_node),
+        _trainer_resources(ctx),
+        ipc_lock=ctx.spec.pod.ipc_lock,
         # A trainer that fails leaves the tail of its log as the pod's termination message, which the operator
         # copies into the run's status: why a run failed, without `kubectl logs` of a pod that may be gone.
         terminationMessagePolicy="FallbackToLogsOnError",
@@ -47,8 +48,9 @@ def _trainer_job(ctx: _Context) -> dict:
             # 1-127 fail the job at once.
             "restartPolicy": "ExitCode",
             "template": {
-                "metadata": {"labels": ctx.labels(TRAINER)},
-                "spec": _pod_spec(ctx, container, res.gpus_per_node),
+                "metadata": ctx.pod_metadata(TRAINER),
+                "spec": _pod_spec(ctx, container, res.gpus_per_node,
+                                  ctx.spec.pod.termination_grace_period_seconds),
             },
         }
 

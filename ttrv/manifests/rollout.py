@@ -33,13 +33,14 @@ def _rollout_pod_template(ctx: _Context) -> dict:
         ["ttrv", "serve", "--spec", SPEC_PATH, "--host", "0.0.0.0", "--port", str(ROLLOUT_PORT)], _store_env(ctx),
         [{"name": "http", "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
         _resources(run.resources.rollout_cpu or run.resources.cpu,
-                   run.resources.rollout_memory or run.resources.memory, gpus),
+                   run.resources.rollout_memory or run.resources.memory, gpus,
+                   ctx.spec.pod.rollout_extra_resources, ctx.spec.pod.ephemeral_storage),
         # Loading a checkpoint and compiling CUDA graphs takes minutes: up to 30 before liveness applies.
         startupProbe=probe | {"failureThreshold": 180},
         readinessProbe=probe | {"failureThreshold": 3},
         livenessProbe=probe | {"failureThreshold": 6},
     )
-    return {"metadata": {"labels": ctx.labels(ROLLOUT)}, "spec": _pod_spec(ctx, container, gpus)}
+    return {"metadata": ctx.pod_metadata(ROLLOUT), "spec": _pod_spec(ctx, container, gpus)}
 
 
 def _rollout_deployment(ctx: _Context) -> dict:

@@ -51,6 +51,7 @@ def adaptation_run(experiment_meta: Mapping, spec: ExperimentSpec, dataset: str)
         scheduling=spec.scheduling,
         s3_secret=spec.s3_secret,
         volumes=spec.volumes,
+        pod=spec.pod,
         suspend=spec.suspend,
     )
     name = run_name(experiment, dataset)

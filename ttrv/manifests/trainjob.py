@@ -25,14 +25,16 @@ from ttrv.manifests.common import (
     TRAINJOB_REPLICATED_JOB,
     RuntimeRef,
     _Context,
+    _extra_env,
     _mounts,
-    _resources,
+    _placement,
     _trainer_env,
+    _trainer_resources,
     _volumes,
     container_security_context,
     pod_security_context,
-    resource_dump,
 )
+from ttrv.spec import SpecError
 from ttrv.spec.experiment import ImageSpec
 
 # --- Kubeflow Trainer v2 ------------------------------------------------------------------------------------------
@@ -83,26 +85,42 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
     come through spec.trainer.env: the webhook refuses it in a runtime patch (plugins/jobset/jobset.go Validate).
     Kubeflow merges ttrv's patch into the runtime's JobSet template with a strategic merge patch (volumes and
     containers by name, volumeMounts by mountPath; pkg/runtime/core/trainingruntime.go mergeRuntimePatches).
+
+    The pod settings (ExperimentSpec.pod, image.pullSecrets, scheduling's placement) go where trainjob_types.go
+    lets a TrainJob carry them: env, extra resources and ephemeral storage in spec.trainer (env, resourcesPerNode);
+    the pods' labels and annotations in the patch's PodTemplatePatch.metadata ("Only labels and annotations are
+    allowed"); serviceAccountName, imagePullSecrets, affinity, tolerations, nodeSelector and
+    terminationGracePeriodSeconds in its PodSpecPatch; the /dev/shm sizeLimit as a `shm` volume merged by name
+    into the runtime's; IPC_LOCK as the `node` ContainerPatch's securityContext. PodSpecPatch has no
+    topologySpreadConstraints: the spec refuses them unless trainerApi is pytorchjob (SchedulingSpec), and this
+    builder should a TrainJob be asked for anyway (`ttrv render --trainer-api trainjob`).
     """
     res = ctx.spec.run.resources
-    scheduling = ctx.spec.scheduling
-    pod_spec: dict[str, Any] = {
-        "volumes": [volume for volume in _volumes(ctx) if "emptyDir" not in volume],
-        "containers": [{"name": TRAINJOB_CONTAINER,
-                        "volumeMounts": [mount for mount in _mounts(ctx)
-                                         if mount["name"] not in _RUNTIME_VOLUMES]}],
-    }
-    if res.gpus_per_node:
-        if scheduling.node_selector:
-            pod_spec["nodeSelector"] = dict(scheduling.node_selector)
-        if scheduling.tolerations:
-            pod_spec["tolerations"] = [resource_dump(t) for t in scheduling.tolerations]
+    scheduling, pod = ctx.spec.scheduling, ctx.spec.pod
+    if scheduling.topology_spread_constraints:
+        raise SpecError(
+            "scheduling.topologySpreadConstraints: a TrainJob cannot carry them (Kubeflow Trainer's PodSpecPatch "
+            "has no such field); spread the trainer pods with scheduling.affinity, with Kueue's topology "
+            "annotations in pod.annotations, or in the training runtime (docs/kubernetes.md, \"Pod settings\"), or "
+            "set scheduling.trainerApi: pytorchjob")
+    node: dict[str, Any] = {"name": TRAINJOB_CONTAINER,
+                            "volumeMounts": [mount for mount in _mounts(ctx) if mount["name"] not in _RUNTIME_VOLUMES]}
+    if pod.ipc_lock:
+        # The whole context, not only `add`: merged field by field into the runtime's, it would be the same.
+        node["securityContext"] = container_security_context(ipc_lock=True)
+    volumes = [volume for volume in _volumes(ctx) if "emptyDir" not in volume]
+    if pod.shm_size_limit:
+        # Merged by name into the runtime's memory-backed `shm` emptyDir: only its sizeLimit changes.
+        volumes += [volume for volume in _volumes(ctx) if volume["name"] == "shm"]
+    pod_spec: dict[str, Any] = {"volumes": volumes, "containers": [node]}
+    pod_spec |= _placement(ctx, res.gpus_per_node)
+    pod_spec["terminationGracePeriodSeconds"] = pod.termination_grace_period_seconds
     patch = {
         "manager": RUNTIME_PATCH_MANAGER,
         "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
             "name": TRAINJOB_REPLICATED_JOB,
             "template": {"spec": {"template": {
-                "metadata": {"labels": ctx.labels(TRAINER)},
+                "metadata": ctx.pod_metadata(TRAINER),
                 "spec": pod_spec,
             }}},
         }]}}},
@@ -119,10 +137,10 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
             "trainer": {
                 "image": ctx.spec.image.trainer,
                 "command": TRAIN_COMMAND,
-                "env": _trainer_env(ctx),
+                "env": _trainer_env(ctx) + _extra_env(ctx),
                 "numNodes": res.nodes,
                 "numProcPerNode": res.nproc_per_node,
-                "resourcesPerNode": _resources(res.cpu, res.memory, res.gpus_per_node),
+                "resourcesPerNode": _trainer_resources(ctx),
             },
             "runtimePatches": [patch],
             # Kueue admits a TrainJob by unsuspending it; created running, it would start before admission.
@@ -265,7 +283,7 @@ def run_training_runtime(ctx: _Context) -> dict:
     node = jobset["replicatedJobs"][0]
     node["dependsOn"] = [{"name": ROLLOUT_REPLICATED_JOB, "status": "Ready"}]
     # The run's trainer pods, labelled here as in the TrainJob's patch: the runtime is this run's alone.
-    node["template"]["spec"]["template"]["metadata"] = {"labels": ctx.labels(TRAINER)}
+    node["template"]["spec"]["template"]["metadata"] = ctx.pod_metadata(TRAINER)
     jobset["replicatedJobs"] = [{
         "name": ROLLOUT_REPLICATED_JOB,
         "replicas": 1,

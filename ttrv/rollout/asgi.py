@@ -1,6 +1,6 @@
 """What uvicorn does not bound for `ttrv serve`, bounded here: the time a connection may take to send its headers
-and its body, the body's size whatever Content-Length says (or chunked), a client's disconnect noticed; and the
-uvicorn server and listening socket `serve` runs the app on."""
+and its body, the body's size whatever Content-Length says (or chunked), a client's disconnect noticed; the
+uvicorn server and listening socket `serve` runs the app on; and GET /metrics (`add_metrics_route`)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import asyncio
 import socket
 import threading
 import time
+import urllib.request
 
 import h11
 import uvicorn
 from fastapi import Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ttrv import log
 from ttrv.rollout.api import ServiceLimits
-from ttrv.rollout.serving import ServiceError
+from ttrv.rollout.serving import ServiceError, VLLMServingEngine
 
 logger = log.get_logger(__name__)
 
@@ -198,3 +202,117 @@ class HTTPThread:
         self.thread.join(timeout)
         self.sock.close()
 
+
+
+# ----------------------------------------------------------------------------------------------------- /metrics
+# `ttrv serve`'s Prometheus metrics: its own (ttrv_rollout_*), and, when vLLM is the engine, vLLM's own from the
+# vLLM server's /metrics on its loopback port (vllm/entrypoints/serve/instrumentator/metrics.py, attach_router:
+# prometheus_client's exposition of vLLM's registry, mounted on every vLLM OpenAI server), appended as they come:
+# one scrape of the rollout Service gets both. The families' names cannot clash (vLLM's are vllm:*).
+VLLM_METRICS_SECONDS = 5.0
+METRICS_PATH = "/metrics"
+
+
+class PrometheusResponse(Response):
+    """Prometheus' text format, as its media type (so the OpenAPI description says so too): version 0.0.4, which
+    every Prometheus reads and generate_latest writes for names that need no escaping (ttrv_*, vllm:*); newer
+    prometheus_client releases label the same text 1.0.0."""
+
+    media_type = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _ServiceCollector:
+    """What the service knows at scrape time, read when Prometheus asks (nothing to keep up to date)."""
+
+    def __init__(self, service, engine_metrics: dict):
+        self.service = service
+        self.engine_metrics = engine_metrics
+
+    def collect(self):
+        service = self.service
+        status, _ = service.health()
+        yield GaugeMetricFamily("ttrv_rollout_up", "1 when the service answers (GET /health is 200), else 0",
+                                value=1 if status == 200 else 0)
+        version = service.agent.version
+        yield GaugeMetricFamily("ttrv_rollout_weight_version", "The weight version served (-1: the base model)",
+                                value=-1 if version is None else version)
+        yield GaugeMetricFamily("ttrv_rollout_chat_requests_in_flight", "Chat requests held now",
+                                value=service.in_flight)
+        yield GaugeMetricFamily("ttrv_rollout_refused_versions", "Weight versions refused (GET /weight_version "
+                                "says why)", value=len(service.agent.refused))
+        info = GaugeMetricFamily("ttrv_rollout_engine", "The serving engine (value 1)", labels=["engine"])
+        info.add_metric([service.engine.name], 1)
+        yield info
+        if "url" in self.engine_metrics:
+            yield GaugeMetricFamily("ttrv_rollout_engine_metrics_up", "1 when the engine's own /metrics answered "
+                                    "the last scrape, else 0", value=self.engine_metrics.get("up", 0))
+
+
+class _RequestMetrics:
+    """ASGI middleware: each answer counted by route and status, and timed by route. Paths that are no route count
+    as "other", so a client cannot grow the label set."""
+
+    def __init__(self, app, counter, seconds, routes: frozenset[str]):
+        self.app, self.counter, self.seconds, self.routes = app, counter, seconds, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.routes else "other"
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            self.counter.labels(path, str(status["code"])).inc()
+            self.seconds.labels(path).observe(time.perf_counter() - started)
+
+
+def engine_metrics_url(engine) -> str | None:
+    """The engine's own Prometheus endpoint: vLLM's server's /metrics; None for the Hugging Face engine."""
+    return f"{engine.server.url}/metrics" if isinstance(engine, VLLMServingEngine) else None
+
+
+def _fetch(url: str) -> bytes:
+    # The vLLM server is on 127.0.0.1: no proxy, whatever the environment says.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=VLLM_METRICS_SECONDS) as answer:
+        return answer.read()
+
+
+def add_metrics_route(app, service) -> None:
+    """GET /metrics on `app` (Prometheus text format 0.0.4), and the request metrics it reports. Called last when
+    the app is built: requests to paths that are not routes by then count as "other"."""
+    registry = CollectorRegistry()
+    engine_metrics: dict = {}
+    url = engine_metrics_url(service.engine)
+    if url is not None:
+        engine_metrics["url"] = url
+    registry.register(_ServiceCollector(service, engine_metrics))
+    counter = Counter("ttrv_rollout_requests", "HTTP requests answered, by route and status code",
+                      ["path", "code"], registry=registry)
+    seconds = Histogram("ttrv_rollout_request_duration_seconds", "Time to answer an HTTP request, by route",
+                        ["path"], registry=registry,
+                        buckets=(0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 60.0, 300.0))
+
+    @app.get(METRICS_PATH, summary="Prometheus metrics: the service's own, and vLLM's when vLLM serves",
+             response_class=PrometheusResponse)
+    async def metrics() -> PrometheusResponse:
+        body = b""
+        if url is not None:
+            try:
+                body = await asyncio.get_running_loop().run_in_executor(None, _fetch, url)
+                engine_metrics["up"] = 1
+            except (OSError, ValueError) as error:  # urllib's URLError and HTTPError are OSErrors
+                engine_metrics["up"] = 0
+                logger.warning("engine_metrics_unavailable", url=url, error=str(error))
+        return PrometheusResponse(generate_latest(registry) + body)
+
+    routes = frozenset(route.path for route in app.routes if hasattr(route, "path"))
+    app.add_middleware(_RequestMetrics, counter=counter, seconds=seconds, routes=routes | {METRICS_PATH})

@@ -13,6 +13,7 @@ HTTP, OpenAI-compatible where OpenAI defines the call:
     GET  /v1/models            the one model served (id: the run's name)
     GET  /weight_version       the served version, and the versions refused with why
     POST /sync                 look at the store now (the trainer calls it right after publishing)
+    GET  /metrics              Prometheus text: the service's own ttrv_rollout_* metrics and, with vLLM, vLLM's own
 
 The answers come from a serving engine (`ttrv.rollout.serving`: vLLM or the in-process Hugging Face engine). A
 `SyncAgent` loads each new weight version from the store; requests hold the read side of its lock
@@ -60,7 +61,14 @@ from starlette.requests import ClientDisconnect
 
 from ttrv import exitcodes, log
 from ttrv.rollout.api import ServiceLimits, chat_request_model, validation_message
-from ttrv.rollout.asgi import BodyRefused, HTTPThread, disconnected, listening_socket, read_body
+from ttrv.rollout.asgi import (
+    BodyRefused,
+    HTTPThread,
+    add_metrics_route,
+    disconnected,
+    listening_socket,
+    read_body,
+)
 from ttrv.rollout.serving import Cancelled, ServiceError, ServingEngine, choose_engine
 from ttrv.rollout.sync import SyncAgent
 from ttrv.spec import RunSpec
@@ -318,6 +326,7 @@ def build_app(service: RolloutService) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+    add_metrics_route(app, service)
     return app
 
 

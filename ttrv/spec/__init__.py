@@ -14,5 +14,6 @@ The package: `base` (patterns, the strict model, errors), `run` (RunSpec and its
 
 from ttrv.spec.base import *  # noqa: F403
 from ttrv.spec.experiment import *  # noqa: F403
+from ttrv.spec.pod import *  # noqa: F403
 from ttrv.spec.run import *  # noqa: F403
 from ttrv.spec.status import *  # noqa: F403

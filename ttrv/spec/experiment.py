@@ -10,6 +10,7 @@ from pydantic import (
     AfterValidator,
     Field,
     field_validator,
+    model_validator,
 )
 
 from ttrv.spec.base import (
@@ -28,6 +29,7 @@ from ttrv.spec.names import (
     check_label_value,
     check_mount_path,
 )
+from ttrv.spec.pod import Affinity, ObjectName, PodSettings, TopologySpreadConstraint
 from ttrv.spec.run import AdaptationSettings, BudgetSpec, DataSpec, RunSpec
 
 ImageReference = Annotated[str, AfterValidator(check_image_reference)]
@@ -54,6 +56,9 @@ class ImageSpec(StrictModel):
     """Image of the rollout service (vLLM + ttrv); the same image by default."""
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """imagePullPolicy of all pods."""
+    pull_secrets: list[ObjectName] = []
+    """Secrets (type kubernetes.io/dockerconfigjson, in the experiment's namespace) every pod pulls its image with
+    (the pods' imagePullSecrets)."""
 
 
 class S3SecretRef(StrictModel):
@@ -102,7 +107,14 @@ class SchedulingSpec(StrictModel):
     node_selector: dict[LabelKey, LabelValue] = {}
     """Node labels the GPU pods must match."""
     tolerations: list[Toleration] = [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
-    """Tolerations of the GPU pods."""
+    """Tolerations of every pod (trainer and rollout, with GPUs or without): a tainted node pool of the team's
+    takes all of them."""
+    affinity: Affinity | None = None
+    """Affinity of every pod (node affinity, pod affinity and anti-affinity), as in a pod spec."""
+    topology_spread_constraints: list[TopologySpreadConstraint] = []
+    """How every pod spreads across nodes or zones, as in a pod spec. A TrainJob cannot carry them (Kubeflow
+    Trainer's runtime patches have no such field), so they need trainerApi pytorchjob; on the TrainJob path spread
+    the trainers with an affinity or in the training runtime (docs/kubernetes.md, "Pod settings")."""
     backoff_limit: Annotated[int, Field(ge=0)] = 3
     """Restarts of a trainer after retryable exit codes (128-255) before its run fails; the operator counts them
     (the training operator alone does not cap restarts under restartPolicy ExitCode)."""
@@ -112,6 +124,17 @@ class SchedulingSpec(StrictModel):
     """Which training API runs the trainer: trainjob (Kubeflow Trainer v2, trainer.kubeflow.org TrainJob),
     pytorchjob (the v1 training operator, kubeflow.org PyTorchJob), or auto: the one the API server serves, TrainJob
     first (the operator decides when it starts; `ttrv render` then shows TrainJob)."""
+
+    @model_validator(mode="after")
+    def _spread_needs_pytorchjob(self) -> SchedulingSpec:
+        # Refused here, at admission, for auto as well: the operator picks auto's API only once it runs, and a
+        # TrainJob's runtime patch has no topologySpreadConstraints (kubeflow/trainer trainjob_types.go
+        # PodSpecPatch).
+        if self.topology_spread_constraints and self.trainer_api != "pytorchjob":
+            raise ValueError(f"topologySpreadConstraints need trainerApi: pytorchjob (it is {self.trainer_api}): a "
+                             "TrainJob cannot carry them; set trainerApi: pytorchjob, or spread the pods with affinity "
+                             "(pod anti-affinity) or Kueue's topology annotations in pod.annotations")
+        return self
 
 
 class ExperimentSpec(AdaptationSettings):
@@ -129,6 +152,9 @@ class ExperimentSpec(AdaptationSettings):
     """Object-store credentials, by reference only."""
     volumes: list[VolumeSpec] = []
     """PersistentVolumeClaims mounted into every trainer and rollout pod (datasets, images, models)."""
+    pod: PodSettings = PodSettings()
+    """Settings of every pod: service account, labels and annotations, extra env and resources, InfiniBand, the
+    grace period to checkpoint in, /dev/shm and disk."""
 
     @field_validator("volumes")
     @classmethod

@@ -11,6 +11,7 @@ from pydantic import (
 
 from ttrv.spec.base import NAME_PATTERN, StrictModel
 from ttrv.spec.experiment import ImageSpec, S3SecretRef, SchedulingSpec, VolumeSpec
+from ttrv.spec.pod import PodSettings
 from ttrv.spec.run import RunSpec
 
 RunPhase = Literal["Pending", "Queued", "Running", "Preempted", "Succeeded", "Failed", "Suspended"]
@@ -49,6 +50,8 @@ class AdaptationRunSpec(StrictModel):
     """Object-store credentials, by reference only."""
     volumes: list[VolumeSpec] = []
     """PersistentVolumeClaims mounted into the trainer and rollout pods."""
+    pod: PodSettings = PodSettings()
+    """Settings of every pod (the Experiment's `pod`)."""
     suspend: bool = False
     """Trainer suspended and rollout service scaled to zero."""
 

@@ -5,7 +5,8 @@
 {{/*
 Checks JSON Schema cannot express (values.schema.json covers types, ranges and unknown keys). The operator
 validates the whole spec again with pydantic; failing here gives the same message before anything is created.
-The defaults below are ttrv.spec's (RolloutSpec.votes, .group_size); a test fails if they differ.
+The defaults below are ttrv.spec's (RolloutSpec.votes, .group_size, SchedulingSpec.trainer_api); a test fails if
+they differ.
 */}}
 {{- define "ttrv.validate" -}}
 {{- $name := include "ttrv.name" . -}}
@@ -29,6 +30,9 @@ The defaults below are ttrv.spec's (RolloutSpec.votes, .group_size); a test fail
 {{- end -}}
 {{- if regexMatch "/\\.\\.(/|$)" $uri -}}
 {{- fail (printf "storage.uri: %q contains '..'; write the store prefix without parent-directory steps" $uri) -}}
+{{- end -}}
+{{- if and (dig "scheduling" "topologySpreadConstraints" list .Values.AsMap) (ne (dig "scheduling" "trainerApi" "auto" .Values.AsMap) "pytorchjob") -}}
+{{- fail (printf "scheduling: topologySpreadConstraints need trainerApi: pytorchjob (it is %s): a TrainJob cannot carry them; set trainerApi: pytorchjob, or spread the pods with affinity (pod anti-affinity) or Kueue's topology annotations in pod.annotations" (dig "scheduling" "trainerApi" "auto" .Values.AsMap)) -}}
 {{- end -}}
 {{- $seen := dict -}}
 {{- range $index, $dataset := .Values.datasets -}}
