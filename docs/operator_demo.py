@@ -88,14 +88,16 @@ class Demo:
             "conditions": [condition("Created", reason="PyTorchJobCreated"), *conditions]}}, subresource="status")
 
     async def admit(self, dataset: str) -> None:
-        """The kubelet readies the rollout service; Kueue creates the trainer's Workload and admits it."""
-        await until(lambda: self.api.get(DEPLOYMENTS, NS, f"sixteen-{dataset}-rollout"), f"{dataset} rollout")
-        await self.api.patch_object(DEPLOYMENTS, NS, f"sixteen-{dataset}-rollout", {"status": {"readyReplicas": 1}},
-                                    subresource="status")
+        """Kueue creates the trainer's Workload and admits it; the operator scales the rollout service up with it
+        (gang admission) and the kubelet readies it."""
         await self.workload(dataset, condition("QuotaReserved", True, "QuotaReserved"),
                             condition("Admitted", True, "Admitted"))
         await self.api.patch_object(JOBS, NS, f"sixteen-{dataset}-trainer", {"spec": {"runPolicy": {"suspend": False}}})
         await self.job_status(dataset, condition("Running", reason="PyTorchJobRunning"))
+        rollout = f"sixteen-{dataset}-rollout"
+        await until(lambda: (self.api.get(DEPLOYMENTS, NS, rollout) or {}).get("spec", {}).get("replicas") == 1,
+                    f"{dataset} rollout scaled up with its admitted trainer")
+        await self.api.patch_object(DEPLOYMENTS, NS, rollout, {"status": {"readyReplicas": 1}}, subresource="status")
         # The trainer reports its progress into its run's status (ttrv/status_report.py's merge patch).
         await self.api.patch_object(RUNS, NS, f"sixteen-{dataset}", {"status": {
             "trainerProgress": json.dumps(PROGRESS[dataset])}}, subresource="status")
@@ -145,8 +147,6 @@ async def main() -> None:
         await demo.job_status("imagenet-a", condition("Running", False), condition("Succeeded",
                                                                                    reason="PyTorchJobSucceeded"))
         await until(lambda: api.get(DEPLOYMENTS, NS, "sixteen-caltech101-rollout"), "the fifth run")
-        await api.patch_object(DEPLOYMENTS, NS, "sixteen-caltech101-rollout", {"status": {"readyReplicas": 1}},
-                               subresource="status")
         await demo.workload("caltech101", condition("QuotaReserved", False, "Pending", QUOTA))
 
         await demo.job_status("imagenet-sketch", condition("Restarting", reason="PyTorchJobRestarting",

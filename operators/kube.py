@@ -40,6 +40,7 @@ KINDS = {
     "RoleBinding": Kind("rbac.authorization.k8s.io", "v1", "rolebindings"),
     "PyTorchJob": Kind("kubeflow.org", "v1", "pytorchjobs"),
     "TrainJob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+    "TrainingRuntime": Kind("trainer.kubeflow.org", "v1alpha1", "trainingruntimes"),  # a run's own (gang admission)
     # v1beta1 is served by every Kueue that has the pytorchjob integration (v0.15 still serves it next to v1beta2).
     "Workload": Kind("kueue.x-k8s.io", "v1beta1", "workloads"),
 }

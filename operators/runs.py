@@ -29,6 +29,13 @@ The rules, in the order they apply:
 5. The trainer waits for the rollout service: the PyTorchJob is created only once the rollout Deployment reports
    a ready replica. (Creating it suspended and unsuspending it later would make the operator a third writer of
    runPolicy.suspend, next to Kueue and the user's `suspend`; creating it late leaves suspend to them.)
+   Gang admission under Kueue (docs/operator.md): the rollout and the trainer are admitted and preempted as one.
+   A TrainJob's JobSet runs the rollout pod itself (ttrv.manifests.run_training_runtime: one Workload, `node`
+   started once `rollout` is Ready). A PyTorchJob is created at once, suspended, and its rollout Deployment, which
+   Kueue does not manage, runs only while Kueue has the PyTorchJob admitted (unsuspended and unfinished): scaled to
+   one on admission, to zero when Kueue suspends or preempts it or it ends; the run shows WaitingForRollout until
+   the rollout is ready. The rollout's GPUs are then outside Kueue's quota: the ClusterQueue must leave room for
+   them (docs/kubernetes.md).
 6. A suspended PyTorchJob under Kueue is Queued (never ran: waiting for quota) or Preempted (ran, then Kueue took
    the quota back); the reason comes from the Kueue Workload's conditions when the operator may read them.
 """
@@ -280,8 +287,13 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
                 suspend_job(True)
         return done("Suspended", "Suspended", f"the experiment is suspended; {resume_from} when it resumes")
 
+    # Gang admission of a PyTorchJob and its rollout Deployment (a TrainJob's JobSet carries its rollout itself):
+    # under Kueue the rollout runs only while Kueue has the trainer admitted, and gives its GPUs back whenever Kueue
+    # suspends or preempts the trainer, or the trainer ends.
+    gang = managed and kind == "PyTorchJob" and "Deployment" in desired
+    admitted = job is not None and not suspended(job) and not finished(job)
     if "Deployment" in desired:
-        scale_rollout(1)
+        scale_rollout(1 if admitted or not gang else 0)
     restarts = int(previous.get("restarts") or 0)
     limit = spec.scheduling.backoff_limit
 
@@ -336,9 +348,10 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
                     f"the training operator is restarting the trainer (restart {restarts} of {limit}); "
                     f"{resume_from}", **updates)
 
-    # 5. No trainer yet: it waits for the rollout service.
+    # 5. No trainer yet: it waits for the rollout service (under Kueue a PyTorchJob does not: its rollout waits for
+    # its admission instead).
     if job is None:
-        if "Deployment" in desired and not rollout_ready(deployment):
+        if "Deployment" in desired and not gang and not rollout_ready(deployment):
             ready = (deployment or {}).get("status", {}).get("readyReplicas", 0) or 0
             return done("Queued", "WaitingForRollout",
                         f"rollout service {desired['Deployment']['metadata']['name']} has {ready} of 1 replicas "
@@ -358,9 +371,18 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
         reason, message = kueue_pending(o.workload, spec.scheduling.queue_name, kind, job, o.now)
         return done("Queued", reason, message)
 
+    # (A rollout restarting under a running trainer leaves the run Running: the trainer rides it out.)
+    if gang and not rollout_ready(deployment) and previous.get("phase") != "Running":
+        ready = (deployment or {}).get("status", {}).get("readyReplicas", 0) or 0
+        return done("Queued", "WaitingForRollout",
+                    f"{kind} {job_name} is admitted; rollout service {desired['Deployment']['metadata']['name']} "
+                    f"has {ready} of 1 replicas ready (the trainer waits for it)")
     if running(job):
         started = previous.get("startTime") or job.get("status", {}).get("startTime") or rfc3339(o.now)
         return done("Running", "TrainerRunning", f"{kind} {job_name} is running", startTime=started)
+    if "TrainingRuntime" in desired:  # the JobSet starts `node` once its `rollout` job is Ready (dependsOn)
+        return done("Queued", "WaitingForRollout", f"{kind} {job_name} is admitted; its JobSet starts the trainer "
+                    "once its rollout job is ready")
     return done("Queued", "WaitingForPods", f"{kind} {job_name} is admitted; waiting for its pods to start")
 
 

@@ -19,7 +19,9 @@ from ttrv.labels import REPLICA_TYPE_LABEL
 from ttrv.manifests import (
     TRAINER_CONTAINER,
     TRAINJOB_CONTAINER,
+    TRAINJOB_REPLICATED_JOB,
 )
+from ttrv.manifests.trainjob import ROLLOUT_BACKOFF_LIMIT, ROLLOUT_REPLICATED_JOB
 
 TRAINER = "PyTorchJob"  # the v1 kind; TRAINER_KINDS names both
 # A PyTorchJob Failed condition without an exit code: the operator's own limits, which a retry may clear
@@ -56,8 +58,10 @@ def running(job: Mapping) -> bool:
     unsuspended with a ready child Job (status.jobsStatus[].ready counts Jobs whose pods are all ready or done)."""
     if trainer_kind(job) != "TrainJob":
         return is_true(job.get("status", {}).get("conditions"), "Running")
+    # Only `node` counts: a run's JobSet may run its rollout job too (gang admission), ready before `node` starts.
     return not suspended(job) and not finished(job) and any(
-        (entry.get("ready") or 0) > 0 for entry in job.get("status", {}).get("jobsStatus") or [])
+        (entry.get("ready") or 0) > 0 for entry in job.get("status", {}).get("jobsStatus") or []
+        if entry.get("name", TRAINJOB_REPLICATED_JOB) == TRAINJOB_REPLICATED_JOB)
 
 
 
@@ -105,6 +109,16 @@ def trainer_failure(job: Mapping, pods: Sequence[Mapping]) -> Failure:
     if exit_ is not None:
         return Failure(not exitcodes.is_retryable(exit_.code), exit_.code, exit_.describe(),
                         failed.get("lastTransitionTime"))
+    if trainer_kind(job) == "TrainJob" and any(
+            entry.get("name") == ROLLOUT_REPLICATED_JOB and (entry.get("failed") or 0) > 0
+            for entry in job.get("status", {}).get("jobsStatus") or []):
+        # The run's rollout job (gang admission: ttrv.manifests.run_training_runtime) failed its pod's restarts,
+        # and any failed Job fails the JobSet ("jobset failed due to one or more job failures", jobset
+        # pkg/constants/constants.go FailedJobsMessage): the rollout service kept dying, retryable as the trainer's
+        # ROLLOUT_UNAVAILABLE exit is.
+        return Failure(False, None, f"the rollout service's pod kept failing (its Job's backoffLimit, "
+                       f"{ROLLOUT_BACKOFF_LIMIT} restarts; its pod's log says why): {message}".rstrip(": "),
+                       failed.get("lastTransitionTime"))
     retryable = any(marker in message for marker in _RETRYABLE_FAILURE_MARKERS)
     return Failure(not retryable, None, f"an unknown exit code ({message})" if message else "an unknown exit code",
                     failed.get("lastTransitionTime"))

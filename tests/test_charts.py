@@ -117,6 +117,7 @@ RESOURCES = {
     "ServiceAccount": ("", "serviceaccounts"),
     "Role": ("rbac.authorization.k8s.io", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
+    "TrainingRuntime": ("trainer.kubeflow.org", "trainingruntimes"),  # a run's own, with its rollout (gang)
 }
 MANAGE = {"get", "list", "watch", "create", "patch", "delete"}
 READ = {"get", "list", "watch"}

@@ -249,12 +249,16 @@ def test_network_policy_admits_only_this_runs_trainers_on_the_http_port():
 
 def test_kueue_queue_labels_and_suspends():
     queued = children(experiment(**SERVICE | {"scheduling": {"queueName": "gpu-a"}}))
-    for kind in ("PyTorchJob", "Deployment"):
-        assert queued[kind]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-a"
+    assert queued["PyTorchJob"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-a"
     assert queued["PyTorchJob"]["spec"]["runPolicy"]["suspend"] is True
+    # Gang admission: the rollout is never a Workload of its own; it starts at zero and runs only while Kueue has
+    # the trainer admitted (the operator scales it).
+    assert "kueue.x-k8s.io/queue-name" not in queued["Deployment"]["metadata"]["labels"]
+    assert queued["Deployment"]["spec"]["replicas"] == 0
     plain = children(experiment(**SERVICE))
     for kind in ("PyTorchJob", "Deployment"):
         assert "kueue.x-k8s.io/queue-name" not in plain[kind]["metadata"]["labels"]
+    assert plain["Deployment"]["spec"]["replicas"] == 1
 
 
 def test_suspended_experiment_suspends_the_trainer_and_scales_the_rollout_to_zero():
@@ -461,7 +465,8 @@ def test_trainjob_pod_is_the_pytorchjob_pod(overrides):
     TrainJob's patches has the PyTorchJob master's command, env, mounts, volumes, resources, placement, labels and
     security; only the container's name (Kubeflow's `node`) and the launcher's port differ."""
     spec = experiment(**overrides)
-    pod = trainjob_pod_template(trainjob_children(spec)["TrainJob"], training_runtime())
+    kids = trainjob_children(spec)
+    pod = trainjob_pod_template(kids["TrainJob"], kids.get("TrainingRuntime") or training_runtime())
     master = children(spec)["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     ours, theirs = pod["spec"]["containers"][0], master["spec"]["containers"][0]
     assert ours["name"] == "node" and theirs["name"] == "pytorch"
@@ -483,10 +488,13 @@ def test_trainjob_pod_is_the_pytorchjob_pod(overrides):
 
 
 def test_trainjob_shape():
-    job = trainjob_children(experiment(**SERVICE | GPU8))["TrainJob"]
+    job = trainjob_children(experiment(**GPU8))["TrainJob"]
     assert job["metadata"]["name"] == "exp-mmmu-trainer"
     assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                                          "name": "ttrv-trainer"}
+    # A run with a rollout service references its own runtime, which carries the rollout (gang admission).
+    assert trainjob_children(experiment(**SERVICE | GPU8))["TrainJob"]["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": "exp-mmmu-runtime"}
     trainer = job["spec"]["trainer"]
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (3, 8)
     assert trainer["command"] == ["ttrv", "train", "--spec", "/etc/ttrv/run.yaml"]
@@ -502,7 +510,7 @@ def test_trainjob_shape():
 
 
 def test_trainjob_kueue_label_suspend_and_namespaced_runtime():
-    spec = experiment(**SERVICE | {"scheduling": {"queueName": "team-q"}})
+    spec = experiment(scheduling={"queueName": "team-q"})
     job = trainjob_children(spec, runtime=RuntimeRef("TrainingRuntime", "team-runtime"))["TrainJob"]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-q"
     assert job["spec"]["suspend"] is True
@@ -550,3 +558,75 @@ def test_render_examples_with_each_trainer_api(example, api):
 def test_an_example_uses_trainjob():
     apis = {load_experiment(path)[1].scheduling.trainer_api for path in (ROOT / "examples").glob("experiment-*.yaml")}
     assert "trainjob" in apis
+
+
+# --- gang admission: a TrainJob's JobSet carries the rollout --------------------------------------------------------
+
+def test_a_trainjob_run_with_a_rollout_service_carries_the_rollout_in_its_own_runtime():
+    """The rollout pod is a replicated job of the run's TrainingRuntime, ahead of `node`, which starts once it is
+    Ready (JobSet dependsOn); Kueue makes one pod set of each (one Workload), and the JobSet succeeds when `node`
+    has. No Deployment: its GPUs would be admitted apart from the trainer's."""
+    spec = experiment(**SERVICE | GPU8 | {"scheduling": {"queueName": "team-q"}})
+    kids = trainjob_children(spec)
+    assert list(kids) == ["ConfigMap", "Service", "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding",
+                          "TrainingRuntime", "TrainJob"]
+    runtime = kids["TrainingRuntime"]
+    validate_object(runtime)
+    assert (runtime["metadata"]["name"], runtime["metadata"]["namespace"]) == ("exp-mmmu-runtime", "team-a")
+    assert runtime["metadata"]["ownerReferences"][0]["kind"] == "AdaptationRun"
+    assert "kueue.x-k8s.io/queue-name" not in runtime["metadata"]["labels"]  # the TrainJob carries it
+    jobset = runtime["spec"]["template"]["spec"]
+    rollout, node = jobset["replicatedJobs"]
+    assert (rollout["name"], rollout["replicas"], node["name"]) == ("rollout", 1, "node")
+    assert "dependsOn" not in rollout and node["dependsOn"] == [{"name": "rollout", "status": "Ready"}]
+    assert jobset["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["node"]}
+    # Kubeflow Trainer configures only the job labelled as the trainer ancestor.
+    assert "trainer.kubeflow.org/trainjob-ancestor-step" not in rollout["template"]["metadata"]["labels"]
+    assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    assert runtime["spec"]["mlPolicy"]["numNodes"] == 3
+    # The rollout pod is the PyTorchJob path's Deployment pod, restarted in place as a Job's pod may be.
+    pod = rollout["template"]["spec"]["template"]
+    deployment_pod = children(spec)["Deployment"]["spec"]["template"]
+    assert pod["spec"]["restartPolicy"] == "OnFailure"
+    assert {k: v for k, v in pod["spec"].items() if k != "restartPolicy"} == deployment_pod["spec"]
+    assert pod["metadata"] == deployment_pod["metadata"]
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    # ... so the run's Service and NetworkPolicy select it as they select the Deployment's pod.
+    assert is_pod_selected(kids["Service"]["spec"]["selector"], pod)
+    assert is_pod_selected(kids["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"], pod)
+    assert kids["TrainJob"]["spec"]["runtimeRef"]["name"] == "exp-mmmu-runtime"
+    for where, template in pod_templates(runtime):
+        assert security_problems(where, template) == []
+    # Without a rollout service there is nothing to gang: the shared runtime, as before.
+    assert "TrainingRuntime" not in trainjob_children(experiment())
+
+
+def test_the_jobset_trainer_builds_from_a_runs_runtime_validates_against_jobsets_crd():
+    """The JobSet Kubeflow Trainer makes of the run's TrainingRuntime (its template, `node` as the TrainJob makes it,
+    suspended, owned by the TrainJob: plugins/jobset/jobset.go Build) against JobSet's own CRD
+    (../shared/k8s-crds): dependsOn and successPolicy are JobSet's fields, as JobSet spells them."""
+    import copy
+
+    import jsonschema
+    from k8s_util import openapi_to_jsonschema
+
+    crd_path = ROOT.parent / "shared" / "k8s-crds" / "jobset.x-k8s.io_jobsets.yaml"
+    if not crd_path.exists():
+        pytest.skip(f"{crd_path} is not here")
+    kids = trainjob_children(experiment(**SERVICE | GPU8 | {"scheduling": {"queueName": "team-q"}}))
+    runtime, job = kids["TrainingRuntime"], kids["TrainJob"]
+    spec = copy.deepcopy(runtime["spec"]["template"]["spec"])
+    for replicated in spec["replicatedJobs"]:
+        if replicated["name"] == "node":
+            replicated["template"]["spec"]["template"] = trainjob_pod_template(job, runtime)
+            replicated["template"]["spec"]["parallelism"] = replicated["template"]["spec"]["completions"] = \
+                job["spec"]["trainer"]["numNodes"]
+    jobset = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+              "metadata": {"name": job["metadata"]["name"], "namespace": "team-a"},
+              "spec": spec | {"suspend": True}}
+    schema = openapi_to_jsonschema(yaml.safe_load(crd_path.read_text())["spec"]["versions"][0]["schema"]
+                                   ["openAPIV3Schema"])
+    schema["properties"]["metadata"].pop("additionalProperties", None)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft4Validator(schema).iter_errors(jobset))
+    assert error is None, f"{'.'.join(map(str, error.absolute_path))}: {error.message}"
+    assert [j["name"] for j in spec["replicatedJobs"]] == ["rollout", "node"]  # dependsOn: never the first job

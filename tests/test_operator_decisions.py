@@ -494,6 +494,70 @@ def test_kueue_preemption_is_reported_and_nothing_is_reset():
     assert readmitted.status["phase"] == "Running"
 
 
+def rollout_patches(plan) -> list[dict]:
+    return [a.body for a in plan.actions if (a.verb, a.kind) == ("patch", "Deployment")]
+
+
+def test_under_kueue_a_pytorchjob_rollout_runs_only_while_its_trainer_is_admitted():
+    """Gang admission with a PyTorchJob: the trainer is created at once (suspended) with no rollout running; the
+    rollout scales to one when Kueue unsuspends the trainer and back to zero when Kueue suspends it again or it ends."""
+    run = run_case(spec_document(**SERVICE, **KUEUE), phase="Queued")
+    first = decide(run, settled=False, kueue=True)
+    assert verbs(first) == [("create", kind) for kind in
+                            ("ConfigMap", "Deployment", "Service", "NetworkPolicy", "ServiceAccount", "Role",
+                             "RoleBinding", "PyTorchJob")]
+    rollout = first.actions[1].body
+    assert rollout["spec"]["replicas"] == 0 and "kueue.x-k8s.io/queue-name" not in rollout["metadata"]["labels"]
+    held = decide(run, deployment(run, replicas=0), job(run, suspend=True), kueue=True)
+    assert verbs(held) == [] and held.status["phase"] == "Queued"
+    admitted = decide(run, deployment(run, replicas=0), job(run, running()), kueue=True)
+    assert rollout_patches(admitted) == [{"spec": {"replicas": 1}}]
+    assert (admitted.status["phase"], admitted.status["reason"]) == ("Queued", "WaitingForRollout")
+    assert "is admitted; rollout service exp-mmmu-rollout has 0 of 1 replicas ready" in admitted.status["message"]
+    serving = decide(run, deployment(run, ready=1), job(run, running()), kueue=True)
+    assert verbs(serving) == [] and serving.status["phase"] == "Running"
+    running_run = run | {"status": serving.status}
+    # a rollout restarting under a running trainer does not make the run Queued again
+    assert decide(running_run, deployment(run, ready=0), job(run, running()), kueue=True).status["phase"] == "Running"
+    preempted = decide(running_run, deployment(run, ready=1), job(run, cond("Running", False, "PyTorchJobSuspended"),
+                                                                  suspend=True), kueue=True)
+    assert rollout_patches(preempted) == [{"spec": {"replicas": 0}}]
+    assert preempted.status["phase"] == "Preempted"
+    done = decide(running_run, deployment(run, ready=1), job(run, succeeded()), kueue=True)
+    assert rollout_patches(done) == [{"spec": {"replicas": 0}}] and done.status["phase"] == "Succeeded"
+
+
+def test_a_trainjob_run_creates_its_runtime_with_the_rollout_and_its_trainer_at_once():
+    """Gang admission with a TrainJob: no Deployment to wait for; the run's TrainingRuntime (carrying the rollout job)
+    is created before the TrainJob that references it."""
+    run = run_case(spec_document(**SERVICE, **KUEUE))
+    first = decide(run, settled=False, kueue=True, trainer_apis=frozenset({"trainjob"}))
+    assert verbs(first) == [("create", kind) for kind in ("ConfigMap", "Service", "NetworkPolicy", "ServiceAccount",
+                                                          "Role", "RoleBinding", "TrainingRuntime", "TrainJob")]
+    assert first.actions[-1].body["spec"]["runtimeRef"]["name"] == first.actions[-2].body["metadata"]["name"]
+    assert (first.status["phase"], first.status["reason"]) == ("Queued", "TrainerCreated")
+
+
+def test_a_trainjob_whose_rollout_job_failed_is_retried():
+    """A rollout that keeps crashing fails its Job, hence the JobSet and the TrainJob, with no trainer exit code:
+    retryable, as the trainer's own ROLLOUT_UNAVAILABLE exit is (a new TrainJob after the backoff)."""
+    run = run_case(spec_document(**SERVICE), phase="Running")
+    failed = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+              "metadata": {"name": "exp-mmmu-trainer", "namespace": "team-a", "uid": "tj-1"},
+              "spec": {"suspend": False},
+              "status": {"conditions": [cond("Failed", reason="FailedJobs",
+                                             message="jobset failed due to one or more job failures")],
+                         "jobsStatus": [{"name": "rollout", "failed": 1, "ready": 0},
+                                        {"name": "node", "failed": 0, "ready": 0, "active": 1}]}}
+    plan = decide(run, failed, trainer_apis=frozenset({"trainjob"}))
+    assert (plan.status["phase"], plan.status["reason"], plan.status["restarts"]) == ("Queued", "Retrying", 1)
+    assert [v for v in verbs(plan) if v[1] == "TrainJob"] == [("delete", "TrainJob")]  # a new one follows
+    assert any("the rollout service's pod kept failing" in e.message for e in plan.events if e.reason == "TrainerRetry")
+    ordinary = failed | {"status": failed["status"] | {"jobsStatus": [{"name": "rollout", "failed": 0},
+                                                                      {"name": "node", "failed": 1}]}}
+    assert decide(run, ordinary, trainer_apis=frozenset({"trainjob"})).status["phase"] == "Failed"  # no exit code
+
+
 def test_kueue_off_in_the_operator_ignores_the_queue():
     run = run_case(spec_document(**KUEUE))
     trainer = decide(run, kueue=False).actions[-1].body

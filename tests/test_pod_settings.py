@@ -90,7 +90,10 @@ def volume(pod: dict, name: str) -> dict:
 def test_every_pod_setting_reaches_every_pod(api):
     kids = objects(SETTINGS, api)
     trainers = trainer_pods(kids)
-    rollout = pod_templates(kids["Deployment"])
+    # A TrainJob run's rollout pod is its runtime's `rollout` job (gang admission), a PyTorchJob run's a Deployment.
+    rollout = pod_templates(kids["Deployment"]) if "Deployment" in kids else \
+        [(where, t) for where, t in pod_templates(kids["TrainingRuntime"]) if where.endswith("/rollout")]
+    assert len(rollout) == 1
     assert len(trainers) == (1 if api == "trainjob" else 2)  # TrainJob: one template for every node
     for where, template in trainers + rollout:
         pod, (container,) = template["spec"], template["spec"]["containers"]

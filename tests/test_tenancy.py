@@ -199,8 +199,11 @@ def test_trainer_may_patch_only_its_own_runs_status(trainer_api):
         (container,) = pod["containers"]
         assert {"name": volume["name"], "mountPath": STATUS_TOKEN_DIR, "readOnly": True} in container["volumeMounts"]
     assert {"name": "TTRV_RUN_NAME", "value": run} in env
-    # The rollout service calls no API: no account of its own, no token.
-    (_, rollout), = pod_templates(objects["Deployment"])
+    # The rollout service calls no API: no account of its own, no token. (With a TrainJob it is the run's
+    # runtime's `rollout` job, ttrv/manifests/trainjob.py run_training_runtime.)
+    (_, rollout), = [(where, template) for where, template in
+                     pod_templates(objects["TrainingRuntime" if trainer_api == "trainjob" else "Deployment"])
+                     if template["metadata"]["labels"]["app.kubernetes.io/component"] == "rollout"]
     assert "serviceAccountName" not in rollout["spec"] and rollout["spec"]["automountServiceAccountToken"] is False
     assert not any("projected" in v for v in rollout["spec"]["volumes"])
 

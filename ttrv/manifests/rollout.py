@@ -20,7 +20,8 @@ from ttrv.manifests.common import (
 )
 
 
-def _rollout_deployment(ctx: _Context) -> dict:
+def _rollout_pod_template(ctx: _Context) -> dict:
+    """The rollout pod (`ttrv serve`), as the Deployment or the TrainJob's JobSet runs it."""
     run = ctx.spec.run
     gpus = run.resources.rollout_gpus
     image = ctx.spec.image
@@ -39,21 +40,31 @@ def _rollout_deployment(ctx: _Context) -> dict:
         readinessProbe=probe | {"failureThreshold": 3},
         livenessProbe=probe | {"failureThreshold": 6},
     )
+    return {"metadata": ctx.pod_metadata(ROLLOUT), "spec": _pod_spec(ctx, container, gpus)}
+
+
+def _rollout_deployment(ctx: _Context) -> dict:
+    """The rollout service of a run whose trainer is a PyTorchJob (a TrainJob's runs in its JobSet:
+    trainjob.run_training_runtime).
+
+    Gang admission (docs/operator.md): under Kueue the Deployment carries no queue label, so Kueue's deployment
+    integration never admits it apart from its trainer, and it starts at zero replicas: the operator scales it to one
+    only while Kueue has the PyTorchJob admitted (unsuspended) and back to zero whenever Kueue suspends or preempts
+    it (operators/runs.py). A PyTorchJob's Workload cannot hold the rollout's GPUs: Kueue builds a job's pod sets
+    from its own replica templates (Master, Worker), and a prebuilt Workload with another pod set is finished as
+    out of sync (kueue pkg/controller/jobframework/reconciler.go ensurePrebuiltWorkloadInSync)."""
     selector = ctx.selector(ROLLOUT)
+    managed = bool(ctx.spec.scheduling.queue_name)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        # Kueue (deployment integration) reads the queue label on the Deployment and copies it to the pods.
-        "metadata": ctx.metadata(ctx.rollout_name, ROLLOUT, ctx.queue_labels),
+        "metadata": ctx.metadata(ctx.rollout_name, ROLLOUT),
         "spec": {
-            "replicas": 0 if ctx.spec.suspend else 1,
+            "replicas": 0 if ctx.spec.suspend or managed else 1,
             "selector": {"matchLabels": selector},
             # A rolling update would hold a second set of GPUs; the trainer waits out the restart instead.
             "strategy": {"type": "Recreate"},
-            "template": {
-                "metadata": ctx.pod_metadata(ROLLOUT),
-                "spec": _pod_spec(ctx, container, gpus),
-            },
+            "template": _rollout_pod_template(ctx),
         },
     }
 

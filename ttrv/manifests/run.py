@@ -26,7 +26,7 @@ from ttrv.manifests.common import (
 )
 from ttrv.manifests.pytorchjob import _trainer_job
 from ttrv.manifests.rollout import _rollout_deployment, _rollout_network_policy, _rollout_service
-from ttrv.manifests.trainjob import _train_job
+from ttrv.manifests.trainjob import _train_job, run_training_runtime
 from ttrv.spec import (
     AdaptationRunSpec,
     ExperimentSpec,
@@ -89,7 +89,8 @@ def check_names(objects: list[Mapping]) -> list[Mapping]:
 
 
 def run_children(run: Mapping, trainer_api: str = PYTORCHJOB, runtime: RuntimeRef | None = None) -> list[dict]:
-    """Every object an AdaptationRun owns; the rollout service only when the run samples from one.
+    """Every object an AdaptationRun owns; the rollout service only when the run samples from one (with a TrainJob,
+    the rollout pod runs in the TrainJob's JobSet, from the run's own TrainingRuntime, not in a Deployment).
 
     `run` is the AdaptationRun as a mapping: a dict, or the body kopf hands to a handler. `trainer_api` (trainjob
     or pytorchjob, already resolved: see resolve_trainer_api) picks the trainer's kind; a TrainJob references
@@ -101,10 +102,16 @@ def run_children(run: Mapping, trainer_api: str = PYTORCHJOB, runtime: RuntimeRe
     spec = parse_spec(document, AdaptationRunSpec, f"AdaptationRun {name}: spec")
     ctx = _Context(run, spec)
     children = [_spec_config_map(ctx)]
-    if spec.run.rollout.backend == "service":
-        children += [_rollout_deployment(ctx), _rollout_service(ctx), _rollout_network_policy(ctx)]
+    service = spec.run.rollout.backend == "service"
+    if service:
+        # Gang admission: a TrainJob's JobSet runs the rollout pod (run_training_runtime), a PyTorchJob's rollout
+        # is a Deployment that runs only while Kueue has the trainer admitted (operators/runs.py).
+        children += ([] if trainer_api == TRAINJOB else [_rollout_deployment(ctx)]) + \
+            [_rollout_service(ctx), _rollout_network_policy(ctx)]
     children += progress_access(ctx)
     if trainer_api == TRAINJOB:
+        if service:
+            children.append(run_training_runtime(ctx))
         children.append(_train_job(ctx, runtime or RuntimeRef()))
     elif trainer_api == PYTORCHJOB:
         children.append(_trainer_job(ctx))

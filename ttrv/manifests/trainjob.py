@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from ttrv.labels import (
+    COMPONENT_LABEL,
+    ROLLOUT,
     TRAINER,
 )
 from ttrv.manifests.access import status_env, status_mount, status_volume, trainer_service_account
@@ -79,7 +81,8 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
     The torch plugin sets PET_NNODES (numNodes), PET_NPROC_PER_NODE (numProcPerNode), PET_NODE_RANK (the Job's
     completion index), PET_MASTER_ADDR (<trainjob>-node-0-0.<trainjob>) and PET_MASTER_PORT (29500) in the
     container named `node` (kubeflow/trainer pkg/runtime/framework/plugins/torch/torch.go EnforceMLPolicy), which
-    `ttrv train`'s launcher reads as it does under the v1 training operator. Env for the `node` container may only
+    `ttrv train`'s launcher reads as it does under the v1 training operator. A run that samples from a rollout
+    service references its own TrainingRuntime (run_training_runtime), whose JobSet runs the rollout beside `node`. Env for the `node` container may only
     come through spec.trainer.env: the webhook refuses it in a runtime patch (plugins/jobset/jobset.go Validate).
     Kubeflow merges ttrv's patch into the runtime's JobSet template with a strategic merge patch (volumes and
     containers by name, volumeMounts by mountPath; pkg/runtime/core/trainingruntime.go mergeRuntimePatches).
@@ -126,6 +129,8 @@ def _train_job(ctx: _Context, runtime: RuntimeRef) -> dict:
             }}},
         }]}}},
     }
+    if ctx.spec.run.rollout.backend == "service":  # the run's own runtime, with its rollout job (gang admission)
+        runtime = RuntimeRef("TrainingRuntime", run_runtime_name(ctx.name))
     job = {
         "apiVersion": TRAINER_API_VERSION,
         "kind": "TrainJob",
@@ -216,3 +221,84 @@ def training_runtime(kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] 
     model = "TrainerV1alpha1ClusterTrainingRuntime" if kind == "ClusterTrainingRuntime" else \
         "TrainerV1alpha1TrainingRuntime"
     return _typed(model, runtime)
+
+
+# --- gang admission: the rollout in the trainer's JobSet -----------------------------------------------------------
+
+ROLLOUT_REPLICATED_JOB = "rollout"
+# The rollout container restarts in place (restartPolicy OnFailure, as a Deployment would restart it) up to this
+# many times before its Job, and with it the JobSet and the TrainJob, fail.
+ROLLOUT_BACKOFF_LIMIT = 6
+
+
+def run_runtime_name(run: str) -> str:
+    return f"{run}-runtime"
+
+
+def run_training_runtime(ctx: _Context) -> dict:
+    """The namespaced TrainingRuntime of one run that samples from a rollout service: ttrv's runtime
+    (training_runtime) with the run's rollout pod as a second replicated job, `rollout`, ahead of `node`. Owned by
+    the run; the run's TrainJobs reference it.
+
+    Why a runtime per run: a TrainJob's runtimePatches cannot set a container's image, command or resources
+    (kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go ContainerPatch: name, env, volumeMounts,
+    securityContext), and spec.trainer reaches only the `node` container, so the rollout pod, whose image and GPUs
+    are the run's, must be in the runtime itself.
+
+    What this buys, each verified upstream:
+    - One Kueue Workload, one pod set per replicated job (kueue pkg/controller/jobs/trainjob/trainjob_controller.go
+      PodSets builds the JobSet from the runtime and hands it to jobs/jobset/jobset_controller.go PodSets): Kueue
+      admits and preempts the rollout's GPUs and the trainer's together, and a preempted TrainJob suspends its
+      JobSet, whose Jobs' pods all go.
+    - `node` starts only once the rollout pod is ready: JobSet's dependsOn (jobset api/jobset/v1alpha2/jobset_types.go
+      DependsOn, status Ready: ready + succeeded + failed Jobs equal the replicas; pkg/controllers/depends_on.go).
+      The first replicated job may not depend on anything, hence `rollout` first.
+    - The JobSet succeeds when `node` has: successPolicy All over targetReplicatedJobs [node] (the rollout serves
+      until it is stopped, so the default policy, every Job complete, would never be met), and a finished JobSet
+      deletes its still-active Jobs, the rollout's (pkg/controllers/jobset_controller.go reconcile: jobSetFinished
+      then deleteJobs).
+    - Kubeflow Trainer leaves a replicated job without the trainjob-ancestor-step label alone: its builder sets the
+      image, command, env and resourcesPerNode only on the `node` container of the `trainer` ancestor
+      (pkg/runtime/framework/plugins/jobset/builder.go Trainer), numNodes only on that job's pod count
+      (pkg/runtime/core/trainingruntime.go newRuntimeInfo), the torch plugin's PET_* only in that container
+      (plugins/torch/torch.go EnforceMLPolicy), and the runtime webhook checks only jobs with an ancestor label
+      (pkg/webhooks/trainingruntime_webhook.go validateReplicatedJobs). Kubeflow's own torch-distributed-with-cache
+      runtime runs a second job the same way (manifests/base/runtimes/data-cache/torch_distributed_with_cache.yaml).
+    - The trainer reaches the rollout through the run's rollout Service, which selects the rollout pod by its labels
+      wherever it runs (TTRV_ROLLOUT_URL unchanged); the NetworkPolicy likewise.
+
+    Order: Trainer's webhook refuses a TrainJob whose runtime its cache does not hold ("specified trainingRuntime
+    must be created before the TrainJob is created", pkg/runtime/core/trainingruntime.go ValidateObjects); the
+    operator creates the runtime ahead of the TrainJob (run_children's order), and a refusal in the moment between
+    is retried with the reconcile (operators/ttrv_operator.py _handle).
+
+    Differences from the PyTorchJob path: a rollout container that keeps failing fails the JobSet after
+    ROLLOUT_BACKOFF_LIMIT restarts (no failurePolicy: any failed Job fails the JobSet), so the TrainJob fails whole
+    and the run takes the retry path of a failed trainer; a Deployment would restart it for ever.
+    """
+    from ttrv.manifests.rollout import _rollout_pod_template
+
+    runtime = training_runtime("TrainingRuntime", run_runtime_name(ctx.name), ctx.namespace, ctx.spec.image.trainer,
+                               ctx.spec.image.pull_policy)
+    rollout_pod = _rollout_pod_template(ctx)
+    # A Job's pods restart OnFailure or Never; OnFailure restarts `ttrv serve` in place as the Deployment would.
+    rollout_pod["spec"]["restartPolicy"] = "OnFailure"
+    jobset = runtime["spec"]["template"]["spec"]
+    node = jobset["replicatedJobs"][0]
+    node["dependsOn"] = [{"name": ROLLOUT_REPLICATED_JOB, "status": "Ready"}]
+    # The run's trainer pods, labelled here as in the TrainJob's patch: the runtime is this run's alone.
+    node["template"]["spec"]["template"]["metadata"] = ctx.pod_metadata(TRAINER)
+    jobset["replicatedJobs"] = [{
+        "name": ROLLOUT_REPLICATED_JOB,
+        "replicas": 1,
+        "template": {
+            # No trainjob-ancestor-step label: Kubeflow Trainer leaves this job as the runtime has it.
+            "metadata": {"labels": {COMPONENT_LABEL: ROLLOUT}},
+            "spec": {"backoffLimit": ROLLOUT_BACKOFF_LIMIT, "template": rollout_pod},
+        },
+    }, node]
+    jobset["successPolicy"] = {"operator": "All", "targetReplicatedJobs": [TRAINJOB_REPLICATED_JOB]}
+    runtime["spec"]["mlPolicy"]["numNodes"] = ctx.spec.run.resources.nodes
+    runtime["metadata"] = ctx.metadata(run_runtime_name(ctx.name), ROLLOUT) | {
+        "labels": ctx.labels(ROLLOUT) | runtime["metadata"]["labels"]}
+    return _typed("TrainerV1alpha1TrainingRuntime", runtime)
