@@ -169,3 +169,24 @@ def test_a_reader_downloads_each_base_once_and_still_checks_it_is_current(store)
     publish(store, 1, v1)  # the same tensors republished: another manifest, so not the base the deltas were built on
     with pytest.raises(CorruptVersionError, match="its base version 1 was replaced"):
         store.load_weights(2)
+
+
+def test_changed_positions_across_chunk_borders_on_threads_match_a_full_comparison(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ttrv.store import delta
+
+    monkeypatch.setattr(delta, "CHUNK", 1000)  # many chunks, positions on and next to their borders
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(10_007, generator=generator).bfloat16()
+    current = base.clone()
+    changed = torch.tensor([0, 1, 999, 1000, 1001, 4999, 5000, 10_006])
+    current[changed] += 1.0
+    current[7] = -0.0 if base[7] == 0 else 0.0  # equal as numbers, different bits: -0.0 vs +0.0 is a change
+    current[8] = -current[8]
+    expected = torch.nonzero(current.view(torch.int16) != base.view(torch.int16)).flatten().numpy()
+    with ThreadPoolExecutor(2) as pool:
+        found = delta.changed_positions(current.view(torch.int16).numpy(), base.view(torch.int16).numpy(), pool)
+    assert np.array_equal(found, expected) and found.dtype == np.int64
+    assert np.array_equal(delta.changed_positions(base.view(torch.int16).numpy(), base.view(torch.int16).numpy()),
+                          np.empty(0, dtype=np.int64))

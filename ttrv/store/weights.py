@@ -158,7 +158,8 @@ class Store(SetStore):
         current = self.read_manifest(weights_prefix(base.step))
         if current is None or current.digest != base.digest:  # gc'd, or republished by a resumed trainer
             return None
-        delta, size = encode_delta(base.tensors, {name: t.detach().to("cpu") for name, t in tensors.items()})
+        delta, size = encode_delta(base.tensors, {name: t.detach().to("cpu") for name, t in tensors.items()},
+                                   self._pool)
         full = sum(tensor_bytes(t) for t in tensors.values())
         logger.debug("weight_delta", step=step, base=base.step, delta_mb=round(size / 1e6, 2),
                      full_mb=round(full / 1e6, 2), share=round(size / max(full, 1), 4))
