@@ -302,6 +302,12 @@ class Store(SetStore):
 
     def load_weights(self, step: int) -> dict[str, torch.Tensor]:
         """Version `step`'s tensors on CPU, downloaded and verified in memory (views of the downloaded shards)."""
+        return self.read_weights(step)[1]
+
+    def read_weights(self, step: int) -> tuple[Manifest, dict[str, torch.Tensor]]:
+        """`load_weights` with the manifest the tensors were verified against (its `meta.kind`, its digest that
+        names these exact bytes). Nothing touches the disk: parallel ranged GETs land in one buffer per file, each
+        range is hashed (xxh3-128) as it arrives, and the tensors are views of the verified buffers."""
         prefix = weights_prefix(step)
         started = time.monotonic()
         with self.lease(step):
@@ -318,7 +324,7 @@ class Store(SetStore):
         for name in shards:
             tensors.update(parse_safetensors(buffers[name], f"{self.url}/{prefix}/{name}"))
         self._log_read(manifest, started, "memory")
-        return tensors
+        return manifest, tensors
 
     def _require_version(self, step: int) -> Manifest:
         """The manifest of weight version `step`, whose metadata agrees with its files as `publish_weights` writes
