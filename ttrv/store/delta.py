@@ -107,6 +107,16 @@ def apply_delta(tensors: dict[str, torch.Tensor], delta: Mapping[str, torch.Tens
     """Writes `delta` into the base `tensors` in place (bit-exact); returns the names of the changed tensors.
     Anything that does not fit the base (an unknown tensor, an index out of range, a count or dtype that
     disagrees) is refused as corrupt before any tensor is touched."""
+    plan = plan_delta(tensors, delta, where)
+    for name, selector, values in plan:
+        tensors[name].view(-1)[selector] = values
+    return [name for name, _, _ in plan]
+
+
+def plan_delta(tensors: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], where: str
+               ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(tensor name, flat int64 positions, values) for each tensor `delta` changes in the base `tensors`, every
+    part checked against the base (see `apply_delta`); nothing is written."""
     import torch
 
     plan: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -143,9 +153,7 @@ def apply_delta(tensors: dict[str, torch.Tensor], delta: Mapping[str, torch.Tens
         if not target.is_contiguous():
             raise CorruptVersionError(f"{where}: the base tensor {name[:80]!r} is not contiguous")
         plan.append((name, selector, values))
-    for name, selector, values in plan:
-        tensors[name].view(-1)[selector] = values
-    return [name for name, _, _ in plan]
+    return plan
 
 
 def delta_meta(meta: Mapping[str, Any]) -> dict[str, Any] | None:
