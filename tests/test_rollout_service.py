@@ -21,6 +21,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 from PIL import Image
 from rollout_util import (
     QUESTION,
@@ -356,6 +357,36 @@ def test_sync_agent_loads_the_newest_lora_version_merged(tmp_path, weights, prom
     assert assert_logprobs_match(adapters[3], hf, hf["batches"]["red"], samples) >= 8
     with pytest.raises(AssertionError):
         assert_logprobs_match(adapters[2], hf, hf["batches"]["red"], samples)
+
+
+def test_sync_agent_reads_versions_straight_into_the_engine_without_files(tmp_path, weights, hf, spec):
+    """In this process, as `ttrv serve` wires it: the Hugging Face engine takes each version's verified tensors from
+    the store's in-memory read (parallel ranged GETs into one buffer per shard); no file is written on the way, the
+    served weights are the published bits, and a corrupt version is still refused with the previous one serving."""
+    (tmp_path / "images").mkdir()
+    engine = HFServingEngine(spec, str(weights["A"]), tmp_path / "images")
+    engine.start()
+    try:
+        with open_store(f"{spec.storage.uri}-memory", retry_seconds=30) as memory_store:
+            tensors = language_tensors(hf["mixed"])
+            publish(memory_store, 1, tensors)
+            agent = SyncAgent(memory_store, engine.load, tmp_path / "weights", load_in_memory=engine.load_in_memory)
+            agent.cache_dir.mkdir()
+            assert agent.sync_once() is True and agent.version == 1
+            assert list(agent.cache_dir.iterdir()) == [] and agent.path is None
+            served = engine.engine.model.state_dict()
+            assert all(torch.equal(served[name], tensor) for name, tensor in tensors.items())
+
+            publish(memory_store, 2, language_tensors(hf["A"]))
+            prefix = weights_prefix(2)
+            shard = bytearray(memory_store._backend.get(f"{prefix}/model.safetensors"))
+            shard[len(shard) // 2] ^= 0x01
+            memory_store._backend.put(f"{prefix}/model.safetensors", bytes(shard))
+            assert agent.sync_once() is False
+            assert agent.version == 1 and "checksum" in agent.refused[2][1]
+            assert all(torch.equal(engine.engine.model.state_dict()[n], t) for n, t in tensors.items())
+    finally:
+        engine.close()
 
 
 def test_a_reload_waits_for_requests_in_flight_and_holds_back_new_ones():

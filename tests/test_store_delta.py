@@ -169,3 +169,67 @@ def test_a_reader_downloads_each_base_once_and_still_checks_it_is_current(store)
     publish(store, 1, v1)  # the same tensors republished: another manifest, so not the base the deltas were built on
     with pytest.raises(CorruptVersionError, match="its base version 1 was replaced"):
         store.load_weights(2)
+
+
+def test_changed_positions_across_chunk_borders_on_threads_match_a_full_comparison(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ttrv.store import delta
+
+    monkeypatch.setattr(delta, "CHUNK", 1000)  # many chunks, positions on and next to their borders
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(10_007, generator=generator).bfloat16()
+    current = base.clone()
+    changed = torch.tensor([0, 1, 999, 1000, 1001, 4999, 5000, 10_006])
+    current[changed] += 1.0
+    current[7] = -0.0 if base[7] == 0 else 0.0  # equal as numbers, different bits: -0.0 vs +0.0 is a change
+    current[8] = -current[8]
+    expected = torch.nonzero(current.view(torch.int16) != base.view(torch.int16)).flatten().numpy()
+    with ThreadPoolExecutor(2) as pool:
+        found = delta.changed_positions(current.view(torch.int16).numpy(), base.view(torch.int16).numpy(), pool)
+    assert np.array_equal(found, expected) and found.dtype == np.int64
+    assert np.array_equal(delta.changed_positions(base.view(torch.int16).numpy(), base.view(torch.int16).numpy()),
+                          np.empty(0, dtype=np.int64))
+
+
+def test_update_weights_writes_only_what_deltas_change_into_a_served_model(store):
+    """An engine's served tensors brought from version to version in place: a full version is copied in, then each
+    delta on it writes only its own elements and puts the base's values back where the previous delta had
+    changed them (v3 is built from v1, not v2), bit-exact; a version that does not fit is refused untouched."""
+    v1 = state()
+    publish(store, 1, v1, full_every=10)
+    target = {name: torch.empty_like(tensor) for name, tensor in v1.items()}
+    target["frozen.vision.weight"] = torch.full((4,), 7.0)  # the engine holds more than the version
+    storages = {name: tensor.data_ptr() for name, tensor in target.items()}
+    assert sorted(store.update_weights(1, target)) == sorted(v1)
+    assert_bit_exact({n: target[n] for n in v1}, v1)
+
+    # A value no delta touches, changed behind the store's back: only a full copy would overwrite it.
+    embed = "model.embed_tokens.weight"
+    versions = {2: step(v1, 2, 0.01), 3: step(v1, 3, 0.01), 4: step(v1, 4, 0.2)}
+    same = torch.ones(v1[embed].numel(), dtype=torch.bool)
+    for tensors in versions.values():
+        same &= tensors[embed].view(-1).view(torch.int16) == v1[embed].view(-1).view(torch.int16)
+    untouched = int(torch.nonzero(same)[0])
+    target[embed].view(-1)[untouched] = 1234.0
+    for version, tensors in versions.items():
+        assert publish(store, version, tensors, full_every=10).meta["delta"]["base"] == 1
+        changed = store.update_weights(version, target)
+        assert "model.layers.0.mlp.up_proj.weight" not in changed  # no delta changes it
+        assert target[embed].view(-1)[untouched] == 1234.0  # sparse: the elements outside the deltas are not rewritten
+        target[embed].view(-1)[untouched] = v1[embed].view(-1)[untouched]
+        assert_bit_exact({n: target[n] for n in v1}, tensors)
+        target[embed].view(-1)[untouched] = 1234.0
+    assert {name: tensor.data_ptr() for name, tensor in target.items()} == storages  # in place
+    assert bits(target["frozen.vision.weight"]) == bits(torch.full((4,), 7.0))
+
+    # Another target (a fresh engine) gets the whole version, rebuilt from its base.
+    fresh = {name: torch.zeros_like(tensor) for name, tensor in v1.items()}
+    store.update_weights(4, fresh)
+    assert_bit_exact(fresh, versions[4])
+    # A target that cannot take the version is refused before anything is written.
+    small = {name: torch.zeros_like(tensor) for name, tensor in v1.items()}
+    small[embed] = torch.zeros(3, 3).bfloat16()
+    with pytest.raises(StoreConfigError, match=r"target\['model.embed_tokens.weight'\]"):
+        store.update_weights(4, small)
+    assert all(not tensor.any() for name, tensor in small.items() if name != "model.norm.weight")

@@ -7,8 +7,9 @@ One step, for a batch of unlabeled prompts (verl's `fit()` story, each phase tim
     reward    extract answers, vote rewards r_j = count(a_j)/N - w H_norm (ttrv.reward)
     ref       log-probs of the trained group (first G samples) under the frozen base, for the KL term
     update    GRPO advantages (ttrv.grpo) and a clipped policy-gradient step (DeepSpeed)
-    publish   rank 0 writes weight version k+1 to the store (manifest last)
-    sync      the rollout engine loads version k+1 before the next step
+    publish   rank 0 writes weight version k+1 to the store (manifest last); with rollout.maxStaleness >= 1 on a
+              background thread, overlapping the next step's sampling (`WeightPublisher`)
+    sync      the rollout engine loads version k+1 (with maxStaleness 1: at least version k) before the next step
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -292,8 +294,14 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
     progress = _progress_bar(ctx.total_steps, state.step, ctx.world)
     if ctx.world.is_main:
         write_progress(ctx, state, ADAPTING)
+    publisher = WeightPublisher(ctx)
     with ctx.preemption.deferred_to_step_end():
-        guard_fired_at = _steps(ctx, state, guard, early_stop, progress, metrics, probe)
+        try:
+            guard_fired_at = _steps(ctx, state, guard, early_stop, progress, metrics, probe, publisher)
+        except BaseException:
+            publisher.close()  # the run fails with its own error; a failed background publish is logged
+            raise
+        publisher.finish()
     progress.close()
     rollback = None
     if guard_fired_at is not None:
@@ -306,7 +314,7 @@ def adapt(ctx: RunContext, state: RunState, metrics=None, probe=None) -> dict:
 
 
 def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, early_stop: EarlyStop, progress, metrics,
-           probe) -> int | None:
+           probe, publisher: WeightPublisher) -> int | None:
     """adapt's steps, until the epochs are done, the guard fires (its step is returned), the budget is spent or
     early stopping stops the run (`state.stop` says which)."""
     spec = ctx.spec
@@ -317,19 +325,7 @@ def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, early_stop: E
         timer = StepTimer()
         step_metrics = adaptation_step(ctx, state.step + 1, batch, timer)
         version = state.step + 1
-        with timer.phase("publish"):
-            tensors = ctx.learner.trainable_state()  # every rank: a collective under ZeRO-3; rank 0 gets them
-            if ctx.world.is_main:
-                ctx.store.publish_weights(version, tensors, kind=weights_kind(spec), base_model=spec.model.path,
-                                          dtype=dtype_name(ctx.learner.dtype), extra_files=ctx.learner.weight_files(),
-                                          full_every=spec.storage.full_every,
-                                          delta_max_share=spec.storage.delta_max_share)
-                protected = {v for v in (state.checkpoint_step,) if v} | guard.protected_versions()
-                ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
-            del tensors
-            ctx.collectives.barrier()
-        with timer.phase("sync"):
-            ctx.engine.load_version(version)
+        publish_and_sync(ctx, publisher, version, state, guard, timer)
         state.cursor.advance(len(batch), len(ctx.prompts))
         state.step = version
         step_seconds.append(time.perf_counter() - started)
@@ -364,6 +360,7 @@ def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, early_stop: E
         preempted = ctx.preemption.any_rank(ctx.collectives)
         every = spec.storage.checkpoint_every
         if preempted or (every and version % every == 0 and state.cursor.epoch < spec.grpo.epochs):
+            publisher.wait()  # a checkpoint's step names a weight version that must be in the store
             save_checkpoint(ctx, state)
         if preempted:
             progress.close()
@@ -373,6 +370,113 @@ def _steps(ctx: RunContext, state: RunState, guard: CollapseGuard, early_stop: E
         if stop_reason:
             return None
     return None
+
+
+class PublishFailed(RuntimeError):
+    """Publishing a weight version in the background failed: the run stops with the store's error."""
+
+
+class WeightPublisher:
+    """Publishes each step's weight version (rank 0), on the critical path or, with `rollout.maxStaleness` >= 1,
+    on a background thread so that publishing version k overlaps step k+1's sampling (which may use version k-1).
+
+    At most one publish is in the background: the next publish, a checkpoint and the end of the run wait for it
+    (`wait`), and a failed one raises `PublishFailed` there, so the run stops loudly. A version is visible only once
+    its manifest is written, which the store does last (ttrv.store.sets), so a SIGKILL or crash mid-publish leaves
+    no half-visible version; SIGTERM is deferred to the step's end, where the checkpoint waits for the publish.
+    The published tensors are the learner's private CPU copies (`Learner.trainable_state` clones them), so the next
+    optimizer step cannot change them while they are uploaded."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.overlapping = ctx.spec.rollout.max_staleness >= 1
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ttrv-publish") if self.overlapping else None
+        self._pending: tuple[int, Future] | None = None
+        self.last: int | None = None
+        """The newest version submitted."""
+        self.overlapped_seconds: float | None = None
+        """How long the last background publish that `wait` collected took (off the critical path)."""
+
+    def publish(self, version: int, tensors, protected: set[int]) -> None:
+        """Rank 0: publish `tensors` as `version` (in the background when overlapping) after waiting for the
+        previous background publish, then delete versions beyond storage.keepVersions except `protected`."""
+        spec = self.ctx.spec
+
+        def run() -> float:
+            started = time.perf_counter()
+            self.ctx.store.publish_weights(
+                version, tensors, kind=weights_kind(spec), base_model=spec.model.path,
+                dtype=dtype_name(self.ctx.learner.dtype), extra_files=self.ctx.learner.weight_files(),
+                full_every=spec.storage.full_every, delta_max_share=spec.storage.delta_max_share)
+            self.ctx.store.gc_weights(spec.storage.keep_versions, in_use=protected)
+            return time.perf_counter() - started
+
+        self.wait()
+        self.last = version
+        if self._pool is None:
+            run()
+            return
+        self._pending = (version, self._pool.submit(run))
+
+    def wait(self) -> None:
+        """Waits for the background publish, if any; raises PublishFailed when it failed."""
+        if self._pending is None:
+            return
+        version, future = self._pending
+        self._pending = None
+        try:
+            self.overlapped_seconds = future.result()
+        except Exception as error:
+            logger.error("weights_publish_failed", version=version, error=f"{type(error).__name__}: {error}")
+            raise PublishFailed(f"publishing weight version {version} in the background failed "
+                                f"({type(error).__name__}: {error}); the run stops, resume it once the store "
+                                "works again") from error
+        logger.debug("weights_published_in_background", version=version, seconds=round(self.overlapped_seconds, 3))
+
+    def finish(self) -> None:
+        """End of the adaptation steps: the last version is in the store on every rank's return, and an
+        in-process engine serves it (a service engine is told the trainer's last version, as after each step)."""
+        self.wait()
+        self.close()
+        if self.overlapping and self.last is not None:
+            self.ctx.collectives.barrier()
+            self.ctx.engine.load_version(self.last)
+
+    def close(self) -> None:
+        """Stops the background thread after its publish (failures are logged, not raised: the caller is already
+        failing with its own error)."""
+        try:
+            self.wait()
+        except PublishFailed:
+            pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def publish_and_sync(ctx: RunContext, publisher: WeightPublisher, version: int, state: RunState,
+                     guard: CollapseGuard, timer: StepTimer) -> None:
+    """The publish and sync phases of a step. `publish` and `sync` time only the critical path; a background
+    publish's own time is recorded as `publish_overlapped` on the step that collects it (the next one)."""
+    with timer.phase("publish"):
+        tensors = ctx.learner.trainable_state()  # every rank: a collective under ZeRO-3; rank 0 gets them
+        if ctx.world.is_main:
+            protected = {v for v in (state.checkpoint_step,) if v} | guard.protected_versions()
+            publisher.overlapped_seconds = None
+            publisher.publish(version, tensors, protected)
+            if publisher.overlapped_seconds is not None:
+                timer.seconds["publish_overlapped"] = publisher.overlapped_seconds
+        del tensors
+        ctx.collectives.barrier()
+    with timer.phase("sync"):
+        if not publisher.overlapping or hasattr(ctx.engine, "max_staleness"):
+            # the rollout service's client waits for a version within maxStaleness of `version`: version-1,
+            # whose publish has finished, is enough while `version` is still being published
+            ctx.engine.load_version(version)
+        elif version > 1:
+            # an in-process engine loads from the store: it takes version-1, complete since rank 0 waited for it
+            # before the barrier above (one-step-off, as maxStaleness 1 allows)
+            ctx.engine.load_version(version - 1)
 
 
 def _stop_reason(ctx: RunContext, state: RunState, early_stop: EarlyStop, step_metrics: dict,

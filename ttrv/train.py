@@ -116,7 +116,7 @@ def make_engine(spec: RunSpec, model_path: str, processor, store, device) -> Rol
     model = load_model(model_path, spec.model.dtype, device, trust_remote_code=spec.model.trust_remote_code)
     merge = lora_merger(model, spec.model.lora)
     if merge is None:
-        return HFEngine(model, processor, store.load_weights)
+        return HFEngine(model, processor, store.load_weights, update_weights=store.update_weights)
     return HFEngine(model, processor, lambda step: merge(store.load_weights(step)))
 
 

@@ -18,6 +18,7 @@ from transformers import (
 from ttrv.data import Prompt
 from ttrv.modeling import model_inputs
 from ttrv.rollout.base import Sample, sample_seed
+from ttrv.store.errors import StoreConfigError
 from ttrv.weights import merge_lora
 
 if TYPE_CHECKING:
@@ -31,10 +32,14 @@ class HFEngine:
     store (`load_weights(step) -> (kind, tensors)`), exactly as a separate service would."""
 
     def __init__(self, model, processor, load_weights: Callable[[int], dict] | None = None,
-                 max_batch_sequences: int = 256):
+                 max_batch_sequences: int = 256, update_weights: Callable[[int, dict], list] | None = None):
         self.model = model.eval()
         self.processor = processor
         self.load_weights = load_weights
+        self.update_weights = update_weights
+        """Store.update_weights, when given: versions are written into the model's tensors in place, a delta only
+        where it changes them (full weights only: a LoRA version is merged, so it goes through load_weights)."""
+        self._targets: dict | None = None
         self.max_batch_sequences = max_batch_sequences
         self.weight_version: int | None = None
         tokenizer = processor.tokenizer
@@ -101,6 +106,15 @@ class HFEngine:
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def load_version(self, step: int) -> None:
+        if self.update_weights is not None:
+            if self._targets is None:  # one dict for the engine's life: the store knows what it last wrote into it
+                self._targets = dict(self.model.state_dict())
+            try:
+                self.update_weights(step, self._targets)
+            except StoreConfigError as error:  # nothing was written: the version does not fit the model
+                raise ValueError(f"weight version {step}: {error}") from None
+            self.weight_version = step
+            return
         if self.load_weights is None:
             raise RuntimeError("this engine has no weight store to load versions from")
         self.load_tensors(step, self.load_weights(step))

@@ -342,7 +342,7 @@ def serve(spec: RunSpec, host: str, port: int, limits: ServiceLimits | None = No
     work = Path(tempfile.mkdtemp(prefix="ttrv-serve-"))
     store = open_store(spec.storage.uri, spec.storage.endpoint)
     engine = choose_engine(spec, resolve_model(spec.model.path), work, limits.max_image_pixels)
-    agent = SyncAgent(store, engine.load, work / "weights")
+    agent = SyncAgent(store, engine.load, work / "weights", load_in_memory=getattr(engine, "load_in_memory", None))
     service = RolloutService(spec, engine, agent, limits, work)
     app = build_app(service)
     http = HTTPThread(app, sock, limits)

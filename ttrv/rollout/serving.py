@@ -180,6 +180,10 @@ class HFServingEngine:
         tensors = {}
         for shard in sorted(path.glob("*.safetensors")):
             tensors.update(load_file(shard))
+        self.load_in_memory(step, tensors, kind)
+
+    def load_in_memory(self, step: int, tensors: dict, kind: str) -> None:
+        """Serve a version's verified tensors (the store's in-memory read: no file written on the way)."""
         try:
             if kind == "lora":
                 if self.merge is None:

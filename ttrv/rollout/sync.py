@@ -5,7 +5,8 @@ store's weight versions every `poll_min` seconds while versions keep arriving, b
 do; the trainer's client nudges it (`wake`, the service's POST /sync) right after publishing, so the back-off costs
 no latency where it matters. Store outages back off exponentially, with jitter, up to `backoff_max`.
 
-Loading a version: fetch it, verified and under a store lease, into its own content-named directory (the engine
+Loading a version: read it, verified and under a store lease, straight into memory for an engine that takes
+tensors (Hugging Face), or into its own content-named directory for vLLM (which reloads from a folder; the engine
 never sees a path twice), then load it under the write side of the service's lock, so that no request is in flight
 while the weights change and every answer names the version that produced it. When several versions appeared, the
 newest is loaded and the ones between skipped. A version the store refuses (corrupt, truncated) or the engine
@@ -101,9 +102,14 @@ class SyncAgent:
     served (None: the base model), changed only under `lock.write()`."""
 
     def __init__(self, store: Store, load: Callable[[int, Path, str], None], cache_dir: str | Path, *,
-                 poll_min: float = 0.5, poll_max: float = 5.0, backoff_max: float = 30.0):
+                 poll_min: float = 0.5, poll_max: float = 5.0, backoff_max: float = 30.0,
+                 load_in_memory: Callable[[int, dict, str], None] | None = None):
         self.store = store
         self._load = load
+        self._load_in_memory = load_in_memory
+        """An engine that takes tensors (the Hugging Face one) gets them straight from the store's verified
+        in-memory download, no file written; vLLM reloads from a folder (`/collective_rpc` passes JSON, so
+        reload_weights gets `weights_path`), which `load` is given."""
         self.cache_dir = Path(cache_dir)
         self.poll_min, self.poll_max, self.backoff_max = poll_min, poll_max, backoff_max
         self.lock = RWLock()
@@ -199,12 +205,18 @@ class SyncAgent:
         prefix = weights_prefix(step)
         started = time.monotonic()
         digest = None
+        path: Path | None = None
+        tensors: dict | None = None
         try:
             manifest = self.store.read_manifest(prefix)
             if manifest is None:
                 return False
             digest = manifest.digest
-            path = self.store.fetch_weights(step, self.cache_dir)
+            if self._load_in_memory is not None:
+                local, tensors = self.store.read_weights(step)
+            else:
+                path = self.store.fetch_weights(step, self.cache_dir)
+                local = Manifest.decode(prefix, (path / MANIFEST).read_bytes(), str(path))
         except SetNotFoundError as error:  # deleted or replaced while being read: the next look decides
             logger.info("weights_vanished", step=step, error=str(error))
             return False
@@ -212,17 +224,20 @@ class SyncAgent:
             self._refuse(step, digest, str(error))
             return False
         fetched = time.monotonic()
-        local = Manifest.decode(prefix, (path / MANIFEST).read_bytes(), str(path))
         kind = local.meta.get("kind")
         try:
             if kind not in KINDS:
                 raise VersionRefused(f"its manifest's meta.kind is {kind!r}, not one of {list(KINDS)}; publish it "
                                      "with Store.publish_weights")
             with self.lock.write():
-                self._load(step, path, kind)
+                if tensors is not None:
+                    self._load_in_memory(step, tensors, kind)
+                else:
+                    self._load(step, path, kind)
                 self.version, self.digest = step, local.digest
         except VersionRefused as error:
-            shutil.rmtree(path, ignore_errors=True)
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
             self._refuse(step, local.digest, str(error))
             return False
         except Exception as error:
@@ -230,10 +245,12 @@ class SyncAgent:
                            "served weights are unknown, restart the service")
             logger.error("weights_load_failed", step=step, error=str(error), exc_info=True)
             raise _Broken from error
+        del tensors  # the engine copied them in: the downloaded buffers go now
         self.path = path
         for child in self.cache_dir.iterdir():
             if child != path:
                 shutil.rmtree(child, ignore_errors=True)
-        logger.info("weights_loaded", step=step, kind=kind, path=str(path), mb=round(local.total_bytes / 1e6, 1),
+        logger.info("weights_loaded", step=step, kind=kind, path=str(path) if path else "memory",
+                    mb=round(local.total_bytes / 1e6, 1),
                     fetch_seconds=round(fetched - started, 2), load_seconds=round(time.monotonic() - fetched, 2))
         return True

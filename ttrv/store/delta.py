@@ -13,6 +13,7 @@ checksums makes the delta unloadable (CorruptVersionError), never silently rebui
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,28 +53,46 @@ class DeltaBase:
             t.shape == self.tensors[n].shape and t.dtype == self.tensors[n].dtype for n, t in tensors.items())
 
 
-def encode_delta(base: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
-                 ) -> tuple[dict[str, torch.Tensor], int]:
-    """The delta tensors from `base` to `tensors` (same names, shapes, dtypes) and their total bytes."""
+CHUNK = 1 << 22
+"""Elements compared at a time: two chunks of int16 and their flags stay in cache, where comparing a whole tensor
+at once writes and reads back a bool array as large as the tensor (measured on 0.68 GB of bf16 here: 0.85 s
+chunked against 2.9-3.8 s for torch's `!=` with numpy's count_nonzero and flatnonzero)."""
+
+
+def changed_positions(current: np.ndarray, base: np.ndarray, pool: Executor | None = None) -> np.ndarray:
+    """The flat positions (int64, ascending) where `current` and `base` (same-width integer views) differ, compared
+    chunk by chunk, on `pool`'s threads when given (numpy releases the GIL in `not_equal` and `flatnonzero`'s
+    nonzero loop: numpy/_core/src/umath/loops, PyArray_Nonzero's NPY_BEGIN_THREADS)."""
+    def part(start: int) -> np.ndarray:
+        flags = np.not_equal(current[start:start + CHUNK], base[start:start + CHUNK])
+        return np.flatnonzero(flags) + start
+
+    starts = range(0, current.size, CHUNK)
+    parts = list(pool.map(part, starts)) if pool is not None and len(starts) > 1 else [part(s) for s in starts]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def encode_delta(base: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+                 pool: Executor | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """The delta tensors from `base` to `tensors` (same names, shapes, dtypes, on CPU) and their total bytes."""
     import torch
 
     out: dict[str, torch.Tensor] = {}
     total = 0
     for name, tensor in tensors.items():
         current = _bits(tensor)
-        changed = current != _bits(base[name])
-        # numpy's count_nonzero and flatnonzero: ~15x and ~6x faster than torch's bool sum() and nonzero() on CPU
-        # (measured on 200M elements here), and this runs on the publish path.
-        flags = changed.numpy()
-        count = int(np.count_nonzero(flags))
+        found = changed_positions(current.numpy(), _bits(base[name]).numpy(), pool)
+        count = int(found.size)
         if count == 0:
             continue
         numel = current.numel()
         index_bytes = count * (4 if numel < 2**31 else 8)
         # Gathers and scatters go through integer positions in both encodings: torch's bool-mask indexing runs its
         # own slow nonzero (20+ s per 1.5 GB state here against ~1 s).
-        positions = torch.from_numpy(np.flatnonzero(flags))
+        positions = torch.from_numpy(found)
         if numel // 8 + 1 < index_bytes:
+            flags = np.zeros(numel, dtype=bool)
+            flags[found] = True
             out[f"mask{SEPARATOR}{name}"] = torch.from_numpy(np.packbits(flags, bitorder="little"))
         else:
             out[f"indices{SEPARATOR}{name}"] = positions.to(torch.int32) if numel < 2**31 else positions
@@ -88,6 +107,16 @@ def apply_delta(tensors: dict[str, torch.Tensor], delta: Mapping[str, torch.Tens
     """Writes `delta` into the base `tensors` in place (bit-exact); returns the names of the changed tensors.
     Anything that does not fit the base (an unknown tensor, an index out of range, a count or dtype that
     disagrees) is refused as corrupt before any tensor is touched."""
+    plan = plan_delta(tensors, delta, where)
+    for name, selector, values in plan:
+        tensors[name].view(-1)[selector] = values
+    return [name for name, _, _ in plan]
+
+
+def plan_delta(tensors: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], where: str
+               ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(tensor name, flat int64 positions, values) for each tensor `delta` changes in the base `tensors`, every
+    part checked against the base (see `apply_delta`); nothing is written."""
     import torch
 
     plan: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -115,18 +144,18 @@ def apply_delta(tensors: dict[str, torch.Tensor], delta: Mapping[str, torch.Tens
         else:
             if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
                 raise CorruptVersionError(f"{where}: the indices of {name[:80]!r} are not 1-d int32/int64")
-            selector = indices.long()
-            count = selector.numel()
-            if count and (int(selector.min()) < 0 or int(selector.max()) >= numel):
+            # numpy's min/max/astype: ~3x faster than torch's on 2 busy cores here, on the load path
+            found = indices.numpy()
+            count = int(found.size)
+            selector = torch.from_numpy(found.astype(np.int64, copy=False))
+            if count and (int(found.min()) < 0 or int(found.max()) >= numel):
                 raise CorruptVersionError(f"{where}: the indices of {name[:80]!r} leave its {numel} elements")
         if count != values.numel():
             raise CorruptVersionError(f"{where}: {name[:80]!r} has {values.numel()} values for {count} positions")
         if not target.is_contiguous():
             raise CorruptVersionError(f"{where}: the base tensor {name[:80]!r} is not contiguous")
         plan.append((name, selector, values))
-    for name, selector, values in plan:
-        tensors[name].view(-1)[selector] = values
-    return [name for name, _, _ in plan]
+    return plan
 
 
 def delta_meta(meta: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ttrv import log
 from ttrv.store.backend import BufferSource, MiB, Source, as_source
-from ttrv.store.delta import DELTA_SHARD, DeltaBase, apply_delta, delta_meta, encode_delta
+from ttrv.store.delta import DELTA_SHARD, DeltaBase, delta_meta, encode_delta, plan_delta
 from ttrv.store.errors import CorruptVersionError, StoreConfigError, StoreError
 from ttrv.store.keys import (
     LEASES,
@@ -56,6 +56,11 @@ class Store(SetStore):
     """How long a reader's lease protects its version from gc when the reader dies without releasing it."""
     _delta_base: DeltaBase | None = None
     """The last full version this writer published with `full_every > 1`: what its next deltas are built on."""
+    _served: tuple[dict, str, dict] | None = None
+    """What `update_weights` last wrote: (the target, the digest of the full base version it holds, per tensor the
+    int64 positions where it holds a delta's values instead of the base's)."""
+    _rebuilt: tuple[str | None, dict] = (None, {})
+    """The last delta `_rebuild` applied: its manifest digest and, per tensor, the positions it wrote."""
     _base_cache: tuple[str, dict[str, np.ndarray]] | None = None
     """The files of the last base version this reader verified (its manifest digest, a private copy): a reader
     that follows a run downloads each base once, not once per delta. Before each use the base's manifest in the
@@ -158,11 +163,64 @@ class Store(SetStore):
         current = self.read_manifest(weights_prefix(base.step))
         if current is None or current.digest != base.digest:  # gc'd, or republished by a resumed trainer
             return None
-        delta, size = encode_delta(base.tensors, {name: t.detach().to("cpu") for name, t in tensors.items()})
+        delta, size = encode_delta(base.tensors, {name: t.detach().to("cpu") for name, t in tensors.items()},
+                                   self._pool)
         full = sum(tensor_bytes(t) for t in tensors.values())
         logger.debug("weight_delta", step=step, base=base.step, delta_mb=round(size / 1e6, 2),
                      full_mb=round(full / 1e6, 2), share=round(size / max(full, 1), 4))
         return (delta, base) if size <= max_share * full else None
+
+    def update_weights(self, step: int, target: dict[str, torch.Tensor]) -> list[str]:
+        """Brings `target` (an engine's served tensors, under the version's names; it may hold more) to version
+        `step` in place; returns the names of the tensors it wrote. Everything is verified (xxh3) before the first
+        write, and a version that does not fit `target` (a missing name, another shape or dtype) is refused with
+        StoreConfigError before any write.
+
+        Sparse when it can: when `target` holds, as far as this Store knows (it was last brought to a version by this
+        call, on this Store), the base of delta version `step` with another delta's values written in, only the
+        elements the two deltas change are written (the previous delta's positions get the base's values back, then
+        the new values go in): work in proportion to the delta, not to the model. Otherwise the whole version is
+        read (rebuilt from its base for a delta) and copied in."""
+        started = time.monotonic()
+        served, self._served = self._served, None  # unknown until this update has finished writing
+        manifest = self._require_version(step)
+        delta = delta_meta(manifest.meta)
+        cached = self._base_cache
+        if (delta is None or served is None or served[0] is not target or served[1] != delta["base_digest"]
+                or cached is None or cached[0] != delta["base_digest"]):
+            manifest, tensors = self.read_weights(step)
+            _check_fits(target, {name: (t.shape, t.dtype) for name, t in tensors.items()}, manifest.prefix)
+            for name, tensor in tensors.items():
+                target[name].copy_(tensor)
+            if manifest.meta.get("delta_base") is True:
+                self._served = (target, manifest.digest, {})
+            elif (delta := delta_meta(manifest.meta)) is not None and self._rebuilt[0] == manifest.digest:
+                self._served = (target, delta["base_digest"], self._rebuilt[1])
+            return list(tensors)
+        where = f"{self.url}/{manifest.prefix}"
+        with self.lease(step), self.lease(delta["base"]):
+            manifest = self._require_version(step)  # under the leases: neither can be deleted while read
+            base = self._require_base(manifest)  # still the base that `target` and the cached copy hold
+            delta_files = self._read(manifest)
+        base_tensors: dict[str, torch.Tensor] = {}
+        for name in base.meta["shards"]:
+            base_tensors.update(parse_safetensors(cached[1][name], f"{self.url}/{base.prefix}/{name}"))
+        plan = plan_delta(base_tensors, parse_safetensors(delta_files[DELTA_SHARD], f"{where}/{DELTA_SHARD}"), where)
+        previous = served[2]
+        _check_fits(target, {name: (base_tensors[name].shape, base_tensors[name].dtype)
+                             for name in {*previous, *(name for name, _, _ in plan)}}, manifest.prefix)
+        for name, selector in previous.items():
+            flat = target[name].view(-1)
+            flat[selector.to(flat.device)] = base_tensors[name].view(-1)[selector].to(flat.device)
+        for name, selector, values in plan:
+            flat = target[name].view(-1)
+            flat[selector.to(flat.device)] = values.to(flat.device)
+        self._served = (target, base.digest, {name: selector for name, selector, _ in plan})
+        changed = sorted({*previous, *(name for name, _, _ in plan)})
+        logger.debug("weights_updated_sparse", step=step, base=base.meta["step"], tensors=len(changed),
+                     elements=sum(int(s.numel()) for s in previous.values()) + sum(int(s.numel()) for _, s, _ in plan),
+                     seconds=round(time.monotonic() - started, 3))
+        return changed
 
     def weight_versions(self) -> list[int]:
         """Steps of the complete weight versions, ascending."""
@@ -278,7 +336,10 @@ class Store(SetStore):
                     raise CorruptVersionError(f"{self.url}/{base.prefix}/{name}: tensor {tensor_name!r} is not "
                                               "aligned as publish_weights writes it; load a full version")
             tensors.update(shard)
-        apply_delta(tensors, delta, where)
+        plan = plan_delta(tensors, delta, where)
+        for name, selector, values in plan:
+            tensors[name].view(-1)[selector] = values
+        self._rebuilt = (manifest.digest, {name: selector for name, selector, _ in plan})
         files = {name: data for name, data in base_files.items() if name in base.meta["shards"]
                  or name == "model.safetensors.index.json"}
         files |= {name: data for name, data in delta_files.items() if name != DELTA_SHARD}
@@ -301,6 +362,12 @@ class Store(SetStore):
 
     def load_weights(self, step: int) -> dict[str, torch.Tensor]:
         """Version `step`'s tensors on CPU, downloaded and verified in memory (views of the downloaded shards)."""
+        return self.read_weights(step)[1]
+
+    def read_weights(self, step: int) -> tuple[Manifest, dict[str, torch.Tensor]]:
+        """`load_weights` with the manifest the tensors were verified against (its `meta.kind`, its digest that
+        names these exact bytes). Nothing touches the disk: parallel ranged GETs land in one buffer per file, each
+        range is hashed (xxh3-128) as it arrives, and the tensors are views of the verified buffers."""
         prefix = weights_prefix(step)
         started = time.monotonic()
         with self.lease(step):
@@ -317,7 +384,7 @@ class Store(SetStore):
         for name in shards:
             tensors.update(parse_safetensors(buffers[name], f"{self.url}/{prefix}/{name}"))
         self._log_read(manifest, started, "memory")
-        return tensors
+        return manifest, tensors
 
     def _require_version(self, step: int) -> Manifest:
         """The manifest of weight version `step`, whose metadata agrees with its files as `publish_weights` writes
@@ -397,3 +464,13 @@ class Store(SetStore):
             logger.debug("weight_versions_deleted", store=self.url, steps=victims, kept=sorted(kept & complete))
         return victims
 
+
+
+def _check_fits(target: Mapping[str, torch.Tensor], wanted: Mapping[str, tuple], prefix: str) -> None:
+    """Refuses a version whose tensors `target` cannot take in place (before anything is written)."""
+    for name, (shape, dtype) in wanted.items():
+        tensor = target.get(name)
+        if tensor is None or tensor.shape != shape or tensor.dtype != dtype or not tensor.is_contiguous():
+            have = "no such tensor" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise StoreConfigError(f"target[{name!r}]: {have}, but {prefix} holds {tuple(shape)} {dtype}; update "
+                                   "the tensors of the model the version was published for (contiguous)")
