@@ -280,23 +280,26 @@ class HFServingEngine:
                 key = self._pending[0].key
                 batch = [request for request in self._pending if request.key == key]
                 self._pending = deque(request for request in self._pending if request.key != key)
+            failure: Exception | None = None
             try:
                 results = self.engine.generate([request.prompt for request in batch], *key,
                                                stop=functools.partial(_all_cancelled, batch))
             except Exception as error:  # noqa: BLE001 - each request of the batch gets the error
-                for request in batch:
-                    request.future.set_exception(error)
-            else:
-                if results is None:
-                    self.stopped_early += 1
-                    for request in batch:
-                        request.future.set_exception(Cancelled())
-                else:
-                    for request, samples in zip(batch, results, strict=True):
-                        request.future.set_result(samples)
+                failure = error
             finally:
+                # The images go before the answers: a client holding its answer finds no file of its request left.
                 for request in batch:
                     request.discard_image()
+            if failure is not None:
+                for request in batch:
+                    request.future.set_exception(failure)
+            elif results is None:
+                self.stopped_early += 1
+                for request in batch:
+                    request.future.set_exception(Cancelled())
+            else:
+                for request, samples in zip(batch, results, strict=True):
+                    request.future.set_result(samples)
 
     def _answer(self, samples, logprobs: bool) -> dict[str, Any]:
         tokenizer = self.engine.processor.tokenizer
