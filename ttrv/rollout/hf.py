@@ -56,9 +56,12 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int | None = None,
-                 stop: Callable[[], bool] | None = None) -> list[list[Sample]] | None:
+                 stop: Callable[[], bool] | None = None,
+                 adapters: Sequence[str] | None = None) -> list[list[Sample]] | None:
         """`stop`: asked before each chunk of prompts and at each new token; once it answers True nothing further
-        is sampled and the call returns None (the rollout service's clients all went away)."""
+        is sampled and the call returns None (the rollout service's clients all went away). `adapters`: with a peft
+        model of several LoRA adapters (the shared rollout service), the adapter of each prompt, "__base__" for the
+        base model; every vote of a prompt is sampled with that prompt's adapter (peft's mixed-batch inference)."""
         greedy = temperature == 0
         if greedy and n != 1:
             raise ValueError("greedy decoding (temperature 0) gives one answer per prompt; set n=1")
@@ -67,11 +70,13 @@ class HFEngine:
         for start in range(0, len(prompts), per_call):
             if stop is not None and stop():
                 return None
+            chunk_adapters = adapters[start : start + per_call] if adapters is not None else None
             results.extend(self._generate_chunk(prompts[start : start + per_call], n, temperature, top_p,
-                                                max_new_tokens, seed, stop))
+                                                max_new_tokens, seed, stop, chunk_adapters))
         return None if stop is not None and stop() else results
 
-    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, seed, stop=None) -> list[list[Sample]]:
+    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, seed, stop=None,
+                        adapters=None) -> list[list[Sample]]:
         tokenizer = self.processor.tokenizer
         # each prompt repeated n times: greedy decoding (which takes RowSampler's draw) has no num_return_sequences
         inputs = model_inputs(self.processor, [p for p in prompts for _ in range(n)]).to(self.model.device)
@@ -79,7 +84,11 @@ class HFEngine:
         if temperature > 0:
             seeds = [sample_seed(seed, p.id, k) if seed is not None else None for p in prompts for k in range(n)]
             sampler = RowSampler(seeds, temperature, top_p)
-        out = self.model.generate(
+        # peft's PeftModel.generate takes `adapter_names`, one per row, and applies each row's LoRA to that row only
+        # (peft/peft_model.py PeftModel.generate -> peft/tuners/lora/model.py _enable_peft_forward_hooks, which also
+        # refuses a name no layer holds; LoraLayer._mixed_batch_forward adds each sub-batch's own B @ A).
+        rows = {"adapter_names": [a for a in adapters for _ in range(n)]} if adapters is not None else {}
+        out = self.model.generate(**rows,
             **inputs, do_sample=False, temperature=None, top_p=None, top_k=None,
             logits_processor=LogitsProcessorList([sampler]) if sampler else None,
             max_new_tokens=max_new_tokens, return_dict_in_generate=True,
