@@ -24,7 +24,12 @@ from ttrv.manifests.common import (
     run_store_uri,
 )
 from ttrv.manifests.pytorchjob import _trainer_job
-from ttrv.manifests.rollout import _rollout_deployment, _rollout_network_policy, _rollout_service
+from ttrv.manifests.rollout import (
+    _rollout_deployment,
+    _rollout_network_policy,
+    _rollout_service,
+    shared_rollout,
+)
 from ttrv.manifests.trainjob import _train_job
 from ttrv.spec import (
     AdaptationRunSpec,
@@ -99,7 +104,7 @@ def run_children(run: Mapping, trainer_api: str = PYTORCHJOB, runtime: RuntimeRe
     spec = parse_spec(document, AdaptationRunSpec, f"AdaptationRun {name}: spec")
     ctx = _Context(run, spec)
     children = [_spec_config_map(ctx)]
-    if spec.run.rollout.backend == "service":
+    if spec.run.rollout.backend == "service" and not spec.run.rollout.shared:  # shared: the Experiment owns it
         children += [_rollout_deployment(ctx), _rollout_service(ctx), _rollout_network_policy(ctx)]
     if trainer_api == TRAINJOB:
         children.append(_train_job(ctx, runtime or RuntimeRef()))
@@ -118,7 +123,7 @@ def experiment_objects(experiment_meta: Mapping, spec: ExperimentSpec, trainer_a
     trainer's API is `trainer_api`, else the spec's scheduling.trainerApi, `auto` read as TrainJob (no cluster is
     asked here; the operator asks its API server)."""
     api = resolve_trainer_api(trainer_api or spec.scheduling.trainer_api)
-    objects = []
+    objects = shared_rollout(experiment_meta, spec) if spec.rollout.shared else []
     for dataset in spec.datasets:
         run = adaptation_run(experiment_meta, spec, dataset.name)
         objects += [run, *run_children(run, api, runtime)]
