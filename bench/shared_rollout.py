@@ -26,7 +26,7 @@ The last lines: `shared_memory_ratio=<shared peak / separate peak>`, `min_throug
 runs, of shared samples/s / separate samples/s>` and `mismatches=<n>`. Done for issue 18 when, at K=3, the memory
 ratio is <= 0.5, mismatches is 0 and the throughput ratio is >= 0.7.
 
-    python bench/shared_rollout.py [--runs 3] [--versions 4] [--rounds 4] [--prompts 4] [--votes 16]
+    python bench/shared_rollout.py [--runs 3] [--versions 2] [--rounds 3] [--prompts 4] [--votes 16]
                                    [--max-tokens 4] [--engine hf|vllm]
 """
 
@@ -160,8 +160,14 @@ class Config:
         self.processes = 0
 
     def start(self) -> Config:
+        threads = [threading.Thread(target=service.start) for service in self.services]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         for service, group in zip(self.services, self.groups, strict=True):
-            service.start()
+            if service.process is None or service.process.poll() is not None:
+                return self  # main() sees `memory` unset and stops, naming the logs' folder
             for run in group:
                 self.clients[run] = ServiceEngine(service.url, RunSpec.model_validate(self.specs[run]),
                                                   retry_seconds=300, sync_timeout=300)
@@ -211,8 +217,8 @@ class Config:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--versions", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--versions", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--votes", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -228,8 +234,14 @@ def main() -> None:
         folders = publish_adapters(base, work, runs, args.versions)
         configs = {kind: Config(kind, work, runs, args) for kind in ("shared", "separate", "reference")}
         try:
-            for config in configs.values():
-                config.start()
+            # the services start at once (each loads the model; minutes on a busy machine otherwise)
+            starters = [threading.Thread(target=config.start) for config in configs.values()]
+            for thread in starters:
+                thread.start()
+            for thread in starters:
+                thread.join()
+            if not all(config.memory is not None for config in configs.values()):
+                raise SystemExit(f"a service did not start; see the logs in {work}")
             # shared and separate take turns, version by version, in alternating order: a change in the machine's
             # load (2 cores shared with other work) falls on both alike
             for version in range(1, args.versions + 1):
