@@ -18,7 +18,14 @@ from ttrv.rollout.api import ServiceLimits
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import ServiceEngine
 from ttrv.rollout.hf import VISION_TOKEN_FIELDS
-from ttrv.rollout.shared import HFSharedEngine, SharedAgents, SharedRollout, SharedRolloutService, load_shared
+from ttrv.rollout.shared import (
+    HFSharedEngine,
+    SharedAgents,
+    SharedRollout,
+    SharedRolloutService,
+    cpu_threads,
+    load_shared,
+)
 from ttrv.spec import RunSpec
 from ttrv.spec.base import SpecError
 from ttrv.store import open_store
@@ -49,6 +56,7 @@ def setup(tmp_path_factory):
                                                     for name in ("a", "b")], "maxLoras": 2})
     (work / "images").mkdir()
     engine = HFSharedEngine(spec, str(weights["A"]), work / "images")
+    threads = torch.get_num_threads()  # the engine sets them for the process (cpu_threads): given back after
     engine.start()
     agents = SharedAgents(shared, spec, engine, work)
     service = SharedRolloutService(spec, engine, agents, ServiceLimits(), work)
@@ -57,6 +65,7 @@ def setup(tmp_path_factory):
            "agents": agents, "service": service}
     engine.close()
     agents.close()
+    torch.set_num_threads(threads)
 
 
 def body(setup, run, version):
@@ -135,3 +144,23 @@ def test_a_shared_service_needs_lora(tmp_path):
 def test_open_store_is_used_per_run(tmp_path):
     with open_store(f"file://{tmp_path}/s") as store:
         assert store.get_json("report.json") is None
+
+
+def test_the_shared_engine_on_a_cpu_samples_on_one_thread_unless_told(monkeypatch):
+    """On shared cores, MultiLora's extra small per-layer ops at torch's default threads made `ttrv serve --shared`
+    5x slower than a plain service (cpu_threads): the sampling thread, started after the engine, must see 1."""
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert cpu_threads() == 1
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [1]
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert cpu_threads() == 2  # an explicit setting is kept
+    finally:
+        torch.set_num_threads(before)
