@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from operators.conditions import Action, Event, Plan, Want, set_conditions
 from ttrv.crds import API_VERSION
 from ttrv.labels import EXPERIMENT_LABEL
-from ttrv.manifests import adaptation_run, resource_dump, run_name
+from ttrv.manifests import adaptation_run, resource_dump, run_name, shared_rollout
 from ttrv.spec import EXPERIMENT_FINISHED, RUN_FINISHED, ExperimentSpec, SpecError, format_validation_error
 
 ACCEPTED_ANNOTATION = "ttrv.io/accepted-spec"
@@ -46,6 +46,8 @@ class Observed:
     now: datetime
     resolved: tuple | None = None
     """`resolve_spec(experiment)`, when the caller has it already; None: resolved here."""
+    shared_rollout: Mapping[str, Mapping] = field(default_factory=dict)
+    """The experiment's shared rollout objects that exist (rollout.shared), by kind."""
 
 
 def decide_experiment(observed: Observed) -> Plan:
@@ -91,9 +93,29 @@ def decide_experiment(observed: Observed) -> Plan:
     events += _events(previous, status, rejection, annotation, experiment)
     actions = [] if annotation is None else [Action("patch", "Experiment", meta["name"], {
         "metadata": {"annotations": {ACCEPTED_ANNOTATION: annotation}}})]
+    if accepted.rollout.shared:  # before the runs: their trainers wait for it
+        actions += _shared_rollout_actions(meta, accepted, runs, set(blocked), observed.shared_rollout)
     actions += [Action("create", "AdaptationRun", run["metadata"]["name"], run) for run in create]
     actions += [Action("patch", "AdaptationRun", name, body) for name, body in patch]
     return Plan(actions, status, events)
+
+
+def _shared_rollout_actions(meta: Mapping, accepted: ExperimentSpec, runs: Mapping[str, Mapping],
+                            blocked: set[str], existing: Mapping[str, Mapping]) -> list[Action]:
+    """The experiment's one rollout service (rollout.shared): created before its first run, scaled to zero while
+    the experiment is suspended, and deleted once no dataset is left unfinished (every run Succeeded or Failed)."""
+    unfinished = [d.name for d in accepted.datasets
+                  if d.name not in blocked and (d.name not in runs or _phase(runs[d.name]) not in RUN_FINISHED)]
+    wanted = shared_rollout(meta, accepted)
+    if not unfinished:
+        return [Action("delete", obj["kind"], obj["metadata"]["name"]) for obj in wanted if obj["kind"] in existing]
+    actions = [Action("create", obj["kind"], obj["metadata"]["name"], obj) for obj in wanted
+               if obj["kind"] not in existing]
+    deployment = existing.get("Deployment")
+    replicas = 0 if accepted.suspend else 1
+    if deployment is not None and deployment.get("spec", {}).get("replicas") != replicas:
+        actions.append(Action("patch", "Deployment", deployment["metadata"]["name"], {"spec": {"replicas": replicas}}))
+    return actions
 
 
 def unstarted_run_names(experiment: Mapping, accepted: ExperimentSpec | None,

@@ -34,7 +34,7 @@ from operators.runs import (
 from operators.trainers import finished
 from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, JOB_UID_LABEL, RUN_LABEL, TRAINER
 from ttrv.log import get_logger
-from ttrv.manifests import PYTORCHJOB, TRAINER_KINDS, RuntimeRef
+from ttrv.manifests import PYTORCHJOB, TRAINER_KINDS, RuntimeRef, shared_rollout, shared_rollout_name
 from ttrv.spec import SpecError
 
 logger = get_logger("ttrv.operator")
@@ -134,7 +134,13 @@ def reconcile_experiment(ctx: Context, namespace: str, name: str) -> None:
             listed = {run["metadata"]["name"] for run in runs}
             runs += [run for run in api.list("AdaptationRun", namespace, {RUN_LABEL: wanted})
                      if run["metadata"]["name"] not in listed]
-        apply(ctx, body, decide_experiment(ExperimentObserved(body, runs, now(), resolved)))
+        shared = {}
+        if resolved[0] is not None and resolved[0].rollout.shared:  # the experiment's one rollout service
+            for obj in shared_rollout(body["metadata"], resolved[0]):
+                found = api.get(obj["kind"], namespace, obj["metadata"]["name"])
+                if found is not None:
+                    shared[obj["kind"]] = found
+        apply(ctx, body, decide_experiment(ExperimentObserved(body, runs, now(), resolved, shared)))
 
 
 # --- AdaptationRuns ----------------------------------------------------------------------------------------------
@@ -159,9 +165,12 @@ def reconcile_run(ctx: Context, namespace: str, name: str) -> None:
         pods = api.list("Pod", namespace, {RUN_LABEL: name, COMPONENT_LABEL: TRAINER}) if wants_pods(job) else ()
         workload = _workload(api, namespace, job) if wants_workload(job, ctx.kueue_enabled) else None
         progress = _progress(ctx, run, job) if wants_progress(run, job) else None
+        rollout = ((run.get("spec") or {}).get("run") or {}).get("rollout") or {}
+        shared = api.get("Deployment", namespace, shared_rollout_name(run["spec"]["experiment"])) \
+            if rollout.get("shared") and job is None else None  # the trainer waits for the experiment's service
         before = (run.get("status") or {}).get("phase")
         plan = decide_run(RunObserved(run, now(), children, workload, pods, progress, ctx.kueue_enabled, wanted,
-                                      ctx.trainer_apis, ctx.runtime, ctx.pinned_api, ctx.auto_api))
+                                      ctx.trainer_apis, ctx.runtime, ctx.pinned_api, ctx.auto_api, shared))
         apply(ctx, run, plan)
     # The experiment's table and scheduling follow a run's phase at once; progress waits for its poll.
     if plan.status["phase"] != before:

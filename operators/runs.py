@@ -79,6 +79,7 @@ from ttrv.manifests import (
     RuntimeRef,
     resolve_trainer_api,
     run_children,
+    shared_rollout_name,
 )
 from ttrv.spec import RUN_FINISHED, AdaptationRunSpec, SpecError, parse_spec
 
@@ -115,6 +116,8 @@ class Observed:
     """An API every run uses whatever it asks (the local stand-in runs either as local processes)."""
     auto_api: str | None = None
     """What runs that ask `auto` get (the operator's TTRV_TRAINER_API); None: TrainJob if served, else PyTorchJob."""
+    shared_rollout: Mapping | None = None
+    """The experiment's shared rollout Deployment (rollout.shared), read while the run has no trainer yet."""
 
 
 # --- what the handler needs to read ------------------------------------------------------------------------------
@@ -351,10 +354,13 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
     # 5. No trainer yet: it waits for the rollout service (under Kueue a PyTorchJob does not: its rollout waits for
     # its admission instead).
     if job is None:
-        if "Deployment" in desired and not gang and not rollout_ready(deployment):
-            ready = (deployment or {}).get("status", {}).get("readyReplicas", 0) or 0
+        shared = spec.run.rollout.shared and spec.run.rollout.backend == "service"
+        rollout = o.shared_rollout if shared else deployment  # shared: the Experiment's, never scaled from here
+        if (("Deployment" in desired and not gang) or shared) and not rollout_ready(rollout):
+            ready = (rollout or {}).get("status", {}).get("readyReplicas", 0) or 0
+            name = shared_rollout_name(spec.experiment) if shared else desired["Deployment"]["metadata"]["name"]
             return done("Queued", "WaitingForRollout",
-                        f"rollout service {desired['Deployment']['metadata']['name']} has {ready} of 1 replicas "
+                        f"{'shared ' if shared else ''}rollout service {name} has {ready} of 1 replicas "
                         "ready; the trainer starts once it is ready")
         actions.append(Action("create", kind, job_name, desired[kind]))
         queued = f"; waiting for Kueue to admit it from LocalQueue {spec.scheduling.queue_name}" if managed else ""

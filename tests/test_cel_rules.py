@@ -63,6 +63,12 @@ CASES: dict[str, tuple[list[dict], list[dict]]] = {
         [{"scheduling": {"topologySpreadConstraints": [SPREAD], "trainerApi": "pytorchjob"}},
          {"scheduling": {"topologySpreadConstraints": [], "trainerApi": "trainjob"}}],
     ),
+    "AdaptationSettings._shared_rollout_needs_lora": (
+        [{"rollout": {"shared": True, "backend": "service"}},
+         {"rollout": {"shared": True}, "model": {"path": "/models/m", "lora": {"rank": 4}}}],
+        [{"rollout": {"shared": True, "backend": "service"}, "model": {"path": "/models/m", "lora": {"rank": 4}}},
+         {"rollout": {"shared": False}}],
+    ),
     "EnvVarSource._one_source": (
         [{"pod": {"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"},
                                                               "fieldRef": {"fieldPath": "metadata.name"}}}]}}],

@@ -264,9 +264,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ttrv.store import StoreError
 
     spec = load_run_spec(args.spec)
+    shared = None
+    if args.shared:
+        from ttrv.rollout.shared import load_shared
+
+        shared = load_shared(args.shared, spec)
     check_listen(args.host, args.port)
     try:
-        return serve(spec, args.host, args.port)
+        return serve(spec, args.host, args.port, shared=shared)
     except (StoreError, VLLMError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -356,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--spec", required=True, help="run spec (YAML): model, rollout.engine, storage")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
     serve.add_argument("--port", type=port_argument, default=8000, help="TCP port, 1 to 65535")
+    serve.add_argument("--shared", metavar="RUNS.yaml",
+                       help="an experiment's shared rollout service (rollout.shared): serve every run the file lists "
+                            "(runs: [{name, storage}], maxLoras), each run's versions as its own LoRA adapter")
     serve.set_defaults(handler=cmd_serve)
 
     train = commands.add_parser("train", help="the trainer pod's command: launch this node's trainer workers "

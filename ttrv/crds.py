@@ -218,7 +218,9 @@ def _accuracy_columns(base: str, adapted: str, base_priority: int) -> list[dict]
 
 def experiment_crd() -> dict:
     schema = _resource_schema(ExperimentSpec, ExperimentStatus, True)
-    schema["properties"]["spec"]["x-kubernetes-validations"] = frozen_spec_rules()
+    spec = schema["properties"]["spec"]
+    # The spec's own cross-field rules (the model validators on its root), then the fields frozen while it exists.
+    spec["x-kubernetes-validations"] = spec.get("x-kubernetes-validations", []) + frozen_spec_rules()
     return _crd("Experiment", "experiments", ["ttrvx"], schema, [
         _column("Phase", ".status.phase", "string", _one_of(ExperimentPhase)),
         _column("Running", ".status.datasetsRunning", "integer", "Datasets whose trainer is running"),
@@ -308,6 +310,17 @@ CROSS_FIELD_RULES: dict[str, tuple[tuple[str, str], ...]] = {
         'them; set trainerApi: pytorchjob, or spread the pods with affinity (pod anti-affinity) or Kueue\'s topology '
         'annotations in pod.annotations"',
     ),),
+    "AdaptationSettings._shared_rollout_needs_lora": ((
+        "!(has(self.rollout) && has(self.rollout.shared) && self.rollout.shared) || "
+        "(has(self.model) && has(self.model.lora))",
+        '"rollout.shared: true serves each run as a LoRA adapter of one service, but model.lora is not set; set '
+        'model.lora (e.g. {rank: 16}), or rollout.shared: false"',
+    ), (
+        "!(has(self.rollout) && has(self.rollout.shared) && self.rollout.shared) || "
+        "(has(self.rollout.backend) && self.rollout.backend == 'service')",
+        '"rollout.shared: true needs rollout.backend: service (the in-process engine is each trainer\'s own); set '
+        'rollout.backend: service, or rollout.shared: false"',
+    )),
     "EnvVarSource._one_source": ((
         "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.fieldRef) ? 1 : 0) == 1",
         '"valueFrom needs exactly one of secretKeyRef, configMapKeyRef and fieldRef"',

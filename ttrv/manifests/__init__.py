@@ -21,5 +21,6 @@ value as well.
 
 from ttrv.manifests.common import *  # noqa: F403
 from ttrv.manifests.common import RuntimeRef, container_security_context, pod_security_context  # noqa: F401
+from ttrv.manifests.rollout import shared_rollout  # noqa: F401
 from ttrv.manifests.run import adaptation_run, check_names, experiment_objects, run_children  # noqa: F401
 from ttrv.manifests.trainjob import training_runtime  # noqa: F401

@@ -89,6 +89,12 @@ def run_store_uri(storage_uri: str, namespace: str, experiment: str, dataset: st
     return f"{storage_uri.rstrip('/')}/{namespace}/{experiment}/{dataset}"
 
 
+def shared_rollout_name(experiment: str) -> str:
+    """The experiment's shared rollout service (rollout.shared): its Deployment, Service, NetworkPolicy and
+    ConfigMap. No run's children take it: a run's own are `<run>-rollout`, `<run>-spec` and `<run>-trainer`."""
+    return f"{experiment}-shared-rollout"
+
+
 def run_name(experiment: str, dataset: str) -> str:
     """Name of a dataset's AdaptationRun; long names are cut and made unique again by a hash of the full name."""
     name = f"{experiment}-{dataset}"
@@ -201,6 +207,8 @@ class _Context:
 
     @property
     def rollout_name(self) -> str:
+        if self.spec.run.rollout.shared:  # the experiment's one service (ttrv.manifests.rollout.shared_rollout)
+            return shared_rollout_name(self.spec.experiment)
         return f"{self.name}-rollout"
 
     @property

@@ -25,7 +25,12 @@ from ttrv.manifests.common import (
     run_store_uri,
 )
 from ttrv.manifests.pytorchjob import _trainer_job
-from ttrv.manifests.rollout import _rollout_deployment, _rollout_network_policy, _rollout_service
+from ttrv.manifests.rollout import (
+    _rollout_deployment,
+    _rollout_network_policy,
+    _rollout_service,
+    shared_rollout,
+)
 from ttrv.manifests.trainjob import _train_job, run_training_runtime
 from ttrv.spec import (
     AdaptationRunSpec,
@@ -102,7 +107,8 @@ def run_children(run: Mapping, trainer_api: str = PYTORCHJOB, runtime: RuntimeRe
     spec = parse_spec(document, AdaptationRunSpec, f"AdaptationRun {name}: spec")
     ctx = _Context(run, spec)
     children = [_spec_config_map(ctx)]
-    service = spec.run.rollout.backend == "service"
+    # shared: the Experiment owns the one rollout service of all its runs (shared_rollout).
+    service = spec.run.rollout.backend == "service" and not spec.run.rollout.shared
     if service:
         # Gang admission: a TrainJob's JobSet runs the rollout pod (run_training_runtime), a PyTorchJob's rollout
         # is a Deployment that runs only while Kueue has the trainer admitted (operators/runs.py).
@@ -128,7 +134,7 @@ def experiment_objects(experiment_meta: Mapping, spec: ExperimentSpec, trainer_a
     trainer's API is `trainer_api`, else the spec's scheduling.trainerApi, `auto` read as TrainJob (no cluster is
     asked here; the operator asks its API server)."""
     api = resolve_trainer_api(trainer_api or spec.scheduling.trainer_api)
-    objects = []
+    objects = shared_rollout(experiment_meta, spec) if spec.rollout.shared else []
     for dataset in spec.datasets:
         run = adaptation_run(experiment_meta, spec, dataset.name)
         objects += [run, *run_children(run, api, runtime)]

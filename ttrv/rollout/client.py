@@ -116,7 +116,8 @@ class ServiceEngine:
         delay, problem = 0.05, "no answer yet"
         while True:
             try:
-                status, state = self._request("GET", "/weight_version", None, timeout=10)
+                # ?model=: an experiment's shared service answers with this run's version (ttrv.rollout.shared)
+                status, state = self._request("GET", f"/weight_version?model={self.model}", None, timeout=10)
             except _RETRYABLE as error:
                 problem = f"unreachable ({type(error).__name__}: {error})"
                 self._unavailable(problem)

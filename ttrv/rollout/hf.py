@@ -4,6 +4,7 @@ in one `generate` call. Used for local runs and as the rollout service's serving
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +43,8 @@ class HFEngine:
         self._targets: dict | None = None
         self.max_batch_sequences = max_batch_sequences
         self.weight_version: int | None = None
+        self.row_adapters: Callable[[list[str]], AbstractContextManager] | None = None
+        """Given each row's adapter name, a context in which the model applies them (the shared service's)."""
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         source = model.generation_config
@@ -61,9 +64,12 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int | None = None,
-                 stop: Callable[[], bool] | None = None) -> list[list[Sample]] | None:
+                 stop: Callable[[], bool] | None = None,
+                 adapters: Sequence[str] | None = None) -> list[list[Sample]] | None:
         """`stop`: asked before each chunk of prompts and at each new token; once it answers True nothing further
-        is sampled and the call returns None (the rollout service's clients all went away)."""
+        is sampled and the call returns None (the rollout service's clients all went away). `adapters`: the LoRA
+        adapter of each prompt, "__base__" for the base model, where `row_adapters` serves several (the shared rollout
+        service, ttrv.rollout.shared.MultiLora); every vote of a prompt is sampled with that prompt's adapter."""
         greedy = temperature == 0
         if greedy and n != 1:
             raise ValueError("greedy decoding (temperature 0) gives one answer per prompt; set n=1")
@@ -72,25 +78,37 @@ class HFEngine:
         for start in range(0, len(prompts), per_call):
             if stop is not None and stop():
                 return None
+            chunk_adapters = adapters[start : start + per_call] if adapters is not None else None
             results.extend(self._generate_chunk(prompts[start : start + per_call], n, temperature, top_p,
-                                                max_new_tokens, seed, stop))
+                                                max_new_tokens, seed, stop, chunk_adapters))
         return None if stop is not None and stop() else results
 
-    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, seed, stop=None) -> list[list[Sample]]:
-        tokenizer = self.processor.tokenizer
+    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, seed, stop=None,
+                        adapters=None) -> list[list[Sample]]:
         # each prompt repeated n times: greedy decoding (which takes RowSampler's draw) has no num_return_sequences
         inputs = model_inputs(self.processor, [p for p in prompts for _ in range(n)]).to(self.model.device)
         sampler = None
         if temperature > 0:
             seeds = [sample_seed(seed, p.id, k) if seed is not None else None for p in prompts for k in range(n)]
             sampler = RowSampler(seeds, temperature, top_p)
-        out = self.model.generate(
+        if adapters is not None and self.row_adapters is None:
+            raise ValueError("adapters: this engine serves one set of weights; it has no row_adapters")
+        rows = self.row_adapters([a for a in adapters for _ in range(n)]) if adapters is not None else nullcontext()
+        with rows:
+            out = self._generate_rows(inputs, sampler, max_new_tokens, stop)
+        return self._samples(inputs, out, sampler, prompts, n)
+
+    def _generate_rows(self, inputs, sampler, max_new_tokens, stop):
+        return self.model.generate(
             **inputs, do_sample=False, temperature=None, top_p=None, top_k=None,
             logits_processor=LogitsProcessorList([sampler]) if sampler else None,
             max_new_tokens=max_new_tokens, return_dict_in_generate=True,
             output_scores=sampler is None, pad_token_id=self.pad_id, suppress_tokens=self.suppress or None,
             stopping_criteria=StoppingCriteriaList([StopWhen(stop)]) if stop is not None else None,
         )
+
+    def _samples(self, inputs, out, sampler, prompts, n) -> list[list[Sample]]:
+        tokenizer = self.processor.tokenizer
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         if sampler is not None:
             chosen = torch.stack(sampler.logprobs, dim=1)

@@ -130,7 +130,8 @@ class RolloutService:
             return 503, {"status": "dead" if self.dead else "unavailable", "reason": self.scrub(problem), **state}
         return 200, {"status": "ok", **state}
 
-    def weight_version(self) -> tuple[int, dict]:
+    def weight_version(self, model: str | None = None) -> tuple[int, dict]:
+        """`model`: the shared service's run (`?model=` of GET /weight_version); one run is served here."""
         refused = {str(step): self.scrub(reason) for step, (_, reason) in sorted(self.agent.refused.items())}
         store_error = self.agent.last_error and self.scrub(self.agent.last_error)
         return 200, {"weight_version": self.agent.version, "engine": self.engine.name, "refused": refused,
@@ -148,24 +149,23 @@ class RolloutService:
     def chat(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> tuple[int, dict]:
         """A validated request (`chat_request_model`'s fields as sent) -> (status, answer). Blocks: runs in a thread.
         Raises Cancelled when `cancelled` is set (the client went away) before the engine answered."""
-        version = self.agent.version
+        version = None
         try:
-            if body.get("model") not in (None, self.model_id):
-                raise ServiceError(404, f"model: {body['model']!r} is not served here; this service serves "
-                                        f"{self.model_id!r} (the run's name)", "not_found_error")
+            agent, complete, model_id = self.route(body)
+            version = agent.version
             pinned = "ttrv_weight_version" in body
             wanted = body.pop("ttrv_weight_version", None)
             problem = self.problem()
             if problem:
                 raise ServiceError(503, problem, "server_error")
             body.pop("model", None)
-            with self.agent.lock.read():
-                version = self.agent.version
+            with agent.lock.read():
+                version = agent.version
                 if pinned and wanted != version:
                     raise ServiceError(409, f"ttrv_weight_version: this service serves {_version_name(version)}, "
                                             f"not {_version_name(wanted)}; wait for GET /weight_version to report "
                                             "it", "conflict_error")
-                answer = self.engine.complete(body, cancelled)
+                answer = complete(body, cancelled)
         except Cancelled:
             raise
         except ServiceError as error:
@@ -177,7 +177,16 @@ class RolloutService:
             failure = ServiceError(500, f"the {self.engine.name} engine failed: {type(error).__name__}: {error}",
                                    "server_error")
             return self.error_answer(failure, version)
-        return 200, {**answer, "model": self.model_id, "ttrv_weight_version": version}
+        return 200, {**answer, "model": model_id, "ttrv_weight_version": version}
+
+    def route(self, body: dict[str, Any]) -> tuple[SyncAgent, Any, str]:
+        """Which weights a request is for: (the sync agent whose version it pins, the engine call that answers it,
+        the model id it answers as). One run here; the shared service (`ttrv.rollout.shared`) picks the run that
+        the request's `model` names."""
+        if body.get("model") not in (None, self.model_id):
+            raise ServiceError(404, f"model: {body['model']!r} is not served here; this service serves "
+                                    f"{self.model_id!r} (the run's name)", "not_found_error")
+        return self.agent, self.engine.complete, self.model_id
 
     def error_answer(self, error: ServiceError, version: int | None = None, *, now: bool = False) -> tuple[int, dict]:
         """Every error answer of the service: its status and OpenAI's error shape, with the served weight version
@@ -241,8 +250,9 @@ def build_app(service: RolloutService) -> FastAPI:
         return answer(*service.health())
 
     @app.get("/weight_version", summary="the served version, and the versions refused with why")
-    async def weight_version() -> JSONResponse:
-        return answer(*service.weight_version())
+    async def weight_version(model: str | None = None) -> JSONResponse:
+        # `model`: which run's version, on an experiment's shared service (the trainer's client always sends it)
+        return answer(*service.weight_version(model))
 
     @app.get("/v1/models", summary="the one model served (id: the run's name)")
     async def models() -> JSONResponse:
@@ -332,18 +342,26 @@ def build_app(service: RolloutService) -> FastAPI:
 
 
 # ------------------------------------------------------------------------------------------------------- serve
-def serve(spec: RunSpec, host: str, port: int, limits: ServiceLimits | None = None) -> int:
-    """Run the service until SIGTERM or SIGINT (exit code 0) or until its engine dies (ROLLOUT_ENGINE_DIED)."""
+def serve(spec: RunSpec, host: str, port: int, limits: ServiceLimits | None = None, shared=None) -> int:
+    """Run the service until SIGTERM or SIGINT (exit code 0) or until its engine dies (ROLLOUT_ENGINE_DIED).
+    `shared` (a `ttrv.rollout.shared.SharedRollout`): serve every run it lists, one LoRA adapter each."""
     from ttrv.store import open_store
     from ttrv.weights import resolve_model
 
     limits = limits or ServiceLimits.from_env()
     sock = listening_socket(host, port)
     work = Path(tempfile.mkdtemp(prefix="ttrv-serve-"))
-    store = open_store(spec.storage.uri, spec.storage.endpoint)
-    engine = choose_engine(spec, resolve_model(spec.model.path), work, limits.max_image_pixels)
-    agent = SyncAgent(store, engine.load, work / "weights", load_in_memory=getattr(engine, "load_in_memory", None))
-    service = RolloutService(spec, engine, agent, limits, work)
+    if shared is None:
+        store = open_store(spec.storage.uri, spec.storage.endpoint)
+        engine = choose_engine(spec, resolve_model(spec.model.path), work, limits.max_image_pixels)
+        agent = SyncAgent(store, engine.load, work / "weights",
+                          load_in_memory=getattr(engine, "load_in_memory", None))
+        service = RolloutService(spec, engine, agent, limits, work)
+    else:
+        from ttrv.rollout.shared import shared_service
+
+        service = shared_service(spec, shared, resolve_model(spec.model.path), work, limits)
+        engine, agent, store = service.engine, service.agent, service.agent
     app = build_app(service)
     http = HTTPThread(app, sock, limits)
 
@@ -358,7 +376,7 @@ def serve(spec: RunSpec, host: str, port: int, limits: ServiceLimits | None = No
     try:
         http.start()
         logger.info("serve_listening", host=host, port=http.port, engine=engine.name, model=spec.model.path,
-                    store=spec.storage.uri)
+                    store=spec.storage.uri, runs=[run.name for run in shared.runs] if shared else None)
         engine.start()
         service.started = True
         agent.start()

@@ -127,8 +127,8 @@ class _Request:
     """A request waiting for, or in, a batch; its image file (if any) is removed by whoever drops it last: the
     sampling thread once its batch is sampled, or the request itself when it leaves the queue first."""
 
-    def __init__(self, key: tuple, prompt: Prompt, cancelled: threading.Event | None):
-        self.key, self.prompt, self.cancelled = key, prompt, cancelled
+    def __init__(self, key: tuple, prompt: Prompt, cancelled: threading.Event | None, adapter: str | None = None):
+        self.key, self.prompt, self.cancelled, self.adapter = key, prompt, cancelled, adapter
         self.future: Future = Future()
 
     def is_cancelled(self) -> bool:
@@ -159,6 +159,11 @@ class HFServingEngine:
         self._cond = threading.Condition()
         self._closed = False
         self._worker: threading.Thread | None = None
+        self.model_lock = threading.Lock()
+        """Held by the sampling thread while it samples a batch, and by whoever changes the model's adapters (the
+        shared service, `ttrv.rollout.shared`): an adapter is never added or deleted in the middle of a batch."""
+        self.mixed_adapters = False
+        """True in the shared service: every request names its adapter, passed per row to the model."""
 
     def start(self) -> None:
         import torch
@@ -194,7 +199,8 @@ class HFServingEngine:
         except ValueError as error:
             raise VersionRefused(str(error)) from None
 
-    def complete(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
+    def complete(self, body: dict[str, Any], cancelled: threading.Event | None = None,
+                 adapter: str | None = None) -> dict[str, Any]:
         unsupported = sorted(key for key, value in body.items() if key not in HF_FIELDS and value is not None
                              and not (key in NEUTRAL_SAMPLING and value in (NEUTRAL_SAMPLING[key], -1)))
         if unsupported:
@@ -218,7 +224,8 @@ class HFServingEngine:
         # a seeded request's samples depend on its seed alone (the engine seeds each row from the prompt id), not on
         # the requests it happens to be batched with
         prompt = Prompt(f"seed:{seed}" if seed is not None else uuid.uuid4().hex, text, image_path)
-        request = _Request((n, temperature, top_p, max_tokens, 0 if seed is not None else None), prompt, cancelled)
+        request = _Request((n, temperature, top_p, max_tokens, 0 if seed is not None else None), prompt, cancelled,
+                           adapter)
         with self._cond:
             if self._closed:
                 request.discard_image()
@@ -281,9 +288,11 @@ class HFServingEngine:
                 batch = [request for request in self._pending if request.key == key]
                 self._pending = deque(request for request in self._pending if request.key != key)
             failure: Exception | None = None
+            adapters = [request.adapter or "__base__" for request in batch] if self.mixed_adapters else None
             try:
-                results = self.engine.generate([request.prompt for request in batch], *key,
-                                               stop=functools.partial(_all_cancelled, batch))
+                with self.model_lock:
+                    results = self.engine.generate([request.prompt for request in batch], *key,
+                                                   stop=functools.partial(_all_cancelled, batch), adapters=adapters)
             except Exception as error:  # noqa: BLE001 - each request of the batch gets the error
                 failure = error
             finally:

@@ -75,8 +75,10 @@ class ServeProcess:
     pod does behind its Service."""
 
     def __init__(self, spec_path: str | Path, log_path: str | Path, port: int | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
         self.spec_path = Path(spec_path)
+        self.args = tuple(args)
+        """More of `ttrv serve`'s arguments (`--shared runs.yaml`: an experiment's shared service)."""
         self.log_path = Path(log_path)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -85,7 +87,8 @@ class ServeProcess:
 
     def start(self, timeout: float = 600.0) -> ServeProcess:
         """Start it and wait until /health answers 200; raises RuntimeError with the log's tail otherwise."""
-        command = [sys.executable, "-m", "ttrv.cli", "serve", "--spec", str(self.spec_path), "--port", str(self.port)]
+        command = [sys.executable, "-m", "ttrv.cli", "serve", "--spec", str(self.spec_path), "--port", str(self.port),
+                   *self.args]
         with self.log_path.open("ab") as log_file:
             self.process = lifetime.start(command, serves=self.env.get(lifetime.RUN_LOCK_ENV), env=self.env,
                                           stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -159,11 +159,13 @@ def model_len(settings: AdaptationSettings) -> int | None:
     return PROMPT_TEXT_TOKENS + images + longest
 
 
-def vllm_flags(spec: RunSpec, gpu: bool) -> list[str]:
+def vllm_flags(spec: RunSpec, gpu: bool, max_loras: int = 1) -> list[str]:
     """vLLM's engine flags for this spec, the one place they are built, each flag once (vLLM's parser would keep a
     repeated flag's last value and hide the first):
     - the model's dtype, the trainer's, so that both compute the same log-probs;
-    - with model.lora: LoRA adapters up to its rank, one at a time (each version replaces the last);
+    - with model.lora: LoRA adapters up to its rank, `max_loras` of them in one batch (1 for a run's own service,
+      where each version replaces the last; the experiment's shared service, `ttrv.rollout.shared`, runs one adapter
+      per run at once);
     - the rollout's limits (flag names as vllm/engine/arg_utils.py, EngineArgs.add_cli_args, declares them in vLLM
       0.32): --max-model-len (`model_len`), --max-num-seqs (rollout.maxNumSeqs), --limit-mm-per-prompt
       (rollout.limitMmPerPrompt images and no video, a JSON object: vllm/config/multimodal.py,
@@ -180,7 +182,7 @@ def vllm_flags(spec: RunSpec, gpu: bool) -> list[str]:
     if spec.model.trust_remote_code:
         flags += ["--trust-remote-code"]  # vllm/engine/arg_utils.py, ModelConfig.trust_remote_code
     if spec.model.lora is not None:
-        flags += ["--enable-lora", "--max-lora-rank", str(spec.model.lora.rank), "--max-loras", "1"]
+        flags += ["--enable-lora", "--max-lora-rank", str(spec.model.lora.rank), "--max-loras", str(max_loras)]
     length = model_len(spec)
     if length is None and not gpu:
         length = PROMPT_TOKEN_BUDGET + max(spec.rollout.max_new_tokens, spec.eval.max_new_tokens or 0)

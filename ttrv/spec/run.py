@@ -153,6 +153,9 @@ class RolloutSpec(StrictModel):
     """Sequences vLLM runs at once (votes of several prompts share a batch; at most 4096)."""
     limit_mm_per_prompt: Annotated[int, Field(gt=0, le=64)] = 1
     """Images a prompt may carry in vLLM (no video; at most 64); vLLM reserves encoder memory for this many."""
+    shared: bool = False
+    """In an Experiment: one rollout service for all its runs, each run's versions served as its own LoRA adapter
+    (needs model.lora and backend: service); maxParallelRuns sizes it. False: a service per run."""
 
     @model_validator(mode="after")
     def _group_within_votes(self) -> RolloutSpec:
@@ -423,6 +426,16 @@ class AdaptationSettings(StrictModel):
     """Limits of each run (in an Experiment: of each dataset's run, unless the dataset sets its own)."""
     storage: StorageSpec = StorageSpec()
     resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _shared_rollout_needs_lora(self) -> AdaptationSettings:
+        if self.rollout.shared and self.model.lora is None:
+            raise ValueError("rollout.shared: true serves each run as a LoRA adapter of one service, but model.lora "
+                             "is not set; set model.lora (e.g. {rank: 16}), or rollout.shared: false")
+        if self.rollout.shared and self.rollout.backend != "service":
+            raise ValueError("rollout.shared: true needs rollout.backend: service (the in-process engine is each "
+                             "trainer's own); set rollout.backend: service, or rollout.shared: false")
+        return self
 
 
 class RunSpec(AdaptationSettings):
