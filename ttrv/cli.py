@@ -264,14 +264,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ttrv.store import StoreError
 
     spec = load_run_spec(args.spec)
-    shared = None
+    build_service = None
     if args.shared:
-        from ttrv.rollout.shared import load_shared
+        from ttrv.rollout.shared import load_shared, shared_service
+        from ttrv.weights import resolve_model
 
         shared = load_shared(args.shared, spec)
+
+        def build_service(work, limits):
+            return shared_service(spec, shared, resolve_model(spec.model.path), work, limits)
     check_listen(args.host, args.port)
     try:
-        return serve(spec, args.host, args.port, shared=shared)
+        return serve(spec, args.host, args.port, build_service=build_service)
     except (StoreError, VLLMError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -49,6 +49,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -342,25 +343,25 @@ def build_app(service: RolloutService) -> FastAPI:
 
 
 # ------------------------------------------------------------------------------------------------------- serve
-def serve(spec: RunSpec, host: str, port: int, limits: ServiceLimits | None = None, shared=None) -> int:
+def serve(spec: RunSpec, host: str, port: int, limits: ServiceLimits | None = None,
+          build_service: Callable[[Path, ServiceLimits], RolloutService] | None = None) -> int:
     """Run the service until SIGTERM or SIGINT (exit code 0) or until its engine dies (ROLLOUT_ENGINE_DIED).
-    `shared` (a `ttrv.rollout.shared.SharedRollout`): serve every run it lists, one LoRA adapter each."""
+    `build_service(work, limits)`: another service than the run's own, e.g. an experiment's shared one
+    (`ttrv.rollout.shared.shared_service`, which builds on this module, so the CLI passes it in)."""
     from ttrv.store import open_store
     from ttrv.weights import resolve_model
 
     limits = limits or ServiceLimits.from_env()
     sock = listening_socket(host, port)
     work = Path(tempfile.mkdtemp(prefix="ttrv-serve-"))
-    if shared is None:
+    if build_service is None:
         store = open_store(spec.storage.uri, spec.storage.endpoint)
         engine = choose_engine(spec, resolve_model(spec.model.path), work, limits.max_image_pixels)
         agent = SyncAgent(store, engine.load, work / "weights",
                           load_in_memory=getattr(engine, "load_in_memory", None))
         service = RolloutService(spec, engine, agent, limits, work)
     else:
-        from ttrv.rollout.shared import shared_service
-
-        service = shared_service(spec, shared, resolve_model(spec.model.path), work, limits)
+        service = build_service(work, limits)
         engine, agent, store = service.engine, service.agent, service.agent
     app = build_app(service)
     http = HTTPThread(app, sock, limits)
@@ -376,7 +377,7 @@ def serve(spec: RunSpec, host: str, port: int, limits: ServiceLimits | None = No
     try:
         http.start()
         logger.info("serve_listening", host=host, port=http.port, engine=engine.name, model=spec.model.path,
-                    store=spec.storage.uri, runs=[run.name for run in shared.runs] if shared else None)
+                    store=spec.storage.uri, runs=sorted(getattr(agent, "agents", {})) or None)  # a shared service's runs
         engine.start()
         service.started = True
         agent.start()
