@@ -117,10 +117,10 @@ def publish(store, step, tensors):
     store.publish_weights(step, tensors, kind="full", base_model="A", dtype="float32")
 
 
-def publish_adapter(store, step, base_path, directory):
-    """A random (non-zero) peft adapter on the language model, published as LoRA version `step` in peft's layout;
-    returns the peft model it makes."""
-    torch.manual_seed(step)
+def publish_adapter(store, step, base_path, directory, seed: int | None = None):
+    """A random (non-zero) peft adapter on the language model, drawn with `seed` (default: `step`), published as
+    LoRA version `step` in peft's layout; returns the peft model it makes."""
+    torch.manual_seed(step if seed is None else seed)
     model = get_peft_model(load_model(base_path), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
                                                              init_lora_weights=False)).eval()
     model.save_pretrained(directory)

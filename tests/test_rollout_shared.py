@@ -8,12 +8,16 @@ import threading
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from PIL import Image
-from rollout_util import LORA_TARGETS, QUESTION, assert_logprobs_match, tiny_models, transformers_view
+from rollout_util import (
+    QUESTION,
+    assert_logprobs_match,
+    publish_adapter,
+    tiny_models,
+    transformers_view,
+)
 
 from ttrv.data import Prompt
-from ttrv.modeling import load_model
 from ttrv.rollout.api import ServiceLimits
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import ServiceEngine
@@ -29,17 +33,6 @@ from ttrv.rollout.shared import (
 from ttrv.spec import RunSpec
 from ttrv.spec.base import SpecError
 from ttrv.store import open_store
-
-
-def publish_lora(store, step, base_path, directory, seed):
-    """A random non-zero peft adapter of the tiny model, published as LoRA version `step`; returns the peft model."""
-    torch.manual_seed(seed)
-    model = get_peft_model(load_model(base_path), LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
-                                                             init_lora_weights=False)).eval()
-    model.save_pretrained(directory)
-    store.publish_weights(step, get_peft_model_state_dict(model), kind="lora", base_model=str(base_path),
-                          dtype="float32", extra_files={"adapter_config.json": directory / "adapter_config.json"})
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +77,7 @@ def test_each_run_is_sampled_with_its_own_adapter_only(setup):
     adapters = {}
     for seed, run in enumerate(("a", "b"), start=1):
         store = agents.stores[run]
-        adapters[run] = publish_lora(store, 1, setup["weights"]["A"], work / f"adapter-{run}", seed)
+        adapters[run] = publish_adapter(store, 1, setup["weights"]["A"], work / f"adapter-{run}", seed)
         assert agents.agents[run].sync_once() is True
         agents.agents[run].synced.set()  # what its thread sets after a look at the store (not started here)
     assert agents.agents["a"].version == agents.agents["b"].version == 1
@@ -117,7 +110,7 @@ def test_pins_unknown_runs_old_versions_and_finished_runs(setup):
     status, document = service.chat(body(setup, "c", 1))
     assert status == 404 and "'a', 'b'" in document["error"]["message"]
     before = engine.loaded_adapters()
-    publish_lora(agents.stores["a"], 2, setup["weights"]["A"], work / "adapter-a2", seed=5)
+    publish_adapter(agents.stores["a"], 2, setup["weights"]["A"], work / "adapter-a2", seed=5)
     assert agents.agents["a"].sync_once() is True
     after = engine.loaded_adapters()
     assert len(before) == len(after) == 2 and [n for n in after if n.startswith("a_")][0].startswith("a_v000002-")

@@ -53,7 +53,7 @@ from ttrv.rollout.vllm_process import (
     vllm_python,
 )
 from ttrv.spec import RunSpec
-from ttrv.spec.base import NAME_PATTERN, SpecError, StrictModel, load_yaml, parse_spec
+from ttrv.spec.base import NAME_PATTERN, SpecError, StrictModel, load_yaml, parse_spec, repeated
 
 logger = log.get_logger(__name__)
 
@@ -79,9 +79,7 @@ class SharedRollout(StrictModel):
     @field_validator("runs")
     @classmethod
     def _unique(cls, value: list[SharedRun]) -> list[SharedRun]:
-        names = [run.name for run in value]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
+        if twice := repeated([run.name for run in value]):
             raise ValueError(f"run names must be unique; {', '.join(twice)} is listed twice")
         return value
 

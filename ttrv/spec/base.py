@@ -46,6 +46,11 @@ DNS_LABEL_RULE = ("a DNS label: at most 63 lowercase letters, digits and '-', st
                   "digit, e.g. 'imagenet-r'")
 
 
+def repeated(names: list[str]) -> list[str]:
+    """The names listed more than once, sorted (for a uniqueness check's message)."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def check_dns_label(value: Any, field: str, why: str = "") -> str:
     """`value` when it is a DNS label (RFC 1123, what Kubernetes requires of namespaces and of the names objects are
     derived from), else a SpecError naming `field` and the value, and `why` the name matters ("; it names ...")."""

@@ -21,6 +21,7 @@ from ttrv.spec.base import (
     check_dns_label,
     load_yaml,
     parse_spec,
+    repeated,
 )
 from ttrv.spec.names import (
     check_dns1123_subdomain,
@@ -171,9 +172,7 @@ class ExperimentSpec(AdaptationSettings):
     @field_validator("datasets")
     @classmethod
     def _unique_dataset_names(cls, value: list[DatasetSpec]) -> list[DatasetSpec]:
-        names = [d.name for d in value]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
+        if duplicates := repeated([d.name for d in value]):
             raise ValueError(f"dataset names must be unique; rename {', '.join(duplicates)}")
         return value
 
