@@ -9,8 +9,7 @@ import threading
 import pytest
 import yaml
 from PIL import Image
-from rollout_util import QUESTION, assert_logprobs_match, tiny_models, transformers_view
-from test_rollout_shared import publish_lora
+from rollout_util import QUESTION, assert_logprobs_match, publish_adapter, tiny_models, transformers_view
 
 from ttrv.data import Prompt
 from ttrv.rollout.client import ServiceEngine
@@ -37,7 +36,7 @@ def test_two_runs_share_one_vllm_each_with_its_own_adapter(tmp_path):
     adapters = {}
     for seed, run in enumerate(stores, start=1):
         with open_store(stores[run]) as store:
-            adapters[run] = publish_lora(store, 1, weights["A"], tmp_path / f"adapter-{run}", seed)
+            adapters[run] = publish_adapter(store, 1, weights["A"], tmp_path / f"adapter-{run}", seed)
     service = ServeProcess(tmp_path / "run.yaml", tmp_path / "serve.log", args=("--shared", str(tmp_path / "runs.yaml")))
     service.start()
     try:
@@ -62,7 +61,7 @@ def test_two_runs_share_one_vllm_each_with_its_own_adapter(tmp_path):
                 assert_logprobs_match(adapters[other], hf, batch, samples[run])
 
         with open_store(stores["a"]) as store:
-            newer = publish_lora(store, 2, weights["A"], tmp_path / "adapter-a2", seed=7)
+            newer = publish_adapter(store, 2, weights["A"], tmp_path / "adapter-a2", seed=7)
         clients["a"].load_version(2)
         assert assert_logprobs_match(newer, hf, batch, clients["a"].generate([prompt], 8, 1.0, 1.0, 8)[0]) >= 8
         status, state = service.request("GET", "/weight_version")
