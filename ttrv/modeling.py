@@ -223,6 +223,11 @@ def render_prompt(processor: ProcessorMixin, prompt: Prompt) -> str:
     return processor.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
 
 
+PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
+"""Processor outputs with one entry per token beside input_ids and attention_mask (padded with 0 like the ids);
+every other output is per image."""
+
+
 def model_inputs(processor: ProcessorMixin, prompts: list[Prompt], padding_side: str = "left") -> BatchFeature:
     """A padded batch (input_ids, attention_mask, pixel_values, image_grid_thw, ...) for `prompts`; left padding
     by default so that generation continues every row at the same position."""

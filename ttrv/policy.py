@@ -13,10 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ttrv.data import Prompt, load_image
-from ttrv.modeling import render_prompt
-
-# processor outputs with one entry per token (padded with 0 like the ids); every other output is per image
-PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
+from ttrv.modeling import PER_TOKEN_KEYS, render_prompt
 
 
 @dataclass(frozen=True)

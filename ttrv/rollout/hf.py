@@ -3,12 +3,14 @@ in one `generate` call. Used for local runs and as the rollout service's serving
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -17,7 +19,7 @@ from transformers import (
 )
 
 from ttrv.data import Prompt
-from ttrv.modeling import model_inputs
+from ttrv.modeling import PER_TOKEN_KEYS, model_inputs
 from ttrv.rollout.base import Sample, sample_seed
 from ttrv.store.errors import StoreConfigError
 from ttrv.weights import merge_lora
@@ -85,26 +87,71 @@ class HFEngine:
 
     def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, seed, stop=None,
                         adapters=None) -> list[list[Sample]]:
-        # each prompt repeated n times: greedy decoding (which takes RowSampler's draw) has no num_return_sequences
-        inputs = model_inputs(self.processor, [p for p in prompts for _ in range(n)]).to(self.model.device)
         sampler = None
         if temperature > 0:
             seeds = [sample_seed(seed, p.id, k) if seed is not None else None for p in prompts for k in range(n)]
             sampler = RowSampler(seeds, temperature, top_p)
         if adapters is not None and self.row_adapters is None:
             raise ValueError("adapters: this engine serves one set of weights; it has no row_adapters")
-        rows = self.row_adapters([a for a in adapters for _ in range(n)]) if adapters is not None else nullcontext()
-        with rows:
-            out = self._generate_rows(inputs, sampler, max_new_tokens, stop)
+        inputs = model_inputs(self.processor, prompts).to(self.model.device)
+        if n > 1 and inputs["input_ids"].shape[1] > 1:
+            # the n votes of a prompt share its prompt: its prefix is computed once and its cache copied n times
+            with self._adapter_rows(adapters):
+                cache = self._prefill(inputs)
+            cache.batch_repeat_interleave(n)
+            self._repeat_rope_deltas(len(prompts), n)
+            inputs = {key: inputs[key].repeat_interleave(n, dim=0) for key in ("input_ids", "attention_mask")}
+        else:
+            # each prompt repeated n times (greedy decoding, which takes RowSampler's draw, has no num_return_sequences)
+            cache = None
+            if n > 1:
+                inputs = model_inputs(self.processor, [p for p in prompts for _ in range(n)]).to(self.model.device)
+        with self._adapter_rows(None if adapters is None else [a for a in adapters for _ in range(n)]):
+            out = self._generate_rows(inputs, sampler, max_new_tokens, stop, cache)
         return self._samples(inputs, out, sampler, prompts, n)
 
-    def _generate_rows(self, inputs, sampler, max_new_tokens, stop):
+    def _adapter_rows(self, names: list[str] | None) -> AbstractContextManager:
+        return self.row_adapters(names) if names is not None else nullcontext()
+
+    def _prefill(self, inputs) -> DynamicCache:
+        """The KV cache of every prompt token but the last (one row per prompt): `generate` continues from it with
+        the last token, so the first sampled token's logits are computed as without a cache. The last token is
+        text (the chat template's assistant header), so no image is needed after this.
+
+        The positions are the ones generate itself gives a prompt (GenerationMixin.generate calls
+        `_prepare_position_ids_for_generation` when none are passed, transformers generation/utils.py): from the
+        attention mask, so left padding does not shift a row, and for Qwen-VL its 3-D rotary positions, which also
+        leave the per-prompt offsets (`rope_deltas`) on the base model. A forward without them counted positions
+        from the first column, padding included."""
+        base = self.model.base_model
+        if hasattr(base, "rope_deltas"):
+            base.rope_deltas = None  # a former batch's; this prefill computes its own
+        prefix = {key: value[:, :-1] if key in ("input_ids", "attention_mask", *PER_TOKEN_KEYS) else value
+                  for key, value in inputs.items()}
+        if "position_ids" in inspect.signature(self.model.forward).parameters:
+            prefix["position_ids"] = self.model._prepare_position_ids_for_generation(prefix["input_ids"], prefix)
+        cache = DynamicCache(config=self.model.config)
+        self.model(**prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)  # its logits are not used
+        return cache
+
+    def _repeat_rope_deltas(self, prompts: int, n: int) -> None:
+        """Qwen-VL's 3-D rotary positions: the prefill leaves one position offset per prompt on the base model
+        (`rope_deltas`, transformers models/qwen2_5_vl/modeling_qwen2_5_vl.py compute_3d_position_ids), and generate
+        adds it to every row's text positions once a cache exists (_prepare_position_ids_for_generation), so it
+        needs one per row: each prompt's repeated n times, in the rows' order."""
+        base = self.model.base_model
+        deltas = getattr(base, "rope_deltas", None)
+        if isinstance(deltas, torch.Tensor) and deltas.shape[0] == prompts:
+            base.rope_deltas = deltas.repeat_interleave(n, dim=0)
+
+    def _generate_rows(self, inputs, sampler, max_new_tokens, stop, cache=None):
         return self.model.generate(
             **inputs, do_sample=False, temperature=None, top_p=None, top_k=None,
             logits_processor=LogitsProcessorList([sampler]) if sampler else None,
             max_new_tokens=max_new_tokens, return_dict_in_generate=True,
             output_scores=sampler is None, pad_token_id=self.pad_id, suppress_tokens=self.suppress or None,
             stopping_criteria=StoppingCriteriaList([StopWhen(stop)]) if stop is not None else None,
+            past_key_values=cache,
         )
 
     def _samples(self, inputs, out, sampler, prompts, n) -> list[list[Sample]]:
