@@ -113,6 +113,20 @@ def synced(client, store) -> int | None:
     return latest
 
 
+def publish_corrupt(store, uri: str, step: int, tensors) -> None:
+    """Weight version `step` in `store` with one bit of its shard flipped: built in a store aside (`uri`-aside)
+    and copied in shard first, manifest last, so a service never sees the version intact."""
+    from ttrv.store import open_store, weights_prefix
+
+    with open_store(f"{uri}-aside", retry_seconds=30) as aside:
+        publish(aside, step, tensors)
+        prefix = weights_prefix(step)
+        shard = bytearray(aside._backend.get(f"{prefix}/model.safetensors"))
+        shard[len(shard) // 2] ^= 0x01
+        store._backend.put(f"{prefix}/model.safetensors", bytes(shard))
+        store._backend.put(f"{prefix}/manifest.json", aside._backend.get(f"{prefix}/manifest.json"))
+
+
 def publish(store, step, tensors):
     store.publish_weights(step, tensors, kind="full", base_model="A", dtype="float32")
 

@@ -27,6 +27,7 @@ from rollout_util import (
     language_tensors,
     publish,
     publish_adapter,
+    publish_corrupt,
     served_spec,
     serving,
     synced,
@@ -40,7 +41,7 @@ from ttrv.rollout.client import RolloutUnavailableError, ServiceEngine
 from ttrv.rollout.serving import VLLMServingEngine, choose_engine
 from ttrv.rollout.vllm_process import VLLMError, vllm_available
 from ttrv.spec import RunSpec
-from ttrv.store import open_store, weights_prefix
+from ttrv.store import open_store
 
 pytestmark = pytest.mark.vllm
 
@@ -160,14 +161,7 @@ def test_corrupt_version_is_refused_and_vllm_keeps_serving_the_previous(client, 
     publish(store, good, language_tensors(hf["mixed"]))
     client.load_version(good)
     corrupt = good + 1
-    # Built aside and copied in shard first, manifest last: the service never sees the version intact.
-    with open_store(f"{spec.storage.uri}-aside", retry_seconds=30) as aside:
-        publish(aside, corrupt, language_tensors(hf["A"]))
-        prefix = weights_prefix(corrupt)
-        shard = bytearray(aside._backend.get(f"{prefix}/model.safetensors"))
-        shard[len(shard) // 2] ^= 0x01
-        store._backend.put(f"{prefix}/model.safetensors", bytes(shard))
-        store._backend.put(f"{prefix}/manifest.json", aside._backend.get(f"{prefix}/manifest.json"))
+    publish_corrupt(store, spec.storage.uri, corrupt, language_tensors(hf["A"]))
     with pytest.raises(RolloutUnavailableError, match=f"it refused {corrupt}: .*checksum"):
         ServiceEngine(service.url, spec, sync_timeout=5).load_version(corrupt)
     assert service.request("GET", "/weight_version")[1]["weight_version"] == good
