@@ -1,5 +1,6 @@
 """The in-process Hugging Face rollout engine: batched sampling with the KV cache, all N votes of several prompts
-in one `generate` call. Used for local runs and as the rollout service's serving engine where vLLM is not installed."""
+in one `generate` call, each prompt's prefix computed once for its N votes (as vLLM's prefix caching does). Used for
+local runs and as the rollout service's serving engine where vLLM is not installed."""
 
 from __future__ import annotations
 
