@@ -26,7 +26,7 @@ The last lines: `shared_memory_ratio=<shared peak / separate peak>`, `min_throug
 runs, of shared samples/s / separate samples/s>` and `mismatches=<n>`. Done for issue 18 when, at K=3, the memory
 ratio is <= 0.5, mismatches is 0 and the throughput ratio is >= 0.7.
 
-    python bench/shared_rollout.py [--runs 3] [--versions 2] [--rounds 3] [--prompts 4] [--votes 16]
+    python bench/shared_rollout.py [--runs 3] [--versions 2] [--rounds 12] [--prompts 4] [--votes 16]
                                    [--max-tokens 4] [--engine hf|vllm]
 """
 
@@ -218,7 +218,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--versions", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    # 12, not 3: at 3 a configuration sampled about 1 s per run, and three runs of the bench spread 0.63-0.79
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--votes", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=4)
