@@ -55,6 +55,8 @@ def test_qwen_votes_from_a_shared_prefix_are_the_repeated_prompts_votes():
     engine = HFEngine(load_model(path), load_processor(path))
     for seed, prompts in enumerate([shapes(3), TEXT_ONLY, shapes(2)]):  # image, text-only after image, image again
         assert_same_votes(engine, prompts, seed)
+    engine.shares_prefix = False  # a model whose forward takes no cache: each prompt repeated, the same votes
+    assert_same_votes(engine, shapes(2), 5)
 
 
 @pytest.fixture(scope="module")

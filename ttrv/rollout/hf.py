@@ -63,6 +63,10 @@ class HFEngine:
         # a sampled image/video placeholder would make the response unscorable (the model then expects pixels)
         self.suppress = [i for i in (getattr(model.config, name, None) for name in VISION_TOKEN_FIELDS)
                          if i is not None]
+        self._forward_params = set(inspect.signature(model.forward).parameters)
+        self.shares_prefix = "past_key_values" in self._forward_params
+        """A prompt's prefix is computed once for its votes where the model's forward takes a cache (every
+        transformers model; a remote-code model may not)."""
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], n: int, temperature: float, top_p: float,
@@ -95,7 +99,7 @@ class HFEngine:
         if adapters is not None and self.row_adapters is None:
             raise ValueError("adapters: this engine serves one set of weights; it has no row_adapters")
         inputs = model_inputs(self.processor, prompts).to(self.model.device)
-        if n > 1 and inputs["input_ids"].shape[1] > 1:
+        if n > 1 and self.shares_prefix and inputs["input_ids"].shape[1] > 1:
             # the n votes of a prompt share its prompt: its prefix is computed once and its cache copied n times
             with self._adapter_rows(adapters):
                 cache = self._prefill(inputs)
@@ -129,10 +133,12 @@ class HFEngine:
             base.rope_deltas = None  # a former batch's; this prefill computes its own
         prefix = {key: value[:, :-1] if key in ("input_ids", "attention_mask", *PER_TOKEN_KEYS) else value
                   for key, value in inputs.items()}
-        if "position_ids" in inspect.signature(self.model.forward).parameters:
+        if "position_ids" in self._forward_params:
             prefix["position_ids"] = self.model._prepare_position_ids_for_generation(prefix["input_ids"], prefix)
+        if "logits_to_keep" in self._forward_params:
+            prefix["logits_to_keep"] = 1  # the prefix's logits are not used
         cache = DynamicCache(config=self.model.config)
-        self.model(**prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)  # its logits are not used
+        self.model(**prefix, past_key_values=cache, use_cache=True)
         return cache
 
     def _repeat_rope_deltas(self, prompts: int, n: int) -> None:
