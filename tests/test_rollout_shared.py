@@ -124,6 +124,26 @@ def test_pins_unknown_runs_old_versions_and_finished_runs(setup):
     assert sampled(service.chat(body(setup, "a", 2)))
 
 
+def test_metrics_say_each_runs_version(setup):
+    """GET /metrics of the shared service (its FastAPI app, in process) parses as Prometheus text and has one
+    weight-version sample per run, labelled with the run (a single version gauge of a dict answered 500)."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ttrv.rollout.service import build_app
+
+    with TestClient(build_app(setup["service"])) as http:
+        answer = http.get("/metrics")
+    assert answer.status_code == 200, answer.text
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(answer.text) for sample in family.samples}
+    agents = setup["agents"].agents
+    for run, agent in agents.items():
+        version = agent.version
+        assert samples[("ttrv_rollout_weight_version", (("run", run),))] == (-1 if version is None else version)
+    assert samples[("ttrv_rollout_refused_versions", ())] == sum(len(agent.refused) for agent in agents.values())
+
+
 def test_a_shared_service_needs_lora(tmp_path):
     spec = RunSpec.model_validate({"data": {"path": "ttrv://tiny-shapes/test"}})
     (tmp_path / "runs.yaml").write_text("runs: [{name: a, storage: 'file:///x'}]\n")

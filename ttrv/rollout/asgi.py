@@ -233,13 +233,15 @@ class _ServiceCollector:
         status, _ = service.health()
         yield GaugeMetricFamily("ttrv_rollout_up", "1 when the service answers (GET /health is 200), else 0",
                                 value=1 if status == 200 else 0)
-        version = service.agent.version
-        yield GaugeMetricFamily("ttrv_rollout_weight_version", "The weight version served (-1: the base model)",
-                                value=-1 if version is None else version)
+        versions = GaugeMetricFamily("ttrv_rollout_weight_version", "The weight version served (-1: the base model)",
+                                     labels=list(service.version_labels))
+        for labels, version in service.served_versions().items():
+            versions.add_metric(list(labels), -1 if version is None else version)
+        yield versions
         yield GaugeMetricFamily("ttrv_rollout_chat_requests_in_flight", "Chat requests held now",
                                 value=service.in_flight)
         yield GaugeMetricFamily("ttrv_rollout_refused_versions", "Weight versions refused (GET /weight_version "
-                                "says why)", value=len(service.agent.refused))
+                                "says why)", value=service.refused_count())
         info = GaugeMetricFamily("ttrv_rollout_engine", "The serving engine (value 1)", labels=["engine"])
         info.add_metric([service.engine.name], 1)
         yield info

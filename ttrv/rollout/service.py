@@ -138,6 +138,17 @@ class RolloutService:
         return 200, {"weight_version": self.agent.version, "engine": self.engine.name, "refused": refused,
                      "store_error": store_error}
 
+    version_labels: tuple[str, ...] = ()
+    """The labels of the weight-version metric: none for one run; the shared service labels each run's."""
+
+    def served_versions(self) -> dict[tuple[str, ...], int | None]:
+        """The weight version served (None: the base model), by its `version_labels` values: what /metrics says."""
+        return {(): self.agent.version}
+
+    def refused_count(self) -> int:
+        """Weight versions refused so far (GET /weight_version says why)."""
+        return len(self.agent.refused)
+
     def models(self) -> tuple[int, dict]:
         return 200, {"object": "list", "data": [{
             "id": self.model_id, "object": "model", "created": 0, "owned_by": "ttrv", "root": self.spec.model.path,

@@ -408,10 +408,6 @@ class SharedAgents:
     def version(self) -> dict[str, int | None]:
         return {name: agent.version for name, agent in self.agents.items()}
 
-    @property
-    def refused(self) -> dict:
-        return {}
-
     def start(self) -> SharedAgents:
         for agent in self.agents.values():
             agent.start()
@@ -502,6 +498,14 @@ class SharedRolloutService(RolloutService):
         return {"weight_version": agent.version, "finished": name in self.agent.finished,
                 "refused": {str(step): self.scrub(why) for step, (_, why) in sorted(agent.refused.items())},
                 "store_error": agent.last_error and self.scrub(agent.last_error)}
+
+    version_labels = ("run",)
+
+    def served_versions(self) -> dict[tuple[str, ...], int | None]:
+        return {(name,): agent.version for name, agent in self.agent.agents.items()}
+
+    def refused_count(self) -> int:
+        return sum(len(agent.refused) for agent in self.agent.agents.values())
 
     def health(self) -> tuple[int, dict]:
         status, state = super().health()
