@@ -72,6 +72,18 @@ class Engine:
         self.loaded.append(step)
 
 
+class CountedCollectives(Collectives):
+    """One rank's collectives, counted: every rank must call the same collectives in the same order."""
+
+    def __init__(self):
+        super().__init__(1, "cpu")
+        self.barriers = 0
+
+    def barrier(self) -> None:
+        self.barriers += 1
+        super().barrier()
+
+
 def context(tmp_path, staleness: int, fail_version: int | None = None):
     spec = RunSpec(data={"path": "x.json"}, rollout={"maxStaleness": staleness},
                    storage={"fullEvery": 2, "keepVersions": 10})
@@ -120,6 +132,23 @@ def test_publish_overlaps_the_next_steps_sampling_and_versions_stay_exact_and_or
     assert "delta" in store.read_manifest("weights/v000002").meta  # fullEvery 2: version 2 is a delta on 1
     # in-process engine: one step off while its version is published, then the last version at the end
     assert ctx.engine.loaded == [1, 2, 3]
+
+
+def test_every_rank_meets_the_same_barriers_and_ends_on_the_last_version(tmp_path):
+    """maxStaleness 1 with two ranks, each rank's side run alone: rank 1 publishes nothing, yet it must call as many
+    barriers as rank 0 (a barrier only rank 0 enters pairs with the next collective, or hangs) and its in-process
+    engine must end on the last version, as rank 0's does."""
+    ranks = []
+    for rank in (0, 1):
+        ctx = context(tmp_path / f"rank{rank}", staleness=1)
+        ctx.world, ctx.collectives = World(rank, 2, rank), CountedCollectives()
+        if rank == 1:  # the store rank 0 wrote: rank 1 only reads it
+            ctx.store = ranks[0].store
+            ctx.engine = Engine(ctx.store)
+        run_steps(ctx, steps=3, sampling=0.0)
+        ranks.append(ctx)
+    assert ranks[1].collectives.barriers == ranks[0].collectives.barriers
+    assert ranks[1].engine.loaded[-1] == ranks[0].engine.loaded[-1] == 3
 
 
 def test_without_staleness_the_publish_stays_on_the_critical_path(tmp_path):

@@ -393,7 +393,7 @@ class WeightPublisher:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ttrv-publish") if self.overlapping else None
         self._pending: tuple[int, Future] | None = None
         self.last: int | None = None
-        """The newest version submitted."""
+        """The newest version published, on every rank (rank 0 publishes it; `finish` has all ranks meet on it)."""
         self.overlapped_seconds: float | None = None
         """How long the last background publish that `wait` collected took (off the critical path)."""
 
@@ -412,7 +412,6 @@ class WeightPublisher:
             return time.perf_counter() - started
 
         self.wait()
-        self.last = version
         if self._pool is None:
             run()
             return
@@ -460,6 +459,7 @@ def publish_and_sync(ctx: RunContext, publisher: WeightPublisher, version: int, 
     publish's own time is recorded as `publish_overlapped` on the step that collects it (the next one)."""
     with timer.phase("publish"):
         tensors = ctx.learner.trainable_state()  # every rank: a collective under ZeRO-3; rank 0 gets them
+        publisher.last = version  # every rank: `finish` is a barrier and a load that all ranks take part in
         if ctx.world.is_main:
             protected = {v for v in (state.checkpoint_step,) if v} | guard.protected_versions()
             publisher.overlapped_seconds = None
