@@ -18,6 +18,7 @@ from rollout_util import (
 )
 
 from ttrv.data import Prompt
+from ttrv.modeling import load_processor, model_inputs
 from ttrv.rollout.api import ServiceLimits
 from ttrv.rollout.chat import samples_from_completion
 from ttrv.rollout.client import ServiceEngine
@@ -142,6 +143,18 @@ def test_metrics_say_each_runs_version(setup):
         version = agent.version
         assert samples[("ttrv_rollout_weight_version", (("run", run),))] == (-1 if version is None else version)
     assert samples[("ttrv_rollout_refused_versions", ())] == sum(len(agent.refused) for agent in agents.values())
+
+
+def test_the_shared_engine_caps_images_as_the_trainer(setup, tmp_path):
+    """model.maxPixels reaches the shared engine's processor as it reaches the trainer's (`ttrv.train`) and a
+    run's own service: the votes are sampled from the image tokens the trainer scores (the shared engine used the
+    checkpoint's own cap)."""
+    Image.new("RGB", (1600, 1200), (10, 200, 30)).save(tmp_path / "large.png")
+    prompt = Prompt("large", QUESTION, str(tmp_path / "large.png"))
+    path, spec = setup["weights"]["A"], setup["spec"]
+    served = model_inputs(setup["engine"].engine.processor, [prompt])["image_grid_thw"].tolist()
+    assert served == model_inputs(load_processor(path, False, spec.model.max_pixels), [prompt])["image_grid_thw"].tolist()
+    assert served != model_inputs(load_processor(path), [prompt])["image_grid_thw"].tolist()
 
 
 def test_a_shared_service_needs_lora(tmp_path):

@@ -162,22 +162,26 @@ class HFServingEngine:
         self.model_lock = threading.Lock()
         """Held by the sampling thread while it samples a batch, and by whoever changes the model's adapters (the
         shared service, `ttrv.rollout.shared`): an adapter is never added or deleted in the middle of a batch."""
-        self.mixed_adapters = False
-        """True in the shared service: every request names its adapter, passed per row to the model."""
 
     def start(self) -> None:
         import torch
 
         from ttrv.modeling import load_model, load_processor
-        from ttrv.rollout.hf import HFEngine, lora_merger
+        from ttrv.rollout.hf import HFEngine
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         trust = self.spec.model.trust_remote_code
         model = load_model(self.model_path, self.spec.model.dtype, device, trust_remote_code=trust)
         self.engine = HFEngine(model, load_processor(self.model_path, trust, self.spec.model.max_pixels))
-        self.merge = lora_merger(model, self.spec.model.lora)
+        self._serve_versions(model)
         self._worker = threading.Thread(target=self._run, name="ttrv-hf-batches", daemon=True)
         self._worker.start()
+
+    def _serve_versions(self, model) -> None:
+        """How versions reach the model: a LoRA version merged into a copy of the base (`lora_merger`)."""
+        from ttrv.rollout.hf import lora_merger
+
+        self.merge = lora_merger(model, self.spec.model.lora)
 
     def load(self, step: int, path: Path, kind: str) -> None:
         from safetensors.torch import load_file
@@ -288,7 +292,8 @@ class HFServingEngine:
                 batch = [request for request in self._pending if request.key == key]
                 self._pending = deque(request for request in self._pending if request.key != key)
             failure: Exception | None = None
-            adapters = [request.adapter or "__base__" for request in batch] if self.mixed_adapters else None
+            # the shared service's engine applies each row's adapter (every request there names one)
+            adapters = [request.adapter for request in batch] if self.engine.row_adapters is not None else None
             try:
                 with self.model_lock:
                     results = self.engine.generate([request.prompt for request in batch], *key,

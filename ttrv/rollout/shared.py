@@ -221,25 +221,18 @@ class HFSharedEngine(HFServingEngine):
 
     def __init__(self, spec: RunSpec, model_path: str, image_dir: Path, max_image_pixels: int = MAX_IMAGE_PIXELS):
         super().__init__(spec, model_path, image_dir, max_image_pixels)
-        self.mixed_adapters = True
         self.adapters: dict[str, str] = {}
         """run -> the adapter serving its newest version."""
         self.lora: MultiLora | None = None
 
     def start(self) -> None:
-        from ttrv.modeling import load_model, load_processor
-        from ttrv.rollout.hf import HFEngine
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
+        if not torch.cuda.is_available():
             cpu_threads()
-        trust = self.spec.model.trust_remote_code
-        model = load_model(self.model_path, self.spec.model.dtype, device, trust_remote_code=trust)
-        self.engine = HFEngine(model, load_processor(self.model_path, trust))
+        super().start()
+
+    def _serve_versions(self, model) -> None:
         self.lora = MultiLora(model, self.spec.model.lora.target_modules)
         self.engine.row_adapters = self.lora.rows
-        self._worker = threading.Thread(target=self._run, name="ttrv-hf-batches", daemon=True)
-        self._worker.start()
 
     def load(self, step: int, path: Path, kind: str) -> None:
         raise VersionRefused("the shared service loads versions per run (load_run)")
