@@ -98,19 +98,21 @@ class HFEngine:
             sampler = RowSampler(seeds, temperature, top_p)
         if adapters is not None and self.row_adapters is None:
             raise ValueError("adapters: this engine serves one set of weights; it has no row_adapters")
-        inputs = model_inputs(self.processor, prompts).to(self.model.device)
-        if n > 1 and self.shares_prefix and inputs["input_ids"].shape[1] > 1:
+        share = n > 1 and self.shares_prefix
+        repeated = [p for p in prompts for _ in range(n)]
+        inputs = model_inputs(self.processor, prompts if share else repeated).to(self.model.device)
+        if share and inputs["input_ids"].shape[1] < 2:  # no prefix before the last token (no chat template does this)
+            share, inputs = False, model_inputs(self.processor, repeated).to(self.model.device)
+        cache = None
+        if share:
             # the n votes of a prompt share its prompt: its prefix is computed once and its cache copied n times
             with self._adapter_rows(adapters):
                 cache = self._prefill(inputs)
             cache.batch_repeat_interleave(n)
             self._repeat_rope_deltas(len(prompts), n)
             inputs = {key: inputs[key].repeat_interleave(n, dim=0) for key in ("input_ids", "attention_mask")}
-        else:
-            # each prompt repeated n times (greedy decoding, which takes RowSampler's draw, has no num_return_sequences)
-            cache = None
-            if n > 1:
-                inputs = model_inputs(self.processor, [p for p in prompts for _ in range(n)]).to(self.model.device)
+        # else each prompt is repeated n times (greedy decoding, which takes RowSampler's draw, has no
+        # num_return_sequences)
         with self._adapter_rows(None if adapters is None else [a for a in adapters for _ in range(n)]):
             out = self._generate_rows(inputs, sampler, max_new_tokens, stop, cache)
         return self._samples(inputs, out, sampler, prompts, n)
