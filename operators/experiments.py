@@ -48,6 +48,8 @@ class Observed:
     """`resolve_spec(experiment)`, when the caller has it already; None: resolved here."""
     shared_rollout: Mapping[str, Mapping] = field(default_factory=dict)
     """The experiment's shared rollout objects that exist (rollout.shared), by kind."""
+    kueue_enabled: bool = False
+    """Kueue in the operator's configuration (TTRV_KUEUE_ENABLED): off, scheduling.queueName is ignored."""
 
 
 def decide_experiment(observed: Observed) -> Plan:
@@ -94,19 +96,29 @@ def decide_experiment(observed: Observed) -> Plan:
     actions = [] if annotation is None else [Action("patch", "Experiment", meta["name"], {
         "metadata": {"annotations": {ACCEPTED_ANNOTATION: annotation}}})]
     if accepted.rollout.shared:  # before the runs: their trainers wait for it
-        actions += _shared_rollout_actions(meta, accepted, runs, set(blocked), observed.shared_rollout)
+        wanted = effective_shared_rollout(meta, accepted, observed.kueue_enabled)
+        actions += _shared_rollout_actions(wanted, accepted, runs, set(blocked), observed.shared_rollout)
     actions += [Action("create", "AdaptationRun", run["metadata"]["name"], run) for run in create]
     actions += [Action("patch", "AdaptationRun", name, body) for name, body in patch]
     return Plan(actions, status, events)
 
 
-def _shared_rollout_actions(meta: Mapping, accepted: ExperimentSpec, runs: Mapping[str, Mapping],
+def effective_shared_rollout(meta: Mapping, accepted: ExperimentSpec, kueue_enabled: bool) -> list[dict]:
+    """The experiment's shared rollout objects as they are built (`shared_rollout`): with Kueue off in the operator,
+    scheduling.queueName is ignored, as for the runs' children (`runs.effective_run`): no queue label for a
+    Kueue that would hold the service's pods back."""
+    if not kueue_enabled and accepted.scheduling.queue_name:
+        scheduling = accepted.scheduling.model_copy(update={"queue_name": None})
+        accepted = accepted.model_copy(update={"scheduling": scheduling})
+    return shared_rollout(meta, accepted)
+
+
+def _shared_rollout_actions(wanted: list[dict], accepted: ExperimentSpec, runs: Mapping[str, Mapping],
                             blocked: set[str], existing: Mapping[str, Mapping]) -> list[Action]:
     """The experiment's one rollout service (rollout.shared): created before its first run, scaled to zero while
     the experiment is suspended, and deleted once no dataset is left unfinished (every run Succeeded or Failed)."""
     unfinished = [d.name for d in accepted.datasets
                   if d.name not in blocked and (d.name not in runs or _phase(runs[d.name]) not in RUN_FINISHED)]
-    wanted = shared_rollout(meta, accepted)
     if not unfinished:
         return [Action("delete", obj["kind"], obj["metadata"]["name"]) for obj in wanted if obj["kind"] in existing]
     actions = [Action("create", obj["kind"], obj["metadata"]["name"], obj) for obj in wanted

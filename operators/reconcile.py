@@ -20,7 +20,12 @@ from typing import Protocol
 from operators import metrics
 from operators.conditions import Event, Plan
 from operators.experiments import Observed as ExperimentObserved
-from operators.experiments import decide_experiment, resolve_spec, unstarted_run_names
+from operators.experiments import (
+    decide_experiment,
+    effective_shared_rollout,
+    resolve_spec,
+    unstarted_run_names,
+)
 from operators.progress import STATUS_FIELD, Progress, parse_progress, progress_from_status
 from operators.runs import Observed as RunObserved
 from operators.runs import (
@@ -34,7 +39,7 @@ from operators.runs import (
 from operators.trainers import finished
 from ttrv.labels import COMPONENT_LABEL, EXPERIMENT_LABEL, JOB_UID_LABEL, RUN_LABEL, TRAINER
 from ttrv.log import get_logger
-from ttrv.manifests import PYTORCHJOB, TRAINER_KINDS, RuntimeRef, shared_rollout, shared_rollout_name
+from ttrv.manifests import PYTORCHJOB, TRAINER_KINDS, RuntimeRef, shared_rollout_name
 from ttrv.spec import SpecError
 
 logger = get_logger("ttrv.operator")
@@ -136,11 +141,12 @@ def reconcile_experiment(ctx: Context, namespace: str, name: str) -> None:
                      if run["metadata"]["name"] not in listed]
         shared = {}
         if resolved[0] is not None and resolved[0].rollout.shared:  # the experiment's one rollout service
-            for obj in shared_rollout(body["metadata"], resolved[0]):
+            for obj in effective_shared_rollout(body["metadata"], resolved[0], ctx.kueue_enabled):
                 found = api.get(obj["kind"], namespace, obj["metadata"]["name"])
                 if found is not None:
                     shared[obj["kind"]] = found
-        apply(ctx, body, decide_experiment(ExperimentObserved(body, runs, now(), resolved, shared)))
+        apply(ctx, body, decide_experiment(ExperimentObserved(body, runs, now(), resolved, shared,
+                                                              ctx.kueue_enabled)))
 
 
 # --- AdaptationRuns ----------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from operators.runs import (
     wants_progress,
     wants_workload,
 )
+from ttrv.labels import QUEUE_LABEL
 
 # Pure logic, no process or server: `make test-fast` runs these.
 pytestmark = pytest.mark.pure
@@ -856,3 +857,14 @@ def test_progress_names_an_unknown_stop_reason_and_keeps_the_rest():
     assert progress.problems == ("stepsSaved: -1 is outside [0, inf]",
                                  "stopReason: 'Bored' is not one of EarlyStopped, MaxStepsReached, GpuHoursSpent, "
                                  "CollapseGuard")
+
+
+@pytest.mark.parametrize("kueue_enabled", [False, True])
+def test_the_shared_rollout_carries_the_queue_label_only_with_kueue_on(kueue_enabled):
+    """With Kueue off in the operator (TTRV_KUEUE_ENABLED=false) scheduling.queueName is ignored by the shared
+    rollout service as by the runs' children: a queue label would let a Kueue that is installed but not meant to
+    be used hold the service's pods back, and every run would wait for it."""
+    spec = spec_document(**KUEUE, model={"lora": {"rank": 8}}, rollout={"backend": "service", "shared": True})
+    plan = decide_experiment(ExpObserved(experiment(spec), [], NOW, kueue_enabled=kueue_enabled))
+    deployment = next(a.body for a in plan.actions if (a.verb, a.kind) == ("create", "Deployment"))
+    assert (deployment["metadata"]["labels"].get(QUEUE_LABEL) == "gpu-a") is kueue_enabled
