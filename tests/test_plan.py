@@ -177,11 +177,13 @@ def test_spec_validate_of_a_model_not_on_this_machine_still_validates(tmp_path, 
     assert "--model-config" in result.stderr
 
 
-def test_the_token_budget_bounds_activations_and_logits():
+@pytest.mark.parametrize("trainable", ["language", "all"])
+def test_the_token_budget_bounds_activations_and_logits(trainable):
     """grpo.microBatchTokens: a micro-batch's padded tokens stay within the budget, so the activation estimate
-    is the budget's tokens, not microBatchSize whole sequences (the learner packs by it: ttrv.policy)."""
+    is the budget's tokens, not microBatchSize whole sequences (the learner packs by it: ttrv.policy). With the
+    vision tower trained, its images scale with the sequences too, and the text is scaled once (it was twice)."""
     config = load_config(str(QWEN7B))
-    sections = {"model": {"dtype": "bfloat16"}, "resources": {"gpusPerNode": 8}}
+    sections = {"model": {"dtype": "bfloat16", "trainable": trainable}, "resources": {"gpusPerNode": 8}}
     lines = {}
     for budget in (None, 4096):
         result = plan(spec(str(QWEN7B), grpo={"microBatchSize": 16, "microBatchTokens": budget}, **sections), config)

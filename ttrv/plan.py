@@ -427,12 +427,12 @@ def plan(settings: AdaptationSettings, config: Any, colocated: bool = False) -> 
         how = "every layer's saved tensors (gradient checkpointing off)"
     if model.trainable == "all" and model.lora is None and shape.vision_layers:
         patches = micro * rollout.limit_mm_per_prompt * image_tokens(shape, model.max_pixels) * 4
+        if budgeted:  # the images scale with the sequences the token budget lets in (the text is counted so above)
+            patches = patches * tokens // (micro * tokens_per_seq)
         d, i = shape.vision_hidden, shape.vision_intermediate
         vision_layer = b * (6 * d + 4 * i) + 2 * 4 * d
         activations += patches * (b * d * shape.vision_layers + vision_layer if res.gradient_checkpointing
                                   else shape.vision_layers * vision_layer)
-    if budgeted and model.trainable == "all" and model.lora is None and shape.vision_layers:
-        activations = activations * tokens // (micro * tokens_per_seq)  # the images scale with the sequences
     lines.append(Line("activations (estimate)", int(activations),
                       (f"{tokens} tokens (grpo.microBatchTokens) of sequences up to {tokens_per_seq}"
                        if budgeted else f"{micro} sequences × {tokens_per_seq} tokens") + f", {how}"))
