@@ -250,8 +250,7 @@ def test_the_monitors_select_the_operators_objects(values, api):
                     for _, template in pod_templates(obj)]
     monitor = kinds["ServiceMonitor"]
     for service in rollout_services:
-        assert all(service["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"]
-                   .items())
+        assert is_pod_selected(monitor["spec"]["selector"]["matchLabels"], service)  # selects by metadata.labels
         assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
     policy = kinds["NetworkPolicy"]
     for template in rollout_pods:

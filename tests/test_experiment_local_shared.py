@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from test_experiment_local import SHAPES, experiment, run_local, statuses
+from trainer_util import log_events
 
 
 def test_two_lora_runs_share_one_rollout_service(tmp_path):
@@ -23,8 +24,7 @@ def test_two_lora_runs_share_one_rollout_service(tmp_path):
     # one rollout pod, the experiment's; none of the runs has one of its own
     assert not list(out.glob("tiny-shapes-*/tiny-shapes-*-rollout-*"))
     (log,) = out.glob("tiny-shared-rollout/tiny-shared-rollout-0/log")
-    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    loaded = {(e["run"], e["step"]) for e in events if e.get("event") == "adapter_loaded"}
+    loaded = {(e["run"], e["step"]) for e in log_events(log, "adapter_loaded")}
     assert {run for run, _ in loaded} == {"shapes-a", "shapes-b"}, loaded
-    finished = {e["run"] for e in events if e.get("event") == "shared_run_finished"}
+    finished = {e["run"] for e in log_events(log, "shared_run_finished")}
     assert finished <= {"shapes-a", "shapes-b"}  # the last run's report may come after the experiment ended

@@ -371,11 +371,7 @@ def test_sync_agent_reads_versions_straight_into_the_engine_without_files(tmp_pa
             served = engine.engine.model.state_dict()
             assert all(torch.equal(served[name], tensor) for name, tensor in tensors.items())
 
-            publish(memory_store, 2, language_tensors(hf["A"]))
-            prefix = weights_prefix(2)
-            shard = bytearray(memory_store._backend.get(f"{prefix}/model.safetensors"))
-            shard[len(shard) // 2] ^= 0x01
-            memory_store._backend.put(f"{prefix}/model.safetensors", bytes(shard))
+            publish_corrupt(memory_store, f"{spec.storage.uri}-memory", 2, language_tensors(hf["A"]))
             assert agent.sync_once() is False
             assert agent.version == 1 and "checksum" in agent.refused[2][1]
             assert all(torch.equal(engine.engine.model.state_dict()[n], t) for n, t in tensors.items())
