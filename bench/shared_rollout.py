@@ -47,10 +47,11 @@ from peft import LoraConfig, get_peft_model
 
 from ttrv import benchmark, log
 from ttrv.data import read_dataset
+from ttrv.learner import lora_target_pattern
 from ttrv.modeling import load_model
 from ttrv.rollout.client import ServiceEngine
 from ttrv.rollout.supervisor import ServeProcess
-from ttrv.spec import RunSpec
+from ttrv.spec import LoraSpec, RunSpec
 from ttrv.store import open_store
 from ttrv.weights import resolve_model
 
@@ -61,7 +62,7 @@ SEED = 1234
 def publish_adapters(base: str, work: Path, runs: list[str], versions: int) -> dict[tuple[str, int], Path]:
     """Each run's adapter of each version, saved in peft's layout (adapter_config.json + safetensors)."""
     folders = {}
-    target = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+    target = lora_target_pattern(LoraSpec().target_modules)  # as the trainer targets them
     for index, run in enumerate(runs):
         for version in range(1, versions + 1):
             torch.manual_seed(1000 * index + version)
