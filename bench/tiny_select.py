@@ -24,13 +24,15 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_ttrv_seeds import run_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = "ttrv://tiny-shapes/validation"
@@ -95,13 +97,7 @@ def check_report(report: dict) -> None:
 def run_one(spec: dict, folder: Path) -> dict:
     if os.environ.get("TTRV_SET"):
         raise SelectionError("TTRV_SET is set: it would override the checked spec (unset it)")
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = spec | {"storage": (spec.get("storage") or {}) | {"uri": f"file://{folder / 'store'}"}}
-    (folder / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    with open(folder / "run.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "ttrv.cli", "run", str(folder / "spec.yaml"), "--out",
-                        str(folder / "out")], check=True, stdout=log, stderr=log, cwd=ROOT)
-    report = json.loads((folder / "out" / "report.json").read_text())
+    report = run_spec(spec, folder)
     check_report(report)
     return report
 

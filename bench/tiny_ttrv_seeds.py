@@ -36,17 +36,22 @@ ARMS = {"ttrv": ROOT / "examples" / "tiny.yaml", "reference": ROOT / "examples" 
 TARGETS = {"test": 0.15, "heldout": 0.10}
 
 
-def run_arm(spec_path: Path, seed: int, folder: Path) -> dict:
-    base = yaml.safe_load(spec_path.read_text())
-    spec = base | {"seed": seed, "data": base["data"] | {"subsetSeed": seed},
-                   "storage": (base.get("storage") or {}) | {"uri": f"file://{folder / 'store'}"}}
+def run_spec(spec: dict, folder: Path) -> dict:
+    """`ttrv run` of `spec` in `folder` (its store there, the spec as spec.yaml, the log as run.log); returns its
+    report.json. TTRV_SET is not passed on: the spec as written, nothing else."""
     folder.mkdir(parents=True, exist_ok=True)
+    spec = spec | {"storage": (spec.get("storage") or {}) | {"uri": f"file://{folder / 'store'}"}}
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k != "TTRV_SET"}  # the frozen spec, nothing else
+    env = {k: v for k, v in os.environ.items() if k != "TTRV_SET"}
     with open(folder / "run.log", "w") as log:
         subprocess.run([sys.executable, "-m", "ttrv.cli", "run", str(folder / "spec.yaml"), "--out",
                         str(folder / "out")], check=True, stdout=log, stderr=log, cwd=ROOT, env=env)
     return json.loads((folder / "out" / "report.json").read_text())
+
+
+def run_arm(spec_path: Path, seed: int, folder: Path) -> dict:
+    base = yaml.safe_load(spec_path.read_text())
+    return run_spec(base | {"seed": seed, "data": base["data"] | {"subsetSeed": seed}}, folder)
 
 
 def run_baselines(seeds: list[int], out: Path) -> list[dict]:
