@@ -65,6 +65,7 @@ from operators.trainers import (
     kueue_pending,
     kueue_preemption,
     ran,
+    ready_replicas,
     rollout_ready,
     running,
     succeeded_condition,
@@ -354,10 +355,10 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
     # 5. No trainer yet: it waits for the rollout service (under Kueue a PyTorchJob does not: its rollout waits for
     # its admission instead).
     if job is None:
-        shared = spec.run.rollout.shared and spec.run.rollout.backend == "service"
+        shared = spec.run.rollout.shared  # (a shared rollout is a service: AdaptationSettings refuses it otherwise)
         rollout = o.shared_rollout if shared else deployment  # shared: the Experiment's, never scaled from here
         if (("Deployment" in desired and not gang) or shared) and not rollout_ready(rollout):
-            ready = (rollout or {}).get("status", {}).get("readyReplicas", 0) or 0
+            ready = ready_replicas(rollout)
             name = shared_rollout_name(spec.experiment) if shared else desired["Deployment"]["metadata"]["name"]
             return done("Queued", "WaitingForRollout",
                         f"{'shared ' if shared else ''}rollout service {name} has {ready} of 1 replicas "
@@ -379,7 +380,7 @@ def _decide(o: Observed, spec: AdaptationRunSpec, previous: Mapping) -> _Outcome
 
     # (A rollout restarting under a running trainer leaves the run Running: the trainer rides it out.)
     if gang and not rollout_ready(deployment) and previous.get("phase") != "Running":
-        ready = (deployment or {}).get("status", {}).get("readyReplicas", 0) or 0
+        ready = ready_replicas(deployment)
         return done("Queued", "WaitingForRollout",
                     f"{kind} {job_name} is admitted; rollout service {desired['Deployment']['metadata']['name']} "
                     f"has {ready} of 1 replicas ready (the trainer waits for it)")

@@ -85,8 +85,12 @@ def ran(job: Mapping, previous: Mapping) -> bool:
     return condition(job.get("status", {}).get("conditions"), "Running") is not None
 
 
+def ready_replicas(deployment: Mapping | None) -> int:
+    return (deployment or {}).get("status", {}).get("readyReplicas") or 0
+
+
 def rollout_ready(deployment: Mapping | None) -> bool:
-    return deployment is not None and (deployment.get("status", {}).get("readyReplicas") or 0) >= 1
+    return ready_replicas(deployment) >= 1
 
 
 @dataclass(frozen=True)

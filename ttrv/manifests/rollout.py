@@ -156,10 +156,6 @@ class _SharedContext(_Context):
                   EXPERIMENT_LABEL: experiment, RUN_LABEL: self.name}
         return result | ({COMPONENT_LABEL: component} if component else {})
 
-    @property
-    def rollout_name(self) -> str:
-        return self.name
-
 
 def shared_max_loras(spec: ExperimentSpec) -> int:
     """Adapters the shared service batches at once: one per run that can be active (maxParallelRuns)."""
