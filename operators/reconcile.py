@@ -194,8 +194,6 @@ def _workload(api: Api, namespace: str, job: dict) -> dict | None:
 
 
 def _progress(ctx: Context, run: Mapping, job: Mapping) -> Progress | None:
-    storage = run["spec"]["run"].get("storage") or {}
-    uri = storage.get("uri") or (run.get("status") or {}).get("storeUri")
     if ctx.read_progress is None:
         if finished(job):
             # The run was read before its trainer: the trainer's last report (sent before it exited) may have
@@ -205,6 +203,8 @@ def _progress(ctx: Context, run: Mapping, job: Mapping) -> Progress | None:
         document = progress_from_status(run)
         uri = f"status.{STATUS_FIELD}"
     else:
+        storage = run["spec"]["run"].get("storage") or {}
+        uri = storage.get("uri") or (run.get("status") or {}).get("storeUri")
         try:
             document = ctx.read_progress(uri, storage.get("endpoint"))
         except Exception as error:  # noqa: BLE001 - an unreadable store must not stop the reconcile
