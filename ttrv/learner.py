@@ -18,7 +18,7 @@ import torch
 from ttrv import grpo
 from ttrv.collectives import Collectives
 from ttrv.log import get_logger
-from ttrv.modeling import frozen, load_model, torch_dtype
+from ttrv.modeling import frozen, full_numel, load_model, torch_dtype
 from ttrv.policy import TrainBatch, pack_micro_batches, token_log_probs
 from ttrv.spec import RunSpec
 
@@ -117,12 +117,6 @@ def lora_target_pattern(modules: list[str]) -> str:
     return rf".*language_model.*\.({'|'.join(map(str, modules))})$"
 
 
-def full_numel(param: torch.nn.Parameter) -> int:
-    """A parameter's element count, also once ZeRO-3 has partitioned it (its data is then an empty placeholder and
-    `ds_numel` the full count: deepspeed/runtime/zero/partition_parameters.py, `_convert_to_deepspeed_param`)."""
-    return getattr(param, "ds_numel", param.numel())
-
-
 def held_numel(param: torch.nn.Parameter) -> int:
     """The elements of `param` this rank holds: its ZeRO-3 partition (`ds_tensor`), else the whole tensor."""
     partition = getattr(param, "ds_tensor", None)
@@ -208,8 +202,7 @@ class Learner:
             raise ValueError("model.trainable: no trainable parameters were found in this model")
         trainable_params = sum(full_numel(p) for p in trainable)
         optimizer = make_optimizer(spec, trainable)
-        optimizer_steps = total_steps * g.ppo_epochs * math.ceil(
-            g.prompts_per_step / (g.mini_batch_prompts or g.prompts_per_step))
+        optimizer_steps = total_steps * g.ppo_epochs * self.mini_batches
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optimizer_steps, g.warmup_ratio,
                                                                               g.schedule))
         self._model_path = model_path

@@ -98,6 +98,12 @@ def torch_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def full_numel(param: torch.nn.Parameter) -> int:
+    """A parameter's element count, also once ZeRO-3 has partitioned it (its data is then an empty placeholder and
+    `ds_numel` the full count: deepspeed/runtime/zero/partition_parameters.py, `_convert_to_deepspeed_param`)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> PreTrainedModel:
     """The checkpoint's image-text-to-text model (Qwen2.5-VL, Qwen2-VL, ...) on `device`, in eval mode.
@@ -116,7 +122,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
         trust_remote_code=trust_remote_code, device_map=None if zero3 else {"": torch.device(device)},
     )
     logger.info("model.loaded", path=str(path), architecture=type(model).__name__, dtype=str(model.dtype),
-                device=str(device), parameters=sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+                device=str(device), parameters=sum(full_numel(p) for p in model.parameters()),
                 zero3=zero3)
     return (model if zero3 else model.to(device)).eval()
 
