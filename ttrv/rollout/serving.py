@@ -73,9 +73,9 @@ class VLLMServingEngine:
 
     name = "vllm"
 
-    def __init__(self, spec: RunSpec, model_path: str, log_path: Path, gpu: bool):
-        self.server = VLLMProcess(model_path, flags=vllm_flags(spec, gpu), log_path=log_path, startup_timeout=1800,
-                                  request_timeout=3600)
+    def __init__(self, spec: RunSpec, model_path: str, log_path: Path, gpu: bool, max_loras: int = 1):
+        self.server = VLLMProcess(model_path, flags=vllm_flags(spec, gpu, max_loras), log_path=log_path,
+                                  startup_timeout=1800, request_timeout=3600)
         self._death: str | None = None
 
     def start(self) -> None:
@@ -84,9 +84,12 @@ class VLLMServingEngine:
     def complete(self, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
         # vLLM cancels a request whose connection closes (vllm/entrypoints/serve/utils/api_utils.py,
         # with_cancellation); this call holds its connection until vLLM answers, so `cancelled` is not looked at.
+        return self.complete_as(self.server.served_model, body)
+
+    def complete_as(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The request passed on to vLLM as `model` (the served model, or a runtime-loaded LoRA adapter's name)."""
         try:
-            return self.server.post("/v1/chat/completions", {**NEUTRAL_SAMPLING, **body,
-                                                              "model": self.server.served_model})
+            return self.server.post("/v1/chat/completions", {**NEUTRAL_SAMPLING, **body, "model": model})
         except VLLMError as error:
             if error.status is not None and error.status < 500:
                 raise ServiceError(error.status, f"vLLM: {error}") from None

@@ -47,9 +47,7 @@ from ttrv.rollout.sync import SyncAgent, VersionRefused
 from ttrv.rollout.vllm_process import (
     BASE_MODEL_NAME,
     VLLMError,
-    VLLMProcess,
     vllm_available,
-    vllm_flags,
     vllm_python,
 )
 from ttrv.spec import RunSpec
@@ -290,9 +288,7 @@ class VLLMSharedEngine(VLLMServingEngine):
     """vLLM with one runtime-loaded LoRA adapter per run; a request is passed on with its run's adapter as model."""
 
     def __init__(self, spec: RunSpec, model_path: str, log_path: Path, gpu: bool, max_loras: int):
-        self.server = VLLMProcess(model_path, flags=vllm_flags(spec, gpu, max_loras), log_path=log_path,
-                                  startup_timeout=1800, request_timeout=3600)
-        self._death = None
+        super().__init__(spec, model_path, log_path, gpu, max_loras)
         self.adapters: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -325,20 +321,7 @@ class VLLMSharedEngine(VLLMServingEngine):
         logger.info("adapter_unloaded", run=run, adapter=previous)
 
     def run_complete(self, run: str, body: dict[str, Any], cancelled: threading.Event | None = None) -> dict:
-        return self._complete_as(self.adapters.get(run, BASE_MODEL_NAME), body)
-
-    def _complete_as(self, model: str, body: dict[str, Any]) -> dict:
-        from ttrv.rollout.chat import NEUTRAL_SAMPLING
-        from ttrv.rollout.serving import ENGINE_EXIT_SECONDS
-
-        try:
-            return self.server.post("/v1/chat/completions", {**NEUTRAL_SAMPLING, **body, "model": model})
-        except VLLMError as error:
-            if error.status is not None and error.status < 500:
-                raise ServiceError(error.status, f"vLLM: {error}") from None
-            if not self.server.healthy() and self.server.wait_exit(ENGINE_EXIT_SECONDS):
-                raise ServiceError(503, self.problem(), "server_error") from None
-            raise ServiceError(502, f"vLLM: {error}", "server_error") from None
+        return self.complete_as(self.adapters.get(run, BASE_MODEL_NAME), body)
 
     def loaded_adapters(self) -> list[str]:
         return sorted(self.adapters.values())
